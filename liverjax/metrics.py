@@ -1,0 +1,664 @@
+"""Binary classification metrics on labels (0/1) and probabilities: the ONE implementation.
+
+Evaluation, the training loop's validation metrics (through the clu metrics at the end of this
+module) and the report all call these functions. Inputs may be numpy or JAX arrays (or lists);
+they are copied to the host with `np.asarray` and computed in float64.
+
+Conventions, for every function here:
+
+* A prediction is positive when `prob >= threshold`.
+* Inputs are checked first: empty inputs, inputs that are not 1-D, labels and probabilities of
+  different lengths, labels other than 0/1 and probabilities that are not finite or outside [0, 1]
+  raise `ValueError` naming the argument, the first bad index and what to do.
+* A metric whose definition divides by a count that is zero for the given input is NaN (never 0,
+  never an exception): precision with no predicted positive, recall and average precision with no
+  positive label, specificity with no negative label, NPV with no predicted negative, F1 with
+  neither a positive label nor a predicted positive, ROC AUC unless both classes are present.
+  Accuracy, Brier score and ECE are always defined. The operating-point helpers raise instead:
+  a threshold cannot be chosen on data that lacks a class they need.
+* Ties are handled as in scikit-learn: curves have one point per distinct probability; ROC AUC is
+  the trapezoid area under that curve (ties count half, as in the Mann-Whitney statistic) and
+  average precision is the step-wise sum over the same points, with no interpolation.
+
+Every metric is computed from per-row weights (1 for plain data, the multiplicity of the row's
+patient in a bootstrap resample), so the bootstrap and the plain functions share one code path.
+"""
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from clu import metrics as clu_metrics
+from jax.experimental import multihost_utils
+
+ArrayLike = Any  # numpy array, JAX array or sequence of numbers
+MetricFn = Callable[[np.ndarray, np.ndarray], float]
+
+# The classifier's natural cut-off on a sigmoid output (logit 0); evaluation replaces it with the
+# operating point chosen on validation.
+DEFAULT_THRESHOLD = 0.5
+# Equal-width calibration bins: 10 is the common choice in the calibration literature and keeps
+# each bin populated on validation sets of a few hundred patients.
+DEFAULT_N_BINS = 10
+# Two-sided 95% confidence intervals.
+DEFAULT_ALPHA = 0.05
+# Elements of the (resamples x rows) float64 weight matrix computed at once by the bootstrap
+# (32 MiB): bounds memory whatever the number of rows, without changing the result.
+_BOOTSTRAP_CHUNK_ELEMENTS = 1 << 22
+
+# Scalar metrics, in the order `summary` reports them after the counts.
+METRIC_NAMES = (
+    "accuracy",
+    "precision",
+    "recall",
+    "specificity",
+    "npv",
+    "f1",
+    "roc_auc",
+    "average_precision",
+    "brier",
+    "ece",
+)
+COUNT_NAMES = ("n", "prevalence", "tp", "fp", "tn", "fn")
+AGGREGATIONS = ("max", "mean")
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _as_1d(x: ArrayLike, name: str) -> np.ndarray:
+    """Returns `x` as a 1-D float64 host array, or raises a ValueError saying what is wrong."""
+    a = np.asarray(x)
+    if a.dtype.kind in "OSUMmV" and a.dtype.name != "bfloat16":
+        raise ValueError(f"{name} must be numeric, got an array of dtype {a.dtype}")
+    if a.ndim != 1:
+        raise ValueError(
+            f"{name} must be 1-D (one value per example), got shape {a.shape}; "
+            "flatten it or drop the trailing axis"
+        )
+    return a.astype(np.float64)
+
+
+def _first_bad(bad: np.ndarray, values: np.ndarray, name: str, rule: str) -> None:
+    """Raises a ValueError naming the first index where `bad` holds, if any."""
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{name} must be {rule}; got {values[i]:g} at index {i} "
+            f"({int(bad.sum())} of {bad.size} values are not)"
+        )
+
+
+def check_inputs(labels: ArrayLike, probs: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Validates labels (0/1) and probabilities ([0, 1]); returns them as float64 arrays."""
+    y = _as_1d(labels, "labels")
+    p = _as_1d(probs, "probs")
+    if y.shape != p.shape:
+        raise ValueError(
+            f"labels and probs must have the same length, got {y.shape[0]} labels "
+            f"and {p.shape[0]} probabilities"
+        )
+    if y.size == 0:
+        raise ValueError("labels and probs are empty: metrics need at least one example")
+    _first_bad((y != 0) & (y != 1), y, "labels", "0 or 1")
+    _first_bad(~np.isfinite(p), p, "probs", "finite (apply a sigmoid to logits first)")
+    _first_bad((p < 0) | (p > 1), p, "probs", "within [0, 1] (apply a sigmoid to logits first)")
+    return y, p
+
+
+def _check_threshold(threshold: float) -> float:
+    threshold = float(threshold)
+    if np.isnan(threshold):
+        raise ValueError("threshold is NaN; pass a number (a prob >= threshold is positive)")
+    return threshold
+
+
+def _check_n_bins(n_bins: int) -> int:
+    if int(n_bins) != n_bins or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+    return int(n_bins)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den, NaN where den is 0 (the documented rule for undefined metrics)."""
+    out = np.full(np.broadcast(num, den).shape, np.nan)
+    np.divide(num, den, out=out, where=den != 0)
+    return out
+
+
+# --------------------------------------------------------------------------- weighted core
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ranked:
+    """Examples sorted by decreasing probability, with the last row of each tie group."""
+
+    y: np.ndarray  # (n,) labels, sorted
+    p: np.ndarray  # (n,) probabilities, sorted decreasing
+    order: np.ndarray  # (n,) sort permutation of the input rows
+    ends: np.ndarray  # (u,) index of the last row of each distinct probability
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        """The distinct probabilities, decreasing."""
+        return self.p[self.ends]
+
+
+def _rank(y: np.ndarray, p: np.ndarray) -> _Ranked:
+    # Stable sort, reversed: the same order as scikit-learn's _binary_clf_curve.
+    order = np.argsort(p, kind="stable")[::-1]
+    ps = p[order]
+    ends = np.r_[np.flatnonzero(np.diff(ps)), ps.size - 1]
+    return _Ranked(y=y[order], p=ps, order=order, ends=ends)
+
+
+def _bin_ids(p: np.ndarray, n_bins: int) -> np.ndarray:
+    """Equal-width calibration bin of each probability: bin b holds (b/n, (b+1)/n], bin 0 also 0."""
+    # The same rule as sklearn.calibration.calibration_curve(strategy="uniform").
+    return np.searchsorted(np.linspace(0.0, 1.0, n_bins + 1)[1:-1], p)
+
+
+def _cumulative(r: _Ranked, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted true/false positives at each distinct threshold: two (k, u) arrays."""
+    tps = np.cumsum(w * r.y, axis=1)[:, r.ends]
+    fps = np.cumsum(w * (1.0 - r.y), axis=1)[:, r.ends]
+    return tps, fps
+
+
+def _batch_metrics(
+    r: _Ranked, w: np.ndarray, names: Sequence[str], threshold: float, n_bins: int
+) -> dict[str, np.ndarray]:
+    """Metrics `names` for each row of weights `w` (k, n) over the ranked examples: (k,) arrays."""
+    tps, fps = _cumulative(r, w)
+    pos, neg = tps[:, -1], fps[:, -1]
+    total = pos + neg
+    # Predicted positives are a prefix of the ranking: the distinct thresholds >= threshold.
+    j = int(np.count_nonzero(r.thresholds >= threshold)) - 1
+    tp = tps[:, j] if j >= 0 else np.zeros_like(pos)
+    fp = fps[:, j] if j >= 0 else np.zeros_like(neg)
+    fn, tn = pos - tp, neg - fp
+    out: dict[str, np.ndarray] = {}
+    for name in names:
+        if name == "n":
+            out[name] = total
+        elif name == "prevalence":
+            out[name] = _ratio(pos, total)
+        elif name in ("tp", "fp", "tn", "fn"):
+            out[name] = {"tp": tp, "fp": fp, "tn": tn, "fn": fn}[name]
+        elif name == "accuracy":
+            out[name] = _ratio(tp + tn, total)
+        elif name == "precision":
+            out[name] = _ratio(tp, tp + fp)
+        elif name == "recall":
+            out[name] = _ratio(tp, pos)
+        elif name == "specificity":
+            out[name] = _ratio(tn, neg)
+        elif name == "npv":
+            out[name] = _ratio(tn, tn + fn)
+        elif name == "f1":
+            out[name] = _ratio(2.0 * tp, 2.0 * tp + fp + fn)
+        elif name == "roc_auc":
+            zero = np.zeros((w.shape[0], 1))
+            tpr = np.hstack([zero, _ratio(tps, pos[:, None])])
+            fpr = np.hstack([zero, _ratio(fps, neg[:, None])])
+            out[name] = np.sum(np.diff(fpr, axis=1) * (tpr[:, 1:] + tpr[:, :-1]), axis=1) / 2
+        elif name == "average_precision":
+            recall = _ratio(tps, pos[:, None])
+            # Where no example is predicted positive yet, recall does not move: precision 0 there.
+            precision = np.where(tps + fps > 0, _ratio(tps, tps + fps), 0.0)
+            steps = np.diff(recall, axis=1, prepend=0.0)
+            out[name] = np.sum(steps * precision, axis=1)
+        elif name == "brier":
+            out[name] = _ratio(w @ (r.p - r.y) ** 2, total)
+        elif name == "ece":
+            # sum_b |bin_b|/N * |mean prob_b - frac positive_b| == sum_b |sum_b(p - y)| / N.
+            gap = np.zeros((r.p.size, n_bins))
+            gap[np.arange(r.p.size), _bin_ids(r.p, n_bins)] = r.p - r.y
+            out[name] = _ratio(np.abs(w @ gap).sum(axis=1), total)
+        else:
+            raise ValueError(
+                f"unknown metric {name!r}; choose from {', '.join(COUNT_NAMES + METRIC_NAMES)}"
+            )
+    return out
+
+
+def _metrics(
+    labels: ArrayLike,
+    probs: ArrayLike,
+    names: Sequence[str],
+    threshold: float = DEFAULT_THRESHOLD,
+    n_bins: int = DEFAULT_N_BINS,
+) -> dict[str, float]:
+    """Metrics `names` of one unweighted data set, as Python floats."""
+    threshold, n_bins = _check_threshold(threshold), _check_n_bins(n_bins)
+    r = _rank(*check_inputs(labels, probs))
+    values = _batch_metrics(r, np.ones((1, r.p.size)), names, threshold, n_bins)
+    return {name: float(v[0]) for name, v in values.items()}
+
+
+# --------------------------------------------------------------------------- scalar metrics
+
+
+def confusion(
+    labels: ArrayLike, probs: ArrayLike, threshold: float = DEFAULT_THRESHOLD
+) -> dict[str, int]:
+    """Confusion counts {tp, fp, tn, fn}, predicting positive when prob >= threshold."""
+    values = _metrics(labels, probs, ("tp", "fp", "tn", "fn"), threshold)
+    return {name: int(v) for name, v in values.items()}
+
+
+def accuracy(labels: ArrayLike, probs: ArrayLike, threshold: float = DEFAULT_THRESHOLD) -> float:
+    """Fraction of examples classified correctly at `threshold`."""
+    return _metrics(labels, probs, ("accuracy",), threshold)["accuracy"]
+
+
+def precision(labels: ArrayLike, probs: ArrayLike, threshold: float = DEFAULT_THRESHOLD) -> float:
+    """Positive predictive value tp / (tp + fp) at `threshold`; NaN with no predicted positive."""
+    return _metrics(labels, probs, ("precision",), threshold)["precision"]
+
+
+def recall(labels: ArrayLike, probs: ArrayLike, threshold: float = DEFAULT_THRESHOLD) -> float:
+    """Sensitivity tp / (tp + fn) at `threshold`; NaN with no positive label."""
+    return _metrics(labels, probs, ("recall",), threshold)["recall"]
+
+
+sensitivity = recall
+
+
+def specificity(labels: ArrayLike, probs: ArrayLike, threshold: float = DEFAULT_THRESHOLD) -> float:
+    """True negative rate tn / (tn + fp) at `threshold`; NaN with no negative label."""
+    return _metrics(labels, probs, ("specificity",), threshold)["specificity"]
+
+
+def npv(labels: ArrayLike, probs: ArrayLike, threshold: float = DEFAULT_THRESHOLD) -> float:
+    """Negative predictive value tn / (tn + fn) at `threshold`; NaN with no predicted negative."""
+    return _metrics(labels, probs, ("npv",), threshold)["npv"]
+
+
+def f1(labels: ArrayLike, probs: ArrayLike, threshold: float = DEFAULT_THRESHOLD) -> float:
+    """F1 = 2tp / (2tp + fp + fn) at `threshold`; NaN with no positive label and no prediction."""
+    return _metrics(labels, probs, ("f1",), threshold)["f1"]
+
+
+def roc_auc(labels: ArrayLike, probs: ArrayLike) -> float:
+    """Area under the ROC curve (trapezoid over distinct thresholds); NaN unless both classes."""
+    return _metrics(labels, probs, ("roc_auc",))["roc_auc"]
+
+
+def average_precision(labels: ArrayLike, probs: ArrayLike) -> float:
+    """PR AUC as step-wise average precision, as scikit-learn; NaN with no positive label."""
+    return _metrics(labels, probs, ("average_precision",))["average_precision"]
+
+
+pr_auc = average_precision
+
+
+def brier(labels: ArrayLike, probs: ArrayLike) -> float:
+    """Brier score: mean squared difference between probability and label."""
+    return _metrics(labels, probs, ("brier",))["brier"]
+
+
+def ece(labels: ArrayLike, probs: ArrayLike, n_bins: int = DEFAULT_N_BINS) -> float:
+    """Expected calibration error: sum over bins of |bin|/N * |mean prob - fraction positive|.
+
+    Bins are `n_bins` equal-width intervals (b/n_bins, (b+1)/n_bins], the first also holding 0,
+    as in `calibration_curve`; empty bins contribute nothing.
+    """
+    return _metrics(labels, probs, ("ece",), n_bins=n_bins)["ece"]
+
+
+def summary(
+    labels: ArrayLike,
+    probs: ArrayLike,
+    threshold: float = DEFAULT_THRESHOLD,
+    *,
+    n_bins: int = DEFAULT_N_BINS,
+) -> dict[str, float]:
+    """All scalar metrics at `threshold`: n, prevalence, tp/fp/tn/fn (ints), then METRIC_NAMES."""
+    values = _metrics(labels, probs, COUNT_NAMES + METRIC_NAMES, threshold, n_bins)
+    for name in ("n", "tp", "fp", "tn", "fn"):
+        values[name] = int(values[name])
+    return values
+
+
+# --------------------------------------------------------------------------- curves
+
+
+def roc_curve(labels: ArrayLike, probs: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds) as sklearn.metrics.roc_curve(drop_intermediate=False).
+
+    thresholds are the distinct probabilities, decreasing, preceded by +inf (the point (0, 0)).
+    A rate whose class is absent is NaN.
+    """
+    r = _rank(*check_inputs(labels, probs))
+    tps, fps = (np.r_[0.0, c[0]] for c in _cumulative(r, np.ones((1, r.p.size))))
+    return _ratio(fps, fps[-1]), _ratio(tps, tps[-1]), np.r_[np.inf, r.thresholds]
+
+
+def pr_curve(labels: ArrayLike, probs: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(precision, recall, thresholds) as sklearn.metrics.precision_recall_curve.
+
+    thresholds are the distinct probabilities, increasing; precision and recall have one more
+    point, the final (recall 0, precision 1). Recall is NaN when there is no positive label.
+    """
+    r = _rank(*check_inputs(labels, probs))
+    tps, fps = (c[0] for c in _cumulative(r, np.ones((1, r.p.size))))
+    precision_ = np.where(tps + fps > 0, _ratio(tps, tps + fps), 0.0)
+    recall_ = _ratio(tps, np.full_like(tps, tps[-1]))
+    return np.r_[precision_[::-1], 1.0], np.r_[recall_[::-1], 0.0], r.thresholds[::-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationCurve:
+    """Per-bin reliability data for equal-width bins (empty bins: count 0, NaN means)."""
+
+    bin_edges: np.ndarray  # (n_bins + 1,) from 0 to 1
+    mean_prob: np.ndarray  # (n_bins,) mean predicted probability in the bin
+    frac_positive: np.ndarray  # (n_bins,) fraction of positive labels in the bin
+    count: np.ndarray  # (n_bins,) int64 examples in the bin
+
+
+def calibration_curve(
+    labels: ArrayLike, probs: ArrayLike, n_bins: int = DEFAULT_N_BINS
+) -> CalibrationCurve:
+    """Reliability diagram data; non-empty bins equal sklearn's calibration_curve(uniform)."""
+    n_bins = _check_n_bins(n_bins)
+    y, p = check_inputs(labels, probs)
+    ids = _bin_ids(p, n_bins)
+    count = np.bincount(ids, minlength=n_bins)
+    return CalibrationCurve(
+        bin_edges=np.linspace(0.0, 1.0, n_bins + 1),
+        mean_prob=_ratio(np.bincount(ids, weights=p, minlength=n_bins), count),
+        frac_positive=_ratio(np.bincount(ids, weights=y, minlength=n_bins), count),
+        count=count,
+    )
+
+
+# --------------------------------------------------------------------------- operating points
+
+
+def _class_counts_or_raise(y: np.ndarray, what: str, need_negatives: bool) -> None:
+    n_pos = int(y.sum())
+    if n_pos == 0 or (need_negatives and n_pos == y.size):
+        missing = "positive (1)" if n_pos == 0 else "negative (0)"
+        raise ValueError(
+            f"cannot choose {what}: the labels ({y.size} examples) contain no {missing} example; "
+            "choose the threshold on a split that holds both classes"
+        )
+
+
+def youden_threshold(labels: ArrayLike, probs: ArrayLike) -> float:
+    """Threshold maximising Youden's J = sensitivity + specificity - 1 (prob >= t is positive).
+
+    Candidates are the distinct probabilities; among equally good ones the highest is returned
+    (the most specific). Raises ValueError unless both classes are present.
+    """
+    y, p = check_inputs(labels, probs)
+    _class_counts_or_raise(y, "a Youden threshold", need_negatives=True)
+    fpr, tpr, thresholds = roc_curve(y, p)
+    # argmax returns the first maximum; thresholds decrease, so the first is the highest.
+    j = tpr[1:] - fpr[1:]
+    return float(thresholds[1:][int(np.argmax(j))])
+
+
+def threshold_for_sensitivity(labels: ArrayLike, probs: ArrayLike, target: float) -> float:
+    """Highest threshold whose sensitivity is >= target (the best specificity reaching it).
+
+    Raises ValueError if target is not in (0, 1] or there is no positive label.
+    """
+    if not 0.0 < float(target) <= 1.0:
+        raise ValueError(f"target sensitivity must be in (0, 1], got {target!r}")
+    y, p = check_inputs(labels, probs)
+    _class_counts_or_raise(y, f"a threshold for sensitivity {target}", need_negatives=False)
+    _, tpr, thresholds = roc_curve(y, p)
+    # tpr rises as the threshold falls, and reaches 1 at the lowest one: a match always exists.
+    return float(thresholds[int(np.argmax(tpr >= float(target)))])
+
+
+# --------------------------------------------------------------------------- patient level
+
+
+def _groups_1d(group_ids: ArrayLike, n: int) -> np.ndarray:
+    g = np.asarray(group_ids)
+    if g.shape != (n,):
+        raise ValueError(
+            f"group_ids must be 1-D with one id per example ({n}), got shape {g.shape}"
+        )
+    return g
+
+
+def aggregate_by_group(
+    group_ids: ArrayLike, labels: ArrayLike, probs: ArrayLike, how: str = "max"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-group (patient) data: (sorted unique groups, labels, probs).
+
+    A group's label is 1 if any of its rows is 1; its probability is the max or the mean of its
+    rows' probabilities (`how`).
+    """
+    if how not in AGGREGATIONS:
+        raise ValueError(f"how must be one of {AGGREGATIONS}, got {how!r}")
+    y, p = check_inputs(labels, probs)
+    groups, inverse = np.unique(_groups_1d(group_ids, y.size), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    starts = np.r_[0, np.flatnonzero(np.diff(inverse[order])) + 1]
+    group_labels = np.maximum.reduceat(y[order], starts).astype(np.int64)
+    if how == "max":
+        group_probs = np.maximum.reduceat(p[order], starts)
+    else:
+        group_probs = np.add.reduceat(p[order], starts) / np.bincount(inverse)
+    return groups, group_labels, group_probs
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+class BootstrapIntervals(dict):
+    """{metric name: (low, high)} percentile intervals, with how they were obtained.
+
+    Attributes: `n_resamples` drawn; `n_skipped` of them held a single class and were left out
+    of every metric; `n_used[name]` resamples the metric was defined on (its interval's sample);
+    `alpha`.
+    """
+
+    def __init__(
+        self,
+        intervals: Mapping[str, tuple[float, float]],
+        *,
+        n_resamples: int,
+        n_skipped: int,
+        n_used: Mapping[str, int],
+        alpha: float,
+    ) -> None:
+        super().__init__(intervals)
+        self.n_resamples = n_resamples
+        self.n_skipped = n_skipped
+        self.n_used = dict(n_used)
+        self.alpha = alpha
+
+
+def _resample_counts(n_groups: int, n_resamples: int, seed: int) -> np.ndarray:
+    """(n_resamples, n_groups) times each group is drawn, G draws with replacement per resample."""
+    draws = np.random.default_rng(seed).integers(0, n_groups, size=(n_resamples, n_groups))
+    flat = draws + n_groups * np.arange(n_resamples)[:, None]
+    counts = np.bincount(flat.ravel(), minlength=n_resamples * n_groups)
+    return counts.reshape(n_resamples, n_groups).astype(np.float64)
+
+
+def bootstrap_ci(
+    group_ids: ArrayLike,
+    labels: ArrayLike,
+    probs: ArrayLike,
+    metrics: Sequence[str] | Mapping[str, MetricFn] | MetricFn = METRIC_NAMES,
+    *,
+    n_resamples: int,
+    seed: int,
+    alpha: float = DEFAULT_ALPHA,
+    threshold: float = DEFAULT_THRESHOLD,
+    n_bins: int = DEFAULT_N_BINS,
+) -> BootstrapIntervals:
+    """Percentile bootstrap (1 - alpha) intervals, resampling groups (patients), not rows.
+
+    Resample r draws as many groups as there are, with replacement:
+    `np.random.default_rng(seed).integers(0, G, (n_resamples, G))` indexes the groups sorted as by
+    `np.unique`; every row of a drawn group enters once per draw. Resamples holding a single class
+    are skipped for all metrics (counted in `n_skipped`, not redrawn); a metric NaN on a resample
+    (e.g. precision with no predicted positive) leaves that resample out of its interval only.
+    Interval bounds are `np.quantile(values, [alpha/2, 1 - alpha/2])`, NaN if no resample is left.
+
+    `metrics` are names from METRIC_NAMES (computed for all resamples at once) or callables
+    `fn(labels, probs) -> float` (called once per resample on the resampled rows). To resample
+    rows instead of patients, pass `group_ids=np.arange(n)`.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    if int(n_resamples) != n_resamples or n_resamples < 1:
+        raise ValueError(f"n_resamples must be a positive integer, got {n_resamples!r}")
+    threshold, n_bins = _check_threshold(threshold), _check_n_bins(n_bins)
+    if callable(metrics):
+        names, fns = [], {getattr(metrics, "__name__", "metric"): metrics}
+    elif isinstance(metrics, Mapping):
+        names, fns = [], dict(metrics)
+    else:
+        names, fns = ([metrics] if isinstance(metrics, str) else list(metrics)), {}
+    unknown = sorted(set(names) - set(METRIC_NAMES))
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(METRIC_NAMES)}")
+
+    y, p = check_inputs(labels, probs)
+    _, inverse = np.unique(_groups_1d(group_ids, y.size), return_inverse=True)
+    n_groups = int(inverse.max()) + 1
+    counts = _resample_counts(n_groups, int(n_resamples), seed)
+    # A resample has both classes if it draws a group with a positive and one with a negative row.
+    group_pos = np.bincount(inverse, weights=y, minlength=n_groups) > 0
+    group_neg = np.bincount(inverse, weights=1.0 - y, minlength=n_groups) > 0
+    valid = (counts @ group_pos > 0) & (counts @ group_neg > 0)
+    counts = counts[valid]
+
+    values: dict[str, np.ndarray] = {}
+    if names:
+        r = _rank(y, p)
+        row_group = inverse[r.order]
+        chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // y.size)
+        parts = [
+            _batch_metrics(r, counts[i : i + chunk][:, row_group], names, threshold, n_bins)
+            for i in range(0, counts.shape[0], chunk)
+        ]
+        for name in names:
+            values[name] = np.concatenate([part[name] for part in parts] or [np.empty(0)])
+    rows = np.arange(y.size)
+    for name, fn in fns.items():
+        picks = (np.repeat(rows, c[inverse].astype(np.int64)) for c in counts)
+        values[name] = np.array([float(fn(y[i], p[i])) for i in picks])
+
+    intervals, n_used = {}, {}
+    for name, v in values.items():
+        v = v[~np.isnan(v)]
+        n_used[name] = int(v.size)
+        low, high = np.quantile(v, [alpha / 2, 1 - alpha / 2]) if v.size else (np.nan, np.nan)
+        intervals[name] = (float(low), float(high))
+    return BootstrapIntervals(
+        intervals,
+        n_resamples=int(n_resamples),
+        n_skipped=int(np.count_nonzero(~valid)),
+        n_used=n_used,
+        alpha=float(alpha),
+    )
+
+
+# --------------------------------------------------------------------------- clu metrics
+
+
+def _to_host(x: ArrayLike) -> np.ndarray:
+    """Host copy of a value; a global array spread over several processes is gathered first."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        # A collective: every process must reach this point (they do, merging the same step).
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+@flax.struct.dataclass
+class BinaryOutputs(clu_metrics.CollectingMetric):
+    """clu metric collecting labels and probabilities; compute() returns `summary(...)`.
+
+    Build it in the jitted step (`Collection.single_from_model_output(labels=..., logits=...)`)
+    and merge on the host: merging copies each batch to host memory (CollectingMetric cannot be
+    merged under jit). Inputs: `labels` (B,), and `probs` (B,) or `logits` (B,) (sigmoid
+    applied), and optionally `mask` (B,), False for padding rows, which are dropped. With jit over
+    a Mesh the step's outputs are global arrays, so no pmap all_gather is needed: a
+    fully addressable array is simply copied, and one spread over several processes is gathered
+    with `process_allgather` (all processes merge in step). Subclass and set `threshold` /
+    `n_bins` to change them. compute() is a dict, so write it with `write_scalars` directly;
+    `Collection.compute_values()` needs the one-scalar classes of `binary_metric`.
+    """
+
+    threshold: ClassVar[float] = DEFAULT_THRESHOLD
+    n_bins: ClassVar[int] = DEFAULT_N_BINS
+
+    @classmethod
+    def from_model_output(
+        cls,
+        *,
+        labels: ArrayLike,
+        probs: ArrayLike | None = None,
+        logits: ArrayLike | None = None,
+        mask: ArrayLike | None = None,
+        **_: Any,
+    ) -> "BinaryOutputs":
+        """Collects one batch (works inside jit: shapes are checked, values are not)."""
+        if probs is None:
+            if logits is None:
+                raise TypeError(f"{cls.__name__} needs `probs` or `logits` among the outputs")
+            probs = jax.nn.sigmoid(jnp.asarray(logits, jnp.float32))
+        labels, probs = jnp.asarray(labels), jnp.asarray(probs)
+        mask = jnp.ones(labels.shape, bool) if mask is None else jnp.asarray(mask, bool)
+        if labels.ndim != 1 or probs.shape != labels.shape or mask.shape != labels.shape:
+            raise ValueError(
+                f"{cls.__name__} needs 1-D labels, probs/logits and mask of one length; got "
+                f"shapes {labels.shape}, {probs.shape} and {mask.shape}"
+            )
+        return cls(values={"labels": (labels,), "probs": (probs,), "mask": (mask,)})
+
+    def merge(self, other: "BinaryOutputs") -> "BinaryOutputs":
+        """Concatenation of both collections, held in host memory."""
+        if not other.values:
+            return self
+        merged = {
+            name: tuple(_to_host(v) for v in (*self.values.get(name, ()), *batches))
+            for name, batches in other.values.items()
+        }
+        return type(self)(values=merged)
+
+    def collected(self) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, probs) of every merged batch, padding rows dropped."""
+        if not self.values:
+            raise ValueError(f"{type(self).__name__} is empty: no batch was merged into it")
+        arrays = {
+            name: np.concatenate([_to_host(v) for v in vs]) for name, vs in self.values.items()
+        }
+        keep = arrays["mask"].astype(bool)
+        return arrays["labels"][keep], arrays["probs"][keep]
+
+    def compute(self) -> dict[str, float]:
+        """`summary` of everything collected, at the class's threshold and n_bins."""
+        return summary(*self.collected(), self.threshold, n_bins=self.n_bins)
+
+
+def binary_metric(
+    name: str, *, threshold: float = DEFAULT_THRESHOLD, n_bins: int = DEFAULT_N_BINS
+) -> type[BinaryOutputs]:
+    """A BinaryOutputs subclass whose compute() returns the one scalar `name` (for Collections)."""
+    if name not in COUNT_NAMES + METRIC_NAMES:
+        raise ValueError(f"unknown metric {name!r}; choose from {', '.join(METRIC_NAMES)}")
+
+    @flax.struct.dataclass
+    class _Scalar(BinaryOutputs):
+        def compute(self) -> float:
+            return _metrics(*self.collected(), (name,), self.threshold, self.n_bins)[name]
+
+    _Scalar.threshold, _Scalar.n_bins = _check_threshold(threshold), _check_n_bins(n_bins)
+    _Scalar.__name__ = _Scalar.__qualname__ = "".join(s.title() for s in name.split("_"))
+    return _Scalar

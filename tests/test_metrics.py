@@ -1,0 +1,458 @@
+"""liverjax.metrics: equal to scikit-learn, documented rules for ties, thresholds and degenerate
+inputs, patient-level bootstrap, and the clu metric used by the training loop."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from clu import metrics as clu_metrics
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from sklearn import calibration as skc
+from sklearn import metrics as skm
+
+from liverjax import metrics
+
+TOL = 1e-9  # the issue asks for 1e-6; the implementations agree far closer
+
+
+def _sk_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    """The same metrics computed by scikit-learn (undefined ratios as NaN, like liverjax)."""
+    pred = (p >= threshold).astype(int)
+    tn, fp, fn, tp = skm.confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    nan = np.nan
+    return {
+        "n": y.size,
+        "prevalence": y.mean(),
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+        "accuracy": skm.accuracy_score(y, pred),
+        "precision": skm.precision_score(y, pred, zero_division=nan),
+        "recall": skm.recall_score(y, pred, zero_division=nan),
+        "specificity": skm.recall_score(y, pred, pos_label=0, zero_division=nan),
+        "npv": skm.precision_score(y, pred, pos_label=0, zero_division=nan),
+        "f1": skm.f1_score(y, pred, zero_division=nan),
+        "roc_auc": skm.roc_auc_score(y, p),
+        "average_precision": skm.average_precision_score(y, p),
+        "brier": skm.brier_score_loss(y, p),
+    }
+
+
+def _assert_matches_sklearn(y: np.ndarray, p: np.ndarray, threshold: float) -> None:
+    ours = metrics.summary(y, p, threshold)
+    theirs = _sk_metrics(y, p, threshold)
+    for name, value in theirs.items():
+        np.testing.assert_allclose(ours[name], value, rtol=0, atol=TOL, err_msg=name)
+    single = {
+        "accuracy": metrics.accuracy(y, p, threshold),
+        "precision": metrics.precision(y, p, threshold),
+        "recall": metrics.recall(y, p, threshold),
+        "specificity": metrics.specificity(y, p, threshold),
+        "npv": metrics.npv(y, p, threshold),
+        "f1": metrics.f1(y, p, threshold),
+        "roc_auc": metrics.roc_auc(y, p),
+        "average_precision": metrics.average_precision(y, p),
+        "brier": metrics.brier(y, p),
+        "ece": metrics.ece(y, p),
+    }
+    for name, value in single.items():
+        np.testing.assert_allclose(value, ours[name], rtol=0, atol=TOL, err_msg=name)
+    assert metrics.confusion(y, p, threshold) == {k: theirs[k] for k in ("tp", "fp", "tn", "fn")}
+
+
+def _random(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    # Informative but imperfect scores, so the metrics are away from 0.5 and from 1.
+    p = np.clip(rng.normal(0.35 + 0.3 * y, 0.2), 0, 1)
+    return y, p
+
+
+@pytest.mark.parametrize("seed,n", [(0, 7), (1, 50), (2, 333), (3, 2000)])
+@pytest.mark.parametrize("threshold", [0.5, 0.37])
+def test_metrics_equal_sklearn_on_random_inputs(seed: int, n: int, threshold: float) -> None:
+    y, p = _random(seed, n)
+    assert 0 < y.sum() < n
+    _assert_matches_sklearn(y, p, threshold)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("threshold", [0.5, 0.3])
+def test_metrics_equal_sklearn_on_tied_inputs(seed: int, threshold: float) -> None:
+    y, p = _random(seed, 400)
+    tied = np.round(p, 1)
+    assert np.unique(tied).size <= 11
+    _assert_matches_sklearn(y, tied, threshold)
+    # Ties count half: the rounded scores give a different AUC than the raw ones.
+    assert abs(metrics.roc_auc(y, tied) - metrics.roc_auc(y, p)) > 1e-4
+
+
+def test_all_equal_probs() -> None:
+    y = np.array([1, 0, 0, 1, 0, 0, 0, 1])
+    p = np.full(8, 0.3)
+    _assert_matches_sklearn(y, p, 0.3)
+    _assert_matches_sklearn(y, p, 0.5)
+    assert metrics.roc_auc(y, p) == 0.5
+    assert metrics.average_precision(y, p) == pytest.approx(3 / 8, abs=TOL)
+
+
+def test_float32_and_jax_inputs_give_the_same_values() -> None:
+    y, p = _random(4, 300)
+    p32 = p.astype(np.float32)
+    expected = metrics.summary(y, p32)
+    assert metrics.summary(jnp.asarray(y, jnp.int32), jnp.asarray(p32)) == expected
+    assert metrics.summary(y.astype(bool), p32) == expected
+    np.testing.assert_allclose(expected["roc_auc"], skm.roc_auc_score(y, p32), atol=TOL)
+
+
+@pytest.mark.parametrize("seed,decimals", [(0, None), (1, 1), (2, 2)])
+def test_curves_equal_sklearn(seed: int, decimals: int | None) -> None:
+    y, p = _random(seed, 500)
+    if decimals is not None:
+        p = np.round(p, decimals)
+    for ours, theirs in zip(
+        metrics.roc_curve(y, p), skm.roc_curve(y, p, drop_intermediate=False), strict=True
+    ):
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=TOL)
+    for ours, theirs in zip(metrics.pr_curve(y, p), skm.precision_recall_curve(y, p), strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=TOL)
+    # The AUCs are the areas under these very curves.
+    fpr, tpr, _ = metrics.roc_curve(y, p)
+    assert metrics.roc_auc(y, p) == pytest.approx(np.trapezoid(tpr, fpr), abs=TOL)
+    precision, recall, _ = metrics.pr_curve(y, p)
+    ap = -np.sum(np.diff(recall) * precision[:-1])
+    assert metrics.average_precision(y, p) == pytest.approx(ap, abs=TOL)
+
+
+@pytest.mark.parametrize("n_bins", [5, 10, 15])
+def test_calibration_curve_equals_sklearn(n_bins: int) -> None:
+    y, p = _random(5, 700)
+    p[:4] = [0.0, 1.0, 0.2, 0.6]  # the ends and bin edges
+    curve = metrics.calibration_curve(y, p, n_bins)
+    frac, mean = skc.calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
+    used = curve.count > 0
+    np.testing.assert_allclose(curve.frac_positive[used], frac, atol=TOL)
+    np.testing.assert_allclose(curve.mean_prob[used], mean, atol=TOL)
+    assert curve.count.sum() == y.size
+    np.testing.assert_allclose(curve.bin_edges, np.linspace(0, 1, n_bins + 1))
+    # ECE is the count-weighted gap of this same curve.
+    gaps = np.abs(curve.mean_prob[used] - curve.frac_positive[used])
+    expected = np.sum(curve.count[used] / y.size * gaps)
+    assert metrics.ece(y, p, n_bins) == pytest.approx(expected, abs=TOL)
+
+
+def test_ece_hand_computed() -> None:
+    y = [0, 1, 0, 1, 0, 1, 0, 0]
+    p = [0.1, 0.2, 0.3, 0.4, 0.5, 0.9, 1.0, 0.0]
+    # 4 bins: (.., 0.25] holds 0.1, 0.2, 0.0: mean 0.1, 1/3 positive, gap 7/30, weight 3/8;
+    # (0.25, 0.5] holds 0.3, 0.4, 0.5 (an edge goes left): mean 0.4, 1/3 positive, gap 1/15, 3/8;
+    # (0.5, 0.75] is empty; (0.75, 1] holds 0.9, 1.0: mean 0.95, 1/2 positive, gap 0.45, 2/8.
+    # (With 0.5 in the third bin instead, ECE would be 0.3.)
+    assert metrics.ece(y, p, n_bins=4) == pytest.approx(7 / 80 + 1 / 40 + 0.1125, abs=TOL)
+    curve = metrics.calibration_curve(y, p, n_bins=4)
+    np.testing.assert_array_equal(curve.count, [3, 3, 0, 2])
+    assert np.isnan(curve.mean_prob[2]) and np.isnan(curve.frac_positive[2])
+    # Perfectly calibrated bins give 0.
+    assert metrics.ece([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5], n_bins=4) == 0.0
+
+
+def test_threshold_is_inclusive() -> None:
+    y, p = [0, 1, 1, 0], [0.5, 0.5, 0.2, 0.1]
+    assert metrics.confusion(y, p, 0.5) == {"tp": 1, "fp": 1, "tn": 1, "fn": 1}
+    assert metrics.confusion(y, p, 0.50001) == {"tp": 0, "fp": 0, "tn": 2, "fn": 2}
+
+
+def test_youden_threshold_hand_cases() -> None:
+    y, p = [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]
+    # J: 0.8 -> 0.5, 0.4 -> 0, 0.35 -> 0.5, 0.1 -> 0: tie between 0.8 and 0.35, highest wins.
+    assert metrics.youden_threshold(y, p) == 0.8
+    y, p = [1, 1, 0, 1, 0, 0], [0.9, 0.7, 0.6, 0.55, 0.3, 0.2]
+    # J at 0.55 = 1 - 1/3 is the unique best.
+    assert metrics.youden_threshold(y, p) == 0.55
+    # No skill at all: every J is 0, the highest threshold is returned.
+    assert metrics.youden_threshold([1, 0, 1, 0], [0.9, 0.9, 0.2, 0.2]) == 0.9
+
+
+def test_threshold_for_sensitivity_hand_cases() -> None:
+    y, p = [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]
+    assert metrics.threshold_for_sensitivity(y, p, 0.5) == 0.8
+    assert metrics.threshold_for_sensitivity(y, p, 0.6) == 0.35
+    assert metrics.threshold_for_sensitivity(y, p, 1.0) == 0.35
+    y = [1] * 10 + [0] * 3
+    p = [0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.1, 0.5, 0.3, 0.2]
+    # Sensitivity 0.9 exactly is reached at 0.55 (9 of 10): no float slack needed.
+    t = metrics.threshold_for_sensitivity(y, p, 0.9)
+    assert t == 0.55
+    assert metrics.recall(y, p, t) >= 0.9 and metrics.specificity(y, p, t) == 1.0
+    for bad in (0.0, 1.5, -1):
+        with pytest.raises(ValueError, match="target sensitivity"):
+            metrics.threshold_for_sensitivity(y, p, bad)
+
+
+def test_one_class_gives_nan_where_undefined() -> None:
+    p = np.array([0.2, 0.7, 0.4])
+    only_pos = metrics.summary([1, 1, 1], p)
+    assert np.isnan(only_pos["roc_auc"]) and np.isnan(only_pos["specificity"])
+    assert only_pos["average_precision"] == 1.0
+    assert only_pos["recall"] == pytest.approx(1 / 3) and only_pos["precision"] == 1.0
+    only_neg = metrics.summary([0, 0, 0], p)
+    for name in ("roc_auc", "average_precision", "recall"):
+        assert np.isnan(only_neg[name]), name
+    assert only_neg["precision"] == 0.0  # one prediction, wrong: 0 / 1
+    assert only_neg["f1"] == 0.0  # one false positive, no positive label: 0 / 1
+    assert (
+        only_neg["accuracy"] == pytest.approx(2 / 3)
+        and only_neg["specificity"] == 0.6666666666666666
+    )
+    assert np.isnan(metrics.f1([0, 0], [0.1, 0.2]))  # nothing to find, nothing found: 0 / 0
+    assert np.isnan(metrics.precision([0, 1], [0.1, 0.2], threshold=0.9))
+    assert np.isnan(metrics.npv([0, 1], [0.6, 0.7]))
+    assert only_neg["brier"] == pytest.approx(np.mean(p**2)) and only_neg["n"] == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns about the undefined rate
+        for ours, theirs in zip(
+            metrics.roc_curve([0, 0, 0], p),
+            skm.roc_curve([0, 0, 0], p, drop_intermediate=False),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(ours, theirs)
+    assert np.isnan(metrics.pr_curve([0, 0, 0], p)[1][:-1]).all()
+    with pytest.raises(ValueError, match="no positive"):
+        metrics.youden_threshold([0, 0, 0], p)
+    with pytest.raises(ValueError, match="no negative"):
+        metrics.youden_threshold([1, 1, 1], p)
+    with pytest.raises(ValueError, match="no positive"):
+        metrics.threshold_for_sensitivity([0, 0, 0], p, 0.9)
+    assert metrics.threshold_for_sensitivity([1, 1, 1], p, 0.6) == 0.4
+
+
+@pytest.mark.parametrize(
+    "labels,probs,message",
+    [
+        ([], [], "empty"),
+        ([0, 1], [0.5], "same length"),
+        ([[0, 1]], [[0.5, 0.2]], "1-D"),
+        ([0, 2, 1], [0.1, 0.2, 0.3], r"labels must be 0 or 1; got 2 at index 1 \(1 of 3"),
+        ([0, np.nan], [0.1, 0.2], "labels must be 0 or 1"),
+        (["normal", "lesion"], [0.1, 0.2], "numeric"),
+        ([0, 1, 1], [0.1, 1.5, -0.1], r"within \[0, 1\].*index 1 \(2 of 3"),
+        ([0, 1], [0.1, np.nan], "finite.*index 1"),
+        ([0, 1], [np.inf, 0.2], "finite.*index 0"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(labels: list, probs: list, message: str) -> None:
+    for fn in (metrics.summary, metrics.roc_auc, metrics.roc_curve, metrics.calibration_curve):
+        with pytest.raises(ValueError, match=message):
+            fn(labels, probs)
+    with pytest.raises(ValueError, match=message):
+        metrics.bootstrap_ci(np.arange(len(labels)), labels, probs, n_resamples=2, seed=0)
+
+
+def test_bad_parameters_raise_clear_errors() -> None:
+    y, p = [0, 1], [0.2, 0.8]
+    with pytest.raises(ValueError, match="n_bins"):
+        metrics.ece(y, p, n_bins=0)
+    with pytest.raises(ValueError, match="threshold is NaN"):
+        metrics.summary(y, p, float("nan"))
+    with pytest.raises(ValueError, match="group_ids"):
+        metrics.aggregate_by_group([1], y, p)
+    with pytest.raises(ValueError, match="how must be"):
+        metrics.aggregate_by_group([1, 2], y, p, how="median")
+    with pytest.raises(ValueError, match="unknown metrics.*'auc'"):
+        metrics.bootstrap_ci([1, 2], y, p, ["auc"], n_resamples=2, seed=0)
+    with pytest.raises(ValueError, match="alpha"):
+        metrics.bootstrap_ci([1, 2], y, p, n_resamples=2, seed=0, alpha=5)
+
+
+def test_aggregate_by_group() -> None:
+    ids = np.array(["b", "a", "b", "c", "a", "b"])
+    y = [0, 0, 1, 0, 0, 0]
+    p = [0.2, 0.1, 0.9, 0.4, 0.3, 0.4]
+    groups, labels, probs = metrics.aggregate_by_group(ids, y, p, how="max")
+    np.testing.assert_array_equal(groups, ["a", "b", "c"])
+    np.testing.assert_array_equal(labels, [0, 1, 0])
+    np.testing.assert_allclose(probs, [0.3, 0.9, 0.4])
+    _, labels, probs = metrics.aggregate_by_group(ids, y, p, how="mean")
+    np.testing.assert_array_equal(labels, [0, 1, 0])
+    np.testing.assert_allclose(probs, [0.2, 0.5, 0.4])
+    # Patient-level metrics are the same functions on the aggregated arrays.
+    assert metrics.roc_auc(labels, probs) == 1.0
+
+
+def _clustered(seed: int, patients: int, slices: int) -> tuple[np.ndarray, ...]:
+    """Slices whose probabilities share a per-patient effect, as real CT series do."""
+    rng = np.random.default_rng(seed)
+    patient_label = rng.integers(0, 2, patients)
+    patient_score = np.clip(rng.normal(0.4 + 0.2 * patient_label, 0.15), 0.05, 0.95)
+    groups = np.repeat(np.arange(patients), slices)
+    y = patient_label[groups]
+    p = np.clip(patient_score[groups] + rng.normal(0, 0.03, groups.size), 0, 1)
+    return groups, y, p
+
+
+def _slow_bootstrap(groups, y, p, fns, n_resamples, seed, alpha):
+    """Straightforward reference: concatenate the drawn patients' rows, call scikit-learn."""
+    ids = np.unique(groups)
+    rows_of = [np.flatnonzero(groups == g) for g in ids]
+    draws = np.random.default_rng(seed).integers(0, ids.size, (n_resamples, ids.size))
+    values = {name: [] for name in fns}
+    skipped = 0
+    for draw in draws:
+        rows = np.concatenate([rows_of[g] for g in draw])
+        if y[rows].min() == y[rows].max():
+            skipped += 1
+            continue
+        for name, fn in fns.items():
+            values[name].append(fn(y[rows], p[rows]))
+    bounds = {k: tuple(np.quantile(v, [alpha / 2, 1 - alpha / 2])) for k, v in values.items()}
+    return bounds, skipped
+
+
+def _ece_reference(y, p, n_bins=metrics.DEFAULT_N_BINS):
+    ids = np.searchsorted(np.linspace(0, 1, n_bins + 1)[1:-1], p)  # the documented (lo, hi]
+    return sum(
+        np.mean(ids == b) * abs(p[ids == b].mean() - y[ids == b].mean())
+        for b in range(n_bins)
+        if np.any(ids == b)
+    )
+
+
+def test_bootstrap_equals_slow_reference() -> None:
+    groups, y, p = _clustered(0, patients=40, slices=6)
+    y[::7] = 1 - y[::7]  # some patients with mixed slice labels
+    threshold = 0.5
+    fns = {
+        "accuracy": lambda a, b: skm.accuracy_score(a, b >= threshold),
+        "precision": lambda a, b: skm.precision_score(a, b >= threshold, zero_division=np.nan),
+        "recall": lambda a, b: skm.recall_score(a, b >= threshold),
+        "f1": lambda a, b: skm.f1_score(a, b >= threshold),
+        "roc_auc": skm.roc_auc_score,
+        "average_precision": skm.average_precision_score,
+        "brier": skm.brier_score_loss,
+        "ece": _ece_reference,
+    }
+    expected, skipped = _slow_bootstrap(groups, y, p, fns, 60, seed=3, alpha=0.1)
+    got = metrics.bootstrap_ci(
+        groups, y, p, list(fns), n_resamples=60, seed=3, alpha=0.1, threshold=threshold
+    )
+    assert got.n_skipped == skipped == 0
+    for name in fns:
+        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=TOL, err_msg=name)
+        assert got.n_used[name] == 60
+    # The callable path (one call per resample) draws the same resamples.
+    by_fn = metrics.bootstrap_ci(groups, y, p, skm.roc_auc_score, n_resamples=60, seed=3, alpha=0.1)
+    np.testing.assert_allclose(by_fn["roc_auc_score"], got["roc_auc"], rtol=0, atol=TOL)
+
+
+def test_bootstrap_is_deterministic_and_seeded() -> None:
+    groups, y, p = _clustered(1, patients=30, slices=5)
+    a = metrics.bootstrap_ci(groups, y, p, n_resamples=200, seed=7)
+    b = metrics.bootstrap_ci(groups, y, p, n_resamples=200, seed=7)
+    c = metrics.bootstrap_ci(groups, y, p, n_resamples=200, seed=8)
+    assert a == b and a != c
+    assert set(a) == set(metrics.METRIC_NAMES)
+    point = metrics.summary(y, p)
+    for name in ("roc_auc", "accuracy", "brier"):
+        low, high = a[name]
+        assert low < point[name] < high, name
+
+
+def test_bootstrap_resamples_patients_not_slices() -> None:
+    groups, y, p = _clustered(2, patients=30, slices=40)
+    by_patient = metrics.bootstrap_ci(groups, y, p, ["roc_auc"], n_resamples=300, seed=0)
+    by_slice = metrics.bootstrap_ci(np.arange(y.size), y, p, ["roc_auc"], n_resamples=300, seed=0)
+    width = {
+        k: ci["roc_auc"][1] - ci["roc_auc"][0]
+        for k, ci in {"patient": by_patient, "slice": by_slice}.items()
+    }
+    # 1200 correlated slices carry about the information of 30 patients, not 1200.
+    assert width["patient"] > 3 * width["slice"], width
+
+
+def test_bootstrap_skips_and_counts_single_class_resamples() -> None:
+    # Three patients: one positive, two negative. A resample misses a class unless it draws the
+    # positive patient and at least one negative one.
+    groups = np.array([0, 0, 1, 1, 2])
+    y = np.array([1, 1, 0, 0, 0])
+    p = np.array([0.9, 0.6, 0.7, 0.2, 0.1])
+    ci = metrics.bootstrap_ci(groups, y, p, ["roc_auc", "brier"], n_resamples=500, seed=0)
+    draws = np.random.default_rng(0).integers(0, 3, (500, 3))
+    has_pos = (draws == 0).any(axis=1)
+    has_neg = (draws != 0).any(axis=1)
+    expected_skipped = int(np.sum(~(has_pos & has_neg)))
+    assert 100 < expected_skipped < 400
+    assert ci.n_skipped == expected_skipped
+    assert ci.n_used == {"roc_auc": 500 - expected_skipped, "brier": 500 - expected_skipped}
+    # All one class: every resample is skipped and the intervals are undefined, not a crash.
+    none = metrics.bootstrap_ci(groups, np.zeros(5), p, ["roc_auc"], n_resamples=20, seed=0)
+    assert none.n_skipped == 20 and np.isnan(none["roc_auc"]).all()
+
+
+@struct.dataclass
+class _EvalMetrics(clu_metrics.Collection):
+    loss: clu_metrics.Average.from_output("loss")
+    binary: metrics.BinaryOutputs
+    roc_auc: metrics.binary_metric("roc_auc")
+    f1_at_03: metrics.binary_metric("f1", threshold=0.3)
+
+
+def test_clu_metric_from_jitted_sharded_steps_equals_summary() -> None:
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    batch = NamedSharding(mesh, PartitionSpec("data"))
+    n_dev = len(jax.devices())
+    assert n_dev == 8  # conftest's fake devices: values really come from several devices
+
+    @jax.jit
+    def eval_step(labels, logits, mask):
+        loss = jnp.mean(jnp.abs(logits))
+        return _EvalMetrics.single_from_model_output(
+            labels=labels, logits=logits, mask=mask, loss=loss
+        )
+
+    rng = np.random.default_rng(0)
+    batches, kept_y, kept_logit = [], [], []
+    for size, pad in ((64, 0), (64, 24)):  # the second batch ends with 24 padding rows
+        y = rng.integers(0, 2, size).astype(np.int32)
+        logits = np.round(rng.normal(y - 0.5, 1.0), 1).astype(np.float32)  # ties
+        mask = np.arange(size) < size - pad
+        y[~mask] = -1  # padding labels are not valid labels: they must be dropped
+        batches.append(tuple(jax.device_put(a, batch) for a in (y, logits, mask)))
+        kept_y.append(y[mask])
+        kept_logit.append(logits[mask])
+
+    collection = _EvalMetrics.empty()
+    for labels, logits, mask in batches:
+        collection = collection.merge(eval_step(labels, logits, mask))
+    computed = collection.compute()
+
+    y = np.concatenate(kept_y)
+    probs = np.asarray(jax.nn.sigmoid(jnp.asarray(np.concatenate(kept_logit))))
+    assert computed["binary"] == metrics.summary(y, probs)
+    assert computed["binary"]["n"] == 104
+    assert computed["roc_auc"] == metrics.roc_auc(y, probs)
+    np.testing.assert_allclose(computed["roc_auc"], skm.roc_auc_score(y, probs), atol=TOL)
+    assert computed["f1_at_03"] == metrics.f1(y, probs, 0.3)
+    assert isinstance(computed["roc_auc"], float)
+
+
+def test_clu_metric_with_probs_and_errors() -> None:
+    y = np.array([0, 1, 1, 0, 1])
+    p = np.array([0.1, 0.8, 0.4, 0.4, 0.9], np.float32)
+    first = metrics.BinaryOutputs.from_model_output(labels=y[:2], probs=p[:2])
+    second = metrics.BinaryOutputs.from_model_output(labels=y[2:], probs=p[2:])
+    merged = metrics.BinaryOutputs.empty().merge(first).merge(second)
+    assert merged.compute() == metrics.summary(y, p)
+    labels, probs = merged.collected()
+    assert isinstance(labels, np.ndarray) and isinstance(probs, np.ndarray)
+    with pytest.raises(ValueError, match="empty"):
+        metrics.BinaryOutputs.empty().compute()
+    with pytest.raises(ValueError, match="shapes"):
+        metrics.BinaryOutputs.from_model_output(labels=y, probs=p[:, None])
+    with pytest.raises(TypeError, match="probs.*logits"):
+        metrics.BinaryOutputs.from_model_output(labels=y)
+    with pytest.raises(ValueError, match="unknown metric"):
+        metrics.binary_metric("auc")
