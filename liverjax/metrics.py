@@ -14,7 +14,7 @@ Conventions, for every function here:
   never an exception): precision with no predicted positive, recall and average precision with no
   positive label, specificity with no negative label, NPV with no predicted negative, F1 with
   neither a positive label nor a predicted positive, ROC AUC unless both classes are present.
-  Accuracy, Brier score and ECE are always defined. The operating-point helpers raise instead:
+  Accuracy, Brier score and ECE are always defined. The operating-point functions raise instead:
   a threshold cannot be chosen on data that lacks a class they need.
 * Ties are handled as in scikit-learn: curves have one point per distinct probability; ROC AUC is
   the trapezoid area under that curve (ties count half, as in the Mann-Whitney statistic) and
