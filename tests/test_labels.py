@@ -1,0 +1,550 @@
+"""labels.csv validation and writing, and labels from mask series (on real DICOM written here)."""
+
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+
+from tfds_liver import labels
+
+HEADER = "patient_id,label,path,sop_instance_uid,sex,exam_date,diagnosis,source,notes\n"
+GOOD_ROW = "P1,lesion,p1/s1/1.dcm,,F,2021-03-14,HCC,site_a,\n"
+
+
+def write_csv(tmp_path: pathlib.Path, text: str | bytes) -> pathlib.Path:
+    path = tmp_path / "labels.csv"
+    if isinstance(text, str):
+        text = text.encode("utf-8")
+    path.write_bytes(text)
+    return path
+
+
+def errors_of(path: pathlib.Path) -> list[tuple[int, str, str]]:
+    with pytest.raises(labels.LabelError) as info:
+        labels.read_labels(path)
+    assert info.value.path == str(path)
+    return info.value.errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading good files
+
+
+def test_reads_and_normalises_a_good_file(tmp_path):
+    text = (
+        "\ufeff Patient_ID , LABEL ,Path,sop_instance_uid,sex,exam_date,x_reader\r\n"
+        "\r\n"
+        "  P1 , Lesion , ./p1/s1//1.dcm ,,f,20210314,dr a\r\n"
+        "P1,0,p1/s2/,,,2021-03-15,\r\n"
+        ",,,,,,\r\n"
+        "P2,1,,1.2.840.10008.5.1.4.1.1.2,O,,\r\n"
+    )
+    rows = labels.read_labels(write_csv(tmp_path, text))
+    assert rows == [
+        labels.LabelRow(3, "P1", 1, "p1/s1/1.dcm", None, "F", "2021-03-14"),
+        labels.LabelRow(4, "P1", 0, "p1/s2", None, None, "2021-03-15"),
+        labels.LabelRow(6, "P2", 1, None, "1.2.840.10008.5.1.4.1.1.2", "O", None),
+    ]
+    assert [r.label_name for r in rows] == ["lesion", "normal", "lesion"]
+
+
+def test_round_trip_through_write_and_read(tmp_path):
+    text = (
+        HEADER
+        + GOOD_ROW
+        + 'P2,normal,p2/a b/2.dcm,,M,20200101,,site_b,"has, comma and\nnewline"\n'
+        + "P3,lesion,,1.2.3.4,,,metastasis,,\n"
+    )
+    first = labels.read_labels(write_csv(tmp_path, text))
+    out = tmp_path / "out" / "labels.csv"
+    labels.write_labels(first, out)
+    second = labels.read_labels(out)
+    assert second == first  # line numbers too: the note's newline is in line 3 in both files
+    assert [r.row for r in second] == [2, 3, 5]
+    assert second[1].notes == "has, comma and\nnewline"
+    assert second[1].exam_date == "2020-01-01"
+
+
+def test_write_labels_from_dicts_writes_only_used_columns(tmp_path):
+    out = tmp_path / "labels.csv"
+    labels.write_labels(
+        [
+            {"patient_id": "A", "label": 1, "path": "a/1.dcm"},
+            {"patient_id": "B", "label": "normal", "path": "b"},
+        ],
+        out,
+    )
+    assert (
+        out.read_text(encoding="utf-8") == "patient_id,label,path\nA,lesion,a/1.dcm\nB,normal,b\n"
+    )
+    assert [(r.patient_id, r.label, r.path) for r in labels.read_labels(out)] == [
+        ("A", 1, "a/1.dcm"),
+        ("B", 0, "b"),
+    ]
+
+
+def test_write_labels_refuses_bad_rows_and_writes_nothing(tmp_path):
+    out = tmp_path / "labels.csv"
+    with pytest.raises(labels.LabelError) as info:
+        labels.write_labels(
+            [{"patient_id": "A", "label": "maybe", "path": "a"}, {"patient_id": "B", "lable": 1}],
+            out,
+        )
+    assert (2, "label") in [(r, c) for r, c, _ in info.value.errors]
+    assert (3, "lable") in [(r, c) for r, c, _ in info.value.errors]
+    assert (3, "label") in [(r, c) for r, c, _ in info.value.errors]
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Every kind of error names line and column
+
+
+ROW_ERRORS = [
+    # (row after the header, column, words the message must contain)
+    ("P1,lession,a.dcm,,,,,,", "label", "normal or lesion"),
+    ("P1,2,a.dcm,,,,,,", "label", "normal or lesion"),
+    ("P1,,a.dcm,,,,,,", "label", "empty"),
+    (",lesion,a.dcm,,,,,,", "patient_id", "empty"),
+    ("P\x011,lesion,a.dcm,,,,,,", "patient_id", "control character"),
+    ("P" + "1" * 64 + ",lesion,a.dcm,,,,,,", "patient_id", "at most 64"),
+    ("P1,lesion,/data/a.dcm,,,,,,", "path", "relative to the manual dir"),
+    ("P1,lesion,C:/data/a.dcm,,,,,,", "path", "relative to the manual dir"),
+    ("P1,lesion,p1\\a.dcm,,,,,,", "path", "'/'"),
+    ("P1,lesion,p1/../../a.dcm,,,,,,", "path", "inside the manual dir"),
+    ("P1,lesion,./,,,,,,", "path", "manual dir itself"),
+    ("P1,lesion,,,,,,,", "path", "give a path (or a sop_instance_uid)"),
+    ("P1,lesion,a.dcm,1.2.3,,,,,", "sop_instance_uid", "one of them per row"),
+    ("P1,lesion,,1.2.abc,,,,,", "sop_instance_uid", "not a DICOM UID"),
+    ("P1,lesion,,1..2,,,,,", "sop_instance_uid", "not a DICOM UID"),
+    ("P1,lesion,,1.2" + ".3" * 32 + ",,,,,", "sop_instance_uid", "at most 64"),
+    ("P1,lesion,,1.23457E+45,,,,,", "sop_instance_uid", "spreadsheet"),
+    ("P1,lesion,a.dcm,,X,,,,", "sex", "M, F or O"),
+    ("P1,lesion,a.dcm,,,2021-02-30,,,", "exam_date", "not a real date"),
+    ("P1,lesion,a.dcm,,,20211301,,,", "exam_date", "not a real date"),
+    ("P1,lesion,a.dcm,,,14/03/2021,,,", "exam_date", "YYYY-MM-DD or YYYYMMDD"),
+    ("P1,lesion,a.dcm,,,,,", "", "has 8 values but the header has 9 columns"),
+    ("P1,lesion,a.dcm,,,,,,,extra", "", "has 10 values but the header has 9 columns"),
+]
+
+
+@pytest.mark.parametrize(("row", "column", "words"), ROW_ERRORS)
+def test_each_row_error_names_line_and_column(tmp_path, row, column, words):
+    # The bad row is line 4: a good row and a blank line come before it.
+    path = write_csv(tmp_path, HEADER + GOOD_ROW + "\n" + row + "\n" + GOOD_ROW)
+    errors = errors_of(path)
+    assert len(errors) == 1, errors
+    line, col, message = errors[0]
+    assert (line, col) == (4, column)
+    assert words in message
+    where = f"line 4, column '{column}'" if column else "line 4:"
+    with pytest.raises(labels.LabelError, match=None) as info:
+        labels.read_labels(path)
+    assert where in str(info.value) and words in str(info.value)
+
+
+FILE_ERRORS = [
+    # (file contents, line, column, words)
+    (b"", 1, "", "empty"),
+    (b"\xef\xbb\xbf \n\n", 1, "", "empty"),
+    (HEADER.encode(), 1, "", "no rows"),
+    (b",,,\n \t,\n", 1, "", "only empty lines"),
+    (b"P1,lesion,a.dcm\nP2,normal,b.dcm\n", 1, "", "no header"),
+    (b"patient_id;label;path\nP1;lesion;a.dcm\n", 1, "", "comma-separated"),
+    (b"patient_id,label,path\nP1,l\xe9sion,a.dcm\n", 2, "", "not UTF-8"),
+    (b'patient_id,label,path\nP1,lesion,"a.dcm\nP2,normal,b.dcm\n', 2, "", "quotes"),
+    (b"patient_id,label,path,\nP1,lesion,a.dcm,\n", 1, "", "header column 4 has no name"),
+]
+
+
+@pytest.mark.parametrize(("content", "line", "column", "words"), FILE_ERRORS)
+def test_file_level_errors(tmp_path, content, line, column, words):
+    errors = errors_of(write_csv(tmp_path, content))
+    assert [(r, c) for r, c, _ in errors] == [(line, column)], errors
+    assert words in errors[0][2]
+
+
+def test_header_errors_name_the_column(tmp_path):
+    errors = errors_of(write_csv(tmp_path, "patient_id,label,label,path\nP1,1,1,a\n"))
+    assert [(r, c) for r, c, _ in errors] == [(1, "label")]
+    assert "columns 2 and 3" in errors[0][2]
+    errors = errors_of(write_csv(tmp_path, "patient_id,path\nP1,a\n"))
+    assert [(r, c) for r, c, _ in errors] == [(1, "label")]
+    assert "required" in errors[0][2]
+    errors = errors_of(write_csv(tmp_path, "patient_id,lable,path\nP1,lesion,a.dcm\n"))
+    assert [(r, c) for r, c, _ in errors] == [(1, "lable"), (1, "label")]
+    assert "did you mean 'label'" in errors[0][2]
+    errors = errors_of(write_csv(tmp_path, "patient_id,label,sex\nP1,1,F\n"))
+    assert [(r, c) for r, c, _ in errors] == [(1, "path")]
+
+
+def test_unknown_column_is_reported_with_the_row_errors(tmp_path):
+    text = "patient_id,label,path,diagnoses\nP1,lesion,a.dcm,HCC\nP2,bad,b.dcm,\n"
+    errors = errors_of(write_csv(tmp_path, text))
+    assert [(r, c) for r, c, _ in errors] == [(1, "diagnoses"), (3, "label")]
+    assert "did you mean 'diagnosis'" in errors[0][2]
+    assert "'x_'" in errors[0][2]
+
+
+def test_all_errors_are_collected_and_the_listing_is_capped(tmp_path):
+    bad = labels.MAX_LISTED_ERRORS + 10
+    text = "patient_id,label,path\n" + "".join(f"P{i},bad,a{i}.dcm\n" for i in range(bad))
+    with pytest.raises(labels.LabelError) as info:
+        labels.read_labels(write_csv(tmp_path, text))
+    assert [r for r, _, _ in info.value.errors] == list(range(2, bad + 2))
+    message = str(info.value)
+    assert f"{bad} problems" in message
+    assert message.count("column 'label'") == labels.MAX_LISTED_ERRORS
+    assert "and 10 more" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels from masks, on DICOM series written here
+
+SIZE = 64
+SLICES = 6
+SPACING_MM = 2.5
+LESION_PIXELS = (0, 0, 3, 20, 12, 0)  # per slice; not symmetric, so reversed keys would show
+ORGAN_ON = (False, True, True, True, True, False)
+STUDY = "1.2.826.0.1.3680043.8.498.1"
+
+
+def uid(*parts: int) -> str:
+    return STUDY + "." + ".".join(str(p) for p in parts)
+
+
+def write_dicom(
+    path: pathlib.Path,
+    pixels: np.ndarray,
+    *,
+    sop_uid: str,
+    series_uid: str,
+    modality: str = "CT",
+    position: tuple[float, float, float] | None = None,
+    instance: int | None = None,
+    references: tuple[str, ...] = (),
+    reference_tag: str = "ReferencedImageSequence",
+) -> None:
+    ct = modality == "CT"
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage if ct else SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = sop_uid
+    ds.PatientID = "DICOM-ID"
+    ds.StudyInstanceUID = STUDY
+    ds.SeriesInstanceUID = series_uid
+    ds.Modality = modality
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    if ct:
+        ds.RescaleIntercept = -1024
+        ds.RescaleSlope = 1
+    ds.PixelSpacing = [0.7, 0.7]
+    if position is not None:
+        ds.ImagePositionPatient = list(position)
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    if instance is not None:
+        ds.InstanceNumber = instance
+    if references:
+        items = []
+        for ref in references:
+            item = Dataset()
+            item.ReferencedSOPClassUID = CTImageStorage
+            item.ReferencedSOPInstanceUID = ref
+            items.append(item)
+        setattr(ds, reference_tag, items)
+    ds.PixelData = pixels.astype("<i2").tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def position(z: int) -> tuple[float, float, float]:
+    return (-112.0, -112.0, z * SPACING_MM)
+
+
+@pytest.fixture
+def series(tmp_path) -> pathlib.Path:
+    """tmp/p1/ct/slice_{i}.dcm: 6 CT slices of noise, body around 40 HU."""
+    rng = np.random.default_rng(0)
+    for i in range(SLICES):
+        hu = rng.normal(40, 20, (SIZE, SIZE))
+        write_dicom(
+            tmp_path / "p1" / "ct" / f"slice_{i}.dcm",
+            (hu + 1024).astype(np.int16),
+            sop_uid=uid(1, i),
+            series_uid=uid(1),
+            position=position(i),
+            instance=i + 1,
+        )
+    return tmp_path
+
+
+def mask_pixels(count: int, size: int = SIZE) -> np.ndarray:
+    mask = np.zeros((size, size), np.int16)
+    mask.flat[np.arange(count) * 7 + 100] = 255  # count scattered pixels
+    return mask
+
+
+def write_mask_series(
+    directory: pathlib.Path,
+    counts: tuple[int, ...],
+    *,
+    rule: str,
+    series: int,
+    size: int = SIZE,
+) -> None:
+    """One mask slice per image slice, carrying only the keys `rule` needs.
+
+    Keys the rule does not use are left out or scrambled (file names and instance numbers run
+    backwards), so that matching by any other rule would give different labels.
+    """
+    for i, count in enumerate(counts):
+        reverse = SLICES - 1 - i
+        write_dicom(
+            directory / (f"slice_{i}.dcm" if rule == "file_name" else f"mask_{reverse}.dcm"),
+            mask_pixels(count, size),
+            sop_uid=uid(series, i),
+            series_uid=uid(series),
+            modality="OT",
+            position=position(i) if rule == "position" else None,
+            instance=(
+                i + 1
+                if rule == "instance_number"
+                else reverse + 1
+                if rule in ("sop_reference", "position")
+                else None
+            ),
+            references=(uid(1, i),) if rule == "sop_reference" else (),
+        )
+
+
+def labels_by_file(result: labels.MaskLabels) -> dict[str, str]:
+    return {row.path: row.label_name for row in result.rows}
+
+
+EXPECTED = {
+    "p1/ct/slice_0.dcm": "normal",
+    "p1/ct/slice_1.dcm": "normal",
+    "p1/ct/slice_2.dcm": "lesion",
+    "p1/ct/slice_3.dcm": "lesion",
+    "p1/ct/slice_4.dcm": "lesion",
+    "p1/ct/slice_5.dcm": "normal",
+}
+
+
+@pytest.mark.parametrize("rule", labels.MATCH_RULES)
+def test_from_masks_matches_by_each_rule(series, rule):
+    write_mask_series(series / "masks" / "lesion", LESION_PIXELS, rule=rule, series=2)
+    result = labels.labels_from_masks(
+        series / "p1" / "ct", [series / "masks" / "lesion"], patient_id="P1", relative_to=series
+    )
+    assert [m.rule for m in result.matches] == [rule]
+    assert result.matches[0].images_covered == SLICES
+    assert len(result.matches[0].rules_not_used) == labels.MATCH_RULES.index(rule)
+    assert labels_by_file(result) == EXPECTED
+    assert {row.patient_id for row in result.rows} == {"P1"}
+    assert result.left_out == ()
+    assert labels.RULE_NAMES[rule] in result.summary()
+
+
+def test_position_rule_rounds_and_undoes_ct_rescale(series):
+    # CT masks: stored 0 decodes to -1024 HU, which must still count as "not set".
+    directory = series / "lesion"
+    for i, count in enumerate(LESION_PIXELS):
+        x, y, z = position(i)
+        write_dicom(
+            directory / f"m{i}.dcm",
+            mask_pixels(count),
+            sop_uid=uid(3, i),
+            series_uid=uid(3),
+            position=(x + 0.001, y - 0.002, z + 0.003),
+        )
+    result = labels.labels_from_masks(
+        series / "p1" / "ct", [directory], patient_id="P1", relative_to=series
+    )
+    assert result.matches[0].rule == "position"
+    assert labels_by_file(result) == EXPECTED
+
+
+def test_organ_mask_and_second_lesion_mask(series):
+    write_mask_series(series / "lesion_a", LESION_PIXELS, rule="sop_reference", series=2)
+    write_mask_series(series / "lesion_b", (0, 0, 0, 0, 0, 9), rule="position", series=3)
+    # The organ mask covers slices 1-4 but has slice files only for slices 1-5 (5 empty).
+    organ = series / "organ"
+    for i in range(1, SLICES):
+        write_dicom(
+            organ / f"o{i}.dcm",
+            mask_pixels(50 if ORGAN_ON[i] else 0),
+            sop_uid=uid(4, i),
+            series_uid=uid(4),
+            modality="OT",
+            references=(uid(1, i),),
+            reference_tag="SourceImageSequence",
+        )
+    result = labels.labels_from_masks(
+        series / "p1" / "ct",
+        [series / "lesion_a", series / "lesion_b"],
+        patient_id="P1",
+        relative_to=series,
+        organ_mask=organ,
+    )
+    assert [(m.role, m.rule, m.images_covered) for m in result.matches] == [
+        ("lesion", "sop_reference", 6),
+        ("lesion", "position", 6),
+        ("organ", "sop_reference", 5),
+    ]
+    assert labels_by_file(result) == {
+        "p1/ct/slice_1.dcm": "normal",
+        "p1/ct/slice_2.dcm": "lesion",
+        "p1/ct/slice_3.dcm": "lesion",
+        "p1/ct/slice_4.dcm": "lesion",
+        "p1/ct/slice_5.dcm": "lesion",  # lesion in mask b; organ mask empty there
+    }
+    assert result.left_out == (("p1/ct/slice_0.dcm", "no organ-mask slice for the image"),)
+
+
+def test_min_lesion_pixels_leaves_small_lesions_out(series):
+    write_mask_series(series / "lesion", LESION_PIXELS, rule="instance_number", series=2)
+    result = labels.labels_from_masks(
+        series / "p1" / "ct",
+        [series / "lesion"],
+        patient_id="P1",
+        relative_to=series / "p1",
+        min_lesion_pixels=4,
+    )
+    assert labels_by_file(result) == {
+        "ct/slice_0.dcm": "normal",
+        "ct/slice_1.dcm": "normal",
+        "ct/slice_3.dcm": "lesion",
+        "ct/slice_4.dcm": "lesion",
+        "ct/slice_5.dcm": "normal",
+    }
+    assert result.left_out_counts() == {"lesion mask below --min-lesion-pixels 4": 1}
+    assert "1 images left out" in result.summary()
+    with pytest.raises(ValueError, match="at least 1"):
+        labels.labels_from_masks(
+            series / "p1" / "ct",
+            [series / "lesion"],
+            patient_id="P1",
+            relative_to=series,
+            min_lesion_pixels=0,
+        )
+
+
+def test_mismatched_geometry_is_an_error(series):
+    write_mask_series(series / "lesion", (0,) * SLICES, rule="position", series=2, size=32)
+    with pytest.raises(labels.MaskError) as info:
+        labels.labels_from_masks(
+            series / "p1" / "ct", [series / "lesion"], patient_id="P1", relative_to=series
+        )
+    assert "32 rows x 32 columns" in str(info.value)
+    assert f"{SIZE} rows x {SIZE} columns" in str(info.value)
+
+
+def test_unmatched_mask_slice_is_an_error(series):
+    write_mask_series(series / "lesion", LESION_PIXELS, rule="sop_reference", series=2)
+    write_dicom(
+        series / "lesion" / "stray.dcm",
+        mask_pixels(1),
+        sop_uid=uid(2, 99),
+        series_uid=uid(2),
+        modality="OT",
+        references=(uid(9, 9),),
+    )
+    with pytest.raises(labels.MaskError) as info:
+        labels.labels_from_masks(
+            series / "p1" / "ct", [series / "lesion"], patient_id="P1", relative_to=series
+        )
+    message = str(info.value)
+    assert "1 of 7 mask slices match no single image slice" in message
+    assert "stray.dcm" in message and uid(9, 9) in message
+
+
+def test_images_outside_relative_to_is_an_error(series):
+    write_mask_series(series / "lesion", LESION_PIXELS, rule="file_name", series=2)
+    with pytest.raises(labels.MaskError, match="relative-to"):
+        labels.labels_from_masks(
+            series / "p1" / "ct",
+            [series / "lesion"],
+            patient_id="P1",
+            relative_to=series / "masks",
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tfds_liver.labels", *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_cli_from_masks_then_check(series):
+    write_mask_series(series / "lesion", LESION_PIXELS, rule="position", series=2)
+    out = series / "labels.csv"
+    done = run_cli(
+        "from-masks",
+        "--images",
+        series / "p1" / "ct",
+        "--lesion-masks",
+        series / "lesion",
+        "--patient-id",
+        "P1",
+        "--min-lesion-pixels",
+        "5",
+        "--out",
+        out,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "matched by ImagePositionPatient" in done.stdout
+    assert "5 images labelled: 3 normal, 2 lesion" in done.stdout
+    assert "1 lesion mask below --min-lesion-pixels 5" in done.stdout
+    rows = labels.read_labels(out)
+    assert [(r.path, r.label) for r in rows] == [
+        ("p1/ct/slice_0.dcm", 0),
+        ("p1/ct/slice_1.dcm", 0),
+        ("p1/ct/slice_3.dcm", 1),
+        ("p1/ct/slice_4.dcm", 1),
+        ("p1/ct/slice_5.dcm", 0),
+    ]
+    done = run_cli("check", out)
+    assert done.returncode == 0, done.stderr
+    assert "5 rows, 1 patients; 3 normal, 2 lesion" in done.stdout
+    assert "do not exist" not in done.stdout
+
+
+def test_cli_check_reports_errors_with_exit_code_2(tmp_path):
+    path = write_csv(tmp_path, "patient_id,lable,path\nP1,lesion,a.dcm\n")
+    done = run_cli("check", path)
+    assert done.returncode == 2
+    assert "line 1, column 'lable'" in done.stderr
+    done = run_cli(
+        "from-masks",
+        "--images",
+        tmp_path / "none",
+        "--lesion-masks",
+        tmp_path,
+        "--patient-id",
+        "P1",
+        "--out",
+        tmp_path / "x.csv",
+    )
+    assert done.returncode == 2
+    assert "is not a folder" in done.stderr
+    assert not (tmp_path / "x.csv").exists()

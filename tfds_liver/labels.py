@@ -1,0 +1,834 @@
+"""labels.csv: read, validate and write per-image labels; derive them from mask series.
+
+The file format (DESIGN.md): one row per labelled image or series.
+
+* required columns ``patient_id`` and ``label`` (``normal``/``lesion``, any case, or ``0``/``1``);
+* per row exactly one of ``path`` (relative to the manual dir, ``/``-separated; a file, or a folder
+  meaning every slice of that series) or ``sop_instance_uid`` (a DICOM UID: digits and dots);
+* optional ``sex`` (``M``/``F``/``O``), ``exam_date`` (``YYYYMMDD`` or ``YYYY-MM-DD``),
+  ``diagnosis``, ``source``, ``notes``.
+
+Column names are matched ignoring case and surrounding spaces. A column that is none of these is an
+error (a typo such as ``lable`` must not pass silently) unless its name starts with ``x_``: such
+columns are yours, are ignored here and are not written back. Values are trimmed; an empty
+optional value is ``None``. Blank lines are skipped; a UTF-8 byte-order mark is accepted. Every
+problem in the file is collected and raised as one :class:`LabelError` that names the line
+(header = line 1) and column of each.
+
+``python -m tfds_liver.labels check labels.csv`` validates a file; ``python -m tfds_liver.labels
+from-masks ...`` writes one from lesion (and organ) mask series, see :func:`labels_from_masks`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import dataclasses
+import datetime
+import difflib
+import io
+import os
+import pathlib
+import posixpath
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+LABEL_NAMES = ("normal", "lesion")
+REQUIRED = ("patient_id", "label")
+LOCATORS = ("path", "sop_instance_uid")  # each row has exactly one of these
+OPTIONAL = ("sex", "exam_date", "diagnosis", "source", "notes")
+COLUMNS = REQUIRED + LOCATORS + OPTIONAL  # also the order in which write_labels writes them
+USER_COLUMN_PREFIX = "x_"  # columns named x_... are the user's own: accepted and ignored
+SEXES = ("M", "F", "O")  # DICOM PatientSex (0010,0040) values
+MAX_UID_CHARS = 64  # DICOM PS3.5 §9.1: a UID is at most 64 characters
+MAX_PATIENT_ID_CHARS = 64  # PatientID is VR LO: at most 64 characters
+MAX_LISTED_ERRORS = 50  # LabelError lists this many problems, then counts the rest
+MAX_SHOWN_VALUE_CHARS = 40  # a bad value is quoted in an error up to this length
+
+_LABEL_VALUES = {"normal": 0, "lesion": 1, "0": 0, "1": 1}
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
+_DATE_FORMATS = (("%Y%m%d", re.compile(r"\d{8}")), ("%Y-%m-%d", re.compile(r"\d{4}-\d{2}-\d{2}")))
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_WINDOWS_DRIVE_RE = re.compile(r"[A-Za-z]:")
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelRow:
+    """One validated row of labels.csv."""
+
+    row: int  # line number in the file (header = 1); for rows not read from a file, where it goes
+    patient_id: str
+    label: int  # index into LABEL_NAMES: 0 normal, 1 lesion
+    path: str | None = None  # POSIX, relative to the manual dir, normalised (no ./, no trailing /)
+    sop_instance_uid: str | None = None
+    sex: str | None = None  # M, F or O
+    exam_date: str | None = None  # ISO YYYY-MM-DD
+    diagnosis: str | None = None
+    source: str | None = None
+    notes: str | None = None
+
+    @property
+    def label_name(self) -> str:
+        """The label as written in the file: 'normal' or 'lesion'."""
+        return LABEL_NAMES[self.label]
+
+
+class LabelError(ValueError):
+    """labels.csv is not valid; ``errors`` holds every (line, column, message) found."""
+
+    def __init__(self, path: str | os.PathLike, errors: Sequence[tuple[int, str, str]]):
+        self.path = str(path)
+        self.errors = list(errors)
+        super().__init__(_format_errors(self.path, self.errors))
+
+
+def _format_errors(path: str, errors: Sequence[tuple[int, str, str]]) -> str:
+    count = len(errors)
+    lines = [f"{path}: {count} problem{'s' if count != 1 else ''} in labels.csv:"]
+    for row, column, message in errors[:MAX_LISTED_ERRORS]:
+        where = f"line {row}" if row else "file"
+        if column:
+            where += f", column '{column}'"
+        lines.append(f"  {where}: {message}")
+    if count > MAX_LISTED_ERRORS:
+        lines.append(f"  ... and {count - MAX_LISTED_ERRORS} more (fix these and run again)")
+    return "\n".join(lines)
+
+
+def _show(value: str) -> str:
+    """Quote a user value for an error message, shortened."""
+    if len(value) > MAX_SHOWN_VALUE_CHARS:
+        value = value[: MAX_SHOWN_VALUE_CHARS - 3] + "..."
+    return repr(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Values
+
+
+def _parse_label(value: str) -> tuple[int | None, str]:
+    label = _LABEL_VALUES.get(value.lower())
+    if label is None:
+        return None, f"{_show(value)} is not a label; write normal or lesion (or 0 / 1)"
+    return label, ""
+
+
+def _parse_path(value: str) -> tuple[str | None, str]:
+    if "\\" in value:
+        return None, f"{_show(value)} uses '\\'; separate folders with '/'"
+    if value.startswith("/") or _WINDOWS_DRIVE_RE.match(value):
+        return None, (
+            f"{_show(value)} is absolute; give the path relative to the manual dir "
+            "(the folder that holds labels.csv)"
+        )
+    if ".." in value.split("/"):
+        return None, f"{_show(value)} contains '..'; paths must stay inside the manual dir"
+    if _CONTROL_RE.search(value):
+        return None, f"{_show(value)} contains a control character (tab, newline, ...)"
+    normal = posixpath.normpath(value)
+    if normal == ".":
+        return None, f"{_show(value)} names the manual dir itself; name a file or series folder"
+    return normal, ""
+
+
+def _parse_uid(value: str) -> tuple[str | None, str]:
+    if re.fullmatch(r"[0-9.]+[eE][+-]?[0-9]+", value):
+        return None, (
+            f"{_show(value)} looks like a number reformatted by a spreadsheet; "
+            "format the column as text and paste the UIDs again"
+        )
+    if not _UID_RE.fullmatch(value):
+        return None, f"{_show(value)} is not a DICOM UID (digits separated by single dots)"
+    if len(value) > MAX_UID_CHARS:
+        return None, f"{_show(value)} has {len(value)} characters; at most {MAX_UID_CHARS} allowed"
+    return value, ""
+
+
+def _parse_patient_id(value: str) -> tuple[str | None, str]:
+    if _CONTROL_RE.search(value) or "\\" in value:
+        return None, f"{_show(value)} contains a control character or '\\'"
+    if len(value) > MAX_PATIENT_ID_CHARS:
+        return None, (
+            f"{_show(value)} has {len(value)} characters; a patient id has at most "
+            f"{MAX_PATIENT_ID_CHARS}"
+        )
+    return value, ""
+
+
+def _parse_sex(value: str) -> tuple[str | None, str]:
+    if value.upper() not in SEXES:
+        return None, f"{_show(value)} is not a sex; write M, F or O, or leave it empty"
+    return value.upper(), ""
+
+
+def _parse_date(value: str) -> tuple[str | None, str]:
+    for fmt, pattern in _DATE_FORMATS:
+        if pattern.fullmatch(value):
+            try:
+                return datetime.datetime.strptime(value, fmt).date().isoformat(), ""
+            except ValueError:
+                return None, f"{_show(value)} is not a real date (check month and day)"
+    return None, f"{_show(value)} is not a date; write YYYY-MM-DD or YYYYMMDD"
+
+
+def _parse_text(value: str) -> tuple[str | None, str]:
+    return value, ""
+
+
+_PARSERS = {
+    "patient_id": _parse_patient_id,
+    "label": _parse_label,
+    "path": _parse_path,
+    "sop_instance_uid": _parse_uid,
+    "sex": _parse_sex,
+    "exam_date": _parse_date,
+    "diagnosis": _parse_text,
+    "source": _parse_text,
+    "notes": _parse_text,
+}
+
+
+def _validate_values(line: int, values: Mapping[str, str]) -> tuple[LabelRow | None, list]:
+    """Validate one row given as {column: raw string}; returns (row or None, errors)."""
+    errors = []
+    fields: dict[str, object] = {}
+    for column in COLUMNS:
+        value = (values.get(column) or "").strip()
+        if not value:
+            if column in REQUIRED:
+                errors.append((line, column, f"is empty; every row needs a {column}"))
+            fields[column] = None
+            continue
+        parsed, problem = _PARSERS[column](value)
+        if problem:
+            errors.append((line, column, problem))
+        fields[column] = parsed
+    has = [c for c in LOCATORS if (values.get(c) or "").strip()]
+    if not has:
+        errors.append((line, "path", "is empty; give a path (or a sop_instance_uid) for each row"))
+    elif len(has) > 1:
+        errors.append(
+            (
+                line,
+                "sop_instance_uid",
+                "is set as well as path; give one of them per row (split the row in two if needed)",
+            )
+        )
+    if errors:
+        return None, errors
+    return LabelRow(row=line, **fields), []
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _header_errors(cells: list[str], line: int) -> tuple[dict[str, int], list, bool]:
+    """Map known column -> index; returns (columns, errors, rows_checkable)."""
+    errors = []
+    names = [cell.strip().lower() for cell in cells]
+    known = set(COLUMNS)
+    if not any(n in known or n.startswith(USER_COLUMN_PREFIX) for n in names):
+        if len(cells) == 1 and (";" in cells[0] or "\t" in cells[0]):
+            sep = "';'" if ";" in cells[0] else "tabs"
+            msg = f"the header is separated by {sep}; labels.csv must be comma-separated"
+        else:
+            msg = (
+                f"no header: line {line} must name the columns, e.g. "
+                f"'patient_id,label,path'; found {_show(','.join(cells))}"
+            )
+        return {}, [(line, "", msg)], False
+    columns: dict[str, int] = {}
+    duplicated = False
+    for index, name in enumerate(names):
+        if not name:
+            errors.append((line, "", f"header column {index + 1} has no name; name or remove it"))
+        elif name in columns:
+            duplicated = True
+            errors.append(
+                (
+                    line,
+                    name,
+                    f"appears twice in the header (columns {columns[name] + 1} and {index + 1}); "
+                    "keep one",
+                )
+            )
+        elif name in known:
+            columns[name] = index
+        elif not name.startswith(USER_COLUMN_PREFIX):
+            guess = difflib.get_close_matches(name, COLUMNS, n=1)
+            hint = f"did you mean '{guess[0]}'? " if guess else ""
+            errors.append(
+                (
+                    line,
+                    name,
+                    f"is not a labels.csv column; {hint}known columns are {', '.join(COLUMNS)} "
+                    f"(prefix your own columns with '{USER_COLUMN_PREFIX}')",
+                )
+            )
+            columns[name] = index  # so a second copy is reported as a duplicate
+    for name in REQUIRED:
+        if name not in columns:
+            errors.append((line, name, "is missing from the header; it is required"))
+    if not any(name in columns for name in LOCATORS):
+        errors.append((line, "path", "is missing from the header; add path or sop_instance_uid"))
+    checkable = (
+        not duplicated
+        and all(name in columns for name in REQUIRED)
+        and any(name in columns for name in LOCATORS)
+    )
+    return columns, errors, checkable
+
+
+def read_labels(csv_path: str | os.PathLike) -> list[LabelRow]:
+    """Read and validate labels.csv; raises LabelError listing every problem."""
+    path = pathlib.Path(csv_path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise LabelError(path, [(0, "", f"cannot be read: {e.strerror or e}")]) from e
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise LabelError(
+            path,
+            [
+                (
+                    line,
+                    "",
+                    (f"byte {e.start} is not UTF-8; save the file as UTF-8 ('CSV UTF-8' in Excel)"),
+                )
+            ],
+        ) from e
+    if not text.strip():
+        raise LabelError(
+            path,
+            [
+                (
+                    1,
+                    "",
+                    "the file is empty; line 1 must be the header, e.g. "
+                    "'patient_id,label,path', then one row per image",
+                )
+            ],
+        )
+    rows, errors = _parse_text_rows(text)
+    if errors:
+        raise LabelError(path, errors)
+    return rows
+
+
+def _parse_text_rows(text: str) -> tuple[list[LabelRow], list]:
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header: list[str] | None = None
+    header_line = 0
+    columns: dict[str, int] = {}
+    rows: list[LabelRow] = []
+    errors: list = []
+    line = 1
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            errors.append((line, "", f"is not valid CSV ({e}); check the quotes on this line"))
+            break
+        start, line = line, reader.line_num + 1
+        if not any(cell.strip() for cell in record):
+            continue  # blank line
+        if header is None:
+            header, header_line = record, start
+            columns, header_problems, checkable = _header_errors(record, start)
+            errors.extend(header_problems)
+            if not checkable:
+                return [], errors
+            continue
+        if len(record) != len(header):
+            errors.append(
+                (
+                    start,
+                    "",
+                    (
+                        f"has {len(record)} values but the header has {len(header)} columns; "
+                        "quote values that contain commas"
+                    ),
+                )
+            )
+            continue
+        values = {name: record[index] for name, index in columns.items()}
+        row, problems = _validate_values(start, values)
+        errors.extend(problems)
+        if row is not None:
+            rows.append(row)
+    if header is None and not errors:
+        errors.append((1, "", "the file has only empty lines; line 1 must be the header"))
+    elif not rows and not errors:
+        errors.append((header_line, "", "the file has a header but no rows; add one row per image"))
+    return rows, errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _row_values(row: LabelRow | Mapping[str, object]) -> dict[str, str]:
+    if isinstance(row, LabelRow):
+        values = {c: getattr(row, c) for c in COLUMNS}
+        values["label"] = row.label_name
+    else:
+        values = dict(row)
+        values.pop("row", None)
+    return {k: "" if v is None else str(v) for k, v in values.items()}
+
+
+def write_labels(
+    rows: Iterable[LabelRow] | Iterable[Mapping[str, object]], csv_path: str | os.PathLike
+) -> None:
+    """Validate rows (LabelRow or {column: value}) and write them as labels.csv, UTF-8."""
+    path = pathlib.Path(csv_path)
+    all_values = [_row_values(row) for row in rows]
+    errors = []
+    for line, values in enumerate(all_values, start=2):
+        unknown = sorted(
+            k for k in values if k not in COLUMNS and not k.startswith(USER_COLUMN_PREFIX)
+        )
+        for name in unknown:
+            errors.append((line, name, "is not a labels.csv column"))
+        errors.extend(_validate_values(line, values)[1])
+    if not all_values:
+        errors.append((2, "", "there are no rows to write"))
+    if errors:
+        raise LabelError(path, errors)
+    # Normalised values (label name, ISO date, ...), so that the file reads back identically.
+    parsed = [_validate_values(line, v)[0] for line, v in enumerate(all_values, start=2)]
+    used = [c for c in COLUMNS if c in REQUIRED or any(getattr(r, c) is not None for r in parsed)]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(used)
+    for row in parsed:
+        writer.writerow(_row_values(row)[c] for c in used)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(buffer.getvalue(), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels from masks
+
+MATCH_RULES = ("sop_reference", "position", "instance_number", "file_name")  # tried in this order
+RULE_NAMES = {
+    "sop_reference": "SOPInstanceUID reference (ReferencedImageSequence / SourceImageSequence)",
+    "position": "ImagePositionPatient",
+    "instance_number": "InstanceNumber",
+    "file_name": "file name",
+}
+POSITION_DECIMALS = 2  # ImagePositionPatient is compared after rounding to 0.01 mm
+MAX_LISTED_MISMATCHES = 5  # a MaskError lists this many unmatched slices, then counts the rest
+_SKIPPABLE_MASK_FILES = ("empty", "not_dicom")  # e.g. a README or .DS_Store next to the masks
+
+
+class MaskError(ValueError):
+    """Masks cannot be matched to the images (or read); the message says which and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskMatch:
+    """How one mask series was matched to the image series."""
+
+    mask_dir: str
+    role: str  # "lesion" or "organ"
+    rule: str  # one of MATCH_RULES
+    mask_slices: int
+    images_covered: int  # image slices that have a mask slice (the others count as empty)
+    rules_not_used: tuple[str, ...]  # "rule: why" for each earlier rule that did not apply
+
+    def describe(self) -> str:
+        """One line for people: which rule matched and how much it covered."""
+        return (
+            f"{self.role} mask {self.mask_dir}: matched by {RULE_NAMES[self.rule]}; "
+            f"{self.mask_slices} mask slices onto {self.images_covered} image slices"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskLabels:
+    """The result of labels_from_masks: rows to write, how masks matched, what was left out."""
+
+    rows: tuple[LabelRow, ...]
+    matches: tuple[MaskMatch, ...]
+    left_out: tuple[tuple[str, str], ...]  # (image path as in the rows, reason)
+    image_slices: int
+
+    def left_out_counts(self) -> dict[str, int]:
+        """Number of image files left out, per reason."""
+        return dict(collections.Counter(reason for _, reason in self.left_out))
+
+    def summary(self) -> str:
+        """Several lines for people: rules, label counts, what was left out and why."""
+        lines = [m.describe() for m in self.matches]
+        lines += [f"  (not by {why})" for m in self.matches for why in m.rules_not_used]
+        counts = collections.Counter(row.label_name for row in self.rows)
+        lines.append(
+            f"{len(self.rows)} images labelled: "
+            + ", ".join(f"{counts[name]} {name}" for name in LABEL_NAMES)
+        )
+        left = self.left_out_counts()
+        lines.append(f"{len(self.left_out)} images left out" + (":" if left else ""))
+        lines += [f"  {n} {reason}" for reason, n in sorted(left.items())]
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slice:
+    file: pathlib.Path
+    name: str  # path inside the series folder, POSIX
+    dicom: object  # liverjax.dicom.DicomSlice
+
+
+def _load_series(directory: pathlib.Path, role: str) -> tuple[list[_Slice], list[tuple]]:
+    """Decode every file under directory; returns (slices, [(file, DicomError)] not decoded)."""
+    from liverjax import dicom
+
+    if not directory.is_dir():
+        raise MaskError(f"{role} {directory}: is not a folder; give the folder of a DICOM series")
+    slices, failed = [], []
+    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
+        name = file.relative_to(directory).as_posix()
+        try:
+            decoded = dicom.read_dicom(file)
+        except dicom.DicomError as e:
+            failed.append((file, e))
+            continue
+        slices.extend(_Slice(file, name, d) for d in decoded)
+    if not slices:
+        raise MaskError(f"{role} {directory}: no DICOM image could be read from this folder")
+    return slices, failed
+
+
+def _load_masks(directory: pathlib.Path, role: str) -> list[_Slice]:
+    slices, failed = _load_series(directory, role)
+    for file, error in failed:
+        if error.reason in _SKIPPABLE_MASK_FILES:
+            continue
+        hint = (
+            "DICOM SEG / RTSTRUCT masks are not read; export the mask as an image series"
+            if error.reason == "not_image"
+            else "a mask that cannot be read would label its slices wrongly; fix or remove it"
+        )
+        raise MaskError(f"{role} mask {file}: {error.reason}: {error.detail}; {hint}")
+    for s in slices:
+        if s.dicom.photometric == "MONOCHROME1":
+            raise MaskError(
+                f"{role} mask {s.file}: is MONOCHROME1 (inverted); store masks as MONOCHROME2"
+            )
+    return slices
+
+
+def _position_key(s: _Slice) -> tuple | None:
+    position = s.dicom.image_position
+    if position is None:
+        return None
+    return tuple(round(float(v), POSITION_DECIMALS) + 0.0 for v in position)  # +0.0: no -0.0
+
+
+def _rule_key(rule: str, s: _Slice) -> object:
+    """The key an image or mask slice is matched on under rule (None: not available)."""
+    if rule == "position":
+        return _position_key(s)
+    if rule == "instance_number":
+        number = s.dicom.instance_number
+        return None if number is None else (number, s.dicom.frame)
+    return (s.name, s.dicom.frame)  # file_name
+
+
+def _describe_key(rule: str, s: _Slice) -> str:
+    if rule == "sop_reference":
+        return f"references {', '.join(s.dicom.referenced_sop_uids)}"
+    return f"{RULE_NAMES[rule]} {_rule_key(rule, s)}"
+
+
+def _why_not(rule: str, images: list[_Slice], masks: list[_Slice]) -> str:
+    """Why rule cannot match these series; '' when it can."""
+    if rule == "sop_reference":
+        missing = [m for m in masks if not m.dicom.referenced_sop_uids]
+        if missing:
+            return f"{len(missing)} of {len(masks)} mask slices carry no image reference"
+        uids = [i.dicom.sop_uid for i in images]
+        if len(set(uids)) < len(uids):
+            return "the images are multi-frame: a SOP reference does not name the frame"
+        return ""
+    image_keys = [_rule_key(rule, i) for i in images]
+    mask_keys = [_rule_key(rule, m) for m in masks]
+    if None in mask_keys:
+        return f"{mask_keys.count(None)} of {len(masks)} mask slices have no {RULE_NAMES[rule]}"
+    if None in image_keys:
+        return f"{image_keys.count(None)} of {len(images)} images have no {RULE_NAMES[rule]}"
+    if len(set(image_keys)) < len(image_keys):
+        return f"several images share one {RULE_NAMES[rule]}"
+    return ""
+
+
+def _pair(rule: str, images: list[_Slice], masks: list[_Slice], where: str) -> dict[int, int]:
+    """Map image index -> mask index under rule; MaskError for unmatched or doubled slices."""
+    if rule == "sop_reference":
+        by_uid = {i.dicom.sop_uid: n for n, i in enumerate(images)}
+        candidates = [
+            sorted({by_uid[u] for u in m.dicom.referenced_sop_uids if u in by_uid}) for m in masks
+        ]
+    else:
+        by_key = {_rule_key(rule, i): n for n, i in enumerate(images)}
+        candidates = [[by_key[k]] if (k := _rule_key(rule, m)) in by_key else [] for m in masks]
+    unmatched = [m for m, c in zip(masks, candidates, strict=True) if len(c) != 1]
+    if unmatched:
+        listed = "; ".join(
+            f"{m.file} ({_describe_key(rule, m)})" for m in unmatched[:MAX_LISTED_MISMATCHES]
+        )
+        more = len(unmatched) - MAX_LISTED_MISMATCHES
+        raise MaskError(
+            f"{where}: matching by {RULE_NAMES[rule]}, {len(unmatched)} of {len(masks)} mask "
+            f"slices match no single image slice: {listed}"
+            + (f"; and {more} more" if more > 0 else "")
+            + ". Check that the mask series was drawn on the --images series."
+        )
+    pairs: dict[int, int] = {}
+    for mask_index, (image_index,) in enumerate(candidates):
+        if image_index in pairs:
+            raise MaskError(
+                f"{where}: mask slices {masks[pairs[image_index]].file} and "
+                f"{masks[mask_index].file} both match image {images[image_index].file} "
+                f"(by {RULE_NAMES[rule]}); remove one of them"
+            )
+        pairs[image_index] = mask_index
+    return pairs
+
+
+def _check_geometry(pairs: dict[int, int], images: list[_Slice], masks: list[_Slice], where: str):
+    for image_index, mask_index in pairs.items():
+        image, mask = images[image_index], masks[mask_index]
+        if image.dicom.image.shape != mask.dicom.image.shape:
+            raise MaskError(
+                f"{where}: mask {mask.file} is {_shape(mask)} but its image {image.file} is "
+                f"{_shape(image)}; masks must be on the image grid (resample the mask first)"
+            )
+
+
+def _shape(s: _Slice) -> str:
+    rows, cols = s.dicom.image.shape
+    return f"{rows} rows x {cols} columns"
+
+
+def _set_pixels(s: _Slice) -> int:
+    """Number of mask pixels whose stored value is non-zero (the decoder's rescale undone)."""
+    # The decoder maps stored s to s * slope + intercept, so stored 0 decodes to the intercept.
+    background = np.float32(s.dicom.rescale_intercept)
+    return int(np.count_nonzero(s.dicom.image != background))
+
+
+def _match_masks(
+    images: list[_Slice], directory: pathlib.Path, role: str
+) -> tuple[MaskMatch, list[int | None]]:
+    """Match one mask series; returns the match and each image's set-pixel count (None: no mask)."""
+    masks = _load_masks(directory, role)
+    where = f"{role} mask {directory}"
+    not_used = []
+    for rule in MATCH_RULES:
+        why = _why_not(rule, images, masks)
+        if why:
+            not_used.append(f"{RULE_NAMES[rule]}: {why}")
+            continue
+        pairs = _pair(rule, images, masks, where)
+        break
+    _check_geometry(pairs, images, masks, where)
+    counts = [_set_pixels(masks[pairs[n]]) if n in pairs else None for n in range(len(images))]
+    match = MaskMatch(str(directory), role, rule, len(masks), len(pairs), tuple(not_used))
+    return match, counts
+
+
+def _slice_label(
+    lesion_counts: list[int], organ_count: int | None, has_organ: bool, min_pixels: int
+) -> tuple[int | None, str]:
+    """(label, '') for a slice, or (None, why it is left out)."""
+    if max(lesion_counts) >= min_pixels:
+        return 1, ""
+    if max(lesion_counts) > 0:
+        return None, f"lesion mask below --min-lesion-pixels {min_pixels}"
+    if not has_organ:
+        return 0, ""
+    if organ_count is None:
+        return None, "no organ-mask slice for the image"
+    if organ_count == 0:
+        return None, "organ mask empty on the image"
+    return 0, ""
+
+
+def labels_from_masks(
+    images: str | os.PathLike,
+    lesion_masks: Sequence[str | os.PathLike],
+    *,
+    patient_id: str,
+    relative_to: str | os.PathLike,
+    organ_mask: str | os.PathLike | None = None,
+    min_lesion_pixels: int = 1,
+) -> MaskLabels:
+    """Label each image file of a series from lesion (and organ) mask series."""
+    if min_lesion_pixels < 1:
+        raise ValueError(f"min_lesion_pixels must be at least 1, got {min_lesion_pixels}")
+    if not lesion_masks:
+        raise ValueError("give at least one lesion mask folder")
+    images_dir = pathlib.Path(images)
+    base = pathlib.Path(os.path.abspath(relative_to))
+    image_slices, failed = _load_series(images_dir, "images")
+    matches, lesion_counts = [], []
+    for directory in lesion_masks:
+        match, counts = _match_masks(image_slices, pathlib.Path(directory), "lesion")
+        matches.append(match)
+        lesion_counts.append([c or 0 for c in counts])
+    organ_counts: list[int | None] = [None] * len(image_slices)
+    if organ_mask is not None:
+        match, organ_counts = _match_masks(image_slices, pathlib.Path(organ_mask), "organ")
+        matches.append(match)
+
+    def relative(file: pathlib.Path) -> str:
+        try:
+            return pathlib.Path(os.path.abspath(file)).relative_to(base).as_posix()
+        except ValueError:
+            raise MaskError(
+                f"image {file} is not inside {base}; paths in labels.csv are relative to the "
+                "manual dir, so --relative-to (or the folder of --out) must contain the images"
+            ) from None
+
+    per_file: dict[pathlib.Path, list[tuple[int | None, str]]] = {}
+    for n, s in enumerate(image_slices):
+        outcome = _slice_label(
+            [counts[n] for counts in lesion_counts],
+            organ_counts[n],
+            organ_mask is not None,
+            min_lesion_pixels,
+        )
+        per_file.setdefault(s.file, []).append(outcome)
+    rows, left_out = [], []
+    for file, error in failed:
+        left_out.append((relative(file), f"image not decoded ({error.reason})"))
+    for file, outcomes in sorted(per_file.items()):
+        if len(set(outcomes)) > 1:
+            raise MaskError(
+                f"image {file} is multi-frame and its frames get different labels; labels.csv "
+                "labels whole files, so split the file into single-frame images first"
+            )
+        label, why = outcomes[0]
+        if label is None:
+            left_out.append((relative(file), why))
+            continue
+        values = {"patient_id": patient_id, "label": str(label), "path": relative(file)}
+        row, errors = _validate_values(len(rows) + 2, values)
+        if errors:
+            raise LabelError("labels.csv", errors)
+        rows.append(row)
+    return MaskLabels(tuple(rows), tuple(matches), tuple(sorted(left_out)), len(image_slices))
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _check(args: argparse.Namespace) -> int:
+    rows = read_labels(args.csv)
+    manual_dir = pathlib.Path(args.manual_dir or pathlib.Path(args.csv).parent)
+    counts = collections.Counter(row.label_name for row in rows)
+    by_path = [row for row in rows if row.path is not None]
+    print(
+        f"{args.csv}: valid; {len(rows)} rows, {len({r.patient_id for r in rows})} patients; "
+        + ", ".join(f"{counts[name]} {name}" for name in LABEL_NAMES)
+        + f"; {len(by_path)} by path, {len(rows) - len(by_path)} by sop_instance_uid"
+    )
+    missing = [row for row in by_path if not (manual_dir / row.path).exists()]
+    if missing:
+        print(
+            f"warning: {len(missing)} paths do not exist under {manual_dir}, e.g. line "
+            f"{missing[0].row}: {missing[0].path}"
+        )
+    return 0
+
+
+def _from_masks(args: argparse.Namespace) -> int:
+    out = pathlib.Path(args.out)
+    result = labels_from_masks(
+        args.images,
+        args.lesion_masks,
+        patient_id=args.patient_id,
+        relative_to=args.relative_to if args.relative_to is not None else out.parent,
+        organ_mask=args.organ_mask,
+        min_lesion_pixels=args.min_lesion_pixels,
+    )
+    print(result.summary())
+    if not result.rows:
+        print(f"error: no image could be labelled; {out} not written", file=sys.stderr)
+        return 2
+    write_labels(result.rows, out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tfds_liver.labels", description="Validate or create labels.csv."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="validate labels.csv and summarise it")
+    check.add_argument("csv", help="the labels.csv to check")
+    check.add_argument(
+        "--manual-dir", help="folder the paths are relative to (default: the csv's folder)"
+    )
+    masks = commands.add_parser(
+        "from-masks", help="write labels.csv from lesion (and organ) mask series"
+    )
+    masks.add_argument("--images", required=True, help="folder of the image series")
+    masks.add_argument(
+        "--lesion-masks", required=True, nargs="+", help="folders of lesion mask series"
+    )
+    masks.add_argument(
+        "--organ-mask", help="folder of an organ mask series: slices without organ are left out"
+    )
+    masks.add_argument("--patient-id", required=True, help="patient_id written on every row")
+    masks.add_argument(
+        "--min-lesion-pixels",
+        type=_positive_int,
+        default=1,
+        help="a slice is lesion when a lesion mask has at least this many pixels on it",
+    )
+    masks.add_argument("--out", default="labels.csv", help="labels.csv to write")
+    masks.add_argument(
+        "--relative-to", help="folder the written paths are relative to (default: --out's folder)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point; returns the exit code (2 for invalid input)."""
+    from liverjax import dicom
+
+    args = _parser().parse_args(argv)
+    run = _check if args.command == "check" else _from_masks
+    try:
+        return run(args)
+    except (LabelError, MaskError, dicom.DicomError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
