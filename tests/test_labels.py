@@ -5,9 +5,15 @@ import subprocess
 import sys
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
 
 from tfds_liver import labels
 
@@ -241,7 +247,9 @@ def write_dicom(
     ds.StudyInstanceUID = STUDY
     ds.SeriesInstanceUID = series_uid
     ds.Modality = modality
-    ds.Rows, ds.Columns = pixels.shape
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    if pixels.ndim == 3:
+        ds.NumberOfFrames = pixels.shape[0]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated = ds.BitsStored = 16
@@ -416,6 +424,8 @@ def test_organ_mask_and_second_lesion_mask(series):
 
 def test_min_lesion_pixels_leaves_small_lesions_out(series):
     write_mask_series(series / "lesion", LESION_PIXELS, rule="instance_number", series=2)
+    (series / "lesion" / "README.txt").write_text("liver lesion masks")  # ignored and said so
+    (series / "p1" / "ct" / "notes.txt").write_text("not an image")  # left out and said so
     result = labels.labels_from_masks(
         series / "p1" / "ct",
         [series / "lesion"],
@@ -430,8 +440,13 @@ def test_min_lesion_pixels_leaves_small_lesions_out(series):
         "ct/slice_4.dcm": "lesion",
         "ct/slice_5.dcm": "normal",
     }
-    assert result.left_out_counts() == {"lesion mask below --min-lesion-pixels 4": 1}
-    assert "1 images left out" in result.summary()
+    assert result.left_out_counts() == {
+        "lesion mask below --min-lesion-pixels 4": 1,
+        "image not decoded (not_dicom)": 1,
+    }
+    assert result.matches[0].ignored_files == ("README.txt",)
+    assert "2 images left out" in result.summary()
+    assert "ignored 1 files that are not DICOM: README.txt" in result.summary()
     with pytest.raises(ValueError, match="at least 1"):
         labels.labels_from_masks(
             series / "p1" / "ct",
@@ -439,6 +454,29 @@ def test_min_lesion_pixels_leaves_small_lesions_out(series):
             patient_id="P1",
             relative_to=series,
             min_lesion_pixels=0,
+        )
+
+
+def test_multi_frame_images_are_labelled_per_file(tmp_path):
+    frames = np.full((3, SIZE, SIZE), 1064, np.int16)
+    write_dicom(tmp_path / "ct" / "a.dcm", frames, sop_uid=uid(5, 1), series_uid=uid(5))
+    empty = np.zeros((3, SIZE, SIZE), np.int16)
+    write_dicom(
+        tmp_path / "m" / "a.dcm", empty, sop_uid=uid(6, 1), series_uid=uid(6), modality="OT"
+    )
+    result = labels.labels_from_masks(
+        tmp_path / "ct", [tmp_path / "m"], patient_id="P1", relative_to=tmp_path
+    )
+    assert result.image_slices == 3
+    assert [(m.rule, m.images_covered) for m in result.matches] == [("file_name", 3)]
+    assert labels_by_file(result) == {"ct/a.dcm": "normal"}
+    empty[1] = mask_pixels(5)  # a lesion on the middle frame only: one file cannot say that
+    write_dicom(
+        tmp_path / "m" / "a.dcm", empty, sop_uid=uid(6, 1), series_uid=uid(6), modality="OT"
+    )
+    with pytest.raises(labels.MaskError, match="multi-frame"):
+        labels.labels_from_masks(
+            tmp_path / "ct", [tmp_path / "m"], patient_id="P1", relative_to=tmp_path
         )
 
 
@@ -450,6 +488,19 @@ def test_mismatched_geometry_is_an_error(series):
         )
     assert "32 rows x 32 columns" in str(info.value)
     assert f"{SIZE} rows x {SIZE} columns" in str(info.value)
+
+
+def test_segmentation_object_as_mask_is_an_error(series):
+    write_mask_series(series / "lesion", LESION_PIXELS, rule="file_name", series=2)
+    seg = series / "lesion" / "slice_0.dcm"
+    ds = pydicom.dcmread(seg)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SegmentationStorage
+    ds.save_as(seg)
+    with pytest.raises(labels.MaskError, match="export the mask as an image series") as info:
+        labels.labels_from_masks(
+            series / "p1" / "ct", [series / "lesion"], patient_id="P1", relative_to=series
+        )
+    assert "slice_0.dcm" in str(info.value) and "not_image" in str(info.value)
 
 
 def test_unmatched_mask_slice_is_an_error(series):

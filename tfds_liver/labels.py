@@ -448,13 +448,22 @@ class MaskMatch:
     mask_slices: int
     images_covered: int  # image slices that have a mask slice (the others count as empty)
     rules_not_used: tuple[str, ...]  # "rule: why" for each earlier rule that did not apply
+    ignored_files: tuple[str, ...] = ()  # files in the folder that are not DICOM (or empty)
 
     def describe(self) -> str:
-        """One line for people: which rule matched and how much it covered."""
-        return (
+        """Lines for people: which rule matched, how much it covered, why not earlier rules."""
+        lines = [
             f"{self.role} mask {self.mask_dir}: matched by {RULE_NAMES[self.rule]}; "
             f"{self.mask_slices} mask slices onto {self.images_covered} image slices"
-        )
+        ]
+        lines += [f"  not by {why}" for why in self.rules_not_used]
+        if self.ignored_files:
+            lines.append(
+                f"  ignored {len(self.ignored_files)} files that are not DICOM: "
+                + ", ".join(self.ignored_files[:MAX_LISTED_MISMATCHES])
+                + (" ..." if len(self.ignored_files) > MAX_LISTED_MISMATCHES else "")
+            )
+        return "\n".join(lines)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -473,7 +482,6 @@ class MaskLabels:
     def summary(self) -> str:
         """Several lines for people: rules, label counts, what was left out and why."""
         lines = [m.describe() for m in self.matches]
-        lines += [f"  (not by {why})" for m in self.matches for why in m.rules_not_used]
         counts = collections.Counter(row.label_name for row in self.rows)
         lines.append(
             f"{len(self.rows)} images labelled: "
@@ -512,10 +520,13 @@ def _load_series(directory: pathlib.Path, role: str) -> tuple[list[_Slice], list
     return slices, failed
 
 
-def _load_masks(directory: pathlib.Path, role: str) -> list[_Slice]:
+def _load_masks(directory: pathlib.Path, role: str) -> tuple[list[_Slice], list[str]]:
+    """Decode a mask series; returns (slices, names of files that are not DICOM)."""
     slices, failed = _load_series(directory, role)
+    ignored = []
     for file, error in failed:
         if error.reason in _SKIPPABLE_MASK_FILES:
+            ignored.append(file.relative_to(directory).as_posix())
             continue
         hint = (
             "DICOM SEG / RTSTRUCT masks are not read; export the mask as an image series"
@@ -528,7 +539,7 @@ def _load_masks(directory: pathlib.Path, role: str) -> list[_Slice]:
             raise MaskError(
                 f"{role} mask {s.file}: is MONOCHROME1 (inverted); store masks as MONOCHROME2"
             )
-    return slices
+    return slices, ignored
 
 
 def _position_key(s: _Slice) -> tuple | None:
@@ -635,7 +646,7 @@ def _match_masks(
     images: list[_Slice], directory: pathlib.Path, role: str
 ) -> tuple[MaskMatch, list[int | None]]:
     """Match one mask series; returns the match and each image's set-pixel count (None: no mask)."""
-    masks = _load_masks(directory, role)
+    masks, ignored = _load_masks(directory, role)
     where = f"{role} mask {directory}"
     not_used = []
     for rule in MATCH_RULES:
@@ -647,7 +658,9 @@ def _match_masks(
         break
     _check_geometry(pairs, images, masks, where)
     counts = [_set_pixels(masks[pairs[n]]) if n in pairs else None for n in range(len(images))]
-    match = MaskMatch(str(directory), role, rule, len(masks), len(pairs), tuple(not_used))
+    match = MaskMatch(
+        str(directory), role, rule, len(masks), len(pairs), tuple(not_used), tuple(ignored)
+    )
     return match, counts
 
 
