@@ -16,7 +16,13 @@ problem in the file is collected and raised as one :class:`LabelError` that name
 (header = line 1) and column of each.
 
 ``python -m tfds_liver.labels check labels.csv`` validates a file; ``python -m tfds_liver.labels
-from-masks ...`` writes one from lesion (and organ) mask series, see :func:`labels_from_masks`.
+from-masks ...`` writes one from lesion (and organ) mask series, see :func:`labels_from_masks`:
+an image is ``lesion`` when any lesion mask has at least ``--min-lesion-pixels`` set pixels on it,
+``normal`` when no lesion mask has any and the organ mask (if given) is set on it, and left out
+otherwise (each reason counted). A mask pixel is set when its stored value is non-zero. Mask slices
+are matched to image slices by the first rule that every slice supports: SOPInstanceUID reference,
+ImagePositionPatient (to 0.01 mm), InstanceNumber, file name; a mask slice that then matches no
+image, or a different rows x columns, is an error. DICOM SEG objects are not read.
 """
 
 from __future__ import annotations
