@@ -1,0 +1,455 @@
+"""Curation of a manual DICOM folder: decode, de-duplicate, match labels, split by patient, report.
+
+Every input file ends in exactly one status, written to ``curation_report.json``:
+
+* ``written``    decoded, labelled and written to a split;
+* ``duplicate``  the same image as a file kept earlier (same SOP Instance UID and frame, or
+                 identical pixels of the same patient); the report names the file it repeats;
+* ``conflict``   the same image carries different labels (in one label sheet, across sheets, or
+                 across duplicate copies): every copy is excluded;
+* ``unlabelled`` decodes, but no label row names it;
+* ``skipped``    cannot be used, with the decoder's reason code (``not_dicom``, ``not_image``, ...).
+
+Label rows that match no decodable image are listed too. Files are visited in sorted path order, so
+the outcome is deterministic. Decoding runs in a process pool (one worker per core by default).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from liverjax import dicom
+from tfds_liver import labels as labels_lib
+
+LABEL_SHEET = "labels.csv"
+STATUSES = ("written", "duplicate", "conflict", "unlabelled", "skipped")
+SPLITS = ("train", "validation", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitSpec:
+    """Patient-level split fractions (train gets the rest) and the seed that draws them."""
+
+    validation: float = 0.15
+    test: float = 0.15
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (
+            0 <= self.validation < 1 and 0 <= self.test < 1 and self.validation + self.test < 1
+        ):
+            raise ValueError(
+                f"split fractions must be in [0, 1) and leave room for train: validation="
+                f"{self.validation}, test={self.test}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceRecord:
+    """One decoded, resampled slice ready to become an example."""
+
+    image_id: str
+    image: np.ndarray  # int16 (size, size) HU
+    patient_id: str
+    study_uid: str
+    series_uid: str
+    source: str
+    path: str
+    pixel_spacing: tuple[float, float]
+    slice_position: float
+    pixel_hash: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """A labelled slice assigned to a split."""
+
+    record: SliceRecord
+    label: int
+    patient_id: str
+
+    def features(self) -> dict[str, Any]:
+        """The TFDS feature dict of this example."""
+        r = self.record
+        return {
+            "image": r.image[..., None],
+            "label": self.label,
+            "patient_id": self.patient_id,
+            "study_uid": r.study_uid,
+            "series_uid": r.series_uid,
+            "sop_uid": r.image_id,
+            "source": r.source,
+            "path": r.path,
+            "pixel_spacing": np.asarray(r.pixel_spacing, np.float32),
+            "slice_position": np.float32(r.slice_position),
+        }
+
+
+@dataclasses.dataclass
+class Curation:
+    """The outcome of a curation run: examples per split and the report."""
+
+    splits: dict[str, list[Example]]
+    report: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decoded:
+    """What a worker sends back for one file: its slices, or why it has none."""
+
+    path: str
+    slices: tuple[SliceRecord, ...] = ()
+    sop_uid: str | None = None
+    reason: str | None = None
+    detail: str | None = None
+
+
+def source_of(rel_path: str) -> str:
+    """The source a file belongs to: its top-level folder under the manual dir ('' at the top)."""
+    parts = pathlib.PurePosixPath(rel_path).parts
+    return parts[0] if len(parts) > 1 else ""
+
+
+def find_files(manual_dir: pathlib.Path) -> tuple[list[str], list[str]]:
+    """All files under the manual dir at any depth, split into (input files, label sheets)."""
+    files, sheets = [], []
+    for root, dirs, names in os.walk(manual_dir):
+        dirs.sort()
+        for name in sorted(names):
+            rel = (pathlib.Path(root) / name).relative_to(manual_dir).as_posix()
+            depth = rel.count("/")
+            (sheets if name == LABEL_SHEET and depth <= 1 else files).append(rel)
+    return files, sheets
+
+
+def decode_file(manual_dir: str, rel_path: str, image_size: int) -> _Decoded:
+    """Decodes one file into resampled int16 slices (runs in a worker process)."""
+    try:
+        slices = dicom.read_dicom(os.path.join(manual_dir, rel_path), name=rel_path)
+    except dicom.DicomError as e:
+        return _Decoded(rel_path, reason=e.reason, detail=e.detail)
+    records = []
+    for s in slices:
+        native = dicom.to_int16(s.image)
+        image = dicom.to_int16(dicom.resample(s.image, image_size))
+        spacing = dicom.resampled_spacing(s.pixel_spacing, s.image.shape, image_size)
+        records.append(
+            SliceRecord(
+                image_id=s.image_id,
+                image=image,
+                patient_id=s.patient_id,
+                study_uid=s.study_uid,
+                series_uid=s.series_uid,
+                source=source_of(rel_path),
+                path=rel_path,
+                pixel_spacing=spacing if spacing is not None else (float("nan"), float("nan")),
+                slice_position=s.slice_position if s.slice_position is not None else float("nan"),
+                pixel_hash=hashlib.blake2b(native.tobytes(), digest_size=16).hexdigest(),
+            )
+        )
+    return _Decoded(rel_path, slices=tuple(records), sop_uid=slices[0].sop_uid)
+
+
+def decode_all(
+    manual_dir: pathlib.Path, rel_paths: Sequence[str], image_size: int, workers: int | None
+) -> list[_Decoded]:
+    """Decodes files in a process pool, in input order; workers=1 decodes in this process."""
+    workers = workers or os.cpu_count() or 1
+    args = (str(manual_dir), image_size)
+    if workers == 1 or len(rel_paths) < 2:
+        return [decode_file(args[0], p, image_size) for p in rel_paths]
+    chunk = max(1, len(rel_paths) // (workers * 8))
+    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        return list(
+            pool.map(
+                decode_file,
+                [args[0]] * len(rel_paths),
+                rel_paths,
+                [image_size] * len(rel_paths),
+                chunksize=chunk,
+            )
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Label:
+    label: int
+    patient_id: str
+    where: str  # "sheet:row", for the report
+
+
+def _match_labels(
+    manual_dir: pathlib.Path,
+    sheets: Sequence[str],
+    files: Sequence[str],
+    decoded: Sequence[_Decoded],
+) -> tuple[dict[str, list[_Label]], list[dict[str, Any]], int]:
+    """Maps each input file to the label rows that name it; returns unmatched rows and row count."""
+    by_file: dict[str, list[_Label]] = collections.defaultdict(list)
+    unmatched: list[dict[str, Any]] = []
+    file_set = set(files)
+    by_sop: dict[str, list[str]] = collections.defaultdict(list)
+    for d in decoded:
+        if d.sop_uid:
+            by_sop[d.sop_uid].append(d.path)
+    n_rows = 0
+    for sheet in sheets:
+        base = pathlib.PurePosixPath(sheet).parent
+        for row in labels_lib.read_labels(manual_dir / sheet):
+            n_rows += 1
+            label = _Label(row.label, row.patient_id, f"{sheet}:{row.row}")
+            if row.path is not None:
+                target = (base / row.path).as_posix() if str(base) != "." else row.path
+                target = target.rstrip("/")
+                if target in file_set:
+                    matched = [target]
+                else:
+                    prefix = target + "/"
+                    matched = [f for f in files if f.startswith(prefix)]
+                why = "path does not exist under the manual dir"
+            else:
+                matched = by_sop.get(row.sop_instance_uid, [])
+                why = "no decodable file has this SOPInstanceUID"
+            if not matched:
+                unmatched.append(
+                    {
+                        "sheet": sheet,
+                        "row": row.row,
+                        "path": row.path,
+                        "sop_instance_uid": row.sop_instance_uid,
+                        "why": why,
+                    }
+                )
+            for f in matched:
+                by_file[f].append(label)
+    return by_file, unmatched, n_rows
+
+
+def split_patients(patient_has_lesion: dict[str, bool], spec: SplitSpec) -> dict[str, str]:
+    """Assigns each patient to a split, stratified by whether the patient has any lesion."""
+    rng = np.random.default_rng(spec.seed)
+    assignment: dict[str, str] = {}
+    for stratum in (False, True):
+        patients = sorted(p for p, has in patient_has_lesion.items() if has == stratum)
+        patients = [patients[i] for i in rng.permutation(len(patients))]
+        n = len(patients)
+        n_test = round(n * spec.test)
+        n_val = round(n * spec.validation)
+        # Small strata: give validation and test one patient each when asked for and possible.
+        if spec.test > 0 and n_test == 0 and n >= 3:
+            n_test = 1
+        if spec.validation > 0 and n_val == 0 and n >= 3:
+            n_val = 1
+        for i, p in enumerate(patients):
+            assignment[p] = (
+                "test" if i < n_test else "validation" if i < n_test + n_val else "train"
+            )
+    return assignment
+
+
+def curate(
+    manual_dir: str | os.PathLike,
+    *,
+    image_size: int,
+    split: SplitSpec,
+    workers: int | None = None,
+) -> Curation:
+    """Scans, decodes, labels, de-duplicates and splits a manual dir; see the module docstring."""
+    manual_dir = pathlib.Path(manual_dir)
+    if not manual_dir.is_dir():
+        raise FileNotFoundError(f"manual dir {manual_dir} does not exist or is not a folder")
+    files, sheets = find_files(manual_dir)
+    if not sheets:
+        raise FileNotFoundError(
+            f"no {LABEL_SHEET} in {manual_dir} (nor in its top-level folders): see the dataset's "
+            "manual download instructions for its columns"
+        )
+    decoded = decode_all(manual_dir, files, image_size, workers)
+    labels_by_file, unmatched, n_rows = _match_labels(manual_dir, sheets, files, decoded)
+
+    entries: dict[str, dict[str, Any]] = {}
+    kept_by_image: dict[tuple, str] = {}  # (sop uid/frame) or (patient, pixel hash) → kept file
+    file_label: dict[str, _Label] = {}
+    conflicted_images: set[tuple] = set()
+    for d in decoded:
+        rows = labels_by_file.get(d.path, [])
+        entry: dict[str, Any] = {"path": d.path}
+        entries[d.path] = entry
+        if d.reason is not None:
+            entry.update(status="skipped", reason=d.reason, detail=d.detail)
+            if rows:
+                entry["labelled_by"] = [r.where for r in rows]
+            continue
+        entry["slices"] = len(d.slices)
+        if not rows:
+            entry.update(status="unlabelled")
+            continue
+        if len({r.label for r in rows}) > 1:
+            entry.update(
+                status="conflict",
+                detail="label rows disagree: "
+                + ", ".join(f"{r.where}={labels_lib.LABEL_NAMES[r.label]}" for r in rows),
+            )
+            continue
+        label = rows[0]
+        ids = [("sop", s.image_id) for s in d.slices]
+        ids += [("pixels", label.patient_id, s.pixel_hash) for s in d.slices]
+        earlier = next((kept_by_image[i] for i in ids if i in kept_by_image), None)
+        if any(i in conflicted_images for i in ids):
+            entry.update(
+                status="conflict",
+                duplicate_of=earlier,
+                detail=f"same image as {earlier}, whose copies are labelled differently",
+            )
+            continue
+        if earlier is not None:
+            first = file_label[earlier]
+            if first.label != label.label:
+                conflicted_images.update(ids)
+                entry.update(
+                    status="conflict",
+                    detail=f"same image as {earlier} ({labels_lib.LABEL_NAMES[first.label]}) but "
+                    f"labelled {labels_lib.LABEL_NAMES[label.label]} by {label.where}",
+                    duplicate_of=earlier,
+                )
+                entries[earlier].update(
+                    status="conflict",
+                    detail=f"same image as {d.path}, which is labelled differently",
+                )
+            else:
+                entry.update(status="duplicate", duplicate_of=earlier)
+            continue
+        for i in ids:
+            kept_by_image[i] = d.path
+        file_label[d.path] = label
+        entry.update(
+            status="written",
+            label=labels_lib.LABEL_NAMES[label.label],
+            patient_id=label.patient_id,
+            labelled_by=label.where,
+        )
+
+    written = [d for d in decoded if entries[d.path]["status"] == "written"]
+    has_lesion: dict[str, bool] = {}
+    for d in written:
+        lab = file_label[d.path]
+        has_lesion[lab.patient_id] = has_lesion.get(lab.patient_id, False) or lab.label == 1
+    assignment = split_patients(has_lesion, split)
+    splits: dict[str, list[Example]] = {name: [] for name in SPLITS}
+    for d in written:
+        lab = file_label[d.path]
+        entries[d.path]["split"] = assignment[lab.patient_id]
+        splits[assignment[lab.patient_id]].extend(
+            Example(record=s, label=lab.label, patient_id=lab.patient_id) for s in d.slices
+        )
+    _check_patients_disjoint(splits)
+    report = _report(
+        manual_dir, files, sheets, n_rows, entries, unmatched, splits, split, image_size
+    )
+    return Curation(splits=splits, report=report)
+
+
+def _check_patients_disjoint(splits: dict[str, list[Example]]) -> None:
+    """Raises if a patient appears in two splits (a leak that would inflate every metric)."""
+    seen: dict[str, str] = {}
+    for name, examples in splits.items():
+        for e in examples:
+            other = seen.setdefault(e.patient_id, name)
+            if other != name:
+                raise AssertionError(f"patient {e.patient_id} is in both {other} and {name}")
+
+
+def _report(
+    manual_dir: pathlib.Path,
+    files: Sequence[str],
+    sheets: Sequence[str],
+    n_rows: int,
+    entries: dict[str, dict[str, Any]],
+    unmatched: list[dict[str, Any]],
+    splits: dict[str, list[Example]],
+    spec: SplitSpec,
+    image_size: int,
+) -> dict[str, Any]:
+    """Builds the JSON-serialisable curation report and checks that its counts add up."""
+    counts = collections.Counter(e["status"] for e in entries.values())
+    reasons = collections.Counter(e["reason"] for e in entries.values() if e["status"] == "skipped")
+    if sum(counts.values()) != len(files) or len(entries) != len(files):
+        raise AssertionError(f"curation lost files: {len(files)} in, {sum(counts.values())} out")
+    split_summary = {}
+    for name, examples in splits.items():
+        labels = [e.label for e in examples]
+        split_summary[name] = {
+            "patients": len({e.patient_id for e in examples}),
+            "slices": len(examples),
+            "lesion": int(sum(labels)),
+            "normal": len(labels) - int(sum(labels)),
+            "patient_ids": sorted({e.patient_id for e in examples}),
+        }
+    sources = collections.Counter(source_of(f) for f in files)
+    return {
+        "manual_dir": manual_dir.name,
+        "image_size": image_size,
+        "split_spec": dataclasses.asdict(spec),
+        "label_sheets": list(sheets),
+        "label_rows": n_rows,
+        "label_rows_without_image": unmatched,
+        "sources": dict(sorted(sources.items())),
+        "files_total": len(files),
+        "counts": {s: counts.get(s, 0) for s in STATUSES},
+        "skipped_by_reason": dict(sorted(reasons.items())),
+        "splits": split_summary,
+        "files": [entries[f] for f in files],
+    }
+
+
+def write_report(report: dict[str, Any], path: str | os.PathLike) -> None:
+    """Writes the curation report as indented JSON."""
+    pathlib.Path(path).write_text(json.dumps(report, indent=1, sort_keys=False) + "\n")
+
+
+def summarize(report: dict[str, Any]) -> str:
+    """A one-paragraph human summary of a curation report."""
+    c = report["counts"]
+    lines = [
+        f"{report['files_total']} files: " + ", ".join(f"{c[s]} {s}" for s in STATUSES),
+    ]
+    if report["skipped_by_reason"]:
+        lines.append(
+            "skipped: " + ", ".join(f"{n} {r}" for r, n in report["skipped_by_reason"].items())
+        )
+    if report["label_rows_without_image"]:
+        lines.append(f"{len(report['label_rows_without_image'])} label rows match no image")
+    for name, s in report["splits"].items():
+        lines.append(
+            f"{name}: {s['patients']} patients, {s['slices']} slices "
+            f"({s['lesion']} lesion, {s['normal']} normal)"
+        )
+    return "; ".join(lines)
+
+
+def log_summary(report: dict[str, Any], logger: logging.Logger | None = None) -> None:
+    """Logs the summary at INFO and every skipped/conflicting file at WARNING."""
+    logger = logger or logging.getLogger(__name__)
+    logger.info("curation: %s", summarize(report))
+    for e in _problem_entries(report["files"]):
+        logger.warning(
+            "curation: %s: %s %s",
+            e["path"],
+            e["status"],
+            e.get("reason", "") or e.get("detail", ""),
+        )
+
+
+def _problem_entries(entries: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+    return (e for e in entries if e["status"] in ("skipped", "conflict"))
