@@ -1,0 +1,454 @@
+"""Export a classifier for serving: a TF Serving SavedModel, TFLite files, and a parity check.
+
+`python -m liverjax.export --workdir W --out E [--checkpoint best|latest|STEP]` writes
+
+    E/liver/<version>/                 SavedModel in the TF Serving layout; version = highest + 1
+        saved_model.pb, variables/     signature `serving_default`: image float32 [batch, H, W, 1]
+                                       in Hounsfield units (batch dynamic) → probability float32
+                                       [batch], logit float32 [batch]
+        assets.extra/liverjax.json     label names, input size, window, threshold, config, step,
+                                       and the parity figures measured below
+        assets.extra/liverjax.stablehlo + params.npz
+                                       the same StableHLO module (jax.export) and its weights: what
+                                       `liverjax.serve` runs, so serving needs no tensorflow
+    E/liver.tflite                     float32, fixed batch 1
+    E/liver_fp16.tflite                float16 weights
+    E/liver_int8.tflite                dynamic-range int8 weights
+
+The graph is `liverjax.preprocess.preprocess` (HU window → [0, 1] → resize) followed by the model
+and a sigmoid, converted with jax2tf native serialization: the StableHLO that JAX lowers is embedded
+as is, so TensorFlow runs the same computation training ran.
+
+Before anything is published, the export checks that the SavedModel, the serving module and the
+float TFLite file agree with JAX to `PARITY_TOLERANCE` on the parity images (records of the test
+split from the CLI), and that the quantized TFLite files lose at most `AUC_TOLERANCE` ROC AUC
+against the float one when the images carry labels of both classes. A failure raises `ParityError`
+and leaves nothing behind; the version directory appears by one atomic rename, so a server that
+polls `E/liver` never sees half a version.
+
+TensorFlow is imported only inside the functions of this module: training never needs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from liverjax import metrics, preprocess, serve
+from liverjax.serve import ASSETS_EXTRA, INPUT, METADATA_FILE, OUTPUTS, SIGNATURE
+from tfds_liver.labels import LABEL_NAMES
+
+log = logging.getLogger("liverjax.export")
+
+MODEL_NAME = "liver"
+STABLEHLO_FILE = "liverjax.stablehlo"
+PARAMS_FILE = "params.npz"
+METADATA_FORMAT = 1
+TFLITE_FILES = {"float32": "liver.tflite", "fp16": "liver_fp16.tflite", "int8": "liver_int8.tflite"}
+# The SavedModel and the serving module are lowered for CPU and CUDA, so the same version runs on
+# a CPU or a GPU TF Serving; TFLite is lowered for CPU only (the converter wants one platform).
+PLATFORMS = ("cpu", "cuda")
+# Largest |difference| allowed between JAX and the SavedModel / serving module / float TFLite, on
+# probabilities and on logits (relative to |logit| once it exceeds 1).
+PARITY_TOLERANCE = 1e-5
+# Largest ROC AUC a quantized TFLite file may lose against the float one.
+AUC_TOLERANCE = 0.01
+DEFAULT_THRESHOLD = 0.5
+OPERATING_POINT_FILE = "operating_point.json"
+# Parity images drawn when no records are given: uniform HU over air..dense bone.
+RANDOM_PARITY_IMAGES = 8
+RANDOM_HU_RANGE = (-1024.0, 2000.0)
+RANDOM_PARITY_SEED = 0
+_VERSION_RE = re.compile(r"^\d+$")
+
+
+class ParityError(RuntimeError):
+    """An exported artifact does not compute what the JAX model computes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    """Where an export went and what its parity check measured."""
+
+    version: int
+    version_dir: pathlib.Path
+    tflite: dict[str, pathlib.Path]
+    parity: dict[str, Any]
+
+
+def _param_leaves(model: nnx.Module) -> tuple[Callable[..., nnx.Module], list[jax.Array]]:
+    """(rebuild(leaves) -> model, flat list of the model's parameters)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    leaves, treedef = jax.tree.flatten(params)
+
+    def rebuild(new_leaves):
+        return nnx.merge(graphdef, jax.tree.unflatten(treedef, list(new_leaves)), rest)
+
+    return rebuild, leaves
+
+
+def serving_function(
+    model: nnx.Module, config: ml_collections.ConfigDict
+) -> tuple[Callable[[list[jax.Array], jax.Array], dict[str, jax.Array]], list[jax.Array]]:
+    """(fn(params, hu) -> {"probability", "logit"}, params): the exported computation.
+
+    `hu` is float32 (B, H, W, 1) in Hounsfield units; `fn` runs `liverjax.preprocess.preprocess`
+    and the model in inference mode. Parameters are an argument, not constants, so they become
+    SavedModel variables and a separate weights file instead of bloating the module.
+    """
+    rebuild, leaves = _param_leaves(model)
+
+    def fn(params: list[jax.Array], hu: jax.Array) -> dict[str, jax.Array]:
+        x = preprocess.preprocess(hu, config)
+        logit = rebuild(params)(x, deterministic=True).astype(jnp.float32)
+        return {"probability": jax.nn.sigmoid(logit), "logit": logit}
+
+    return fn, leaves
+
+
+def input_spec(size: int, batch: int | str) -> jax.ShapeDtypeStruct:
+    """The `image` argument: float32 (batch, size, size, 1); a str batch is a symbolic dimension."""
+    if isinstance(batch, str):
+        shape = jax.export.symbolic_shape(f"{batch}, {size}, {size}, 1")
+    else:
+        shape = (batch, size, size, 1)
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def versions(model_dir: str | os.PathLike) -> list[int]:
+    """The integer version directories under `model_dir`, ascending (none if it does not exist)."""
+    path = pathlib.Path(model_dir)
+    if not path.is_dir():
+        return []
+    return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and _VERSION_RE.match(p.name))
+
+
+def read_threshold(workdir: str | os.PathLike) -> tuple[float, str]:
+    """(threshold, its source) from `W/operating_point.json`; 0.5 with a warning if absent."""
+    path = pathlib.Path(workdir) / OPERATING_POINT_FILE
+    if not path.exists():
+        warnings.warn(
+            f"{path} not found: exporting with threshold {DEFAULT_THRESHOLD}. Run the evaluation "
+            f"first to choose an operating point on validation data.",
+            stacklevel=2,
+        )
+        return DEFAULT_THRESHOLD, "default"
+    try:
+        threshold = json.loads(path.read_text())["threshold"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(
+            f'{path}: expected a JSON object with a "threshold" number ({e}); '
+            f"rerun the evaluation or fix the file"
+        ) from e
+    if not isinstance(threshold, int | float) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"{path}: threshold = {threshold!r} is not a probability in [0, 1]")
+    return float(threshold), str(path)
+
+
+def random_parity_images(size: int, n: int = RANDOM_PARITY_IMAGES) -> np.ndarray:
+    """Seeded uniform HU images (n, size, size, 1), for when no records are at hand."""
+    rng = np.random.default_rng(RANDOM_PARITY_SEED)
+    return rng.uniform(*RANDOM_HU_RANGE, (n, size, size, 1)).astype(np.float32)
+
+
+def _max_error(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> dict[str, float]:
+    """Largest |difference| per output (logits relative to |logit| beyond 1)."""
+    errors = {}
+    for name in OUTPUTS:
+        a = np.asarray(got[name], np.float64)
+        b = np.asarray(want[name], np.float64)
+        if a.shape != b.shape:
+            raise ParityError(f"output {name!r}: shape {a.shape} where JAX gives {b.shape}")
+        scale = np.maximum(1.0, np.abs(b)) if name == "logit" else 1.0
+        errors[name] = float(np.max(np.abs(a - b) / scale))
+    return errors
+
+
+def _check(what: str, errors: dict[str, float], tolerance: float) -> None:
+    bad = {k: v for k, v in errors.items() if not v <= tolerance}
+    if bad:
+        raise ParityError(
+            f"{what} disagrees with the JAX model: max error {bad} > {tolerance}. The export was "
+            f"not published; check that every op of the model and of liverjax.preprocess lowers "
+            f"the same way (e.g. no bfloat16 compute for a float32 TFLite file)."
+        )
+
+
+def _tf():
+    """TensorFlow, imported on first use (the `export` extra)."""
+    try:
+        import tensorflow as tf
+    except ImportError as e:
+        raise ImportError(
+            "exporting needs tensorflow: pip install -e '.[export]' (serving and training do not)"
+        ) from e
+    return tf
+
+
+def _tflite_interpreter(content: bytes):
+    """A TFLite interpreter: LiteRT if installed, else tf.lite (deprecated there, still works)."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        Interpreter = _tf().lite.Interpreter  # noqa: N806
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
+        interpreter = Interpreter(model_content=content)
+    return interpreter
+
+
+def run_tflite(content: bytes, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Outputs of a batch-1 TFLite model over `images` (N, H, W, 1), one image per call."""
+    runner = _tflite_interpreter(content).get_signature_runner(SIGNATURE)
+    out = {name: [] for name in OUTPUTS}
+    for image in np.asarray(images, np.float32):
+        result = runner(**{INPUT: image[None]})
+        for name in OUTPUTS:
+            out[name].append(np.asarray(result[name]).reshape(-1))
+    return {name: np.concatenate(v) for name, v in out.items()}
+
+
+def _save_saved_model(fn, params, size: int, platforms: Sequence[str], path: pathlib.Path):
+    """Writes the SavedModel (batch-polymorphic signature) and returns the tf.Module."""
+    tf = _tf()
+    from jax.experimental import jax2tf
+
+    converted = jax2tf.convert(
+        fn,
+        polymorphic_shapes=[None, "(b, _, _, _)"],
+        with_gradient=False,
+        native_serialization_platforms=tuple(platforms),
+    )
+    module = tf.Module()
+    module.params = [tf.Variable(np.asarray(p), trainable=False) for p in params]
+    spec = tf.TensorSpec([None, size, size, 1], tf.float32, name=INPUT)
+
+    @tf.function(input_signature=[spec], autograph=False)
+    def serve(image):
+        return converted(module.params, image)
+
+    module.serve = serve
+    tf.saved_model.save(module, str(path), signatures={SIGNATURE: serve})
+    return module
+
+
+def _tflite_models(fn, params, size: int, module) -> dict[str, bytes]:
+    """float32 / fp16 / dynamic-range int8 TFLite flatbuffers at batch 1 (static shapes)."""
+    tf = _tf()
+    from jax.experimental import jax2tf
+
+    converted = jax2tf.convert(fn, with_gradient=False, native_serialization_platforms=("cpu",))
+
+    @tf.function(
+        input_signature=[tf.TensorSpec([1, size, size, 1], tf.float32, name=INPUT)],
+        autograph=False,
+    )
+    def serve(image):
+        return converted(module.params, image)
+
+    concrete = serve.get_concrete_function()
+    out = {}
+    for variant in TFLITE_FILES:
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], module)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if variant != "float32":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if variant == "fp16":
+            converter.target_spec.supported_types = [tf.float16]
+        out[variant] = converter.convert()
+    return out
+
+
+def _save_serving_module(fn, params, size: int, platforms: Sequence[str], assets: pathlib.Path):
+    """Writes the jax.export module (batch-polymorphic) and its weights for `liverjax.serve`."""
+    exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(
+        [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params], input_spec(size, "b")
+    )
+    (assets / STABLEHLO_FILE).write_bytes(exported.serialize())
+    np.savez(assets / PARAMS_FILE, **{f"{i:05d}": np.asarray(p) for i, p in enumerate(params)})
+
+
+def _quantization_check(
+    float_probs: np.ndarray, variants: dict[str, np.ndarray], labels: np.ndarray | None
+) -> dict[str, Any]:
+    """ROC AUC of each TFLite variant and its loss against float; raises beyond AUC_TOLERANCE."""
+    if labels is None or len(np.unique(labels)) < 2:
+        log.warning("parity images lack labels of both classes: quantized AUC loss not checked")
+        return {"checked": False, "reason": "no labels of both classes among the parity images"}
+    base = metrics.roc_auc(labels, float_probs)
+    report: dict[str, Any] = {"checked": True, "roc_auc": {"float32": base}, "auc_loss": {}}
+    for name, probs in variants.items():
+        auc = metrics.roc_auc(labels, probs)
+        report["roc_auc"][name] = auc
+        report["auc_loss"][name] = base - auc
+        report.setdefault("max_abs_probability_change", {})[name] = float(
+            np.max(np.abs(probs - float_probs))
+        )
+    bad = {k: v for k, v in report["auc_loss"].items() if v > AUC_TOLERANCE}
+    if bad:
+        raise ParityError(
+            f"quantized TFLite loses too much ROC AUC against float32 ({base:.4f}): {bad} > "
+            f"{AUC_TOLERANCE}. Ship liver.tflite, or quantize with a representative dataset."
+        )
+    return report
+
+
+def export_model(
+    model: nnx.Module,
+    config: ml_collections.ConfigDict,
+    out_dir: str | os.PathLike,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    threshold_source: str = "default",
+    step: int | None = None,
+    input_size: int | None = None,
+    parity_images: np.ndarray | None = None,
+    parity_labels: np.ndarray | None = None,
+    model_name: str = MODEL_NAME,
+    platforms: Sequence[str] = PLATFORMS,
+    extra_metadata: dict[str, Any] | None = None,
+) -> ExportResult:
+    """Exports `model` to `out_dir/<model_name>/<next version>/` and `out_dir/*.tflite`.
+
+    `input_size` is the side of the HU images the signature takes (the records' size; default
+    `config.image_size`); preprocessing resizes to `config.image_size` inside the graph.
+    `parity_images` (N, size, size, 1) HU, with optional 0/1 `parity_labels`, are what the parity
+    check runs on (default: seeded random HU images, and no AUC check).
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold = {threshold} is not a probability in [0, 1]")
+    size = int(input_size or config.image_size)
+    images = random_parity_images(size) if parity_images is None else parity_images
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or images.shape[1:] != (size, size, 1):
+        raise ValueError(f"parity_images have shape {images.shape}; need (N, {size}, {size}, 1)")
+    labels = None if parity_labels is None else np.asarray(parity_labels).astype(np.int64)
+
+    model.eval()
+    fn, params = serving_function(model, config)
+    want = jax.tree.map(np.asarray, jax.jit(fn)(params, images))
+
+    model_dir = pathlib.Path(out_dir) / model_name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+    try:
+        module = _save_saved_model(fn, params, size, platforms, staging)
+        assets = staging / ASSETS_EXTRA
+        assets.mkdir()
+        _save_serving_module(fn, params, size, platforms, assets)
+        tflite = _tflite_models(fn, params, size, module)
+
+        parity: dict[str, Any] = {"images": len(images), "tolerance": PARITY_TOLERANCE}
+        signature = _tf().saved_model.load(str(staging)).signatures[SIGNATURE]
+        got = {k: v.numpy() for k, v in signature(**{INPUT: _tf().constant(images)}).items()}
+        parity["saved_model"] = _max_error(got, want)
+        _check("the SavedModel", parity["saved_model"], PARITY_TOLERANCE)
+
+        metadata = build_metadata(
+            config,
+            size=size,
+            threshold=threshold,
+            threshold_source=threshold_source,
+            step=step,
+            model_name=model_name,
+            platforms=platforms,
+            extra=extra_metadata,
+        )
+        (assets / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+        # The server's own loader: what is checked is what `liverjax.serve` will run.
+        servable = serve.Servable.load(staging, version=0, warmup=False)
+        parity["serving_module"] = _max_error(servable.predict(images), want)
+        _check(
+            "the serving module (liverjax.stablehlo)", parity["serving_module"], PARITY_TOLERANCE
+        )
+
+        tflite_out = {name: run_tflite(content, images) for name, content in tflite.items()}
+        parity["tflite_float32"] = _max_error(tflite_out["float32"], want)
+        _check("liver.tflite", parity["tflite_float32"], PARITY_TOLERANCE)
+        parity["quantized"] = _quantization_check(
+            tflite_out["float32"]["probability"],
+            {k: v["probability"] for k, v in tflite_out.items() if k != "float32"},
+            labels,
+        )
+        metadata["parity"] = parity
+        (assets / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+
+        version = _publish(staging, model_dir)
+        tflite_paths = {}
+        for name, content in tflite.items():
+            path = pathlib.Path(out_dir) / TFLITE_FILES[name]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(content)
+            os.replace(tmp, path)
+            tflite_paths[name] = path
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("exported %s version %d; parity %s", model_name, version, parity)
+    return ExportResult(version, model_dir / str(version), tflite_paths, parity)
+
+
+def _publish(staging: pathlib.Path, model_dir: pathlib.Path) -> int:
+    """Renames `staging` to the next free integer version under `model_dir`; returns it."""
+    while True:
+        version = max(versions(model_dir), default=0) + 1
+        metadata_path = staging / ASSETS_EXTRA / METADATA_FILE
+        metadata = json.loads(metadata_path.read_text())
+        metadata["version"] = version
+        metadata_path.write_text(json.dumps(metadata, indent=2))
+        try:
+            os.rename(staging, model_dir / str(version))
+            return version
+        except OSError:
+            if not (model_dir / str(version)).exists():
+                raise
+            # another export took this version meanwhile: take the next one
+
+
+def build_metadata(
+    config: ml_collections.ConfigDict,
+    *,
+    size: int,
+    threshold: float,
+    threshold_source: str,
+    step: int | None,
+    model_name: str,
+    platforms: Sequence[str],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The contents of assets.extra/liverjax.json (parity and version are added later)."""
+    return {
+        "format": METADATA_FORMAT,
+        "model_name": model_name,
+        "signature_name": SIGNATURE,
+        "inputs": {INPUT: {"dtype": "float32", "shape": [-1, size, size, 1], "units": "HU"}},
+        "outputs": {name: {"dtype": "float32", "shape": [-1]} for name in OUTPUTS},
+        "label_names": list(LABEL_NAMES),
+        "input_size": size,
+        "model_image_size": int(config.image_size),
+        "window": {"center": float(config.window_center), "width": float(config.window_width)},
+        "threshold": float(threshold),
+        "threshold_source": threshold_source,
+        "checkpoint_step": step,
+        "config": json.loads(config.to_json_best_effort()),
+        "serving_module": {"stablehlo": STABLEHLO_FILE, "params": PARAMS_FILE},
+        "platforms": list(platforms),
+        "jax_version": jax.__version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **(extra or {}),
+    }
