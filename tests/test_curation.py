@@ -125,7 +125,8 @@ def test_every_file_is_accounted_for(messy_dir):
     }
     assert report["skipped_by_reason"] == {"empty": 1, "not_dicom": 1}
     assert [r["path"] for r in report["label_rows_without_image"]] == ["siteB/missing.dcm"]
-    assert report["sources"] == {"siteA": 12, "siteB": 10}
+    assert report["top_level_folders"] == {"siteA": 12, "siteB": 10}
+    assert report["slices_by_source"] == {"siteA": 11, "siteB": 6}
     # Slices: 12 siteA - 1 conflict + 3 series + 1 by uid + 2 frames = 17.
     assert sum(len(v) for v in result.splits.values()) == 17
     assert sum(s["slices"] for s in report["splits"].values()) == 17

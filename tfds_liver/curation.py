@@ -78,6 +78,7 @@ class Example:
     record: SliceRecord
     label: int
     patient_id: str
+    source: str  # the label row's `source`, else the file's top-level folder
 
     def features(self) -> dict[str, Any]:
         """The TFDS feature dict of this example."""
@@ -89,7 +90,7 @@ class Example:
             "study_uid": r.study_uid,
             "series_uid": r.series_uid,
             "sop_uid": r.image_id,
-            "source": r.source,
+            "source": self.source,
             "path": r.path,
             "pixel_spacing": np.asarray(r.pixel_spacing, np.float32),
             "slice_position": np.float32(r.slice_position),
@@ -186,6 +187,7 @@ def decode_all(
 class _Label:
     label: int
     patient_id: str
+    source: str | None
     where: str  # "sheet:row", for the report
 
 
@@ -208,7 +210,7 @@ def _match_labels(
         base = pathlib.PurePosixPath(sheet).parent
         for row in labels_lib.read_labels(manual_dir / sheet):
             n_rows += 1
-            label = _Label(row.label, row.patient_id, f"{sheet}:{row.row}")
+            label = _Label(row.label, row.patient_id, row.source, f"{sheet}:{row.row}")
             if row.path is not None:
                 target = (base / row.path).as_posix() if str(base) != "." else row.path
                 target = target.rstrip("/")
@@ -264,8 +266,12 @@ def curate(
     image_size: int,
     split: SplitSpec,
     workers: int | None = None,
+    name: str | None = None,
 ) -> Curation:
-    """Scans, decodes, labels, de-duplicates and splits a manual dir; see the module docstring."""
+    """Scans, decodes, labels, de-duplicates and splits a manual dir; see the module docstring.
+
+    `name` is how the report names the input (default: the folder's name).
+    """
     manual_dir = pathlib.Path(manual_dir)
     if not manual_dir.is_dir():
         raise FileNotFoundError(f"manual dir {manual_dir} does not exist or is not a folder")
@@ -351,11 +357,19 @@ def curate(
         lab = file_label[d.path]
         entries[d.path]["split"] = assignment[lab.patient_id]
         splits[assignment[lab.patient_id]].extend(
-            Example(record=s, label=lab.label, patient_id=lab.patient_id) for s in d.slices
+            Example(s, lab.label, lab.patient_id, lab.source or s.source) for s in d.slices
         )
     _check_patients_disjoint(splits)
     report = _report(
-        manual_dir, files, sheets, n_rows, entries, unmatched, splits, split, image_size
+        name or manual_dir.name,
+        files,
+        sheets,
+        n_rows,
+        entries,
+        unmatched,
+        splits,
+        split,
+        image_size,
     )
     return Curation(splits=splits, report=report)
 
@@ -371,7 +385,7 @@ def _check_patients_disjoint(splits: dict[str, list[Example]]) -> None:
 
 
 def _report(
-    manual_dir: pathlib.Path,
+    name: str,
     files: Sequence[str],
     sheets: Sequence[str],
     n_rows: int,
@@ -396,15 +410,17 @@ def _report(
             "normal": len(labels) - int(sum(labels)),
             "patient_ids": sorted({e.patient_id for e in examples}),
         }
-    sources = collections.Counter(source_of(f) for f in files)
+    folders = collections.Counter(source_of(f) for f in files)
+    sources = collections.Counter(e.source for v in splits.values() for e in v)
     return {
-        "manual_dir": manual_dir.name,
+        "input": name,
         "image_size": image_size,
         "split_spec": dataclasses.asdict(spec),
         "label_sheets": list(sheets),
         "label_rows": n_rows,
         "label_rows_without_image": unmatched,
-        "sources": dict(sorted(sources.items())),
+        "top_level_folders": dict(sorted(folders.items())),
+        "slices_by_source": dict(sorted(sources.items())),
         "files_total": len(files),
         "counts": {s: counts.get(s, 0) for s in STATUSES},
         "skipped_by_reason": dict(sorted(reasons.items())),
@@ -413,9 +429,9 @@ def _report(
     }
 
 
-def write_report(report: dict[str, Any], path: str | os.PathLike) -> None:
-    """Writes the curation report as indented JSON."""
-    pathlib.Path(path).write_text(json.dumps(report, indent=1, sort_keys=False) + "\n")
+def report_json(report: dict[str, Any]) -> str:
+    """The curation report as indented JSON text."""
+    return json.dumps(report, indent=1) + "\n"
 
 
 def summarize(report: dict[str, Any]) -> str:
