@@ -273,6 +273,15 @@ def curate(
     `name` is how the report names the input (default: the folder's name).
     """
     manual_dir = pathlib.Path(manual_dir)
+    files, sheets = scan(manual_dir)
+    decoded = decode_all(manual_dir, files, image_size, workers)
+    return curate_decoded(
+        manual_dir, files, sheets, decoded, image_size=image_size, split=split, name=name
+    )
+
+
+def scan(manual_dir: pathlib.Path) -> tuple[list[str], list[str]]:
+    """The input files and label sheets of a manual dir; a clear error when either is missing."""
     if not manual_dir.is_dir():
         raise FileNotFoundError(f"manual dir {manual_dir} does not exist or is not a folder")
     files, sheets = find_files(manual_dir)
@@ -281,7 +290,23 @@ def curate(
             f"no {LABEL_SHEET} in {manual_dir} (nor in its top-level folders): see the dataset's "
             "manual download instructions for its columns"
         )
-    decoded = decode_all(manual_dir, files, image_size, workers)
+    return files, sheets
+
+
+def curate_decoded(
+    manual_dir: pathlib.Path,
+    files: Sequence[str],
+    sheets: Sequence[str],
+    decoded: Sequence[_Decoded],
+    *,
+    image_size: int,
+    split: SplitSpec,
+    name: str | None = None,
+) -> Curation:
+    """The curation proper, on files already decoded (in this process, a pool, or Beam workers)."""
+    decoded = sorted(decoded, key=lambda d: d.path)
+    if [d.path for d in decoded] != sorted(files):
+        raise AssertionError("curation needs exactly one decode result per input file")
     labels_by_file, unmatched, n_rows = _match_labels(manual_dir, sheets, files, decoded)
 
     entries: dict[str, dict[str, Any]] = {}

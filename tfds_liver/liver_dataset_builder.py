@@ -118,13 +118,19 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             supervised_keys=("image", "label"),
         )
 
+    def _download_and_prepare(self, dl_manager, download_config, **kwargs):
+        # Beam mode when the user asked for it (`tfds build --beam_pipeline_options=...`).
+        self._use_beam = bool(download_config.beam_runner or download_config.beam_options)
+        with tempfile.TemporaryDirectory(prefix="liver_phantom_") as tmp:
+            self._phantom_dir = pathlib.Path(tmp)  # lives until the (Beam) pipeline has run
+            return super()._download_and_prepare(dl_manager, download_config, **kwargs)
+
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         from tfds_liver import curation, phantom
 
         config = self.builder_config
         if config.phantom_patients > 0:
-            tmp = tempfile.TemporaryDirectory(prefix="liver_phantom_")
-            source_dir = pathlib.Path(tmp.name)
+            source_dir = self._phantom_dir
             phantom.write_phantom(
                 source_dir,
                 patients=config.phantom_patients,
@@ -132,36 +138,102 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 size=config.phantom_size,
                 slices=config.phantom_slices,
             )
+            name = f"phantom (seed {config.phantom_seed})"
         else:
-            tmp = None
             source_dir = pathlib.Path(dl_manager.manual_dir)
-        try:
-            result = curation.curate(
-                source_dir,
-                image_size=config.image_size,
-                split=curation.SplitSpec(
-                    validation=config.validation_fraction,
-                    test=config.test_fraction,
-                    seed=config.split_seed,
-                ),
-                workers=config.workers or None,
-                name=f"phantom (seed {config.phantom_seed})" if tmp else source_dir.name,
-            )
-        finally:
-            if tmp is not None:
-                tmp.cleanup()
+            name = source_dir.name
+        kwargs = dict(
+            image_size=config.image_size,
+            split=curation.SplitSpec(
+                validation=config.validation_fraction,
+                test=config.test_fraction,
+                seed=config.split_seed,
+            ),
+            name=name,
+        )
         # During preparation data_dir is the dataset's (temporary) output folder: the report
         # lands next to the records.
         report_path = epath.Path(self.data_dir) / "curation_report.json"
-        report_path.parent.mkdir(parents=True, exist_ok=True)
-        report_path.write_text(curation.report_json(result.report))
-        curation.log_summary(result.report, logging.getLogger("tfds_liver"))
+        if self._use_beam:
+            shared = _BeamCuration(source_dir, report_path, kwargs)
+            return {split: shared.examples(split) for split in curation.SPLITS}
+        result = curation.curate(source_dir, workers=config.workers or None, **kwargs)
+        _write_report(result, report_path)
         return {
-            name: self._generate_examples(examples)
-            for name, examples in result.splits.items()
+            split: self._generate_examples(examples)
+            for split, examples in result.splits.items()
             if examples
         }
 
     def _generate_examples(self, examples):
         for e in examples:
             yield e.record.image_id, e.features()
+
+
+def _write_report(result, report_path: epath.Path) -> None:
+    """Writes curation_report.json and logs its summary."""
+    from tfds_liver import curation
+
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(curation.report_json(result.report))
+    curation.log_summary(result.report, logging.getLogger("tfds_liver"))
+
+
+class _BeamCuration:
+    """Curation as one Beam pipeline shared by the three splits.
+
+    Files are decoded in parallel Beam workers (the expensive part); the curation proper (label
+    matching, de-duplication, the patient split) needs every file at once and runs as one step,
+    exactly the code of the plain build, so both builds write the same examples.
+    """
+
+    def __init__(self, source_dir: pathlib.Path, report_path: epath.Path, kwargs: dict):
+        from tfds_liver import curation
+
+        self._source_dir = source_dir
+        self._files, self._sheets = curation.scan(source_dir)
+        self._report_path = report_path
+        self._kwargs = kwargs
+        self._curated = {}  # pipeline → the one-element PCollection holding the Curation
+
+    def _curation(self, pipeline):
+        import apache_beam as beam
+
+        from tfds_liver import curation
+
+        if id(pipeline) not in self._curated:
+            # Closures get plain values, not self: Beam pickles them for its workers.
+            source_dir, files, sheets, kwargs = (
+                self._source_dir,
+                self._files,
+                self._sheets,
+                self._kwargs,
+            )
+            source, size = str(source_dir), kwargs["image_size"]
+            curated = (
+                pipeline
+                | "ListFiles" >> beam.Create(self._files)
+                | "Spread" >> beam.Reshuffle()
+                | "DecodeDicom" >> beam.Map(lambda f: curation.decode_file(source, f, size))
+                | "Gather" >> beam.combiners.ToList()
+                | "Curate"
+                >> beam.Map(
+                    lambda decoded: curation.curate_decoded(
+                        source_dir, files, sheets, decoded, **kwargs
+                    )
+                )
+            )
+            _ = curated | "WriteReport" >> beam.Map(_write_report, self._report_path)
+            self._curated[id(pipeline)] = curated
+        return self._curated[id(pipeline)]
+
+    def examples(self, split: str):
+        """A PTransform yielding (key, features) of one split."""
+        import apache_beam as beam
+
+        def expand(pbegin):
+            return self._curation(pbegin.pipeline) | f"Examples_{split}" >> beam.FlatMap(
+                lambda c: [(e.record.image_id, e.features()) for e in c.splits[split]]
+            )
+
+        return beam.ptransform_fn(expand)()
