@@ -1,0 +1,792 @@
+"""The one DICOM decoder of liverjax: a file becomes float32 slices plus metadata, or a DicomError.
+
+`read_dicom` returns one `DicomSlice` per frame. Pixel values are:
+
+* grayscale: the stored values after the modality transform, i.e. Hounsfield units for CT.
+  RescaleSlope/RescaleIntercept are applied (a missing tag counts as 1 / 0); when the slope is not
+  1 or the intercept not an integer the rescale is done in float64 and rounded once to float32, so
+  fractional slopes are exact to float32. A Modality LUT Sequence, where present instead, is
+  applied with pydicom. Signed and unsigned pixels and BitsStored are handled by pydicom's decoder.
+* MONOCHROME1 (minimum = white): inverted so that, as in MONOCHROME2, higher means brighter. The
+  stored value s is reflected inside its BitsStored range, s -> lo + hi - s (unsigned: 2**bits - 1
+  - s, signed: -1 - s), before the rescale, so the values keep their range; the window centre is
+  reflected the same way. `photometric` still says MONOCHROME1.
+* colour (RGB, YBR_* and PALETTE COLOR): converted to RGB by pydicom (YBR -> RGB, palette through
+  `apply_color_lut`), then to one channel of ITU-R BT.601 luma (`LUMA_WEIGHTS`), with
+  `color_converted=True`. No rescale is applied to colour data (the modality transform is defined
+  for grayscale only), so `rescale_slope`/`rescale_intercept` are 1 and 0.
+
+A multi-frame object gives one slice per frame, `frame` = 0, 1, ... and `image_id` =
+"<SOPInstanceUID>/<frame>"; a single frame has `frame=None` and `image_id` = the SOP Instance UID.
+Enhanced multi-frame functional groups (per-frame rescale, position, spacing, window) are read.
+A file without file meta is read with `force=True`; its transfer syntax is guessed from the
+encoding, or for compressed pixel data from the codestream signature (JPEG, JPEG-LS, JPEG 2000,
+RLE). `supported_transfer_syntaxes()` lists what the installed plugins decode.
+
+Every failure is a `DicomError` (a ValueError) with `.reason`, one of `REASONS`:
+  empty          zero-byte file
+  not_dicom      not DICOM at all (text, archives, other binaries, directories)
+  truncated      the file ends before the data it declares
+  no_pixels      a DICOM object of an image (or unknown) class without Pixel Data
+  not_image      an object that is not an image: segmentations (SEG, even though they carry pixel
+                 data), RT structure sets and plans, structured reports, waveforms, DICOMDIRs and
+                 any other SOP class without "Image" in its name and without pixel data
+  unsupported    no installed plugin decodes its transfer syntax or colour space
+  decode_failed  corrupt or inconsistent pixel data or attributes, or an unreadable file
+RT Dose IS decoded as an image: its frames are dose planes in stored units (DoseGridScaling is not
+applied; multiply by it to get Gy) and each frame's `slice_position` follows GridFrameOffsetVector.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import io
+import os
+import struct
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any, BinaryIO
+
+import numpy as np
+from pydicom import dcmread
+from pydicom import uid as dicom_uid
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments, parse_basic_offsets
+from pydicom.pixels import apply_color_lut, apply_modality_lut, convert_color_space, get_decoder
+
+REASONS = (
+    "empty", "not_dicom", "truncated", "no_pixels", "not_image", "unsupported", "decode_failed"
+)
+
+# ITU-R BT.601 luma, the same weights as the Y of DICOM's YBR_FULL: colour becomes one channel.
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+_PREAMBLE_BYTES = 128  # a DICOM Part 10 file has a 128-byte preamble, then the "DICM" magic
+_MAGIC = b"DICM"
+# A dataset without preamble starts with its lowest group; any image has group 0028 (Image Pixel),
+# so a first tag above it (in either byte order) is not the start of a DICOM image dataset.
+_MAX_FIRST_GROUP = 0x0028
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_ELEMENT_HEADER_BYTES = 8  # the shortest data element header: tag, then VR and/or length
+_GROUP_LENGTH_BYTES = 12  # the (0002,0000) element: tag 4, VR 2, length 2, value 4
+_PIXEL_DATA_TAG = 0x7FE00010
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# A forced read of a file without preamble is accepted as DICOM only if it has one of these.
+_IDENTIFYING = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+                "Modality", "PatientID", "Rows", "DirectoryRecordSequence", *_PIXEL_KEYWORDS)
+# Segmentations carry pixel data but are label maps, not images (named by UID: pydicom 3.0 knows
+# only the first; 66.7/66.8 are the Label Map and Height Map Segmentation Storage classes).
+_SEGMENTATION_CLASSES = frozenset({dicom_uid.SegmentationStorage, "1.2.840.10008.5.1.4.1.1.66.7",
+                                   "1.2.840.10008.5.1.4.1.1.66.8"})
+# Integers of this magnitude and below are exact in float32 (24-bit significand), and so are the
+# sums of <=16-bit stored values with an integer intercept this small: the float32 fast path.
+_FLOAT32_EXACT_INT = 2**23
+_FAST_PATH_MAX_ITEMSIZE = 2  # bytes per stored value for the float32 fast path (8 and 16 bit)
+_COLOR_SAMPLES = 3
+# JPEG frame-header (SOFn) marker codes -> transfer syntax (JPEG-LS uses SOF55, 0xF7).
+_JPEG_SOF = {0xC0: dicom_uid.JPEGBaseline8Bit, 0xC1: dicom_uid.JPEGExtended12Bit,
+             0xC3: dicom_uid.JPEGLossless, 0xF7: dicom_uid.JPEGLSLossless}
+_JPEG_SOS = 0xDA  # start of scan; JPEG-LS keeps its NEAR parameter there
+_JPEG_MARKERS_WITHOUT_LENGTH = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RSTn, SOI
+_J2K_STARTS = (b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  ")  # codestream SOC+SIZ, or a JP2 box
+_J2K_SIZ_OFFSET = 8  # SOC (2), SIZ marker (2), Lsiz (2), Rsiz (2), then Xsiz, Ysiz, XOsiz, YOsiz
+_RLE_HEADER_BYTES = 64  # RLE Lossless: 64-byte header = segment count + 15 offsets (PS3.5 G.3)
+_RLE_MAX_SEGMENTS = 15
+
+
+class DicomError(ValueError):
+    """A file that does not give an image: .reason (one of REASONS), .path, .detail."""
+
+    def __init__(self, path: str, reason: str, detail: str) -> None:
+        if reason not in REASONS:
+            raise ValueError(f"DicomError reason {reason!r} is not one of {REASONS}")
+        super().__init__(path, reason, detail)  # keeps the error picklable across processes
+        self.path = path
+        self.reason = reason
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}: {self.detail}"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DicomSlice:
+    """One decoded frame: float32 (rows, cols) image and the metadata the pipeline needs."""
+
+    image: np.ndarray
+    patient_id: str
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    frame: int | None
+    modality: str
+    pixel_spacing: tuple[float, float] | None
+    image_position: tuple[float, float, float] | None
+    slice_position: float | None
+    instance_number: int | None
+    window_center: float | None
+    window_width: float | None
+    photometric: str
+    color_converted: bool
+    rescale_slope: float
+    rescale_intercept: float
+    transfer_syntax: str
+    referenced_sop_uids: tuple[str, ...]
+
+    @property
+    def image_id(self) -> str:
+        """The SOP Instance UID, with "/<frame>" appended for a frame of a multi-frame object."""
+        return self.sop_uid if self.frame is None else f"{self.sop_uid}/{self.frame}"
+
+    def metadata(self) -> dict[str, Any]:
+        """Every field except the image, plus image_id, as JSON-ready values (tuples -> lists)."""
+        out: dict[str, Any] = {"image_id": self.image_id}
+        for field in dataclasses.fields(self):
+            if field.name != "image":
+                value = getattr(self, field.name)
+                out[field.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+def supported_transfer_syntaxes() -> dict[str, str]:
+    """Transfer syntax name -> installed pixel-data plugin(s) that decode it, here and now."""
+    out = {}
+    for ts in dicom_uid.AllTransferSyntaxes:
+        try:
+            decoder = get_decoder(ts)
+        except NotImplementedError:
+            continue  # no pydicom decoder exists for it (video, JPIP, JPEG 2000 Part 2)
+        if decoder.is_native:
+            out[ts.name] = "pydicom"
+        elif decoder.is_available:
+            out[ts.name] = ", ".join(decoder.available_plugins)
+    return out
+
+
+def read_dicom(
+    source: str | os.PathLike | bytes | BinaryIO, *, name: str | None = None
+) -> list[DicomSlice]:
+    """Decode a DICOM file (path, bytes or binary file object) into one DicomSlice per frame."""
+    path = name if name is not None else _display_name(source)
+    try:
+        # pydicom logs every warning to the "pydicom" logger as well; the duplicate Python warnings
+        # are recorded here (a truncated file shows up as one) rather than printed per file.
+        with warnings.catch_warnings(record=True) as caught, _open(source, path) as fp:
+            warnings.simplefilter("always")
+            ds, ts = _read_dataset(fp, path, caught)
+            return _decode(ds, ts, path)
+    except DicomError:
+        raise
+    except Exception as e:  # anything pydicom or a plugin raises on a bad file: one error type
+        raise DicomError(path, "decode_failed", f"{type(e).__name__}: {e}") from e
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":  # KeyboardInterrupt, SystemExit... go through
+            raise
+        # a Rust plugin (pyo3) panicked on malformed data; pydicom does not catch it either
+        raise DicomError(path, "decode_failed", f"the pixel-data plugin crashed: {e}") from e
+
+
+def to_int16(image: np.ndarray) -> np.ndarray:
+    """Round to the nearest integer and clip to the int16 range (HU fit in int16)."""
+    info = np.iinfo(np.int16)
+    return np.clip(np.rint(image), info.min, info.max).astype(np.int16)
+
+
+def resample(image: np.ndarray, size: int) -> np.ndarray:
+    """Pad to square (centred, filled with the image minimum) then resize to float32 size x size.
+
+    The resize is antialiased linear interpolation (a triangle kernel widened by the shrink
+    factor, the same weights as `jax.image.resize(..., "linear", antialias=True)`), done as two
+    small matrix products. When the padded side already equals `size` the padded image is
+    returned unchanged (exact identity for a square input of that size).
+    """
+    if image.ndim != 2 or min(image.shape) == 0:
+        raise ValueError(f"resample needs a non-empty 2-D image, got shape {image.shape}")
+    if size < 1:
+        raise ValueError(f"resample size must be >= 1, got {size}")
+    rows, cols = image.shape
+    side = max(rows, cols)
+    square = np.array(image, dtype=np.float32)  # a copy: the result never aliases the input
+    if rows != cols:
+        top, left = (side - rows) // 2, (side - cols) // 2
+        square = np.pad(square, ((top, side - rows - top), (left, side - cols - left)),
+                        constant_values=square.min())
+    if side == size:
+        return square
+    weights = _resize_weights(side, size)
+    return weights @ square @ weights.T
+
+
+def resampled_spacing(
+    pixel_spacing: Sequence[float] | None, shape: tuple[int, ...], size: int
+) -> tuple[float, float] | None:
+    """(row, col) pixel spacing in mm after `resample(image of this shape, size)`, or None."""
+    if pixel_spacing is None:
+        return None
+    factor = max(shape) / size  # padding keeps the spacing; the resize scales it by side / size
+    return (float(pixel_spacing[0]) * factor, float(pixel_spacing[1]) * factor)
+
+
+@functools.lru_cache(maxsize=16)
+def _resize_weights(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) antialiased linear interpolation matrix, rows summing to 1."""
+    scale = n_out / n_in
+    kernel_width = max(1.0 / scale, 1.0)  # widen the triangle when shrinking: antialiasing
+    centres = (np.arange(n_out) + 0.5) / scale - 0.5  # output pixel centres in input coordinates
+    distance = np.abs(centres[:, None] - np.arange(n_in)[None, :]) / kernel_width
+    weights = np.maximum(0.0, 1.0 - distance)
+    weights /= weights.sum(axis=1, keepdims=True)
+    weights = weights.astype(np.float32)
+    weights.flags.writeable = False  # shared through the cache
+    return weights
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _display_name(source: object) -> str:
+    if isinstance(source, str | os.PathLike):
+        return os.fspath(source)
+    if isinstance(source, bytes | bytearray | memoryview):
+        return "<bytes>"
+    return str(getattr(source, "name", "<stream>"))
+
+
+@contextlib.contextmanager
+def _open(source: str | os.PathLike | bytes | BinaryIO, path: str) -> Iterator[BinaryIO]:
+    """A seekable binary file positioned at the start of the data; opened here, closed here."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        yield io.BytesIO(source)
+    elif isinstance(source, str | os.PathLike):
+        if os.path.isdir(source):
+            raise DicomError(path, "not_dicom", "is a directory, not a file")
+        try:
+            fp = open(source, "rb")  # closed by the `with` below
+        except OSError as e:
+            raise DicomError(path, "decode_failed", f"cannot open the file: {e}") from e
+        with fp:
+            yield fp
+    elif not source.seekable():
+        yield io.BytesIO(source.read())
+    else:
+        yield source
+
+
+def _read_dataset(
+    fp: BinaryIO, path: str, caught: list[warnings.WarningMessage]
+) -> tuple[Dataset, dicom_uid.UID]:
+    """Parse the file (with or without file meta) and check that it holds an image."""
+    start = fp.tell()
+    head = fp.read(_PREAMBLE_BYTES + len(_MAGIC))
+    end = fp.seek(0, os.SEEK_END)
+    fp.seek(start)
+    if not head:
+        raise DicomError(path, "empty", "zero-byte file; copy or export it again")
+    has_magic = head[_PREAMBLE_BYTES:] == _MAGIC
+    if not has_magic and not _starts_like_dataset(head):
+        raise DicomError(path, "not_dicom", "not a DICOM file: no 'DICM' marker at byte 128 and "
+                         "the data does not start with a DICOM element; remove it from the input")
+    try:
+        ds = dcmread(fp, force=True)
+    except Exception as e:
+        if not has_magic:
+            raise DicomError(path, "not_dicom", "not a DICOM file: no 'DICM' marker and the "
+                             f"data does not parse as DICOM ({type(e).__name__}: {e})") from e
+        if isinstance(e, EOFError | struct.error) or fp.tell() >= end:  # ran out of data
+            raise DicomError(path, "truncated", f"the file ends inside a data element ({e}); "
+                             "copy or export it again") from e
+        raise DicomError(path, "decode_failed", f"DICOM structure cannot be parsed: {e}") from e
+    eof = [str(w.message) for w in caught if "end of file" in str(w.message).lower()]
+    if eof:
+        raise DicomError(path, "truncated", f"the file ends too early ({eof[0]}); "
+                         "copy or export it again")
+    if not has_magic and not ds.file_meta and not any(k in ds for k in _IDENTIFYING):
+        raise DicomError(path, "not_dicom", "not a DICOM file: no 'DICM' marker at byte 128 and "
+                         "no DICOM identifiers (SOP/study/series UID, modality, pixel data)")
+    _check_complete(ds, path, has_magic, start, end)
+    _check_is_image(ds, path)
+    return ds, _transfer_syntax(ds, path)
+
+
+def _starts_like_dataset(head: bytes) -> bool:
+    """True if the first 2 bytes can be the group of a dataset's first tag (LE or BE)."""
+    if len(head) < 2:
+        return False
+    groups = (int.from_bytes(head[:2], "little"), int.from_bytes(head[:2], "big"))
+    return any(g <= _MAX_FIRST_GROUP and g % 2 == 0 for g in groups)
+
+
+def _check_complete(ds: Dataset, path: str, has_magic: bool, start: int, end: int) -> None:
+    """Raise 'truncated' if the file stops before the data it declares (up to Pixel Data).
+
+    pydicom reads a cut file without complaint: it keeps a short last value, drops a last header
+    of fewer than 8 bytes and returns an empty dataset for a cut file meta. Trailing padding after
+    the pixel data may be short without harming the image, so it is not checked.
+    """
+    group_length = ds.file_meta.get("FileMetaInformationGroupLength") if ds.file_meta else None
+    parsed_end = start
+    if has_magic and end - start < _PREAMBLE_BYTES + len(_MAGIC) + _GROUP_LENGTH_BYTES:
+        raise DicomError(path, "truncated", "the file ends inside its file meta header "
+                         f"({end - start} bytes); copy or export it again")
+    if has_magic and isinstance(group_length, int):
+        parsed_end = start + _PREAMBLE_BYTES + len(_MAGIC) + _GROUP_LENGTH_BYTES + group_length
+        if end < parsed_end:
+            raise DicomError(path, "truncated", f"the file ends inside its file meta header "
+                             f"({end - start} of {parsed_end - start} bytes); copy or export it "
+                             "again")
+    for elem in ds.elements():
+        length = getattr(elem, "length", None)  # raw (not yet converted) elements only
+        value = getattr(elem, "value", None)
+        if (length is None or length == _UNDEFINED_LENGTH or elem.tag > _PIXEL_DATA_TAG
+                or not isinstance(value, bytes | bytearray)):
+            continue
+        if len(value) < length:
+            raise DicomError(path, "truncated", f"the file ends inside element {elem.tag}: "
+                             f"{length} bytes declared, {len(value)} present; copy or export "
+                             "it again")
+        parsed_end = max(parsed_end, elem.value_tell + length)
+    if has_magic and len(ds) == 0 and end - parsed_end >= _ELEMENT_HEADER_BYTES:
+        # pydicom discards the whole dataset when the file ends inside an undefined-length value
+        raise DicomError(path, "truncated", f"none of the {end - parsed_end} bytes after the file"
+                         " meta form a complete dataset; copy or export it again")
+    if not any(k in ds for k in _PIXEL_KEYWORDS) and 0 < end - parsed_end < _ELEMENT_HEADER_BYTES:
+        raise DicomError(path, "truncated", f"the file ends inside an element header "
+                         f"{end - parsed_end} bytes after the last element; copy or export it "
+                         "again")
+
+
+def _check_is_image(ds: Dataset, path: str) -> None:
+    """Raise 'not_image' for DICOMDIRs and non-image objects, 'no_pixels' if pixels are absent."""
+    media_class = ds.file_meta.get("MediaStorageSOPClassUID", "") if ds.file_meta else ""
+    if media_class == dicom_uid.MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds:
+        raise DicomError(path, "not_image", "a DICOMDIR (an index of a DICOM media), not an "
+                         "image; read the image files it lists instead")
+    sop_class = dicom_uid.UID(_text(ds, "SOPClassUID") or str(media_class))
+    has_pixels = any(k in ds for k in _PIXEL_KEYWORDS)
+    if sop_class in _SEGMENTATION_CLASSES:
+        raise DicomError(path, "not_image", f"a {_class_name(sop_class)} object (a label map, not "
+                         "an image); export masks as an image series to use them")
+    if has_pixels:
+        return
+    if sop_class.type == "SOP Class" and "Image" not in sop_class.name:
+        raise DicomError(path, "not_image", f"a {sop_class.name} object ({_text(ds, 'Modality')})"
+                         " has no image; only image objects can be decoded")
+    raise DicomError(path, "no_pixels", f"no Pixel Data element in this "
+                     f"{_class_name(sop_class)} object (or the file was cut short before it); "
+                     "nothing to decode")
+
+
+def _class_name(sop_class: dicom_uid.UID) -> str:
+    return sop_class.name if sop_class else "DICOM (no SOP Class UID)"
+
+
+def _transfer_syntax(ds: Dataset, path: str) -> dicom_uid.UID:
+    """The file meta's transfer syntax, or one guessed from the encoding and pixel data."""
+    ts = ds.file_meta.get("TransferSyntaxUID") if ds.file_meta else None
+    if ts:
+        return dicom_uid.UID(ts)
+    keyword = next(k for k in _PIXEL_KEYWORDS if k in ds)
+    if not ds[keyword].is_undefined_length:  # native pixels: only the byte order matters
+        implicit, little = ds.original_encoding
+        if not little:
+            return dicom_uid.ExplicitVRBigEndian
+        return dicom_uid.ImplicitVRLittleEndian if implicit else dicom_uid.ExplicitVRLittleEndian
+    guessed = _sniff_codec(ds[keyword].value)
+    if guessed is None:
+        raise DicomError(path, "unsupported", "compressed pixel data without a Transfer Syntax "
+                         "UID, in a format that is not JPEG, JPEG-LS, JPEG 2000 or RLE; add file "
+                         "meta with the transfer syntax")
+    return guessed
+
+
+def _sniff_codec(encapsulated: bytes) -> dicom_uid.UID | None:
+    """The transfer syntax of encapsulated pixel data, from its first fragment's signature."""
+    return _codestream_header(_first_fragment(encapsulated))[0]
+
+
+def _first_fragment(encapsulated: bytes) -> bytes:
+    buffer = io.BytesIO(encapsulated)
+    parse_basic_offsets(buffer)
+    return next(generate_fragments(buffer), b"")
+
+
+def _codestream_header(fragment: bytes) -> tuple[dicom_uid.UID | None, tuple[int, int] | None]:
+    """(transfer syntax, (rows, cols)) read from a compressed frame's header; None if unknown."""
+    if fragment[:2] == b"\xff\xd8":
+        return _jpeg_header(fragment)
+    if fragment.startswith(_J2K_STARTS[0]):  # SIZ: Xsiz, Ysiz, XOsiz, YOsiz after Lsiz, Rsiz
+        x, y, x0, y0 = struct.unpack_from(">4I", fragment, _J2K_SIZ_OFFSET)
+        return dicom_uid.JPEG2000, (y - y0, x - x0)  # decoders also read lossless and HTJ2K
+    if fragment.startswith(_J2K_STARTS[1]):
+        return dicom_uid.JPEG2000, None
+    if len(fragment) >= _RLE_HEADER_BYTES:
+        segments, first_offset = struct.unpack_from("<2I", fragment)
+        if 1 <= segments <= _RLE_MAX_SEGMENTS and first_offset == _RLE_HEADER_BYTES:
+            return dicom_uid.RLELossless, None
+    return None, None
+
+
+def _jpeg_header(data: bytes) -> tuple[dicom_uid.UID | None, tuple[int, int] | None]:
+    """Walk the JPEG markers to the frame header: baseline, extended, lossless or JPEG-LS."""
+    pos, found, size = 2, None, None
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _JPEG_MARKERS_WITHOUT_LENGTH:
+            pos += 2
+            continue
+        if marker in _JPEG_SOF and pos + 9 <= len(data):  # Lf, P, then Y and X (2 bytes each)
+            found, size = _JPEG_SOF[marker], struct.unpack_from(">2H", data, pos + 5)
+            if found != dicom_uid.JPEGLSLossless:
+                return found, size
+        if marker == _JPEG_SOS and found is not None:  # JPEG-LS: NEAR follows the components
+            near_at = pos + 5 + 2 * data[pos + 4]
+            near = data[near_at] if near_at < len(data) else 0
+            return (dicom_uid.JPEGLSNearLossless if near else found), size
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return found, size
+
+
+def _check_frame_size(ds: Dataset, path: str) -> None:
+    """A compressed frame must be Rows x Columns: a corrupt header could make a plugin decode a
+    huge image (minutes, gigabytes) only for pydicom to reject it afterwards."""
+    keyword = next(k for k in _PIXEL_KEYWORDS if k in ds)
+    if not ds[keyword].is_undefined_length:
+        return
+    _, size = _codestream_header(_first_fragment(ds[keyword].value))
+    declared = (ds.get("Rows"), ds.get("Columns"))
+    if size is not None and size[0] != 0 and size != declared:  # JPEG may put rows in DNL: 0
+        raise DicomError(path, "decode_failed", f"the compressed frame is {size[0]}x{size[1]} "
+                         f"pixels but Rows x Columns say {declared[0]}x{declared[1]}; the file "
+                         "is corrupt")
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _decode(ds: Dataset, ts: dicom_uid.UID, path: str) -> list[DicomSlice]:
+    """Decode the pixel data and build one DicomSlice per frame."""
+    _check_frame_size(ds, path)
+    frames, props = _pixels(ds, ts, path)
+    photometric = str(ds.get("PhotometricInterpretation", props["photometric_interpretation"]))
+    samples = int(props["samples_per_pixel"])
+    n_frames = frames.shape[0]
+    monochrome1 = photometric == "MONOCHROME1"
+    if samples == _COLOR_SAMPLES or photometric == "PALETTE COLOR":
+        images = _luma(frames, ds, props, path)
+        rescales = [(1.0, 0.0)] * n_frames
+        reflections: list[float | None] = [None] * n_frames
+    elif samples == 1:
+        rescales = [_rescale(ds, i, path) for i in range(n_frames)]
+        images = _grayscale(frames, ds, props, rescales, monochrome1)
+        reflections = [_reflection(ds, props, r, frames.dtype) if monochrome1 else None
+                       for r in rescales]
+    else:
+        raise DicomError(path, "unsupported", f"{samples} samples per pixel; only 1 (grayscale) "
+                         "and 3 (colour) are decoded")
+    common = _common_metadata(ds, ts, photometric, samples != 1 or photometric == "PALETTE COLOR")
+    return [
+        DicomSlice(image=images[i], **common,
+                   **_frame_metadata(ds, i, n_frames, rescales[i], reflections[i]))
+        for i in range(n_frames)
+    ]
+
+
+def _pixels(ds: Dataset, ts: dicom_uid.UID, path: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """Decoded pixels as (frames, rows, cols[, samples]) and pydicom's pixel properties."""
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError as e:
+        raise DicomError(path, "unsupported", f"no decoder exists for transfer syntax {ts.name} "
+                         f"({ts}); convert the file to an uncompressed syntax") from e
+    if not decoder.is_available:
+        raise DicomError(path, "unsupported", f"transfer syntax {ts.name} needs a plugin that is "
+                         f"not installed: {'; '.join(decoder.missing_dependencies)}")
+    try:
+        # view_only: native data is not copied here, the float conversion below copies it.
+        arr, props = decoder.as_array(ds, view_only=True)
+    except ValueError as e:
+        if "less than expected" in str(e):
+            raise DicomError(path, "truncated", f"the pixel data is cut short: {e}") from e
+        raise DicomError(path, "decode_failed", f"pixel data cannot be decoded: {e}; check the "
+                         "Image Pixel elements (Rows, Columns, Bits, Frames)") from e
+    except (AttributeError, KeyError, TypeError) as e:
+        raise DicomError(path, "decode_failed", f"pixel data cannot be decoded: {e}; the Image "
+                         "Pixel module is incomplete") from e
+    except RuntimeError as e:
+        reasons = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        if reasons and all("not support" in line for line in reasons):
+            raise DicomError(path, "unsupported", f"no installed plugin decodes this {ts.name} "
+                             f"data: {'; '.join(reasons)}") from e
+        raise DicomError(path, "decode_failed", f"pixel data cannot be decoded: {e}") from e
+    single_frame_ndim = 2 if int(props["samples_per_pixel"]) == 1 else 3
+    return (arr[np.newaxis] if arr.ndim == single_frame_ndim else arr), props
+
+
+def _grayscale(
+    frames: np.ndarray, ds: Dataset, props: dict[str, Any], rescales: list[tuple[float, float]],
+    monochrome1: bool,
+) -> np.ndarray:
+    """Stored values -> float32 modality values (HU for CT), MONOCHROME1 reflected."""
+    if _has_modality_lut(ds):
+        out = apply_modality_lut(frames, ds).astype(np.float32)
+        if monochrome1:  # reflect inside the LUT's output range
+            np.subtract(np.float32(_reflection(ds, props, rescales[0], frames.dtype)), out, out=out)
+        return out
+    if monochrome1:
+        frames = _reflect_stored(frames, props)
+    out = np.empty(frames.shape, dtype=np.float32)
+    if len(set(rescales)) == 1:
+        _rescale_into(frames, *rescales[0], out)
+    else:  # enhanced multi-frame objects may rescale each frame differently
+        for i, (slope, intercept) in enumerate(rescales):
+            _rescale_into(frames[i], slope, intercept, out[i])
+    return out
+
+
+def _rescale_into(stored: np.ndarray, slope: float, intercept: float, out: np.ndarray) -> None:
+    """out = stored * slope + intercept, exact to float32 (one rounding)."""
+    if (slope == 1.0 and intercept.is_integer() and abs(intercept) <= _FLOAT32_EXACT_INT
+            and stored.dtype.kind in "iu" and stored.dtype.itemsize <= _FAST_PATH_MAX_ITEMSIZE):
+        np.add(stored, np.float32(intercept), out=out, dtype=np.float32)  # exact in float32
+        return
+    wide = stored.astype(np.float64)
+    if slope != 1.0:
+        wide *= slope
+    if intercept != 0.0:
+        wide += intercept
+    out[...] = wide
+
+
+def _stored_range(props: dict[str, Any]) -> tuple[int, int]:
+    bits = int(props["bits_stored"])
+    if int(props.get("pixel_representation", 0)):
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _reflect_stored(frames: np.ndarray, props: dict[str, Any]) -> np.ndarray:
+    """MONOCHROME1 -> MONOCHROME2 on stored values: s -> lo + hi - s, exact in integers."""
+    if frames.dtype.kind == "f":
+        return -frames  # float pixel data has no BitsStored range: mirror around 0
+    if frames.dtype.kind == "i":
+        return np.invert(frames)  # -1 - s: lo + hi = -1 for two's complement
+    _, hi = _stored_range(props)
+    return hi - frames
+
+
+def _has_modality_lut(ds: Dataset) -> bool:
+    return bool(ds.get("ModalityLUTSequence")) and "RescaleSlope" not in ds
+
+
+def _reflection(
+    ds: Dataset, props: dict[str, Any], rescale: tuple[float, float], dtype: np.dtype
+) -> float:
+    """c such that a MONOCHROME1 output value v becomes c - v (used for the window centre)."""
+    slope, intercept = rescale
+    if dtype.kind == "f":
+        return 2 * intercept  # float pixels are mirrored around 0 before the rescale
+    lo, hi = _stored_range(props)
+    if _has_modality_lut(ds):
+        ends = apply_modality_lut(np.array([lo, hi]), ds).astype(np.float64)
+        return float(ends.min() + ends.max())
+    return slope * (lo + hi) + 2 * intercept
+
+
+def _luma(frames: np.ndarray, ds: Dataset, props: dict[str, Any], path: str) -> np.ndarray:
+    """Colour frames (RGB, YBR or palette) -> float32 BT.601 luma."""
+    photometric = str(props["photometric_interpretation"])
+    if photometric == "PALETTE COLOR":
+        frames = apply_color_lut(frames, ds)
+    elif photometric in ("YBR_FULL", "YBR_FULL_422"):  # normally already RGB from the decoder
+        frames = convert_color_space(frames, photometric, "RGB")
+    elif photometric != "RGB":
+        raise DicomError(path, "unsupported", f"colour space {photometric} cannot be converted "
+                         "to RGB; convert the file to RGB or YBR_FULL")
+    return np.matmul(frames.astype(np.float32), LUMA_WEIGHTS)
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+def _common_metadata(
+    ds: Dataset, ts: dicom_uid.UID, photometric: str, color: bool
+) -> dict[str, Any]:
+    """Fields shared by every frame of the object."""
+    return dict(
+        patient_id=_text(ds, "PatientID"),
+        study_uid=_text(ds, "StudyInstanceUID"),
+        series_uid=_text(ds, "SeriesInstanceUID"),
+        sop_uid=_text(ds, "SOPInstanceUID"),
+        sop_class_uid=_text(ds, "SOPClassUID"),
+        modality=_text(ds, "Modality"),
+        instance_number=_int(_strings(ds, "InstanceNumber")),
+        photometric=photometric,
+        color_converted=color,
+        transfer_syntax=str(ts),
+    )
+
+
+def _frame_metadata(
+    ds: Dataset, frame: int, n_frames: int, rescale: tuple[float, float], reflection: float | None
+) -> dict[str, Any]:
+    """Fields that may differ per frame (enhanced multi-frame functional groups, dose grids)."""
+    spacing = _floats(_frame_strings(ds, frame, "PixelMeasuresSequence", "PixelSpacing"), 2)
+    if spacing is None:  # projection radiographs give the spacing at the detector only
+        spacing = _floats(_strings(ds, "ImagerPixelSpacing"), 2)
+    position = _floats(
+        _frame_strings(ds, frame, "PlanePositionSequence", "ImagePositionPatient"), 3)
+    offsets = _floats(_strings(ds, "GridFrameOffsetVector"), n_frames) if n_frames > 1 else None
+    if position is not None and offsets is not None:
+        # GridFrameOffsetVector: relative to the first frame's z if it starts at 0, else absolute
+        z = position[2] + offsets[frame] if offsets[0] == 0 else offsets[frame]
+        position = (position[0], position[1], z)
+    slice_position = position[2] if position is not None else _float(_strings(ds, "SliceLocation"))
+    center = _float(_frame_strings(ds, frame, "FrameVOILUTSequence", "WindowCenter"))
+    width = _float(_frame_strings(ds, frame, "FrameVOILUTSequence", "WindowWidth"))
+    if reflection is not None and center is not None:
+        center = reflection - center  # MONOCHROME1: the window follows the reflected values
+    return dict(
+        frame=frame if n_frames > 1 else None,
+        pixel_spacing=spacing,
+        image_position=position,
+        slice_position=slice_position,
+        window_center=center,
+        window_width=width,
+        rescale_slope=rescale[0],
+        rescale_intercept=rescale[1],
+        referenced_sop_uids=_referenced_uids(ds, frame),
+    )
+
+
+def _rescale(ds: Dataset, frame: int, path: str) -> tuple[float, float]:
+    """(slope, intercept) of one frame; a missing tag counts as 1 / 0, a bad one is an error."""
+    values = []
+    for keyword, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        raw = _frame_strings(ds, frame, "PixelValueTransformationSequence", keyword)
+        try:
+            value = _float(raw, strict=True)
+        except ValueError as e:
+            text = "\\".join(raw or [])
+            raise DicomError(path, "decode_failed", f"{keyword} {text!r} is not a number; "
+                             "fix the tag to get correct pixel values") from e
+        values.append(default if value is None else value)
+    if not all(np.isfinite(values)) or values[0] == 0:
+        raise DicomError(path, "decode_failed", f"RescaleSlope/Intercept {values} cannot map "
+                         "stored values; fix the tags to get correct pixel values")
+    return values[0], values[1]
+
+
+def _frame_strings(ds: Dataset, frame: int, macro: str, keyword: str) -> list[str] | None:
+    """A top-level attribute, else the frame's (or the shared) functional-group value."""
+    values = _strings(ds, keyword)
+    if values is not None or not ds.get_item(_TAGS["SharedFunctionalGroupsSequence"]) and not (
+            ds.get_item(_TAGS["PerFrameFunctionalGroupsSequence"])):
+        return values
+    for groups, index in (("PerFrameFunctionalGroupsSequence", frame),
+                          ("SharedFunctionalGroupsSequence", 0)):
+        items = _get(ds, groups)
+        if items and index < len(items):
+            inner = _get(items[index], macro)
+            if inner:
+                values = _strings(inner[0], keyword)
+                if values is not None:
+                    return values
+    return None
+
+
+def _referenced_uids(ds: Dataset, frame: int) -> tuple[str, ...]:
+    """SOP Instance UIDs this object derives from: Referenced/Source Image Sequences."""
+    holders = [ds]
+    if ds.get_item(_TAGS["PerFrameFunctionalGroupsSequence"]) is not None:
+        per_frame = _get(ds, "PerFrameFunctionalGroupsSequence")
+        if per_frame and frame < len(per_frame):
+            holders.extend(_get(per_frame[frame], "DerivationImageSequence") or [])
+    uids: list[str] = []
+    for holder in holders:
+        for keyword in ("ReferencedImageSequence", "SourceImageSequence"):
+            if holder.get_item(_TAGS[keyword]) is None:
+                continue
+            for item in _get(holder, keyword) or []:
+                uid = _text(item, "ReferencedSOPInstanceUID")
+                if uid and uid not in uids:
+                    uids.append(uid)
+    return tuple(uids)
+
+
+# Tags of the elements read here, looked up once: reading by tag skips pydicom's keyword lookup.
+_TAGS = {keyword: tag_for_keyword(keyword) for keyword in (
+    "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
+    "Modality", "InstanceNumber", "PixelSpacing", "ImagerPixelSpacing", "ImagePositionPatient",
+    "GridFrameOffsetVector", "SliceLocation", "WindowCenter", "WindowWidth", "RescaleSlope",
+    "RescaleIntercept", "ReferencedSOPInstanceUID", "ReferencedImageSequence",
+    "SourceImageSequence", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+)}
+# Value representations stored as backslash-separated ASCII text (PS3.5 6.2): parsed from the raw
+# bytes here, which is several times faster than pydicom's general value conversion.
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "SH", "TM", "UI", None})
+
+
+def _strings(ds: Dataset, keyword: str) -> list[str] | None:
+    """An element's values as stripped strings, or None when absent or empty."""
+    elem = ds.get_item(_TAGS[keyword])
+    if elem is None:
+        return None
+    value = elem.value
+    if isinstance(value, bytes) and elem.VR in _ASCII_VRS and value.isascii():
+        parts = [part.strip(" \x00") for part in value.decode("ascii").split("\\")]
+    else:  # already converted, another VR, or non-ASCII text: let pydicom decode it
+        value = _get(ds, keyword)
+        if value is None:
+            return None
+        items = value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+        parts = [str(item).strip() for item in items]
+    return parts if any(parts) else None
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    """The first value of a text element, or ""."""
+    values = _strings(ds, keyword)
+    return values[0] if values else ""
+
+
+def _get(ds: Dataset, keyword: str) -> Any:
+    """ds.keyword, or None when absent, empty or unreadable (optional metadata never fails)."""
+    try:
+        value = ds.get(keyword)
+    except Exception:  # a malformed optional element: treated as absent, by design
+        return None
+    return None if value is None or value == "" else value
+
+
+def _float(values: list[str] | None, strict: bool = False) -> float | None:
+    """The first value as a float; None if absent; invalid -> None, or ValueError if strict."""
+    if not values or not values[0]:
+        return None
+    try:
+        return float(values[0])
+    except ValueError:
+        if strict:
+            raise
+        return None
+
+
+def _int(values: list[str] | None) -> int | None:
+    number = _float(values)
+    return int(number) if number is not None and np.isfinite(number) else None
+
+
+def _floats(values: list[str] | None, count: int) -> tuple[float, ...] | None:
+    """Exactly `count` numbers, or None if absent or malformed."""
+    if values is None or len(values) != count:
+        return None
+    try:
+        return tuple(float(v) for v in values)
+    except ValueError:
+        return None
