@@ -1,0 +1,584 @@
+"""The DICOM decoder: pydicom's whole test corpus, synthesised edge cases, resample and to_int16."""
+
+import fnmatch
+import io
+import json
+import pathlib
+import pickle
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import data_manager, get_testdata_files
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import apply_color_lut, apply_modality_lut
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
+
+from liverjax import dicom
+
+BT601 = np.array([0.299, 0.587, 0.114])  # the luma the decoder promises, written out here
+
+# ------------------------------------------------------------------ pydicom's own test corpus
+
+CORPUS_ROOT = pathlib.Path(pydicom.data.DATA_ROOT) / "test_files"
+_download_attempts: list[tuple] = []
+
+
+def _no_download(*args, **kwargs):
+    _download_attempts.append(args)
+    raise RuntimeError("the corpus test must not download anything")
+
+
+# get_testdata_files() may fetch pydicom-data files from the network; forbid (and record) that.
+with mock.patch.object(data_manager, "data_path_with_download", side_effect=_no_download):
+    _LISTED = get_testdata_files()
+CORPUS = sorted(
+    pathlib.Path(f).relative_to(CORPUS_ROOT).as_posix()
+    for f in _LISTED
+    if pathlib.Path(f).is_file() and pathlib.Path(f).is_relative_to(CORPUS_ROOT)
+)
+
+# Every corpus file read_dicom refuses, and why (first matching pattern wins). Any file not listed
+# here must decode to pydicom's values.
+EXPECTED_REASONS = [
+    ("MR_truncated.dcm", "truncated"),  # pixel data 8130 of 8192 bytes
+    ("rtplan_truncated.dcm", "truncated"),  # ends inside the Beam Sequence
+    ("rtstruct.dcm", "not_image"),
+    ("rtplan.dcm", "not_image"),
+    ("test-SR.dcm", "not_image"),
+    ("reportsi*.dcm", "not_image"),  # Basic Text SR
+    ("waveform_ecg.dcm", "not_image"),
+    ("ExplVR_*NoMeta.dcm", "not_image"),  # RT Ion Plans without file meta
+    ("liver*_1frame.dcm", "not_image"),  # DICOM SEG: pydicom decodes it, refused by design
+    ("dicomdirtests/*DICOMDIR*", "not_image"),
+    ("dicomdirtests/TINY_ALPHA/PT*", "no_pixels"),  # CT Image Storage without Pixel Data
+    ("priv_SQ.dcm", "no_pixels"),
+    ("UN_sequence.dcm", "no_pixels"),
+    ("empty_charset_LEI.dcm", "no_pixels"),
+    ("no_meta_group_length.dcm", "no_pixels"),
+    ("JPEG-lossy.dcm", "unsupported"),  # 12-bit JPEG Extended: neither gdcm nor Pillow reads it
+    ("JPGExtended.dcm", "unsupported"),
+    ("JPEG2000-embedded-sequence-delimiter.dcm", "decode_failed"),  # corrupt codestream
+    ("badVR.dcm", "decode_failed"),  # NumberOfFrames "1A"
+    ("meta_missing_tsyntax.dcm", "decode_failed"),  # Pixel Data without Rows, Columns, Bits
+    ("nested_priv_SQ.dcm", "decode_failed"),
+    ("no_meta.dcm", "not_dicom"),  # a stray byte before the dataset: pydicom reads 1 bogus element
+    ("*README*", "not_dicom"),
+    ("*.json", "not_dicom"),
+    ("*.dump", "not_dicom"),
+    ("*.gz", "not_dicom"),
+    ("*.icc", "not_dicom"),
+]
+# Files pydicom decodes that read_dicom refuses on purpose (segmentations are label maps).
+DELIBERATE_REFUSALS = {"liver_1frame.dcm", "liver_expb_1frame.dcm"}
+
+
+def _expected_reason(rel: str) -> str | None:
+    return next((reason for pattern, reason in EXPECTED_REASONS if fnmatch.fnmatch(rel, pattern)),
+                None)
+
+
+def _pydicom_reference(path: pathlib.Path) -> tuple[pydicom.Dataset, list[np.ndarray]] | None:
+    """pydicom's own decode, rescaled, MONOCHROME1 reflected, colour as BT.601 luma (float64)."""
+    try:
+        ds = pydicom.dcmread(path, force=True)
+        pixels = ds.pixel_array
+    except Exception:
+        return None
+    frames = pixels if int(ds.get("NumberOfFrames", 1) or 1) > 1 else pixels[np.newaxis]
+    photometric = ds.PhotometricInterpretation
+    if photometric == "PALETTE COLOR":
+        return ds, list(apply_color_lut(frames, ds).astype(np.float64) @ BT601)
+    if ds.SamplesPerPixel == 3:  # pixel_array has already converted YBR to RGB
+        return ds, list(frames.astype(np.float64) @ BT601)
+    # pydicom rescales only when both tags are present; the corpus never has just one of them.
+    assert ("RescaleSlope" in ds) == ("RescaleIntercept" in ds), path
+    if photometric == "MONOCHROME1":
+        stored = frames.astype(np.int64)
+        frames = -1 - stored if ds.PixelRepresentation else (2**ds.BitsStored - 1) - stored
+    return ds, list(np.asarray(apply_modality_lut(frames, ds), dtype=np.float64))
+
+
+def test_corpus_is_the_local_one_and_nothing_was_downloaded():
+    assert _download_attempts == []
+    assert len(CORPUS) > 150
+    assert {"CT_small.dcm", "rtstruct.dcm", "dicomdirtests/DICOMDIR"} <= set(CORPUS)
+
+
+@pytest.mark.parametrize("rel", CORPUS)
+def test_corpus_file(rel):
+    path = CORPUS_ROOT / rel
+    reference = _pydicom_reference(path)
+    reason = _expected_reason(rel)
+    if reason is not None:
+        with pytest.raises(dicom.DicomError) as info:
+            dicom.read_dicom(path)
+        assert (info.value.reason, info.value.path) == (reason, str(path)), str(info.value)
+        assert reference is None or rel in DELIBERATE_REFUSALS, "pydicom decodes it, so must we"
+        return
+    assert reference is not None, f"pydicom cannot decode {rel}: list its reason in the test"
+    ds, expected = reference
+    slices = dicom.read_dicom(path)
+    assert len(slices) == len(expected)
+    multi = len(expected) > 1
+    for index, (s, want) in enumerate(zip(slices, expected, strict=True)):
+        assert s.image.dtype == np.float32 and s.image.shape == (ds.Rows, ds.Columns)
+        if s.color_converted:  # luma: float32 arithmetic, so equal to rounding
+            np.testing.assert_allclose(s.image, want, rtol=1e-6, atol=1e-4)
+        else:  # grayscale: exactly pydicom's float64 result rounded once to float32
+            np.testing.assert_array_equal(s.image, want.astype(np.float32))
+        assert s.color_converted == (ds.SamplesPerPixel == 3 or
+                                     ds.PhotometricInterpretation == "PALETTE COLOR")
+        assert s.photometric == ds.PhotometricInterpretation
+        assert s.sop_uid == ds.SOPInstanceUID
+        assert s.frame == (index if multi else None)
+        assert s.image_id == (f"{ds.SOPInstanceUID}/{index}" if multi else ds.SOPInstanceUID)
+        assert s.transfer_syntax == ds.file_meta.TransferSyntaxUID
+
+
+def test_corpus_ct_metadata():
+    (s,) = dicom.read_dicom(CORPUS_ROOT / "CT_small.dcm")
+    ds = pydicom.dcmread(CORPUS_ROOT / "CT_small.dcm")
+    assert (s.modality, s.patient_id, s.study_uid, s.series_uid) == (
+        "CT", ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID)
+    assert (s.rescale_slope, s.rescale_intercept) == (1.0, -1024.0)
+    assert s.pixel_spacing == tuple(float(v) for v in ds.PixelSpacing)
+    assert s.image_position == tuple(float(v) for v in ds.ImagePositionPatient)
+    assert s.slice_position == float(ds.ImagePositionPatient[2])
+    assert s.instance_number == int(ds.InstanceNumber)
+    assert s.image.min() == ds.pixel_array.min() - 1024 < -800  # air, in HU
+
+
+def test_rt_dose_frames_follow_the_grid_frame_offsets():
+    ds = pydicom.dcmread(CORPUS_ROOT / "rtdose.dcm")
+    slices = dicom.read_dicom(CORPUS_ROOT / "rtdose.dcm")
+    z0 = float(ds.ImagePositionPatient[2])
+    offsets = [float(v) for v in ds.GridFrameOffsetVector]
+    assert offsets[0] == 0 and len(set(offsets)) == len(offsets) == len(slices)
+    assert [s.slice_position for s in slices] == [z0 + o for o in offsets]
+    assert [s.frame for s in slices] == list(range(len(slices)))
+
+
+def test_monochrome1_corpus_file_is_inverted_with_its_window():
+    path = CORPUS_ROOT / "dicomdirtests/77654033/CR1/6154"
+    ds = pydicom.dcmread(path)
+    (s,) = dicom.read_dicom(path)
+    assert ds.PhotometricInterpretation == "MONOCHROME1" and ds.BitsStored == 12
+    slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+    raw = ds.pixel_array.astype(np.float64) * slope + intercept
+    # brighter stays brighter: the stored minimum (white in MONOCHROME1) is now the maximum
+    assert np.argmax(s.image) == np.argmin(raw)
+    if "WindowCenter" in ds:
+        center = float(np.atleast_1d(ds.WindowCenter)[0])
+        assert s.window_center == pytest.approx(slope * 4095 + 2 * intercept - center)
+
+
+# ------------------------------------------------------------------ synthesised files
+
+
+def make_ds(pixels: np.ndarray, **attrs) -> Dataset:
+    """A CT dataset holding `pixels` as stored values; attrs override (None deletes) elements."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.Modality = "P-001", "CT"
+    ds.InstanceNumber = 7
+    ds.PixelSpacing = [0.75, 0.8]
+    ds.ImagePositionPatient = [-100, -120, 42.5]
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = int(pixels.dtype.kind == "i")
+    ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    for keyword, value in attrs.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    return ds
+
+
+def to_bytes(ds: Dataset, *, meta: bool = True, implicit: bool = False, little: bool = True
+             ) -> bytes:
+    """The dataset as a file: Part 10 with preamble and meta, or (meta=False) the bare dataset."""
+    buffer = io.BytesIO()
+    if meta:
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else
+            ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        ds.save_as(buffer, enforce_file_format=True)
+    else:
+        ds.file_meta = FileMetaDataset()
+        ds.save_as(buffer, implicit_vr=implicit, little_endian=little, enforce_file_format=False)
+    return buffer.getvalue()
+
+
+STORED = np.array([[-2000, 0], [1, 3001]], dtype=np.int16)
+
+
+def reason_of(source, **kwargs) -> str:
+    with pytest.raises(dicom.DicomError) as info:
+        dicom.read_dicom(source, **kwargs)
+    assert isinstance(info.value, ValueError)  # one error type, a ValueError for callers
+    assert str(info.value) == f"{info.value.path}: {info.value.reason}: {info.value.detail}"
+    return info.value.reason
+
+
+def test_ct_gives_hounsfield_units_and_metadata(tmp_path):
+    path = tmp_path / "ct.dcm"
+    path.write_bytes(to_bytes(make_ds(STORED)))
+    (s,) = dicom.read_dicom(path)
+    np.testing.assert_array_equal(s.image, [[-3024, -1024], [-1023, 1977]])
+    assert s.image.dtype == np.float32
+    assert (s.pixel_spacing, s.image_position, s.slice_position) == ((0.75, 0.8),
+                                                                     (-100, -120, 42.5), 42.5)
+    assert (s.window_center, s.window_width, s.instance_number) == (40.0, 400.0, 7)
+    assert (s.patient_id, s.modality, s.photometric, s.color_converted) == (
+        "P-001", "CT", "MONOCHROME2", False)
+    assert s.frame is None and s.image_id == s.sop_uid
+    assert s.transfer_syntax == ExplicitVRLittleEndian
+
+
+def test_path_bytes_and_file_objects_decode_alike(tmp_path):
+    data = to_bytes(make_ds(STORED))
+    path = tmp_path / "ct.dcm"
+    path.write_bytes(data)
+
+    class Unseekable(io.RawIOBase):
+        def __init__(self):
+            self._inner = io.BytesIO(data)
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            return self._inner.readinto(b)
+
+    sources = [path, str(path), data, bytearray(data), io.BytesIO(data), open(path, "rb"),
+               Unseekable()]
+    images = [dicom.read_dicom(src)[0].image for src in sources]
+    for image in images[1:]:
+        np.testing.assert_array_equal(image, images[0])
+
+
+def test_fractional_slope_is_exact():
+    (s,) = dicom.read_dicom(to_bytes(make_ds(STORED, RescaleSlope=0.5, RescaleIntercept=-1024.25)))
+    np.testing.assert_array_equal(s.image, [[-2024.25, -1024.25], [-1023.75, 476.25]])
+    assert (s.rescale_slope, s.rescale_intercept) == (0.5, -1024.25)
+    # a slope float32 cannot hold: the float64 result is rounded once, so it matches exactly
+    (s,) = dicom.read_dicom(to_bytes(make_ds(STORED, RescaleSlope="0.1", RescaleIntercept=-3)))
+    np.testing.assert_array_equal(s.image, (STORED * 0.1 - 3).astype(np.float32))
+
+
+def test_missing_rescale_tags_default_to_one_and_zero():
+    (s,) = dicom.read_dicom(to_bytes(make_ds(STORED, RescaleSlope=None, RescaleIntercept=None)))
+    np.testing.assert_array_equal(s.image, STORED)
+    assert (s.rescale_slope, s.rescale_intercept) == (1.0, 0.0)
+    (s,) = dicom.read_dicom(to_bytes(make_ds(STORED, RescaleSlope=None)))  # intercept alone
+    np.testing.assert_array_equal(s.image, STORED - 1024)
+    (s,) = dicom.read_dicom(to_bytes(make_ds(STORED, RescaleIntercept=None, RescaleSlope=2)))
+    np.testing.assert_array_equal(s.image, STORED * 2)
+
+
+def test_bad_rescale_is_a_decode_error_naming_the_tag():
+    bad = to_bytes(make_ds(STORED, RescaleSlope="9.99")).replace(b"9.99", b"abc ")
+    with pytest.raises(dicom.DicomError, match="RescaleSlope 'abc'") as info:
+        dicom.read_dicom(bad, name="x.dcm")
+    assert (info.value.reason, info.value.path) == ("decode_failed", "x.dcm")
+    assert reason_of(to_bytes(make_ds(STORED, RescaleSlope=0))) == "decode_failed"
+
+
+def test_unsigned_bits_stored_masks_the_high_bits():
+    raw = np.array([[0xF123, 0x0FFF], [0, 0x8001]], dtype=np.uint16)  # high nibble = overlay junk
+    ds = make_ds(raw, BitsStored=12, HighBit=11, Modality="MR", RescaleSlope=None,
+                 RescaleIntercept=None)
+    (s,) = dicom.read_dicom(to_bytes(ds))
+    np.testing.assert_array_equal(s.image, [[0x123, 0xFFF], [0, 1]])
+
+
+def test_signed_pixels_and_signed_bits_stored():
+    (s,) = dicom.read_dicom(to_bytes(make_ds(STORED, RescaleIntercept=0)))
+    np.testing.assert_array_equal(s.image, STORED)
+    twelve_bit = np.array([[0x0FFB, 0x0800], [0x07FF, 0x0000]], dtype=np.uint16)  # -5, -2048, 2047
+    ds = make_ds(twelve_bit, BitsStored=12, HighBit=11, PixelRepresentation=1, RescaleIntercept=0)
+    (s,) = dicom.read_dicom(to_bytes(ds))
+    np.testing.assert_array_equal(s.image, [[-5, -2048], [2047, 0]])
+
+
+def test_monochrome1_is_reflected_in_its_bits_stored_range():
+    raw = np.array([[0, 1000], [4095, 2048]], dtype=np.uint16)
+    ds = make_ds(raw, BitsStored=12, HighBit=11, PhotometricInterpretation="MONOCHROME1",
+                 Modality="CR", RescaleSlope=2, RescaleIntercept=10, WindowCenter=2010)
+    (s,) = dicom.read_dicom(to_bytes(ds))
+    np.testing.assert_array_equal(s.image, 2 * (4095 - raw.astype(np.int64)) + 10)
+    assert s.photometric == "MONOCHROME1"
+    # the window moves with the pixels: value 2010 (stored 1000) is now 2*3095+10 = 6200
+    assert s.window_center == 2 * 4095 + 2 * 10 - 2010 == 2 * 3095 + 10
+    signed = make_ds(STORED, PhotometricInterpretation="MONOCHROME1", RescaleIntercept=0)
+    (s,) = dicom.read_dicom(to_bytes(signed))
+    np.testing.assert_array_equal(s.image, -1 - STORED.astype(np.int64))
+
+
+@pytest.mark.parametrize("implicit,little", [(True, True), (False, True), (False, False)])
+def test_encodings_with_and_without_file_meta(implicit, little):
+    stored = STORED if little else STORED.astype(">i2")
+    for meta in (True, False):
+        ds = make_ds(STORED)
+        ds.PixelData = stored.tobytes()
+        data = to_bytes(ds, meta=meta, implicit=implicit, little=little)
+        assert (data[128:132] == b"DICM") == meta
+        (s,) = dicom.read_dicom(data)
+        np.testing.assert_array_equal(s.image, STORED - 1024)
+        expected_ts = (ImplicitVRLittleEndian if implicit else
+                       ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        assert s.transfer_syntax == expected_ts
+
+
+@pytest.mark.parametrize("name,guesses", [
+    ("JPEG2000.dcm", {"1.2.840.10008.1.2.4.91"}),
+    ("MR_small_jp2klossless.dcm", {"1.2.840.10008.1.2.4.91"}),
+    ("MR_small_RLE.dcm", {"1.2.840.10008.1.2.5"}),
+    ("MR_small_jpeg_ls_lossless.dcm", {"1.2.840.10008.1.2.4.80"}),
+    ("JPEGLSNearLossless_16.dcm", {"1.2.840.10008.1.2.4.81"}),
+    ("SC_rgb_jpeg_gdcm.dcm", {"1.2.840.10008.1.2.4.57"}),  # lossless: process 14, any predictor
+    ("SC_rgb_jpeg_dcmtk.dcm", {"1.2.840.10008.1.2.4.50"}),
+])
+def test_compressed_without_file_meta_guesses_the_codec(name, guesses):
+    path = CORPUS_ROOT / name
+    with_meta = dicom.read_dicom(path)
+    ds = pydicom.dcmread(path)
+    stripped = to_bytes(ds, meta=False, implicit=False, little=True)
+    without_meta = dicom.read_dicom(stripped)
+    assert {s.transfer_syntax for s in without_meta} == guesses
+    for a, b in zip(with_meta, without_meta, strict=True):
+        np.testing.assert_array_equal(a.image, b.image)
+
+
+def test_multi_frame_gives_one_slice_per_frame_with_ids():
+    frames = np.stack([STORED + i for i in range(3)])
+    ds = make_ds(frames, NumberOfFrames=3)
+    slices = dicom.read_dicom(to_bytes(ds))
+    assert [s.frame for s in slices] == [0, 1, 2]
+    assert [s.image_id for s in slices] == [f"{ds.SOPInstanceUID}/{i}" for i in range(3)]
+    assert len({s.image_id for s in slices}) == 3
+    for i, s in enumerate(slices):
+        np.testing.assert_array_equal(s.image, STORED + i - 1024)
+
+
+def test_enhanced_multi_frame_reads_functional_groups():
+    frames = np.stack([STORED, STORED])
+    ds = make_ds(frames, NumberOfFrames=2, SOPClassUID=EnhancedCTImageStorage,
+                 RescaleSlope=None, RescaleIntercept=None, PixelSpacing=None,
+                 ImagePositionPatient=None, WindowCenter=None, WindowWidth=None)
+
+    def group(**macros) -> Dataset:
+        item = Dataset()
+        for macro, values in macros.items():
+            inner = Dataset()
+            for keyword, value in values.items():
+                setattr(inner, keyword, value)
+            setattr(item, macro, Sequence([inner]))
+        return item
+
+    source = Dataset()
+    source.ReferencedSOPInstanceUID = "1.2.3.4"
+    shared = group(PixelMeasuresSequence=dict(PixelSpacing=[0.5, 0.6]),
+                   FrameVOILUTSequence=dict(WindowCenter=50, WindowWidth=350))
+    per_frame = [
+        group(PixelValueTransformationSequence=dict(RescaleSlope=1, RescaleIntercept=-1024),
+              PlanePositionSequence=dict(ImagePositionPatient=[0, 0, 10])),
+        group(PixelValueTransformationSequence=dict(RescaleSlope=2, RescaleIntercept=-1000),
+              PlanePositionSequence=dict(ImagePositionPatient=[0, 0, 12.5])),
+    ]
+    derivation = Dataset()
+    derivation.SourceImageSequence = Sequence([source])
+    per_frame[1].DerivationImageSequence = Sequence([derivation])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    first, second = dicom.read_dicom(to_bytes(ds))
+    np.testing.assert_array_equal(first.image, STORED - 1024)
+    np.testing.assert_array_equal(second.image, STORED * 2 - 1000)
+    assert (first.slice_position, second.slice_position) == (10.0, 12.5)
+    assert first.pixel_spacing == second.pixel_spacing == (0.5, 0.6)
+    assert (second.rescale_slope, second.rescale_intercept) == (2.0, -1000.0)
+    assert (first.window_center, second.window_width) == (50.0, 350.0)
+    assert (first.referenced_sop_uids, second.referenced_sop_uids) == ((), ("1.2.3.4",))
+
+
+def rgb_ds(pixels: np.ndarray, photometric: str = "RGB") -> Dataset:
+    ds = make_ds(pixels[..., 0].astype(np.uint16), SOPClassUID=SecondaryCaptureImageStorage,
+                 Modality="OT", RescaleSlope=None, RescaleIntercept=None)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, photometric, 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pixels.astype(np.uint8).tobytes()
+    return ds
+
+
+def test_rgb_becomes_bt601_luma():
+    pixels = np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [10, 20, 30]]])
+    (s,) = dicom.read_dicom(to_bytes(rgb_ds(pixels)))
+    np.testing.assert_allclose(s.image, [[76.245, 149.685], [29.07, 18.15]], rtol=1e-6)
+    assert (s.color_converted, s.photometric) == (True, "RGB")
+    assert (s.rescale_slope, s.rescale_intercept) == (1.0, 0.0)
+
+
+def test_ybr_is_converted_to_rgb_before_luma():
+    # YCbCr with neutral chroma is grey: R = G = B = Y, so the luma is Y itself.
+    ybr = np.array([[[100, 128, 128], [200, 128, 128]], [[0, 128, 128], [255, 128, 128]]])
+    (s,) = dicom.read_dicom(to_bytes(rgb_ds(ybr, "YBR_FULL")))
+    np.testing.assert_allclose(s.image, ybr[..., 0], atol=1.0)
+    # strongly red chroma must come out as red's luma, not as the Y value alone
+    (s,) = dicom.read_dicom(to_bytes(rgb_ds(np.array([[[76, 85, 255]]]), "YBR_FULL")))
+    assert s.image[0, 0] == pytest.approx(0.299 * 255, abs=2.0)
+
+
+def test_not_images_and_images_without_pixels():
+    no_pixels = make_ds(STORED, PixelData=None)
+    assert reason_of(to_bytes(no_pixels)) == "no_pixels"
+    seg = make_ds(STORED, SOPClassUID="1.2.840.10008.5.1.4.1.1.66.4", Modality="SEG")
+    assert reason_of(to_bytes(seg)) == "not_image"
+    sr = make_ds(STORED, PixelData=None, SOPClassUID="1.2.840.10008.5.1.4.1.1.88.33")
+    assert reason_of(to_bytes(sr)) == "not_image"
+
+
+def test_empty_random_and_directory_inputs(tmp_path):
+    empty = tmp_path / "empty.dcm"
+    empty.write_bytes(b"")
+    assert reason_of(empty) == "empty"
+    assert reason_of(b"") == "empty"
+    assert reason_of(io.BytesIO(b"")) == "empty"
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 131, 132, 1000, 100_000):
+        assert reason_of(rng.bytes(n)) == "not_dicom", n
+    assert reason_of(b"patient_id,label\nP1,lesion\n") == "not_dicom"
+    assert reason_of(tmp_path) == "not_dicom"
+
+
+def test_truncated_ct_at_every_part_of_the_file():
+    data = to_bytes(make_ds(np.arange(64 * 64, dtype=np.int16).reshape(64, 64)))
+    pixel_start = len(data) - 64 * 64 * 2
+    header_end = data.index(b"\xe0\x7f\x10\x00")  # where the Pixel Data element starts
+    for cut in (len(data) - 1, pixel_start + 100, pixel_start - 4, header_end + 3, 400, 200, 140):
+        assert reason_of(data[:cut], name=f"cut{cut}") == "truncated", cut
+    # compressed: the file ends inside the encapsulated (undefined-length) pixel data
+    j2k = (CORPUS_ROOT / "JPEG2000.dcm").read_bytes()
+    assert reason_of(j2k[:-8]) == reason_of(j2k[:1657]) == "truncated"
+    # a cut exactly between two elements before the pixel data leaves a valid, pixel-less file
+    assert reason_of(j2k[:1654]) == "no_pixels"
+
+
+def test_corrupted_files_raise_only_dicom_errors():
+    """Flipped bytes anywhere in real files: a decoded image or a DicomError, nothing else."""
+    rng = np.random.default_rng(1)
+    sources = [to_bytes(make_ds(STORED)), (CORPUS_ROOT / "MR_small_RLE.dcm").read_bytes(),
+               (CORPUS_ROOT / "JPEG2000.dcm").read_bytes()]
+    outcomes = set()
+    for data in sources:
+        for _ in range(40):
+            corrupt = bytearray(data)
+            for pos in rng.integers(0, len(data), size=rng.integers(1, 8)):
+                corrupt[pos] = rng.integers(0, 256)
+            try:
+                slices = dicom.read_dicom(bytes(corrupt))
+            except dicom.DicomError as e:
+                assert e.reason in dicom.REASONS
+                outcomes.add(e.reason)
+            else:
+                assert all(s.image.dtype == np.float32 for s in slices)
+                outcomes.add("decoded")
+    assert "decoded" in outcomes and len(outcomes) >= 2
+
+
+def test_errors_chain_their_cause_and_pickle():
+    with pytest.raises(dicom.DicomError) as info:
+        dicom.read_dicom(CORPUS_ROOT / "badVR.dcm")
+    assert info.value.__cause__ is not None
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert (copy.path, copy.reason, copy.detail, str(copy)) == (
+        info.value.path, info.value.reason, info.value.detail, str(info.value))
+    with pytest.raises(ValueError, match="not one of"):
+        dicom.DicomError("x", "oops", "detail")
+
+
+def test_metadata_is_json_ready():
+    (s,) = dicom.read_dicom(to_bytes(make_ds(STORED)))
+    meta = s.metadata()
+    assert json.loads(json.dumps(meta)) == meta
+    fields = {f.name for f in s.__dataclass_fields__.values()} - {"image"}
+    assert set(meta) == fields | {"image_id"}
+    assert meta["pixel_spacing"] == [0.75, 0.8] and meta["image_id"] == s.sop_uid
+
+
+def test_supported_transfer_syntaxes_cover_the_required_codecs():
+    table = dicom.supported_transfer_syntaxes()
+    for name in ("Explicit VR Little Endian", "Explicit VR Big Endian", "Implicit VR Little Endian",
+                 "JPEG Baseline (Process 1)", "JPEG Lossless, Non-Hierarchical, First-Order "
+                 "Prediction (Process 14 [Selection Value 1])", "JPEG-LS Lossless Image "
+                 "Compression", "JPEG 2000 Image Compression", "RLE Lossless"):
+        assert table.get(name), name
+    assert table["Explicit VR Little Endian"] == "pydicom"
+    assert "gdcm" in table["JPEG-LS Lossless Image Compression"]
+    assert "pylibjpeg" in table["JPEG 2000 Image Compression"]
+
+
+# ------------------------------------------------------------------ to_int16, resample
+
+
+def test_to_int16_rounds_and_clips():
+    values = np.array([-40000.2, -1.5, -0.5, 0.4, 1.5, 2.6, 40000.0], dtype=np.float32)
+    out = dicom.to_int16(values)
+    assert out.dtype == np.int16
+    np.testing.assert_array_equal(out, [-32768, -2, 0, 0, 2, 3, 32767])
+
+
+def test_resample_identity_is_exact_and_a_copy():
+    image = np.random.default_rng(0).normal(size=(32, 32)).astype(np.float32) * 1000
+    out = dicom.resample(image, 32)
+    np.testing.assert_array_equal(out, image)
+    assert out is not image and not np.shares_memory(out, image)
+
+
+def test_resample_pads_to_square_with_the_minimum():
+    image = np.arange(8, dtype=np.float32).reshape(2, 4) + 5
+    out = dicom.resample(image, 4)
+    np.testing.assert_array_equal(out[[0, 3]], 5)  # one pad row above, one below, value = min
+    np.testing.assert_array_equal(out[1:3], image)
+
+
+@pytest.mark.parametrize("shape,size", [((64, 64), 32), ((48, 64), 20), ((30, 30), 45)])
+def test_resample_matches_jax_antialiased_linear_resize(shape, size):
+    image = np.random.default_rng(2).normal(size=shape).astype(np.float32) * 300
+    square = dicom.resample(image, max(shape))
+    want = jax.image.resize(jnp.asarray(square), (size, size), "linear", antialias=True)
+    np.testing.assert_allclose(dicom.resample(image, size), np.asarray(want), atol=1e-2)
+
+
+def test_resample_antialiases_and_keeps_constants():
+    stripes = np.tile([0.0, 1000.0], (64, 32)).astype(np.float32)  # 1-pixel stripes
+    down = dicom.resample(stripes, 16)
+    np.testing.assert_allclose(down[:, 1:-1], 500.0, atol=1e-2)  # averaged, not aliased
+    assert np.all(np.abs(down - 500.0) < 50.0)  # edges renormalise a cut kernel; still no 0/1000
+    np.testing.assert_allclose(dicom.resample(np.full((10, 10), -1024.0), 7), -1024.0, rtol=1e-6)
+
+
+def test_resampled_spacing():
+    assert dicom.resampled_spacing((0.7, 0.8), (512, 400), 256) == (1.4, 1.6)
+    assert dicom.resampled_spacing(None, (512, 512), 256) is None
