@@ -55,7 +55,7 @@ from pydicom import uid as dicom_uid
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments, parse_basic_offsets
-from pydicom.pixels import apply_color_lut, apply_modality_lut, convert_color_space, get_decoder
+from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
 
 REASONS = (
     "empty", "not_dicom", "truncated", "no_pixels", "not_image", "unsupported", "decode_failed"
@@ -601,11 +601,9 @@ def _reflection(
 
 def _luma(frames: np.ndarray, ds: Dataset, props: dict[str, Any], path: str) -> np.ndarray:
     """Colour frames (RGB, YBR or palette) -> float32 BT.601 luma."""
-    photometric = str(props["photometric_interpretation"])
+    photometric = str(props["photometric_interpretation"])  # after decoding: YBR is now RGB
     if photometric == "PALETTE COLOR":
         frames = apply_color_lut(frames, ds)
-    elif photometric in ("YBR_FULL", "YBR_FULL_422"):  # normally already RGB from the decoder
-        frames = convert_color_space(frames, photometric, "RGB")
     elif photometric != "RGB":
         raise DicomError(path, "unsupported", f"colour space {photometric} cannot be converted "
                          "to RGB; convert the file to RGB or YBR_FULL")

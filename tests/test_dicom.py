@@ -450,6 +450,12 @@ def test_ybr_is_converted_to_rgb_before_luma():
     assert s.image[0, 0] == pytest.approx(0.299 * 255, abs=2.0)
 
 
+def test_colour_spaces_without_an_rgb_conversion_are_unsupported():
+    pixels = np.array([[[100, 128, 128], [200, 128, 128]]])
+    assert reason_of(to_bytes(rgb_ds(pixels, "YBR_ICT"))) == "unsupported"  # only inside J2K
+    assert reason_of(to_bytes(rgb_ds(pixels, "HSV"))) == "unsupported"  # retired
+
+
 def test_not_images_and_images_without_pixels():
     no_pixels = make_ds(STORED, PixelData=None)
     assert reason_of(to_bytes(no_pixels)) == "no_pixels"
