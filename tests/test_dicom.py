@@ -306,6 +306,20 @@ def test_bad_rescale_is_a_decode_error_naming_the_tag():
     assert reason_of(to_bytes(make_ds(STORED, RescaleSlope=0))) == "decode_failed"
 
 
+def test_modality_lut_sequence_is_applied_and_reflected_for_monochrome1():
+    lut = Dataset()
+    lut.LUTDescriptor = [4, 0, 16]  # 4 entries, first stored value 0, 16-bit entries
+    lut.add_new("LUTData", "US", [10, 20, 30, 40])
+    stored = np.array([[0, 1], [2, 7]], dtype=np.uint16)  # 7 is past the end: the last entry
+    ds = make_ds(stored, RescaleSlope=None, RescaleIntercept=None, Modality="CR")
+    ds.ModalityLUTSequence = Sequence([lut])
+    (s,) = dicom.read_dicom(to_bytes(ds))
+    np.testing.assert_array_equal(s.image, [[10, 20], [30, 40]])
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    (s,) = dicom.read_dicom(to_bytes(ds))
+    np.testing.assert_array_equal(s.image, [[40, 30], [20, 10]])  # reflected in the LUT's range
+
+
 def test_unsigned_bits_stored_masks_the_high_bits():
     raw = np.array([[0xF123, 0x0FFF], [0, 0x8001]], dtype=np.uint16)  # high nibble = overlay junk
     ds = make_ds(raw, BitsStored=12, HighBit=11, Modality="MR", RescaleSlope=None,
@@ -370,6 +384,17 @@ def test_compressed_without_file_meta_guesses_the_codec(name, guesses):
     assert {s.transfer_syntax for s in without_meta} == guesses
     for a, b in zip(with_meta, without_meta, strict=True):
         np.testing.assert_array_equal(a.image, b.image)
+
+
+def test_compressed_frame_of_the_wrong_size_is_rejected_before_decoding():
+    ds = pydicom.dcmread(CORPUS_ROOT / "JPEG2000.dcm")
+    assert (ds.Rows, ds.Columns) == (1024, 256)
+    ds.Rows = 512
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)  # still JPEG 2000
+    with pytest.raises(dicom.DicomError, match="compressed frame is 1024x256") as info:
+        dicom.read_dicom(buffer.getvalue())
+    assert info.value.reason == "decode_failed"
 
 
 def test_multi_frame_gives_one_slice_per_frame_with_ids():
@@ -474,7 +499,8 @@ def test_empty_random_and_directory_inputs(tmp_path):
     rng = np.random.default_rng(0)
     for n in (1, 3, 131, 132, 1000, 100_000):
         assert reason_of(rng.bytes(n)) == "not_dicom", n
-    assert reason_of(b"patient_id,label\nP1,lesion\n") == "not_dicom"
+    with pytest.raises(dicom.DicomError, match="does not start with a DICOM element"):
+        dicom.read_dicom(b"patient_id,label\nP1,lesion\n")  # rejected before any parsing
     assert reason_of(tmp_path) == "not_dicom"
 
 
@@ -487,6 +513,8 @@ def test_truncated_ct_at_every_part_of_the_file():
     # compressed: the file ends inside the encapsulated (undefined-length) pixel data
     j2k = (CORPUS_ROOT / "JPEG2000.dcm").read_bytes()
     assert reason_of(j2k[:-8]) == reason_of(j2k[:1657]) == "truncated"
+    no_meta = to_bytes(pydicom.dcmread(CORPUS_ROOT / "JPEG2000.dcm"), meta=False)
+    assert reason_of(no_meta[:-8]) == "truncated"  # pydicom warns, then returns nothing
     # a cut exactly between two elements before the pixel data leaves a valid, pixel-less file
     assert reason_of(j2k[:1654]) == "no_pixels"
 
