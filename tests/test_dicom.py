@@ -227,8 +227,11 @@ def to_bytes(ds: Dataset, *, meta: bool = True, implicit: bool = False, little: 
         ds.save_as(buffer, enforce_file_format=True)
     else:
         ds.file_meta = FileMetaDataset()
+        ds.preamble = None  # a dataset read from a file would otherwise keep its preamble + DICM
         ds.save_as(buffer, implicit_vr=implicit, little_endian=little, enforce_file_format=False)
-    return buffer.getvalue()
+    data = buffer.getvalue()
+    assert (data[128:132] == b"DICM") == meta
+    return data
 
 
 STORED = np.array([[-2000, 0], [1, 3001]], dtype=np.int16)
@@ -358,7 +361,6 @@ def test_encodings_with_and_without_file_meta(implicit, little):
         ds = make_ds(STORED)
         ds.PixelData = stored.tobytes()
         data = to_bytes(ds, meta=meta, implicit=implicit, little=little)
-        assert (data[128:132] == b"DICM") == meta
         (s,) = dicom.read_dicom(data)
         np.testing.assert_array_equal(s.image, STORED - 1024)
         expected_ts = (ImplicitVRLittleEndian if implicit else
