@@ -1,0 +1,24 @@
+"""A tiny run for tests: the synthetic_small records, a small CNN at 32x32, a few steps."""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The default config, shrunk to run in seconds on a CPU."""
+    config = default.get_config()
+    config.dataset.name = "liver/synthetic_small"
+    config.image_size = 32
+    config.model.widths = (4, 8)
+    config.model.dense = 16
+    config.batch_size = 8
+    config.eval_batch_size = 8
+    config.num_epochs = 2
+    config.optimizer.name = "adam"
+    config.optimizer.learning_rate = 3e-3
+    config.log_every_steps = 2
+    config.checkpoint.every_steps = 5
+    config.input.read_threads = 1
+    config.input.prefetch_batches = 2
+    return config

@@ -1,0 +1,148 @@
+"""Checkpoints: train state, data iterator and run metadata saved together with Orbax.
+
+One checkpoint (`<dir>/<step>/`) holds three items, written as one `ocp.args.Composite`:
+
+    state  the TrainState pytree (params, optimizer state, step, rng), `StandardSave`
+    data   the grain iterator position of every process, `grain.checkpoint.CheckpointSave`
+    meta   JSON: epoch, early-stopping counters, validation metrics, ...
+
+Saves are asynchronous (training goes on while arrays are written; the iterator and JSON items
+are written before `save` returns, so they describe the same step as the arrays). Retention is
+one `CheckpointManager` with a union of two preservation policies: the latest `keep` checkpoints,
+plus the `keep_best` with the highest validation metric (checkpoints without metrics count only
+as latest). A checkpoint is visible only once finalized, so a run killed mid-save restarts from
+the previous one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import grain
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+
+class Checkpointer:
+    """Saves and restores (state, data iterator, metadata) in `directory`."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        keep: int,
+        keep_best: int,
+        best_metric: str,
+        async_save: bool = True,
+    ):
+        if keep < 1:
+            raise ValueError(f"config.checkpoint.keep = {keep}: must keep at least the latest")
+        if keep_best < 0:
+            raise ValueError(f"config.checkpoint.keep_best = {keep_best}: must be >= 0")
+        self.best_metric = best_metric
+        policies: list[pp.PreservationPolicy] = [pp.LatestN(n=keep)]
+        if keep_best:
+            policies.append(
+                pp.BestN(
+                    get_metric_fn=self._metric_value,
+                    n=keep_best,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        self._manager = ocp.CheckpointManager(
+            os.fspath(directory),
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+            options=ocp.CheckpointManagerOptions(
+                preservation_policy=pp.AnyPreservationPolicy(policies),
+                enable_async_checkpointing=async_save,
+                create=True,
+            ),
+        )
+
+    def _metric_value(self, metrics: Mapping[str, Any]) -> float:
+        """The ranking value of a checkpoint's metrics (NaN, e.g. AUC of one class, ranks last)."""
+        value = float(metrics.get(self.best_metric, math.nan))
+        return -math.inf if math.isnan(value) else value
+
+    @property
+    def directory(self) -> str:
+        """Where the checkpoints are."""
+        return os.fspath(self._manager.directory)
+
+    def all_steps(self) -> list[int]:
+        """Steps of the finalized checkpoints, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest finalized checkpoint's step, or None."""
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The kept checkpoint with the highest validation metric, or None if none has metrics."""
+        scored = [
+            (self._metric_value(m), s)
+            for s in self.all_steps()
+            if (m := self._manager.metrics(s)) is not None
+        ]
+        return max(scored)[1] if scored else None
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_iterator: grain.DatasetIterator,
+        meta: Mapping[str, Any],
+        *,
+        metrics: Mapping[str, float] | None = None,
+    ) -> bool:
+        """Start saving checkpoint `step` (no-op if it exists); returns whether it saves."""
+        if step in self._manager.all_steps():
+            return False
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(data_iterator),
+                meta=ocp.args.JsonSave(dict(meta)),
+            ),
+            metrics=dict(metrics) if metrics is not None else None,
+            force=True,
+        )
+
+    def restore(
+        self,
+        abstract_state: Any,
+        data_iterator: grain.DatasetIterator | None,
+        step: int | None = None,
+    ) -> tuple[Any, dict[str, Any]]:
+        """(state, meta) of checkpoint `step` (default: latest); moves `data_iterator` there."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        items: dict[str, Any] = {
+            "state": ocp.args.StandardRestore(abstract_state),
+            "meta": ocp.args.JsonRestore(),
+        }
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"], dict(restored["meta"])
+
+    def reached_preemption(self, step: int) -> bool:
+        """Whether all processes agreed to stop at `step` (multi-process preemption notice)."""
+        return self._manager.reached_preemption(step)
+
+    def wait(self) -> None:
+        """Block until pending saves are finalized."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending saves and release resources."""
+        self._manager.close()

@@ -1,0 +1,199 @@
+"""Input pipeline (grain): ArrayRecord records → per-process int16 HU batches, deterministic.
+
+    tfds.data_source(config.dataset.name, split)             random access, no tensorflow
+      → MapDataset.source(...).seed(seed).shuffle().repeat()  new order each epoch, from the seed
+        (balanced sampling: one such stream per class, mixed 1:1)
+      → batch(per-process batch)[process::processes]          this process's rows of each batch
+      → to_iter_dataset(read threads, prefetch) [→ mp_prefetch(workers)]
+
+Process p of n takes rows [p*L, (p+1)*L) of every global batch (L = global batch / n). Those are
+exactly the rows its devices hold in the global array (`parallel.global_batch`), so the global
+batch, and the training run, is the same whatever the number of processes.
+
+Host batches stay int16 HU: windowing, resizing and augmentation run on the device inside the
+jitted step (liverjax.preprocess). The train iterator is a grain `DatasetIterator`, whose state
+(a position in the stream) is saved in every checkpoint. Evaluation batches cover every example
+exactly once: the last global batch is padded, and `mask` is False on padding rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+# Records read at once when scanning a split's labels.
+_LABEL_SCAN_CHUNK = 256
+
+IMBALANCE_METHODS = ("none", "pos_weight", "balanced_sampling")
+
+
+def _dataset_builder(dataset: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    """The TFDS builder of `dataset.name` in `dataset.data_dir`."""
+    import tfds_liver  # noqa: F401  (registers the `liver` builder)
+
+    return tfds.builder(dataset.name, data_dir=dataset.data_dir)
+
+
+def ensure_built(dataset: ml_collections.ConfigDict) -> None:
+    """Build the dataset records if missing and `dataset.build_if_missing` (process 0 builds)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    builder = _dataset_builder(dataset)
+    if not builder.is_prepared():
+        if not dataset.build_if_missing:
+            raise FileNotFoundError(
+                f"dataset {dataset.name!r} is not built in data_dir={builder.data_dir_root}; "
+                f"build it with `tfds build --imports tfds_liver {dataset.name.split('/')[0]} "
+                f"--config {builder.builder_config.name} --manual_dir DIR --data_dir DATA` and "
+                "set --config.dataset.data_dir=DATA, or set config.dataset.build_if_missing=True"
+            )
+        if jax.process_index() == 0:
+            logging.info("building %s in %s (first use)", dataset.name, builder.data_dir_root)
+            download_config = None
+            if dataset.get("manual_dir"):
+                download_config = tfds.download.DownloadConfig(manual_dir=dataset.manual_dir)
+            builder.download_and_prepare(download_config=download_config)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"dataset {dataset.name} ready")
+
+
+def open_source(dataset: ml_collections.ConfigDict, split: str) -> Sequence[dict[str, Any]]:
+    """Random-access records of one split (ArrayRecord through tfds, without tensorflow)."""
+    _dataset_builder(dataset)  # registers the builder before tfds looks the name up
+    return tfds.data_source(dataset.name, split=split, data_dir=dataset.data_dir)
+
+
+def read_labels(source: Sequence[dict[str, Any]]) -> np.ndarray:
+    """The label of every record, in order (reads every record once)."""
+    labels = np.empty(len(source), np.int64)
+    for start in range(0, len(source), _LABEL_SCAN_CHUNK):
+        idx = list(range(start, min(start + _LABEL_SCAN_CHUNK, len(source))))
+        records = (
+            source.__getitems__(idx)
+            if hasattr(source, "__getitems__")
+            else [source[i] for i in idx]
+        )
+        labels[start : start + len(idx)] = [int(r["label"]) for r in records]
+    return labels
+
+
+class _Select(grain.transforms.Map):
+    """Keeps the fields that go to the device: image (int16 HU) and label (int32)."""
+
+    def __init__(self, with_mask: bool):
+        self.with_mask = with_mask
+
+    def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+        out = {
+            "image": np.asarray(record["image"], np.int16),
+            "label": np.asarray(record["label"], np.int32),
+        }
+        if self.with_mask:
+            out["mask"] = np.asarray(True)
+        return out
+
+
+class _Subset(Sequence):
+    """The records of `source` at `indices` (one class, for balanced sampling)."""
+
+    def __init__(self, source: Sequence, indices: np.ndarray):
+        self.source, self.indices = source, np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.source[int(self.indices[i])]
+
+
+def _shard() -> tuple[int, int]:
+    """(this process's index, process count), as grain's ShardByJaxProcess sees them."""
+    options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    return options.shard_index, options.shard_count
+
+
+def _to_iter(ds: grain.MapDataset, input_config: ml_collections.ConfigDict) -> grain.IterDataset:
+    """Threads that read ahead, and worker processes if configured."""
+    it = ds.to_iter_dataset(
+        grain.ReadOptions(
+            num_threads=input_config.read_threads,
+            prefetch_buffer_size=input_config.prefetch_batches,
+        )
+    )
+    if input_config.num_workers > 0:
+        it = it.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=input_config.num_workers,
+                per_worker_buffer_size=input_config.prefetch_batches,
+            )
+        )
+    return it
+
+
+def train_dataset(
+    source: Sequence[dict[str, Any]],
+    config: ml_collections.ConfigDict,
+    *,
+    global_batch_size: int,
+    labels: np.ndarray | None = None,
+) -> grain.IterDataset:
+    """Endless shuffled training batches of this process: {'image': (L,S,S,1) int16, 'label'}.
+
+    With `config.imbalance.method == 'balanced_sampling'`, `labels` (of every record) is needed:
+    each class is shuffled and repeated on its own, and batches draw from both in turn.
+    """
+    if len(source) == 0:
+        raise ValueError(f"split {config.dataset.train_split!r} of {config.dataset.name} is empty")
+    index, count = _shard()
+    local_batch = global_batch_size // count
+
+    def stream(src: Sequence) -> grain.MapDataset:
+        return grain.MapDataset.source(src).seed(config.seed).shuffle().repeat()
+
+    if config.imbalance.method == "balanced_sampling":
+        if labels is None:
+            raise ValueError("balanced sampling needs the labels of the training split")
+        classes = [np.flatnonzero(labels == c) for c in (0, 1)]
+        if any(len(c) == 0 for c in classes):
+            raise ValueError(
+                f"config.imbalance.method='balanced_sampling' needs both classes in split "
+                f"{config.dataset.train_split!r}; it has {len(classes[0])} normal and "
+                f"{len(classes[1])} lesion records"
+            )
+        ds = grain.MapDataset.mix([stream(_Subset(source, c)) for c in classes], [0.5, 0.5])
+    else:
+        ds = stream(source)
+    ds = ds.map(_Select(with_mask=False))
+    ds = ds.batch(local_batch, drop_remainder=True)[index::count]
+    return _to_iter(ds, config.input)
+
+
+def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
+    """Global evaluation batches that cover `num_examples` (the last one padded)."""
+    return -(-num_examples // global_batch_size)
+
+
+def eval_dataset(
+    source: Sequence[dict[str, Any]],
+    config: ml_collections.ConfigDict,
+    *,
+    global_batch_size: int,
+) -> grain.IterDataset:
+    """Every record once, in order, padded to whole global batches; 'mask' marks real rows."""
+    if len(source) == 0:
+        raise ValueError("cannot evaluate on an empty split")
+    index, count = _shard()
+    ds = grain.MapDataset.source(source).map(_Select(with_mask=True))
+    n_pad = num_eval_batches(len(source), global_batch_size) * global_batch_size - len(source)
+    if n_pad:
+        pad = {k: np.zeros_like(v) for k, v in ds[0].items()}  # mask False, label 0, image 0
+        ds = grain.MapDataset.concatenate([ds, grain.MapDataset.source([pad]).repeat(n_pad)])
+    ds = ds.batch(global_batch_size // count)[index::count]
+    return _to_iter(ds, config.input)

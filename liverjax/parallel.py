@@ -1,0 +1,132 @@
+"""Devices, mesh and sharding: data parallelism over every device of every process.
+
+One `jax.sharding.Mesh` with a single axis, `data`, spans all devices of all processes. Batches are
+split along `data` (each process feeds the rows its own devices hold), model and optimizer state
+are replicated. The train step is one `jax.jit` over this mesh; XLA inserts the gradient
+all-reduce.
+
+Multi-process runs call `initialize_distributed(config.distributed)` before any other JAX call.
+`jax.distributed.initialize()` then detects SLURM, Open MPI, Kubernetes and Cloud TPU by itself,
+or takes the coordinator address, process count and process id from the config (or from
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID). On CPU, processes exchange data
+through gloo collectives.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+# Environment variables that show a multi-process launch which `jax.distributed.initialize()`
+# can configure by itself, each with the value that means "more than one process", if any.
+_CLUSTER_HINTS = (
+    ("JAX_COORDINATOR_ADDRESS", None),  # explicit coordinator (launch/ scripts set it)
+    ("SLURM_NTASKS", "count"),  # srun with several tasks
+    ("OMPI_COMM_WORLD_SIZE", "count"),  # mpirun (Open MPI)
+    ("TPU_WORKER_HOSTNAMES", "hosts"),  # Cloud TPU VM slice with several hosts
+    ("MEGASCALE_COORDINATOR_ADDRESS", None),  # multi-slice TPU
+)
+
+
+def _cluster_detected() -> str | None:
+    """The environment variable that shows a multi-process launch, or None."""
+    for name, kind in _CLUSTER_HINTS:
+        value = os.environ.get(name)
+        if not value:
+            continue
+        if kind == "count" and not (value.isdigit() and int(value) > 1):
+            continue
+        if kind == "hosts" and "," not in value:
+            continue
+        return name
+    return None
+
+
+def initialize_distributed(dist: ml_collections.ConfigDict) -> bool:
+    """Start `jax.distributed` if `dist.enabled` is True, or 'auto' and a cluster is detected.
+
+    Returns whether this process is part of a multi-process run. Must run before anything
+    touches the devices (jax.devices(), jit, ...).
+    """
+    enabled = dist.enabled
+    if enabled not in (True, False, "auto"):
+        raise ValueError(
+            f"config.distributed.enabled = {enabled!r}: use True, False or 'auto' "
+            "(initialize when a multi-process launch is detected)"
+        )
+    explicit = dist.coordinator_address is not None
+    if enabled == "auto":
+        hint = _cluster_detected()
+        enabled = explicit or hint is not None
+        if hint:
+            logging.info("multi-process launch detected from $%s", hint)
+    if not enabled:
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    # Cross-process collectives on CPU (harmless for GPU/TPU, which have their own).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs: dict[str, Any] = {}
+    for key in ("coordinator_address", "num_processes", "process_id"):
+        if dist.get(key) is not None:
+            kwargs[key] = dist[key]
+    if dist.get("initialization_timeout"):
+        kwargs["initialization_timeout"] = int(dist.initialization_timeout)
+    jax.distributed.initialize(**kwargs)
+    logging.info(
+        "jax.distributed: process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
+    return True
+
+
+def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh named `data` over `devices` (default: all devices of all processes)."""
+    devices = jax.devices() if devices is None else list(devices)
+    # jax.devices() lists each process's devices together, so the rows a process feeds
+    # (one contiguous block of the global batch) land on its own devices.
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over `data`, other axes whole."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The same full copy on every device (model and optimizer state)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, key: str = "config.batch_size") -> int:
+    """The per-process batch for a global `batch_size`; raises if the devices do not divide it."""
+    n_dev, n_proc = mesh.devices.size, jax.process_count()
+    if batch_size <= 0 or batch_size % n_dev:
+        lower = max(n_dev, batch_size // n_dev * n_dev)
+        raise ValueError(
+            f"{key} = {batch_size} must be a positive multiple of the device count {n_dev} "
+            f"({n_proc} process(es) x {jax.local_device_count()} local devices): each device "
+            f"takes an equal share of the global batch; use e.g. {key}={lower} or "
+            f"{key}={lower + n_dev}"
+        )
+    return batch_size // n_proc
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Global arrays, split along `data`, from this process's rows of the batch."""
+    sharding = batch_sharding(mesh)
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
+    }

@@ -1,0 +1,715 @@
+"""Training and evaluation loop: `train_and_evaluate(config, workdir)`.
+
+    records (grain, per process) → global batch (Mesh 'data') → jitted train step:
+        fold_in(rng, step) → preprocess + augment on device → CNN → BCE → grads → optax update
+    every epoch: validation (every example once) → loss, ROC AUC, PR AUC, precision, recall, F1
+    checkpoints (Orbax, async): state + data iterator + metadata; resume from the latest
+
+The train state is one pytree (`TrainState`), created sharded by a jitted init and updated by a
+jitted step that donates it; the step's random key is `fold_in(base key, step)`, so a run resumed
+from a checkpoint replays the same randomness, and the same data (the grain iterator position is
+in the checkpoint): resumed and uninterrupted runs end with identical parameters.
+"""
+
+# No `from __future__ import annotations`: clu's Collection reads field annotations as classes.
+import dataclasses
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metrics as clu_metrics
+from etils import epath
+from flax import nnx
+
+from liverjax import (
+    checkpointing,
+    input_pipeline,
+    metric_writers,
+    models,
+    parallel,
+    preprocess,
+)
+from liverjax import metrics as liver_metrics
+
+logger = logging.getLogger("liverjax")
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+SCHEDULES = ("constant", "warmup_cosine")
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+# Config keys (and key prefixes) whose change makes existing checkpoints unloadable: they set the
+# shapes of the parameters or the structure of the optimizer state.
+RESUME_MUST_MATCH = ("model.", "image_size", "optimizer.name")
+
+
+# --------------------------------------------------------------------------- state and metrics
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (and is checkpointed)."""
+
+    step: jax.Array  # int32 scalar: optimizer updates done
+    params: nnx.State  # the model's nnx.Param variables
+    opt_state: optax.OptState
+    model_state: nnx.State  # other model variables (e.g. batch statistics); may be empty
+    rng: jax.Array  # uint32 key data of the run's base key (jax.random.key_data)
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+    """Returned by every train step, merged on the host between log steps."""
+
+    loss: clu_metrics.Average.from_output("loss")
+    accuracy: clu_metrics.Average.from_output("correct")
+
+
+@flax.struct.dataclass
+class EvalMetrics(clu_metrics.Collection):
+    """Returned by every validation step: mean loss and all labels/probabilities (masked)."""
+
+    loss: clu_metrics.Average.from_output("loss")
+    outputs: liver_metrics.BinaryOutputs
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; `.step` is the first such step."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+    """Stops after `patience` evaluations without an improvement of more than `min_delta`."""
+
+    patience: int
+    min_delta: float = 0.0
+    best: float = -math.inf
+    best_step: int = -1
+    bad_evals: int = 0
+
+    def update(self, value: float, step: int) -> bool:
+        """Record one validation value (higher is better); returns whether it improved."""
+        if not math.isnan(value) and value > self.best + self.min_delta:
+            self.best, self.best_step, self.bad_evals = value, step, 0
+            return True
+        self.bad_evals += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether patience ran out (never, with patience 0)."""
+        return self.patience > 0 and self.bad_evals >= self.patience
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able state, for the checkpoint."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class RunSummary:
+    """What `train_and_evaluate` did."""
+
+    step: int  # steps done
+    epoch: float
+    stop_reason: str  # 'done' | 'early_stopping' | 'preempted'
+    validation: dict[str, float]  # the last validation metrics ({} if none ran)
+    best_step: int  # step of the best validation metric (-1 if none)
+    best_metric: float
+    traces: dict[str, int]  # how often each jitted step was traced (1 = compiled once)
+    state: TrainState
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a.b': value} from nested mappings; sequences become lists (as in JSON)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = list(value) if isinstance(value, tuple | list) else value
+    return flat
+
+
+def _fail(key: str, value: Any, problem: str, fix: str) -> None:
+    raise ValueError(f"config.{key} = {value!r}: {problem}; {fix}")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raise ValueError naming the config key for anything that cannot train (before any work)."""
+    for section in ("dataset", "input", "optimizer", "schedule", "imbalance", "checkpoint"):
+        if section not in config:
+            raise ValueError(f"config has no '{section}' section; start from configs/default.py")
+    opt = config.optimizer
+    if opt.name not in OPTIMIZERS:
+        _fail("optimizer.name", opt.name, "unknown optimizer", f"use one of {OPTIMIZERS}")
+    if not opt.learning_rate > 0:
+        _fail("optimizer.learning_rate", opt.learning_rate, "must be > 0", "e.g. 0.001")
+    if opt.weight_decay < 0:
+        _fail("optimizer.weight_decay", opt.weight_decay, "must be >= 0", "e.g. 1e-4, or 0")
+    if opt.grad_clip_norm < 0:
+        _fail("optimizer.grad_clip_norm", opt.grad_clip_norm, "must be >= 0", "0 turns it off")
+    if config.schedule.name not in SCHEDULES:
+        _fail("schedule.name", config.schedule.name, "unknown schedule", f"use one of {SCHEDULES}")
+    if config.imbalance.method not in input_pipeline.IMBALANCE_METHODS:
+        _fail(
+            "imbalance.method",
+            config.imbalance.method,
+            "unknown method",
+            f"use one of {input_pipeline.IMBALANCE_METHODS}",
+        )
+    if config.imbalance.pos_weight < 0:
+        _fail("imbalance.pos_weight", config.imbalance.pos_weight, "must be >= 0", "0 = automatic")
+    for key in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint.every_steps"):
+        value = config[key] if "." not in key else config.checkpoint.every_steps
+        if not isinstance(value, int) or value < 1:
+            _fail(key, value, "must be a positive int", "e.g. 32")
+    if config.num_train_steps <= 0 and config.num_epochs <= 0:
+        _fail("num_epochs", config.num_epochs, "nothing to train", "set it or num_train_steps > 0")
+    if config.eval_every_steps < 0:
+        _fail("eval_every_steps", config.eval_every_steps, "must be >= 0", "0 = once per epoch")
+    if config.best_metric not in liver_metrics.METRIC_NAMES:
+        _fail(
+            "best_metric",
+            config.best_metric,
+            "not a validation metric",
+            f"use one of {liver_metrics.METRIC_NAMES}",
+        )
+    if config.early_stopping.patience < 0:
+        _fail("early_stopping.patience", config.early_stopping.patience, "must be >= 0", "0 = off")
+    for key in ("num_workers", "read_threads", "prefetch_batches"):
+        if config.input[key] < (0 if key == "num_workers" else 1):
+            _fail(f"input.{key}", config.input[key], "out of range", "see configs/default.py")
+    models.validate_model_config(config.model, config.image_size)
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+    """Write the config to workdir/config.json; on resume, compare with the one saved there.
+
+    Changes to keys in RESUME_MUST_MATCH are refused while checkpoints exist (they would not
+    load); other changes are allowed with a warning that lists them.
+    """
+    path = workdir / CONFIG_FILE
+    new = _flatten(json.loads(config.to_json_best_effort()))
+    has_checkpoints = (workdir / CHECKPOINT_DIR).exists() and any(
+        p.name.isdigit() for p in (workdir / CHECKPOINT_DIR).iterdir()
+    )
+    if path.exists() and has_checkpoints:
+        old = _flatten(json.loads(path.read_text()))
+        changed = {
+            k: (old.get(k), new.get(k))
+            for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)
+        }
+        fatal = {
+            k: v
+            for k, v in changed.items()
+            if any(k == m or k.startswith(m) for m in RESUME_MUST_MATCH)
+        }
+        if fatal:
+            lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in fatal.items())
+            raise ValueError(
+                f"{workdir} holds checkpoints of a different network or optimizer ({lines}): "
+                f"they cannot be resumed with this config. Use a new --workdir, or the old values"
+            )
+        if changed:
+            lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            logger.warning(
+                "resuming %s with a changed config (%s); the run will differ from an "
+                "uninterrupted one with either config",
+                workdir,
+                lines,
+            )
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        path.write_text(config.to_json_best_effort(indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- optimizer and loss
+
+
+def learning_rate_schedule(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+) -> optax.Schedule:
+    """The learning rate at each step: constant, or linear warmup + cosine decay."""
+    lr = config.optimizer.learning_rate
+    if config.schedule.name == "constant":
+        return optax.constant_schedule(lr)
+    warmup = round(config.schedule.warmup_epochs * steps_per_epoch)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=lr,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=lr * config.schedule.end_fraction,
+    )
+
+
+def _decay_mask(params: Any) -> Any:
+    """Weight decay on kernels (ndim > 1), not on biases."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+) -> optax.GradientTransformation:
+    """Clipping (optional) → L2 weight decay → sgd / momentum / adam, or adamw (decoupled decay).
+
+    The chain has the same state structure whatever the values, so a run resumes with changed
+    rates, decay or clipping.
+    """
+    opt = config.optimizer
+    lr = learning_rate_schedule(config, steps_per_epoch, total_steps)
+    clip = optax.clip_by_global_norm(opt.grad_clip_norm) if opt.grad_clip_norm else optax.identity()
+    if opt.name == "adamw":
+        adamw = optax.adamw(
+            lr, opt.b1, opt.b2, opt.eps, weight_decay=opt.weight_decay, mask=_decay_mask
+        )
+        return optax.chain(clip, adamw)
+    decay = optax.add_decayed_weights(opt.weight_decay, mask=_decay_mask)
+    if opt.name == "sgd":
+        update = optax.sgd(lr)
+    elif opt.name == "momentum":
+        update = optax.sgd(lr, momentum=opt.momentum, nesterov=opt.nesterov)
+    else:
+        update = optax.adam(lr, opt.b1, opt.b2, opt.eps)
+    return optax.chain(clip, decay, update)
+
+
+def bce_with_logits(logits: jax.Array, labels: jax.Array, pos_weight: float = 1.0) -> jax.Array:
+    """Per-example binary cross-entropy on logits; lesion (label 1) terms weighted by pos_weight."""
+    labels = labels.astype(jnp.float32)
+    return -(
+        pos_weight * labels * jax.nn.log_sigmoid(logits)
+        + (1.0 - labels) * jax.nn.log_sigmoid(-logits)
+    )
+
+
+def _correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """1.0 where the prediction at the metrics module's threshold matches the label."""
+    predicted = jax.nn.sigmoid(logits) >= liver_metrics.DEFAULT_THRESHOLD
+    return (predicted == (labels > 0)).astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------- jitted steps
+
+
+@dataclasses.dataclass
+class Steps:
+    """The jitted functions of a run over one mesh."""
+
+    init: Callable[[], TrainState]
+    train_step: Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, TrainMetrics]]
+    eval_step: Callable[[TrainState, dict[str, jax.Array]], EvalMetrics]
+    predict: Callable[[TrainState, jax.Array], jax.Array]  # int16 HU (B,H,W,1) → probabilities
+    abstract_state: TrainState  # shapes, dtypes and shardings, for restoring checkpoints
+    traces: dict[str, int]  # times each function was traced
+
+
+def make_steps(
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    tx: optax.GradientTransformation,
+    *,
+    pos_weight: float = 1.0,
+) -> Steps:
+    """Build the init, train, eval and predict functions, jitted over `mesh`."""
+    repl, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    traces = {"init": 0, "train_step": 0, "eval_step": 0, "predict": 0}
+
+    def create(key: jax.Array) -> tuple[TrainState, nnx.State, nnx.GraphDef]:
+        params_key, dropout_key, run_key = jax.random.split(key, 3)
+        model = models.create_model(config, rngs=nnx.Rngs(params=params_key, dropout=dropout_key))
+        graphdef, params, rng_streams, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
+        state = TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            model_state=model_state,
+            rng=jax.random.key_data(run_key),
+        )
+        return state, rng_streams, graphdef
+
+    key = jax.random.key(config.seed)
+    abstract_state, abstract_streams, graphdef = nnx.eval_shape(lambda: create(key))
+    abstract_state = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), abstract_state
+    )
+    # The model's own dropout stream is never drawn from (each step passes its key), but merging
+    # the model needs its variables: computed once, outside the checkpoint.
+    rng_streams = jax.jit(lambda k: create(k)[1], out_shardings=repl)(key)
+
+    def forward(state: TrainState, params: nnx.State, x: jax.Array, dropout_key: jax.Array | None):
+        model = nnx.merge(graphdef, params, rng_streams, state.model_state)
+        logits = model(x, deterministic=dropout_key is None, rngs=dropout_key)
+        _, _, _, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
+        return logits, model_state
+
+    def init() -> TrainState:
+        traces["init"] += 1
+        return create(key)[0]
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        traces["train_step"] += 1
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        augment_key, dropout_key = jax.random.split(step_key)
+        x = preprocess.preprocess(batch["image"], config)
+        x = preprocess.augment(x, augment_key, config)
+        labels = batch["label"]
+
+        def loss_fn(params):
+            logits, model_state = forward(state, params, x, dropout_key)
+            losses = bce_with_logits(logits, labels, pos_weight)
+            return losses.mean(), (logits, losses, model_state)
+
+        grads, (logits, losses, model_state) = jax.grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            opt_state=opt_state,
+            model_state=model_state,
+        )
+        metrics = TrainMetrics.single_from_model_output(
+            loss=losses, correct=_correct(logits, labels)
+        )
+        return new_state, metrics
+
+    def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> EvalMetrics:
+        traces["eval_step"] += 1
+        x = preprocess.preprocess(batch["image"], config)
+        logits, _ = forward(state, state.params, x, None)
+        return EvalMetrics.single_from_model_output(
+            loss=bce_with_logits(logits, batch["label"]),
+            labels=batch["label"],
+            logits=logits,
+            mask=batch["mask"],
+        )
+
+    def predict(state: TrainState, images: jax.Array) -> jax.Array:
+        traces["predict"] += 1
+        logits, _ = forward(state, state.params, preprocess.preprocess(images, config), None)
+        return jax.nn.sigmoid(logits)
+
+    return Steps(
+        init=jax.jit(init, out_shardings=repl),
+        train_step=jax.jit(
+            train_step, donate_argnums=(0,), in_shardings=(repl, data), out_shardings=(repl, repl)
+        ),
+        eval_step=jax.jit(eval_step, in_shardings=(repl, data)),
+        predict=jax.jit(predict, in_shardings=(repl, data), out_shardings=data),
+        abstract_state=abstract_state,
+        traces=traces,
+    )
+
+
+# --------------------------------------------------------------------------- loop helpers
+
+
+def evaluate(
+    steps: Steps,
+    state: TrainState,
+    source: Sequence[dict[str, Any]],
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+) -> dict[str, float]:
+    """Validation metrics over every record of `source` once: loss and liverjax.metrics.summary."""
+    collected: EvalMetrics | None = None
+    for batch in input_pipeline.eval_dataset(
+        source, config, global_batch_size=config.eval_batch_size
+    ):
+        out = steps.eval_step(state, parallel.global_batch(batch, mesh))
+        collected = out if collected is None else collected.merge(out)
+    assert collected is not None  # eval_dataset refuses empty splits
+    return {"loss": float(collected.loss.compute()), **collected.outputs.compute()}
+
+
+def _check_finite(losses: list[tuple[int, jax.Array]], ckpt: checkpointing.Checkpointer) -> None:
+    """Raise NonFiniteLossError at the first step whose loss is NaN or infinite."""
+    if not losses:
+        return
+    values = jax.device_get([v for _, v in losses])
+    for (step, _), value in zip(losses, values, strict=True):
+        if not np.isfinite(value):
+            ckpt.wait()
+            last = ckpt.latest_step()
+            kept = (
+                f"the last good checkpoint is step {last} in {ckpt.directory}"
+                if last is not None
+                else "no checkpoint was saved before it"
+            )
+            raise NonFiniteLossError(
+                f"training loss is {float(value)} at step {step}; the run stopped without saving "
+                f"this state, and {kept}. Lower config.optimizer.learning_rate, set "
+                f"config.optimizer.grad_clip_norm, or check the input data",
+                step,
+            )
+    losses.clear()
+
+
+class _PreemptionNotice:
+    """Turns SIGTERM into a request to save and stop after the current step (single process).
+
+    With several processes, JAX's preemption service handles SIGTERM and
+    `Checkpointer.reached_preemption` tells all processes at the same step.
+    """
+
+    def __enter__(self) -> "_PreemptionNotice":
+        self.requested = False
+        self._previous = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        logger.warning("SIGTERM: finishing this step, saving a checkpoint, then stopping")
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class _Progress:
+    """images/s, epoch and ETA between log steps."""
+
+    def __init__(self, total_steps: int, step: int, batch_size: int, steps_per_epoch: int):
+        self.total, self.batch, self.per_epoch = total_steps, batch_size, steps_per_epoch
+        self.step, self.time = step, time.monotonic()
+
+    def __call__(self, step: int) -> dict[str, float]:
+        now = time.monotonic()
+        rate = (step - self.step) / max(now - self.time, 1e-9)
+        self.step, self.time = step, now
+        eta = (self.total - step) / rate if rate > 0 else math.inf
+        epoch = step / self.per_epoch
+        logger.info(
+            "step %d/%d, epoch %.2f: %.1f images/s, ETA %s",
+            step,
+            self.total,
+            epoch,
+            rate * self.batch,
+            time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?",
+        )
+        return {"images_per_sec": rate * self.batch, "steps_per_sec": rate, "epoch": epoch}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    hooks: Sequence[Callable[[int], Any]] = (),
+) -> RunSummary:
+    """Train, validate every epoch and checkpoint in `workdir`; resumes from its latest checkpoint.
+
+    `hooks` are called with the step number after every train step (e.g. a profiler).
+    """
+    parallel.initialize_distributed(config.distributed)
+    validate_config(config)
+    mesh = parallel.create_mesh()
+    parallel.check_batch_size(config.batch_size, mesh, "config.batch_size")
+    parallel.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
+    workdir_path = epath.Path(workdir)
+    save_config(config, workdir_path)
+
+    input_pipeline.ensure_built(config.dataset)
+    train_source = input_pipeline.open_source(config.dataset, config.dataset.train_split)
+    eval_source = input_pipeline.open_source(config.dataset, config.dataset.eval_split)
+    logger.info(
+        "%s: %d train / %d validation records; mesh of %d devices over %d process(es)",
+        config.dataset.name,
+        len(train_source),
+        len(eval_source),
+        mesh.devices.size,
+        jax.process_count(),
+    )
+    steps_per_epoch = len(train_source) // config.batch_size
+    if steps_per_epoch < 1:
+        _fail(
+            "batch_size",
+            config.batch_size,
+            f"larger than the {len(train_source)} records of split "
+            f"{config.dataset.train_split!r} of {config.dataset.name}",
+            "use a smaller batch or more data",
+        )
+    total_steps = config.num_train_steps
+    if total_steps <= 0:
+        total_steps = config.num_epochs * steps_per_epoch
+    eval_every = config.eval_every_steps or steps_per_epoch
+
+    labels, pos_weight = None, 1.0
+    if config.imbalance.method != "none":
+        labels = input_pipeline.read_labels(train_source)
+        n_pos, n_neg = int(labels.sum()), int(len(labels) - labels.sum())
+        if config.imbalance.method == "pos_weight":
+            if config.imbalance.pos_weight > 0:
+                pos_weight = float(config.imbalance.pos_weight)
+            elif n_pos == 0:
+                raise ValueError(
+                    f"split {config.dataset.train_split!r} has no lesion record: cannot derive "
+                    "config.imbalance.pos_weight; set it, or use imbalance.method='none'"
+                )
+            else:
+                pos_weight = n_neg / n_pos
+        logger.info(
+            "train split: %d normal, %d lesion; imbalance=%s, pos_weight=%.3f",
+            n_neg,
+            n_pos,
+            config.imbalance.method,
+            pos_weight,
+        )
+
+    tx = create_optimizer(config, steps_per_epoch, total_steps)
+    steps = make_steps(config, mesh, tx, pos_weight=pos_weight)
+    ckpt = checkpointing.Checkpointer(
+        workdir_path / CHECKPOINT_DIR,
+        keep=config.checkpoint.keep,
+        keep_best=config.checkpoint.keep_best,
+        best_metric=config.best_metric,
+        async_save=config.checkpoint.async_save,
+    )
+    train_iter = iter(
+        input_pipeline.train_dataset(
+            train_source, config, global_batch_size=config.batch_size, labels=labels
+        )
+    )
+    early = EarlyStopping(config.early_stopping.patience, config.early_stopping.min_delta)
+    validation: dict[str, float] = {}
+    stop_reason = None
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(steps.abstract_state, train_iter)
+        early = EarlyStopping(**meta["early_stopping"])
+        validation = meta.get("validation", {})
+        stop_reason = meta.get("stop_reason") if meta.get("stop_reason") != "preempted" else None
+        logger.info("resumed from %s at step %d", ckpt.directory, int(state.step))
+    else:
+        state = steps.init()
+        n_params = sum(x.size for x in jax.tree.leaves(state.params))
+        logger.info("initialized a new model with %d parameters", n_params)
+    start = int(state.step)
+    if start >= total_steps:
+        stop_reason = stop_reason or "done"
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    if start == 0:
+        writer.write_hparams(_flatten(json.loads(config.to_json_best_effort())))
+    progress = _Progress(total_steps, start, config.batch_size, steps_per_epoch)
+    schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
+    pending: list[tuple[int, jax.Array]] = []  # losses not yet checked for NaN / inf
+    train_metrics: TrainMetrics | None = None
+    step = start
+    with _PreemptionNotice() as preemption:
+        while stop_reason is None:
+            step += 1
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                batch = parallel.global_batch(next(train_iter), mesh)
+                state, out = steps.train_step(state, batch)
+            pending.append((step, out.loss.total))
+            train_metrics = out if train_metrics is None else train_metrics.merge(out)
+            for hook in hooks:
+                hook(step)
+            last = step >= total_steps
+            if step % config.log_every_steps == 0 or last:
+                _check_finite(pending, ckpt)
+                scalars = {f"train/{k}": float(v) for k, v in train_metrics.compute().items()}
+                scalars["train/learning_rate"] = float(schedule(step - 1))
+                writer.write_scalars(step, scalars | progress(step))
+                train_metrics = None
+            evaluated = False
+            if step % eval_every == 0 or last:
+                _check_finite(pending, ckpt)
+                validation = evaluate(steps, state, eval_source, config, mesh)
+                writer.write_scalars(step, {f"validation/{k}": v for k, v in validation.items()})
+                early.update(validation[config.best_metric], step)
+                evaluated = True
+                if early.should_stop:
+                    stop_reason = "early_stopping"
+                    logger.info(
+                        "early stopping at step %d: no %s improvement in %d evaluations "
+                        "(best %.4f at step %d)",
+                        step,
+                        config.best_metric,
+                        early.bad_evals,
+                        early.best,
+                        early.best_step,
+                    )
+            preempted = preemption.requested or (
+                jax.process_count() > 1 and ckpt.reached_preemption(step)
+            )
+            if preempted and stop_reason is None:
+                stop_reason = "preempted"
+            if last and stop_reason is None:
+                stop_reason = "done"
+            if evaluated or stop_reason or step % config.checkpoint.every_steps == 0:
+                _check_finite(pending, ckpt)
+                meta = {
+                    "step": step,
+                    "epoch": step / steps_per_epoch,
+                    "early_stopping": early.to_dict(),
+                    "validation": validation,
+                    "stop_reason": stop_reason,
+                }
+                ckpt.save(
+                    step,
+                    state,
+                    train_iter,
+                    meta,
+                    metrics=validation if evaluated else None,
+                )
+    ckpt.close()
+    writer.flush()
+    writer.close()
+    if steps.traces["train_step"] > 1:
+        logger.warning(
+            "the train step was traced %d times (expected once): input shapes or dtypes "
+            "changed between steps, and each retrace recompiles",
+            steps.traces["train_step"],
+        )
+    logger.info("stopped at step %d (%s)", step, stop_reason)
+    return RunSummary(
+        step=step,
+        epoch=step / steps_per_epoch,
+        stop_reason=stop_reason,
+        validation=validation,
+        best_step=early.best_step,
+        best_metric=early.best,
+        traces=dict(steps.traces),
+        state=state,
+    )
+
+
+__all__ = [
+    "EarlyStopping",
+    "NonFiniteLossError",
+    "RunSummary",
+    "Steps",
+    "TrainState",
+    "bce_with_logits",
+    "create_optimizer",
+    "evaluate",
+    "learning_rate_schedule",
+    "make_steps",
+    "save_config",
+    "train_and_evaluate",
+    "validate_config",
+]
