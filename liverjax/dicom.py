@@ -74,6 +74,7 @@ _ELEMENT_HEADER_BYTES = 8  # the shortest data element header: tag, then VR and/
 _GROUP_LENGTH_BYTES = 12  # the (0002,0000) element: tag 4, VR 2, length 2, value 4
 _PIXEL_DATA_TAG = 0x7FE00010
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_PIXEL_TAGS = tuple(tag_for_keyword(k) for k in _PIXEL_KEYWORDS)
 # A forced read of a file without preamble is accepted as DICOM only if it has one of these.
 _IDENTIFYING = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
                 "Modality", "PatientID", "Rows", "DirectoryRecordSequence", *_PIXEL_KEYWORDS)
@@ -338,10 +339,14 @@ def _check_complete(ds: Dataset, path: str, has_magic: bool, start: int, end: in
             raise DicomError(path, "truncated", f"the file ends inside its file meta header "
                              f"({end - start} of {parsed_end - start} bytes); copy or export it "
                              "again")
-    for elem in ds.elements():
+    # Only the last element read can be cut short: the last inserted, which is also the highest
+    # tag in a well-formed file (both are checked, in case the tags are out of order).
+    tags = ds.keys()
+    for tag in {next(reversed(tags)), max(tags)} if tags else ():
+        elem = ds.get_item(tag)
         length = getattr(elem, "length", None)  # raw (not yet converted) elements only
         value = getattr(elem, "value", None)
-        if (length is None or length == _UNDEFINED_LENGTH or elem.tag > _PIXEL_DATA_TAG
+        if (length is None or length == _UNDEFINED_LENGTH or tag > _PIXEL_DATA_TAG
                 or not isinstance(value, bytes | bytearray)):
             continue
         if len(value) < length:
@@ -353,7 +358,7 @@ def _check_complete(ds: Dataset, path: str, has_magic: bool, start: int, end: in
         # pydicom discards the whole dataset when the file ends inside an undefined-length value
         raise DicomError(path, "truncated", f"none of the {end - parsed_end} bytes after the file"
                          " meta form a complete dataset; copy or export it again")
-    if not any(k in ds for k in _PIXEL_KEYWORDS) and 0 < end - parsed_end < _ELEMENT_HEADER_BYTES:
+    if not _has_pixels(ds) and 0 < end - parsed_end < _ELEMENT_HEADER_BYTES:
         raise DicomError(path, "truncated", f"the file ends inside an element header "
                          f"{end - parsed_end} bytes after the last element; copy or export it "
                          "again")
@@ -362,11 +367,12 @@ def _check_complete(ds: Dataset, path: str, has_magic: bool, start: int, end: in
 def _check_is_image(ds: Dataset, path: str) -> None:
     """Raise 'not_image' for DICOMDIRs and non-image objects, 'no_pixels' if pixels are absent."""
     media_class = ds.file_meta.get("MediaStorageSOPClassUID", "") if ds.file_meta else ""
-    if media_class == dicom_uid.MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds:
+    is_directory = _TAGS["DirectoryRecordSequence"] in ds
+    if media_class == dicom_uid.MediaStorageDirectoryStorage or is_directory:
         raise DicomError(path, "not_image", "a DICOMDIR (an index of a DICOM media), not an "
                          "image; read the image files it lists instead")
     sop_class = dicom_uid.UID(_text(ds, "SOPClassUID") or str(media_class))
-    has_pixels = any(k in ds for k in _PIXEL_KEYWORDS)
+    has_pixels = _has_pixels(ds)
     if sop_class in _SEGMENTATION_CLASSES:
         raise DicomError(path, "not_image", f"a {_class_name(sop_class)} object (a label map, not "
                          "an image); export masks as an image series to use them")
@@ -378,6 +384,10 @@ def _check_is_image(ds: Dataset, path: str) -> None:
     raise DicomError(path, "no_pixels", f"no Pixel Data element in this "
                      f"{_class_name(sop_class)} object (or the file was cut short before it); "
                      "nothing to decode")
+
+
+def _has_pixels(ds: Dataset) -> bool:
+    return any(tag in ds for tag in _PIXEL_TAGS)
 
 
 def _class_name(sop_class: dicom_uid.UID) -> str:
@@ -453,9 +463,11 @@ def _jpeg_header(data: bytes) -> tuple[dicom_uid.UID | None, tuple[int, int] | N
     return found, size
 
 
-def _check_frame_size(ds: Dataset, path: str) -> None:
+def _check_frame_size(ds: Dataset, ts: dicom_uid.UID, path: str) -> None:
     """A compressed frame must be Rows x Columns: a corrupt header could make a plugin decode a
     huge image (minutes, gigabytes) only for pydicom to reject it afterwards."""
+    if not ts.is_compressed:
+        return
     keyword = next(k for k in _PIXEL_KEYWORDS if k in ds)
     if not ds[keyword].is_undefined_length:
         return
@@ -472,7 +484,7 @@ def _check_frame_size(ds: Dataset, path: str) -> None:
 
 def _decode(ds: Dataset, ts: dicom_uid.UID, path: str) -> list[DicomSlice]:
     """Decode the pixel data and build one DicomSlice per frame."""
-    _check_frame_size(ds, path)
+    _check_frame_size(ds, ts, path)
     frames, props = _pixels(ds, ts, path)
     photometric = str(ds.get("PhotometricInterpretation", props["photometric_interpretation"]))
     samples = int(props["samples_per_pixel"])
@@ -725,6 +737,7 @@ _TAGS = {keyword: tag_for_keyword(keyword) for keyword in (
     "GridFrameOffsetVector", "SliceLocation", "WindowCenter", "WindowWidth", "RescaleSlope",
     "RescaleIntercept", "ReferencedSOPInstanceUID", "ReferencedImageSequence",
     "SourceImageSequence", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+    "DirectoryRecordSequence",
 )}
 # Value representations stored as backslash-separated ASCII text (PS3.5 6.2): parsed from the raw
 # bytes here, which is several times faster than pydicom's general value conversion.
