@@ -31,6 +31,7 @@ TensorFlow is imported only inside the functions of this module: training never 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -39,6 +40,7 @@ import os
 import pathlib
 import re
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -75,6 +77,8 @@ OPERATING_POINT_FILE = "operating_point.json"
 RANDOM_PARITY_IMAGES = 8
 RANDOM_HU_RANGE = (-1024.0, 2000.0)
 RANDOM_PARITY_SEED = 0
+# Records of the parity split used at most (TFLite runs one image per call); a seeded subset beyond.
+MAX_PARITY_EXAMPLES = 2000
 _VERSION_RE = re.compile(r"^\d+$")
 
 
@@ -285,14 +289,23 @@ def _save_serving_module(fn, params, size: int, platforms: Sequence[str], assets
 
 
 def _quantization_check(
-    float_probs: np.ndarray, variants: dict[str, np.ndarray], labels: np.ndarray | None
+    float_probs: np.ndarray,
+    variants: dict[str, np.ndarray],
+    labels: np.ndarray | None,
+    auc_tolerance: float = AUC_TOLERANCE,
 ) -> dict[str, Any]:
     """ROC AUC of each TFLite variant and its loss against float; raises beyond AUC_TOLERANCE."""
     if labels is None or len(np.unique(labels)) < 2:
         log.warning("parity images lack labels of both classes: quantized AUC loss not checked")
         return {"checked": False, "reason": "no labels of both classes among the parity images"}
     base = metrics.roc_auc(labels, float_probs)
-    report: dict[str, Any] = {"checked": True, "roc_auc": {"float32": base}, "auc_loss": {}}
+    report: dict[str, Any] = {
+        "checked": True,
+        "examples": len(labels),
+        "tolerance": auc_tolerance,
+        "roc_auc": {"float32": base},
+        "auc_loss": {},
+    }
     for name, probs in variants.items():
         auc = metrics.roc_auc(labels, probs)
         report["roc_auc"][name] = auc
@@ -300,11 +313,11 @@ def _quantization_check(
         report.setdefault("max_abs_probability_change", {})[name] = float(
             np.max(np.abs(probs - float_probs))
         )
-    bad = {k: v for k, v in report["auc_loss"].items() if v > AUC_TOLERANCE}
+    bad = {k: v for k, v in report["auc_loss"].items() if v > auc_tolerance}
     if bad:
         raise ParityError(
             f"quantized TFLite loses too much ROC AUC against float32 ({base:.4f}): {bad} > "
-            f"{AUC_TOLERANCE}. Ship liver.tflite, or quantize with a representative dataset."
+            f"{auc_tolerance}. Ship liver.tflite, or quantize with a representative dataset."
         )
     return report
 
@@ -323,13 +336,16 @@ def export_model(
     model_name: str = MODEL_NAME,
     platforms: Sequence[str] = PLATFORMS,
     extra_metadata: dict[str, Any] | None = None,
+    tolerance: float = PARITY_TOLERANCE,
+    auc_tolerance: float = AUC_TOLERANCE,
 ) -> ExportResult:
     """Exports `model` to `out_dir/<model_name>/<next version>/` and `out_dir/*.tflite`.
 
     `input_size` is the side of the HU images the signature takes (the records' size; default
     `config.image_size`); preprocessing resizes to `config.image_size` inside the graph.
     `parity_images` (N, size, size, 1) HU, with optional 0/1 `parity_labels`, are what the parity
-    check runs on (default: seeded random HU images, and no AUC check).
+    check runs on (default: seeded random HU images, and no AUC check). `tolerance` and
+    `auc_tolerance` are the limits of the parity and quantization checks.
     """
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold = {threshold} is not a probability in [0, 1]")
@@ -348,18 +364,16 @@ def export_model(
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
     try:
+        parity: dict[str, Any] = {"images": len(images), "tolerance": tolerance}
         module = _save_saved_model(fn, params, size, platforms, staging)
-        assets = staging / ASSETS_EXTRA
-        assets.mkdir()
-        _save_serving_module(fn, params, size, platforms, assets)
-        tflite = _tflite_models(fn, params, size, module)
-
-        parity: dict[str, Any] = {"images": len(images), "tolerance": PARITY_TOLERANCE}
         signature = _tf().saved_model.load(str(staging)).signatures[SIGNATURE]
         got = {k: v.numpy() for k, v in signature(**{INPUT: _tf().constant(images)}).items()}
         parity["saved_model"] = _max_error(got, want)
-        _check("the SavedModel", parity["saved_model"], PARITY_TOLERANCE)
+        _check("the SavedModel", parity["saved_model"], tolerance)
 
+        assets = staging / ASSETS_EXTRA
+        assets.mkdir()
+        _save_serving_module(fn, params, size, platforms, assets)
         metadata = build_metadata(
             config,
             size=size,
@@ -374,17 +388,17 @@ def export_model(
         # The server's own loader: what is checked is what `liverjax.serve` will run.
         servable = serve.Servable.load(staging, version=0, warmup=False)
         parity["serving_module"] = _max_error(servable.predict(images), want)
-        _check(
-            "the serving module (liverjax.stablehlo)", parity["serving_module"], PARITY_TOLERANCE
-        )
+        _check("the serving module (liverjax.stablehlo)", parity["serving_module"], tolerance)
 
+        tflite = _tflite_models(fn, params, size, module)
         tflite_out = {name: run_tflite(content, images) for name, content in tflite.items()}
         parity["tflite_float32"] = _max_error(tflite_out["float32"], want)
-        _check("liver.tflite", parity["tflite_float32"], PARITY_TOLERANCE)
+        _check("liver.tflite", parity["tflite_float32"], tolerance)
         parity["quantized"] = _quantization_check(
             tflite_out["float32"]["probability"],
             {k: v["probability"] for k, v in tflite_out.items() if k != "float32"},
             labels,
+            auc_tolerance,
         )
         metadata["parity"] = parity
         (assets / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
@@ -452,3 +466,112 @@ def build_metadata(
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         **(extra or {}),
     }
+
+
+def read_parity_records(
+    config: ml_collections.ConfigDict, split: str, max_examples: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(HU images (N, S, S, 1) float32, labels (N,)) of `split`: all, or a seeded subset."""
+    import tensorflow_datasets as tfds
+
+    import tfds_liver  # noqa: F401 - registers the `liver` dataset
+
+    name, data_dir = config.dataset.name, config.dataset.data_dir
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir)
+    except Exception as e:
+        raise FileNotFoundError(
+            f"cannot read split {split!r} of {name} (data_dir={data_dir}): {e}. The parity check "
+            f"needs the records; pass --data_dir DATA or --split"
+        ) from e
+    indices = np.arange(len(source))
+    if len(indices) > max_examples:
+        indices = np.sort(
+            np.random.default_rng(RANDOM_PARITY_SEED).permutation(indices)[:max_examples]
+        )
+    rows = [source[int(i)] for i in indices]
+    if not rows:
+        raise ValueError(f"split {split!r} of {name} is empty: no records for the parity check")
+    images = np.stack([np.asarray(r["image"], np.float32) for r in rows])
+    return images, np.asarray([int(r["label"]) for r in rows])
+
+
+def export_workdir(
+    workdir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    checkpoint: str = "best",
+    split: str = "test",
+    data_dir: str | None = None,
+    max_parity_examples: int = MAX_PARITY_EXAMPLES,
+    model_name: str = MODEL_NAME,
+) -> ExportResult:
+    """Restores checkpoint `checkpoint` of the run in `workdir` and exports it (the CLI)."""
+    from liverjax import evaluate  # training's restore path; loaded only when exporting a run
+
+    config = evaluate.load_config(workdir)
+    if data_dir is not None:
+        config.dataset.data_dir = data_dir
+    restored = evaluate.restore(config, workdir, checkpoint)
+    threshold, source = read_threshold(workdir)
+    if source != "default":
+        chosen_for = json.loads(pathlib.Path(source).read_text()).get("checkpoint_step")
+        if chosen_for is not None and chosen_for != restored.step:
+            warnings.warn(
+                f"{source} was chosen for checkpoint step {chosen_for}, but step "
+                f"{restored.step} is exported ({restored.note}); rerun the evaluation with "
+                f"--checkpoint {restored.step} to get its own threshold",
+                stacklevel=2,
+            )
+    images, labels = read_parity_records(config, split, max_parity_examples)
+    return export_model(
+        restored.model,
+        config,
+        out_dir,
+        threshold=threshold,
+        threshold_source=source,
+        step=restored.step,
+        input_size=images.shape[1],
+        parity_images=images,
+        parity_labels=labels,
+        model_name=model_name,
+        extra_metadata={
+            "checkpoint": {"requested": checkpoint, "chosen": restored.note},
+            "workdir": os.path.basename(os.path.abspath(workdir)),
+            "parity_split": split,
+        },
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> ExportResult:
+    """Command line: export a trained run."""
+    parser = argparse.ArgumentParser(
+        prog="python -m liverjax.export", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--workdir", required=True, help="the training run's folder")
+    parser.add_argument("--out", required=True, help="export root: writes OUT/liver/<version>/")
+    parser.add_argument("--checkpoint", default="best", help="'best' (default), 'latest' or a step")
+    parser.add_argument("--split", default="test", help="records for the parity check")
+    parser.add_argument("--data_dir", default=None, help="where the records are, if moved")
+    parser.add_argument("--max_parity_examples", type=int, default=MAX_PARITY_EXAMPLES)
+    parser.add_argument("--model_name", default=MODEL_NAME)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        result = export_workdir(
+            args.workdir,
+            args.out,
+            checkpoint=args.checkpoint,
+            split=args.split,
+            data_dir=args.data_dir,
+            max_parity_examples=args.max_parity_examples,
+            model_name=args.model_name,
+        )
+    except (ParityError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"export failed: {e}")
+    print(json.dumps({"version_dir": str(result.version_dir), "parity": result.parity}, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
