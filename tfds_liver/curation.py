@@ -142,7 +142,6 @@ def decode_file(manual_dir: str, rel_path: str, image_size: int) -> _Decoded:
         return _Decoded(rel_path, reason=e.reason, detail=e.detail)
     records = []
     for s in slices:
-        native = dicom.to_int16(s.image)
         image = dicom.to_int16(dicom.resample(s.image, image_size))
         spacing = dicom.resampled_spacing(s.pixel_spacing, s.image.shape, image_size)
         records.append(
@@ -156,7 +155,9 @@ def decode_file(manual_dir: str, rel_path: str, image_size: int) -> _Decoded:
                 path=rel_path,
                 pixel_spacing=spacing if spacing is not None else (float("nan"), float("nan")),
                 slice_position=s.slice_position if s.slice_position is not None else float("nan"),
-                pixel_hash=hashlib.blake2b(native.tobytes(), digest_size=16).hexdigest(),
+                pixel_hash=hashlib.blake2b(
+                    np.ascontiguousarray(s.image).data, digest_size=16
+                ).hexdigest(),
             )
         )
     return _Decoded(rel_path, slices=tuple(records), sop_uid=slices[0].sop_uid)
@@ -334,7 +335,8 @@ def curate_decoded(
             )
             continue
         label = rows[0]
-        ids = [("sop", s.image_id) for s in d.slices]
+        # A file without a SOP Instance UID has no id to compare: only its pixels identify it.
+        ids = [("sop", s.image_id) for s in d.slices if s.image_id.split("/")[0]]
         ids += [("pixels", label.patient_id, s.pixel_hash) for s in d.slices]
         earlier = next((kept_by_image[i] for i in ids if i in kept_by_image), None)
         if any(i in conflicted_images for i in ids):

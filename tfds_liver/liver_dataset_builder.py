@@ -103,7 +103,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             description=_DESCRIPTION,
             features=tfds.features.FeaturesDict(
                 {
-                    "image": tfds.features.Tensor(shape=(size, size, 1), dtype=np.int16),
+                    # Raw bytes: ~100x faster to write and read than TFDS's default int list.
+                    "image": tfds.features.Tensor(
+                        shape=(size, size, 1), dtype=np.int16, encoding=tfds.features.Encoding.BYTES
+                    ),
                     "label": tfds.features.ClassLabel(names=list(LABEL_NAMES)),
                     "patient_id": tfds.features.Text(),
                     "study_uid": tfds.features.Text(),
