@@ -155,9 +155,7 @@ def decode_file(manual_dir: str, rel_path: str, image_size: int) -> _Decoded:
                 path=rel_path,
                 pixel_spacing=spacing if spacing is not None else (float("nan"), float("nan")),
                 slice_position=s.slice_position if s.slice_position is not None else float("nan"),
-                pixel_hash=hashlib.blake2b(
-                    np.ascontiguousarray(s.image).data, digest_size=16
-                ).hexdigest(),
+                pixel_hash=hashlib.sha256(np.ascontiguousarray(s.image).data).hexdigest(),
             )
         )
     return _Decoded(rel_path, slices=tuple(records), sop_uid=slices[0].sop_uid)
