@@ -94,9 +94,10 @@ DEFAULTS = {
 }
 
 
-# BLAS threads per process while serving: the resampling's small matrix products gain nothing from
-# more, and idle OpenBLAS threads spin on the cores XLA's thread pool needs (decode + model call
-# of a 512² DICOM on 2 cores: 28 ms with OpenBLAS's default, 4 ms with one thread).
+# BLAS threads per process while serving. Idle OpenBLAS threads spin on the cores XLA's thread pool
+# needs: when resampling was a dense matrix product, decode + model call of a 512² DICOM on 2 cores
+# took 28 ms with OpenBLAS's default and 4 ms with one thread. The banded resample no longer calls
+# BLAS; this keeps any matrix product on the request path from bringing the stall back.
 BLAS_THREADS = 1
 
 
@@ -575,12 +576,18 @@ def create_app(options: ServerOptions) -> Starlette:
         max_batch=options.max_batch_size,
         poll_seconds=options.poll_seconds,
     )
+    # Model calls and request preparation (JSON parsing, DICOM decoding) in separate pools, so that
+    # a burst of uploads never queues in front of the model, and neither blocks the event loop.
     executor = concurrent.futures.ThreadPoolExecutor(options.threads, thread_name_prefix="model")
+    prepare = concurrent.futures.ThreadPoolExecutor(options.threads, thread_name_prefix="prepare")
     stats = Stats()
 
     async def call_model(servable: Servable, images: np.ndarray) -> dict[str, np.ndarray]:
         stats.record_call(len(images))
         return await asyncio.get_running_loop().run_in_executor(executor, servable.predict, images)
+
+    async def in_pool(fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(prepare, fn, *args)
 
     batcher = Batcher(options.max_batch_size, options.batch_timeout_ms / 1000, call_model)
 
@@ -600,13 +607,14 @@ def create_app(options: ServerOptions) -> Starlette:
             manager.stop()
             await batcher.stop()
             executor.shutdown(wait=False, cancel_futures=True)
+            prepare.shutdown(wait=False, cancel_futures=True)
 
     def model_spec(servable: Servable) -> dict[str, str]:
         return {"name": manager.name, "version": str(servable.version), "signature_name": SIGNATURE}
 
     async def predict(request: Request, servable: Servable) -> JSONResponse:
         body = await request.body()
-        images, layout = parse_predict(body, servable.input_size)
+        images, layout = await in_pool(parse_predict, body, servable.input_size)
         out = await run_model(servable, images)
         if layout == "row":
             rows = [{k: float(out[k][i]) for k in OUTPUTS} for i in range(len(images))]
@@ -639,18 +647,23 @@ def create_app(options: ServerOptions) -> Starlette:
 
     async def classify_dicom(request: Request, servable: Servable) -> JSONResponse:
         files = await uploads(request)
-        loop = asyncio.get_running_loop()
-        decoded = []
-        for name, data in files:
+
+        async def decode(name: str, data: bytes) -> list[tuple[str, dicom.DicomSlice, np.ndarray]]:
             try:
-                slices = await loop.run_in_executor(
-                    executor, decode_dicom, data, name, servable.input_size
-                )
+                slices = await in_pool(decode_dicom, data, name, servable.input_size)
             except dicom.DicomError as e:
                 raise RequestError(
                     f"{name}: {e.reason}: {e.detail}", 400, file=name, reason=e.reason
                 ) from None
-            decoded += [(name, s, image) for s, image in slices]
+            return [(name, s, image) for s, image in slices]
+
+        per_file = await asyncio.gather(
+            *(decode(name, data) for name, data in files), return_exceptions=True
+        )
+        for outcome in per_file:  # the first bad file in upload order
+            if isinstance(outcome, BaseException):
+                raise outcome
+        decoded = [item for items in per_file for item in items]
         images = np.stack([image for *_, image in decoded]).astype(np.float32)[..., None]
         out = await run_model(servable, images)
         results = []
