@@ -336,6 +336,34 @@ def _metrics_section(result: Mapping[str, Any]) -> str:
     )
 
 
+def _source_section(result: Mapping[str, Any]) -> str:
+    by_source = result.get("by_source") or {}
+    if not by_source:
+        return ""
+    header = ["Source", "Patients", "Images", "Prevalence", "ROC AUC", "Sensitivity",
+              "Specificity"]
+    rows = [
+        [name, v["patients"], v["metrics"]["n"], _fmt(v["metrics"]["prevalence"]),
+         _with_ci(v, "roc_auc"), _with_ci(v, "recall"), _with_ci(v, "specificity")]
+        for name, v in by_source.items()
+    ]
+    if len(by_source) == 1:
+        text = (
+            f"All images of the {result['split']} split come from one source "
+            f"({next(iter(by_source))}): these results say nothing about other scanners, "
+            "sites or populations (no external validation)."
+        )
+    else:
+        text = (
+            "Slice-level results per image source (the `source` of the label sheet or the "
+            "top-level folder), at the same threshold, with patient-bootstrap intervals."
+        )
+    return (
+        f'<section id="by-source"><h2>By source</h2><p>{_e(text)}</p>'
+        f"{_table(header, rows, 'sources')}</section>"
+    )
+
+
 def _operating_point_section(result: Mapping[str, Any]) -> str:
     op = result["operating_point"]
     rows = []
@@ -539,6 +567,7 @@ def render_html(
             _key_results(result),
             _metrics_section(result),
             _operating_point_section(result),
+            _source_section(result),
             _figures_section(figs),
             _cases_section(cases, result),
             _dataset_section(result, curation),

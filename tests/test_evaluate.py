@@ -1,0 +1,338 @@
+"""liverjax.evaluate on a real run: records built from phantom DICOM, a short training, the CLI.
+
+One module fixture builds `liver/synthetic_small`, trains configs/test.py for a few steps and runs
+`python -m liverjax.evaluate`'s main on the test split; the tests then check the written files
+against liverjax.metrics, scikit-learn, the records and training's own validation metrics.
+"""
+
+import csv
+import importlib
+import json
+import math
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from flax import nnx
+from sklearn import metrics as sk_metrics
+
+import tfds_liver  # noqa: F401  (registers the liver builder)
+from liverjax import checkpointing, evaluate, export, metrics, models, report, saliency, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DATASET = "liver/synthetic_small"
+# Small evaluation settings for speed; every other one keeps its default.
+EVAL = {"bootstrap_resamples": 300, "bootstrap_seed": 3, "worst_cases": 2}
+
+
+def _test_config() -> ml_collections.ConfigDict:
+    """configs/test.py (the configs folder is not an installed package)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    return importlib.import_module("configs.test").get_config()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A trained and evaluated workdir: (workdir, config, result of evaluate.main)."""
+    data = tmp_path_factory.mktemp("data")
+    tfds.builder(DATASET, data_dir=data).download_and_prepare()
+    config = _test_config()
+    config.dataset.name = DATASET
+    config.dataset.data_dir = str(data)
+    config.eval = ml_collections.ConfigDict(EVAL)
+    workdir = tmp_path_factory.mktemp("run")
+    train.train_and_evaluate(config, str(workdir))
+    result = evaluate.main(["--workdir", str(workdir), "--split", "test"])
+    return workdir, config, result
+
+
+def _checkpointer(workdir: pathlib.Path, config) -> checkpointing.Checkpointer:
+    return checkpointing.Checkpointer(
+        workdir / train.CHECKPOINT_DIR, keep=config.checkpoint.keep,
+        keep_best=config.checkpoint.keep_best, best_metric=config.best_metric, async_save=False,
+    )
+
+
+def _read_csv(path: pathlib.Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _predictions_csv(workdir: pathlib.Path):
+    rows = _read_csv(workdir / "report" / "predictions.csv")
+    labels = np.array([int(r["label"]) for r in rows])
+    probs = np.array([float(r["probability"]) for r in rows])
+    patients = np.array([r["patient_id"] for r in rows])
+    return rows, labels, probs, patients
+
+
+def _num(value: float | None) -> float:
+    """A number of metrics.json: null stands for NaN (undefined)."""
+    return math.nan if value is None else value
+
+
+def _strict_json(path: pathlib.Path):
+    def refuse(name):
+        raise AssertionError(f"{path} holds {name}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_predictions_cover_every_test_record_once(run):
+    workdir, config, result = run
+    source = tfds.data_source(DATASET, split="test", data_dir=config.dataset.data_dir)
+    rows, labels, probs, _ = _predictions_csv(workdir)
+    records = [source[i] for i in range(len(source))]
+    assert [r["sop_uid"] for r in rows] == [rec["sop_uid"].decode() for rec in records]
+    assert len({r["sop_uid"] for r in rows}) == len(source)
+    assert labels.tolist() == [int(rec["label"]) for rec in records]
+    assert [r["patient_id"] for r in rows] == [rec["patient_id"].decode() for rec in records]
+    threshold = result["levels"]["slice"]["threshold"]
+    assert [int(r["predicted"]) for r in rows] == (probs >= threshold).astype(int).tolist()
+    assert {r["outcome"] for r in rows} <= {"TP", "FP", "TN", "FN"}
+    assert ((probs >= 0) & (probs <= 1)).all()
+
+
+@pytest.fixture(scope="module")
+def restored(run):
+    """The checkpoint the report names, restored again, and the validation predictions."""
+    workdir, config, result = run
+    restored = evaluate.restore(config, workdir, str(result["checkpoint"]["step"]))
+    source = tfds.data_source(DATASET, split="validation", data_dir=config.dataset.data_dir)
+    val = evaluate.predict_split(
+        restored.steps, restored.state, source, config, restored.mesh, "validation"
+    )
+    return restored, val
+
+
+def test_best_checkpoint_is_the_best_validated_one(run, restored):
+    workdir, config, result = run
+    restored, _ = restored
+    ckpt = _checkpointer(workdir, config)
+    _, latest = ckpt.restore(restored.steps.abstract_state, None, ckpt.latest_step())
+    ckpt.close()
+    # The evaluated checkpoint holds the best validation value that training saw.
+    best = latest["early_stopping"]
+    assert restored.meta["validation"][config.best_metric] == best["best"]
+    assert result["checkpoint"]["step"] == best["best_step"]
+
+
+def test_probabilities_are_those_of_the_restored_checkpoint(run, restored):
+    """Recomputed with the CNN on the records, outside the evaluation's batching."""
+    workdir, config, _ = run
+    restored, _ = restored
+    source = tfds.data_source(DATASET, split="test", data_dir=config.dataset.data_dir)
+    hu = np.stack([source[i]["image"] for i in range(len(source))])
+    from liverjax import preprocess
+
+    forward = nnx.jit(lambda m, x: m(preprocess.preprocess(x, config), deterministic=True))
+    logits = forward(restored.model, jnp.asarray(hu))
+    _, _, probs, _ = _predictions_csv(workdir)
+    np.testing.assert_allclose(probs, np.asarray(jax.nn.sigmoid(logits)), atol=1e-6)
+
+
+def test_validation_predictions_match_training_validation(run, restored):
+    """Evaluation's predictions on validation reproduce the metrics training logged there."""
+    workdir, config, result = run
+    restored, val = restored
+    logged = restored.meta["validation"]
+    assert logged["n"] == val.labels.size
+    for name in ("roc_auc", "average_precision", "brier", "accuracy"):
+        assert getattr(metrics, name)(val.labels, val.probs) == pytest.approx(
+            logged[name], abs=1e-6, nan_ok=True
+        ), name
+    # The operating point was chosen on these predictions by Youden's J (the default rule).
+    op = json.loads((workdir / evaluate.OPERATING_POINT_FILE).read_text())
+    assert op["threshold"] == metrics.youden_threshold(val.labels, val.probs)
+    assert op["threshold"] == result["levels"]["slice"]["threshold"]
+    assert (op["rule"], op["split"]) == ("youden", "validation")
+    assert op["checkpoint_step"] == result["checkpoint"]["step"]
+    assert export.read_threshold(workdir)[0] == op["threshold"]
+
+
+def test_metrics_json_equals_metrics_and_sklearn_on_the_csv(run):
+    workdir, config, result = run
+    stored = _strict_json(workdir / "report" / "metrics.json")
+    _, labels, probs, patients = _predictions_csv(workdir)
+    s = stored["levels"]["slice"]
+    t = s["threshold"]
+    expected = metrics.summary(labels, probs, t)
+    for name, value in expected.items():
+        assert _num(s["metrics"][name]) == pytest.approx(value, abs=1e-12, nan_ok=True), name
+    if len(set(labels)) == 2:
+        assert s["metrics"]["roc_auc"] == pytest.approx(
+            sk_metrics.roc_auc_score(labels, probs), abs=1e-6
+        )
+        assert s["metrics"]["average_precision"] == pytest.approx(
+            sk_metrics.average_precision_score(labels, probs), abs=1e-6
+        )
+    predicted = (probs >= t).astype(int)
+    tn, fp, fn, tp = sk_metrics.confusion_matrix(labels, predicted, labels=[0, 1]).ravel()
+    assert (s["metrics"]["tp"], s["metrics"]["fp"], s["metrics"]["tn"], s["metrics"]["fn"]) == (
+        tp, fp, tn, fn)
+    # Intervals: the patient bootstrap with the configured resamples and seed.
+    ci = metrics.bootstrap_ci(
+        patients, labels, probs, n_resamples=EVAL["bootstrap_resamples"],
+        seed=EVAL["bootstrap_seed"], threshold=t,
+    )
+    for name in metrics.METRIC_NAMES:
+        np.testing.assert_allclose(
+            [_num(v) for v in s["ci"][name]], ci[name], atol=1e-12, err_msg=name
+        )
+    assert stored["bootstrap"]["n_resamples"] == EVAL["bootstrap_resamples"]
+    # Patient level: max and mean of each patient's slices.
+    for level, how in (("patient_max", "max"), ("patient_mean", "mean")):
+        _, y, p = metrics.aggregate_by_group(patients, labels, probs, how)
+        got = stored["levels"][level]
+        assert got["metrics"]["n"] == len(set(patients))
+        expected = metrics.summary(y, p, got["threshold"])
+        for name, value in expected.items():
+            assert _num(got["metrics"][name]) == pytest.approx(value, abs=1e-12, nan_ok=True), name
+    # One source in the phantom data: its subgroup is the whole split.
+    assert list(stored["by_source"]) == ["phantom"]
+    assert stored["by_source"]["phantom"]["metrics"] == s["metrics"]
+    assert stored["by_source"]["phantom"]["ci"] == s["ci"]
+    assert stored["split"] == "test"
+    assert stored["dataset"]["version"] == "1.0.0"
+    assert stored["dataset"]["images"] == labels.size
+    assert stored["config"]["dataset"]["name"] == DATASET
+    assert stored["eval_settings"]["worst_cases"] == EVAL["worst_cases"]
+
+
+def test_patients_csv(run):
+    workdir, _, result = run
+    _, labels, probs, patients = _predictions_csv(workdir)
+    rows = _read_csv(workdir / "report" / "patients.csv")
+    groups, y, p_max = metrics.aggregate_by_group(patients, labels, probs, "max")
+    assert [r["patient_id"] for r in rows] == groups.tolist()
+    assert [int(r["label"]) for r in rows] == y.tolist()
+    np.testing.assert_array_equal([float(r["probability_max"]) for r in rows], p_max)
+    assert sum(int(r["slices"]) for r in rows) == labels.size
+    t = result["levels"]["patient_max"]["threshold"]
+    assert [int(r["predicted_max"]) for r in rows] == (p_max >= t).astype(int).tolist()
+
+
+def test_report_files(run):
+    workdir, _, result = run
+    out = workdir / "report"
+    for name in report.FIGURES:
+        png = (out / f"{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n", name
+        width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+        assert width >= 300 and height >= 300, (name, width, height)
+    page = (out / report.HTML_FILE).read_text()
+    assert page.count('src="data:image/png;base64,') >= len(report.FIGURES)
+    assert 'id="metrics"' in page and "http" not in page.split("<body>")[1].split("<pre>")[0]
+    assert f"checkpoint step {result['checkpoint']['step']}" in page
+
+
+def test_checkpoint_and_workdir_errors(run, tmp_path):
+    workdir, config, _ = run
+    steps = _checkpointer(workdir, config).all_steps()
+    with pytest.raises(FileNotFoundError, match=rf"--checkpoint 99999.*{steps}"):
+        evaluate.restore(config, workdir, "99999")
+    with pytest.raises(ValueError, match="'best', 'latest' or a step number"):
+        evaluate.restore(config, workdir, "newest")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        evaluate.main(["--workdir", str(tmp_path)])
+    bad = ml_collections.ConfigDict(config.to_dict())
+    bad.eval = {"bootstrap_samples": 10}
+    with pytest.raises(ValueError, match="unknown keys \\['bootstrap_samples'\\]"):
+        evaluate.eval_settings(bad)
+
+
+def _preds(labels, probs, patients) -> evaluate.Predictions:
+    ids = {name: np.asarray([f"{name}{i}" for i in range(len(labels))]) for name in
+           evaluate.ID_FIELDS}
+    ids["patient_id"] = np.asarray(patients)
+    return evaluate.Predictions("validation", np.asarray(labels), np.asarray(probs, float), ids)
+
+
+def test_operating_points_target_sensitivity_and_patient_fallback():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 60)
+    probs = np.clip(0.5 * labels + 0.6 * rng.random(60), 0, 1)
+    # Every patient has a lesion slice: no patient-level threshold can be chosen.
+    patients = np.repeat([f"p{i}" for i in range(6)], 10)
+    labels[::10] = 1
+    config = ml_collections.ConfigDict(
+        {"eval": {"threshold_rule": "sensitivity", "target_sensitivity": 0.8}}
+    )
+    settings = evaluate.eval_settings(config)
+    points = evaluate.operating_points(_preds(labels, probs, patients), settings)
+    t = points["slice"]["threshold"]
+    assert t == metrics.threshold_for_sensitivity(labels, probs, 0.8)
+    assert points["slice"]["validation"]["recall"] >= 0.8
+    # The next higher distinct probability would miss the target.
+    higher = probs[probs > t]
+    if higher.size:
+        assert metrics.recall(labels, probs, higher.min()) < 0.8
+    for level in ("patient_max", "patient_mean"):
+        # With the sensitivity rule, only lesion patients are needed: chosen at patient level.
+        _, y, p = _preds(labels, probs, patients).level(level)
+        assert points[level]["threshold"] == metrics.threshold_for_sensitivity(y, p, 0.8)
+    youden = evaluate.eval_settings(ml_collections.ConfigDict())
+    points = evaluate.operating_points(_preds(labels, probs, patients), youden)
+    assert points["slice"]["threshold"] == metrics.youden_threshold(labels, probs)
+    for level in ("patient_max", "patient_mean"):
+        assert points[level]["threshold"] == points["slice"]["threshold"]
+        assert "all lesion" in points[level]["source"]
+    with pytest.raises(ValueError, match="all normal"):
+        evaluate.operating_points(_preds(np.zeros(60, int), probs, patients), youden)
+
+
+def test_worst_cases_are_the_most_confident_errors():
+    labels = np.array([0, 0, 0, 1, 1, 1, 0, 1])
+    probs = np.array([0.9, 0.7, 0.2, 0.1, 0.45, 0.8, 0.95, 0.3])
+    preds = _preds(labels, probs, ["a"] * 8)
+    cases = evaluate.worst_cases(preds, 0.5, 2)
+    assert cases["false_positive"].tolist() == [6, 0]  # normal, highest probability first
+    assert cases["false_negative"].tolist() == [3, 7]  # lesion, lowest probability first
+    assert evaluate.worst_cases(preds, 0.5, 0)["false_positive"].size == 0
+
+
+def test_grad_cam_channel_weights_are_mean_gradients():
+    """Grad-CAM's weights against forward-mode derivatives of the logit along each channel."""
+    config = ml_collections.ConfigDict({"model": models.default_model_config(), "image_size": 16})
+    config.model.widths, config.model.dense = (3, 5), 8
+    model = nnx.jit(lambda: models.create_model(config, rngs=nnx.Rngs(2)))()
+    model.eval()
+    x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 1))
+    cam, logits = saliency.grad_cam_raw(model, x)
+    b, h, w, c = cam.shape + (model.convs[-1].out_features,)
+
+    @nnx.jit
+    def channel_sums(model, x):
+        """d logit / d t of logit(features + t * ones on channel k), for every k: (C, B)."""
+        features = model.features(x)
+
+        def along(direction):
+            return jax.jvp(
+                lambda f: model.classify(f, deterministic=True), (features,), (direction,)
+            )[1]
+
+        directions = jnp.eye(c)[:, None, None, None, :] * jnp.ones_like(features)
+        return features, model.classify(features, deterministic=True), jax.vmap(along)(directions)
+
+    features, forward_logits, sums = channel_sums(model, x)
+    np.testing.assert_allclose(logits, forward_logits, rtol=1e-6)
+    assert features.shape == (b, h, w, c)
+    alpha = np.asarray(sums).T / (h * w)  # the mean gradient over positions, (B, C)
+    expected = np.maximum(np.einsum("bhwc,bc->bhw", np.asarray(features), alpha), 0.0)
+    np.testing.assert_allclose(np.asarray(cam), expected, rtol=1e-4, atol=1e-6)
+
+    maps, _ = saliency.grad_cam(model, x)
+    assert maps.shape == (2, 16, 16)
+    for i in range(2):
+        assert float(maps[i].max()) == pytest.approx(1.0 if expected[i].max() > 0 else 0.0)
+        assert float(maps[i].min()) >= 0.0
+    assert not np.asarray(saliency.upsample(jnp.zeros((1, 4, 4)), (16, 16))).any()
+    # A single active cell lands in the matching corner of the image.
+    corner = np.asarray(saliency.upsample(jnp.zeros((1, 4, 4)).at[0, 0, 0].set(2.0), (16, 16)))
+    assert corner[0, :4, :4].mean() > corner[0, 8:, 8:].mean() == 0.0
