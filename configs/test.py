@@ -10,13 +10,14 @@ def get_config() -> ml_collections.ConfigDict:
     config = default.get_config()
     config.dataset.name = "liver/synthetic_small"
     config.image_size = 32
-    config.model.widths = (4, 8)
-    config.model.dense = 16
+    config.model.widths = (8, 16)
+    config.model.dense = 32
+    config.model.dropout = 0.1
     config.batch_size = 8
     config.eval_batch_size = 8
     config.num_epochs = 2
     config.optimizer.name = "adam"
-    config.optimizer.learning_rate = 3e-3
+    config.optimizer.learning_rate = 0.01
     config.log_every_steps = 2
     config.checkpoint.every_steps = 5
     config.input.read_threads = 1

@@ -9,9 +9,10 @@ One checkpoint (`<dir>/<step>/`) holds three items, written as one `ocp.args.Com
 Saves are asynchronous (training goes on while arrays are written; the iterator and JSON items
 are written before `save` returns, so they describe the same step as the arrays). Retention is
 one `CheckpointManager` with a union of two preservation policies: the latest `keep` checkpoints,
-plus the `keep_best` with the highest validation metric (checkpoints without metrics count only
-as latest). A checkpoint is visible only once finalized, so a run killed mid-save restarts from
-the previous one.
+plus the `keep_best` with the highest validation metric (checkpoints saved between evaluations
+carry no metric and count only as latest). `best_fn` is set as well: Orbax stores a checkpoint's
+metrics only when it tracks a best metric. A checkpoint is visible only once finalized, so a
+run killed mid-save restarts from the previous one.
 """
 
 from __future__ import annotations
@@ -45,13 +46,7 @@ class Checkpointer:
         self.best_metric = best_metric
         policies: list[pp.PreservationPolicy] = [pp.LatestN(n=keep)]
         if keep_best:
-            policies.append(
-                pp.BestN(
-                    get_metric_fn=self._metric_value,
-                    n=keep_best,
-                    keep_checkpoints_without_metrics=False,
-                )
-            )
+            policies.append(pp.BestN(get_metric_fn=self._metric_value, n=keep_best))
         self._manager = ocp.CheckpointManager(
             os.fspath(directory),
             item_handlers={
@@ -61,15 +56,20 @@ class Checkpointer:
             },
             options=ocp.CheckpointManagerOptions(
                 preservation_policy=pp.AnyPreservationPolicy(policies),
+                best_fn=self._metric_value,
+                best_mode="max",
                 enable_async_checkpointing=async_save,
                 create=True,
             ),
         )
 
-    def _metric_value(self, metrics: Mapping[str, Any]) -> float:
-        """The ranking value of a checkpoint's metrics (NaN, e.g. AUC of one class, ranks last)."""
+    def _metric_value(self, metrics: Mapping[str, Any]) -> tuple[float, int]:
+        """Ranking key of a checkpoint: its validation metric, then the earlier step on ties.
+
+        No metric, or NaN (the AUC of a validation set with one class), ranks last.
+        """
         value = float(metrics.get(self.best_metric, math.nan))
-        return -math.inf if math.isnan(value) else value
+        return (-math.inf if math.isnan(value) else value, -int(metrics.get("step", 0)))
 
     @property
     def directory(self) -> str:
@@ -86,11 +86,8 @@ class Checkpointer:
 
     def best_step(self) -> int | None:
         """The kept checkpoint with the highest validation metric, or None if none has metrics."""
-        scored = [
-            (self._metric_value(m), s)
-            for s in self.all_steps()
-            if (m := self._manager.metrics(s)) is not None
-        ]
+        metrics = {s: self._manager.metrics(s) or {} for s in self.all_steps()}
+        scored = [(self._metric_value(m), s) for s, m in metrics.items() if self.best_metric in m]
         return max(scored)[1] if scored else None
 
     def save(
@@ -112,7 +109,8 @@ class Checkpointer:
                 data=grain.checkpoint.CheckpointSave(data_iterator),
                 meta=ocp.args.JsonSave(dict(meta)),
             ),
-            metrics=dict(metrics) if metrics is not None else None,
+            # {} rather than None: Orbax warns about every save without metrics.
+            metrics={**metrics, "step": step} if metrics is not None else {},
             force=True,
         )
 

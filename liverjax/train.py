@@ -84,7 +84,7 @@ class EvalMetrics(clu_metrics.Collection):
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; `.step` is the first such step."""
+    """The loss or the parameters became NaN or infinite; `.step` is the first such step."""
 
     def __init__(self, message: str, step: int):
         super().__init__(message)
@@ -316,7 +316,10 @@ class Steps:
     """The jitted functions of a run over one mesh."""
 
     init: Callable[[], TrainState]
-    train_step: Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, TrainMetrics]]
+    # (state, batch) → (new state, metrics, finite: loss and new parameters all finite)
+    train_step: Callable[
+        [TrainState, dict[str, jax.Array]], tuple[TrainState, TrainMetrics, jax.Array]
+    ]
     eval_step: Callable[[TrainState, dict[str, jax.Array]], EvalMetrics]
     predict: Callable[[TrainState, jax.Array], jax.Array]  # int16 HU (B,H,W,1) → probabilities
     abstract_state: TrainState  # shapes, dtypes and shardings, for restoring checkpoints
@@ -381,16 +384,19 @@ def make_steps(
 
         grads, (logits, losses, model_state) = jax.grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
         new_state = state.replace(
-            step=state.step + 1,
-            params=optax.apply_updates(state.params, updates),
-            opt_state=opt_state,
-            model_state=model_state,
+            step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state
         )
         metrics = TrainMetrics.single_from_model_output(
             loss=losses, correct=_correct(logits, labels)
         )
-        return new_state, metrics
+        # A finite loss can still produce non-finite parameters (e.g. a huge learning rate):
+        # such a state must never be checkpointed.
+        finite = jnp.isfinite(losses).all()
+        for p in jax.tree.leaves(params):
+            finite &= jnp.isfinite(p).all()
+        return new_state, metrics, finite
 
     def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> EvalMetrics:
         traces["eval_step"] += 1
@@ -411,7 +417,7 @@ def make_steps(
     return Steps(
         init=jax.jit(init, out_shardings=repl),
         train_step=jax.jit(
-            train_step, donate_argnums=(0,), in_shardings=(repl, data), out_shardings=(repl, repl)
+            train_step, donate_argnums=(0,), in_shardings=(repl, data), out_shardings=repl
         ),
         eval_step=jax.jit(eval_step, in_shardings=(repl, data)),
         predict=jax.jit(predict, in_shardings=(repl, data), out_shardings=data),
@@ -441,13 +447,15 @@ def evaluate(
     return {"loss": float(collected.loss.compute()), **collected.outputs.compute()}
 
 
-def _check_finite(losses: list[tuple[int, jax.Array]], ckpt: checkpointing.Checkpointer) -> None:
-    """Raise NonFiniteLossError at the first step whose loss is NaN or infinite."""
-    if not losses:
+def _check_finite(
+    pending: list[tuple[int, jax.Array, jax.Array]], ckpt: checkpointing.Checkpointer
+) -> None:
+    """Raise NonFiniteLossError at the first pending (step, loss, finite) that is not finite."""
+    if not pending:
         return
-    values = jax.device_get([v for _, v in losses])
-    for (step, _), value in zip(losses, values, strict=True):
-        if not np.isfinite(value):
+    values = jax.device_get([(loss, finite) for _, loss, finite in pending])
+    for (step, _, _), (loss, finite) in zip(pending, values, strict=True):
+        if not finite:
             ckpt.wait()
             last = ckpt.latest_step()
             kept = (
@@ -455,13 +463,18 @@ def _check_finite(losses: list[tuple[int, jax.Array]], ckpt: checkpointing.Check
                 if last is not None
                 else "no checkpoint was saved before it"
             )
+            what = (
+                f"training loss is {float(loss)}"
+                if not np.isfinite(loss)
+                else f"parameters became NaN or infinite (loss {float(loss):.4g})"
+            )
             raise NonFiniteLossError(
-                f"training loss is {float(value)} at step {step}; the run stopped without saving "
-                f"this state, and {kept}. Lower config.optimizer.learning_rate, set "
-                f"config.optimizer.grad_clip_norm, or check the input data",
+                f"{what} at step {step}; the run stopped without saving this state, and {kept}. "
+                "Lower config.optimizer.learning_rate, set config.optimizer.grad_clip_norm, or "
+                "check the input data",
                 step,
             )
-    losses.clear()
+    pending.clear()
 
 
 class _PreemptionNotice:
@@ -615,70 +628,73 @@ def train_and_evaluate(
         writer.write_hparams(_flatten(json.loads(config.to_json_best_effort())))
     progress = _Progress(total_steps, start, config.batch_size, steps_per_epoch)
     schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
-    pending: list[tuple[int, jax.Array]] = []  # losses not yet checked for NaN / inf
+    pending: list[tuple[int, jax.Array, jax.Array]] = []  # (step, loss, finite) not yet checked
     train_metrics: TrainMetrics | None = None
     step = start
-    with _PreemptionNotice() as preemption:
-        while stop_reason is None:
-            step += 1
-            with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                batch = parallel.global_batch(next(train_iter), mesh)
-                state, out = steps.train_step(state, batch)
-            pending.append((step, out.loss.total))
-            train_metrics = out if train_metrics is None else train_metrics.merge(out)
-            for hook in hooks:
-                hook(step)
-            last = step >= total_steps
-            if step % config.log_every_steps == 0 or last:
-                _check_finite(pending, ckpt)
-                scalars = {f"train/{k}": float(v) for k, v in train_metrics.compute().items()}
-                scalars["train/learning_rate"] = float(schedule(step - 1))
-                writer.write_scalars(step, scalars | progress(step))
-                train_metrics = None
-            evaluated = False
-            if step % eval_every == 0 or last:
-                _check_finite(pending, ckpt)
-                validation = evaluate(steps, state, eval_source, config, mesh)
-                writer.write_scalars(step, {f"validation/{k}": v for k, v in validation.items()})
-                early.update(validation[config.best_metric], step)
-                evaluated = True
-                if early.should_stop:
-                    stop_reason = "early_stopping"
-                    logger.info(
-                        "early stopping at step %d: no %s improvement in %d evaluations "
-                        "(best %.4f at step %d)",
-                        step,
-                        config.best_metric,
-                        early.bad_evals,
-                        early.best,
-                        early.best_step,
+    try:
+        with _PreemptionNotice() as preemption:
+            while stop_reason is None:
+                step += 1
+                with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                    batch = parallel.global_batch(next(train_iter), mesh)
+                    state, out, finite = steps.train_step(state, batch)
+                pending.append((step, out.loss.total, finite))
+                train_metrics = out if train_metrics is None else train_metrics.merge(out)
+                for hook in hooks:
+                    hook(step)
+                last = step >= total_steps
+                if step % config.log_every_steps == 0 or last:
+                    _check_finite(pending, ckpt)
+                    scalars = {f"train/{k}": float(v) for k, v in train_metrics.compute().items()}
+                    scalars["train/learning_rate"] = float(schedule(step - 1))
+                    writer.write_scalars(step, scalars | progress(step))
+                    train_metrics = None
+                evaluated = False
+                if step % eval_every == 0 or last:
+                    _check_finite(pending, ckpt)
+                    validation = evaluate(steps, state, eval_source, config, mesh)
+                    writer.write_scalars(
+                        step, {f"validation/{k}": v for k, v in validation.items()}
                     )
-            preempted = preemption.requested or (
-                jax.process_count() > 1 and ckpt.reached_preemption(step)
-            )
-            if preempted and stop_reason is None:
-                stop_reason = "preempted"
-            if last and stop_reason is None:
-                stop_reason = "done"
-            if evaluated or stop_reason or step % config.checkpoint.every_steps == 0:
-                _check_finite(pending, ckpt)
-                meta = {
-                    "step": step,
-                    "epoch": step / steps_per_epoch,
-                    "early_stopping": early.to_dict(),
-                    "validation": validation,
-                    "stop_reason": stop_reason,
-                }
-                ckpt.save(
-                    step,
-                    state,
-                    train_iter,
-                    meta,
-                    metrics=validation if evaluated else None,
+                    early.update(validation[config.best_metric], step)
+                    evaluated = True
+                    if early.should_stop:
+                        stop_reason = "early_stopping"
+                        logger.info(
+                            "early stopping at step %d: no %s improvement in %d evaluations "
+                            "(best %.4f at step %d)",
+                            step,
+                            config.best_metric,
+                            early.bad_evals,
+                            early.best,
+                            early.best_step,
+                        )
+                preempted = preemption.requested or (
+                    jax.process_count() > 1 and ckpt.reached_preemption(step)
                 )
-    ckpt.close()
-    writer.flush()
-    writer.close()
+                if preempted and stop_reason is None:
+                    stop_reason = "preempted"
+                if last and stop_reason is None:
+                    stop_reason = "done"
+                if evaluated or stop_reason or step % config.checkpoint.every_steps == 0:
+                    _check_finite(pending, ckpt)
+                    meta = {
+                        "step": step,
+                        "epoch": step / steps_per_epoch,
+                        "early_stopping": early.to_dict(),
+                        "validation": validation,
+                        "stop_reason": stop_reason,
+                    }
+                    ckpt.save(
+                        step,
+                        state,
+                        train_iter,
+                        meta,
+                        metrics=validation if evaluated else None,
+                    )
+    finally:
+        ckpt.close()  # waits for pending saves: the last good checkpoint is kept
+        writer.close()
     if steps.traces["train_step"] > 1:
         logger.warning(
             "the train step was traced %d times (expected once): input shapes or dtypes "

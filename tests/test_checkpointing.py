@@ -1,0 +1,158 @@
+"""Checkpoints: exact resumption after SIGTERM and after SIGKILL, retention, config changes."""
+
+import json
+import os
+import signal
+import textwrap
+
+import grain
+import jax
+import numpy as np
+import pytest
+import training_runs as runs
+
+from liverjax import checkpointing, train
+
+STEPS = 12  # two epochs of synthetic_small at batch 8; checkpoints every 5 steps and each epoch
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    runs.compilation_cache(tmp_path_factory)
+    return runs.liver_data(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    """Parameters and optimizer state after STEPS steps without interruption."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    summary = train.train_and_evaluate(runs.make_config(data_dir), str(workdir))
+    assert summary.step == STEPS and summary.stop_reason == "done"
+    return runs.host_tree(summary.state)
+
+
+def _assert_identical(state: train.TrainState, reference: dict[str, np.ndarray]) -> None:
+    got = runs.host_tree(state)
+    assert got.keys() == reference.keys()
+    for key, value in reference.items():
+        # Bit for bit: same dtype, same bytes (NaN-safe, unlike ==).
+        assert got[key].dtype == value.dtype and got[key].tobytes() == value.tobytes(), key
+
+
+def _signal_at(step: int, signum: int):
+    def hook(current: int) -> None:
+        if current == step:
+            os.kill(os.getpid(), signum)
+
+    return hook
+
+
+def test_sigterm_saves_exits_and_resume_is_bit_identical(data_dir, tmp_path, uninterrupted):
+    config = runs.make_config(data_dir)
+    before = signal.getsignal(signal.SIGTERM)
+    stopped = train.train_and_evaluate(config, str(tmp_path), hooks=[_signal_at(4, signal.SIGTERM)])
+    # The step in flight finished, was saved (4 is neither a save interval nor an epoch end),
+    # and the run returned normally.
+    assert (stopped.step, stopped.stop_reason) == (4, "preempted")
+    ckpt = checkpointing.Checkpointer(
+        tmp_path / train.CHECKPOINT_DIR, keep=3, keep_best=1, best_metric="roc_auc"
+    )
+    assert ckpt.all_steps() == [4]
+    ckpt.close()
+    assert signal.getsignal(signal.SIGTERM) == before  # the run's handler is removed again
+
+    resumed = train.train_and_evaluate(config, str(tmp_path))
+    assert (resumed.step, resumed.stop_reason) == (STEPS, "done")
+    _assert_identical(resumed.state, uninterrupted)
+
+
+def test_sigkill_between_checkpoints_replays_from_last_and_is_bit_identical(
+    data_dir, tmp_path, tmp_path_factory, uninterrupted
+):
+    config = runs.make_config(data_dir)
+    # A child process trains and is killed with SIGKILL at step 9: after the checkpoints of
+    # steps 5 and 6, before the one of step 10. Nothing runs at exit, no save is finished.
+    code = textwrap.dedent(
+        f"""
+        import os, signal
+        from configs import test
+        from liverjax import train
+        config = test.get_config()
+        config.dataset.data_dir = {str(data_dir)!r}
+        def hook(step):
+            if step == 9:
+                os.kill(os.getpid(), signal.SIGKILL)
+        train.train_and_evaluate(config, {str(tmp_path)!r}, hooks=[hook])
+        """
+    )
+    env = runs.child_env(runs.compilation_cache(tmp_path_factory), devices=8)
+    child = runs.start_python(code, env, tmp_path / "child.log")
+    assert child.wait(timeout=300) == -signal.SIGKILL, (tmp_path / "child.log").read_text()
+
+    ckpt = checkpointing.Checkpointer(
+        tmp_path / train.CHECKPOINT_DIR, keep=3, keep_best=1, best_metric="roc_auc"
+    )
+    last = ckpt.latest_step()
+    ckpt.close()
+    assert last in (5, 6)  # 6 if its asynchronous save finished before the kill
+
+    resumed = train.train_and_evaluate(config, str(tmp_path))
+    assert resumed.step == STEPS
+    _assert_identical(resumed.state, uninterrupted)
+
+
+def _iterator(length: int = 40) -> grain.DatasetIterator:
+    ds = grain.MapDataset.range(length).seed(1).shuffle().repeat().batch(4)
+    return iter(ds.to_iter_dataset())
+
+
+def test_keeps_latest_and_best_and_restores_iterator(tmp_path):
+    state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "step": np.int32(0)}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    aucs = {2: 0.9, 4: 0.7, 6: 0.9, 8: 0.6}  # 2 and 6 tie: the earlier one is the best
+    ckpt = checkpointing.Checkpointer(tmp_path, keep=2, keep_best=1, best_metric="roc_auc")
+    it = _iterator()
+    for step in range(1, 10):
+        next(it)
+        metrics = {"roc_auc": aucs[step]} if step in aucs else None
+        state = {"w": state["w"] + 1, "step": np.int32(step)}
+        ckpt.save(step, state, it, {"step": step}, metrics=metrics)
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 8, 9]  # latest two + best
+    assert ckpt.best_step() == 2
+    ckpt.close()
+
+    # A new process view: restore step 8's state, metadata and data position.
+    reopened = checkpointing.Checkpointer(tmp_path, keep=2, keep_best=1, best_metric="roc_auc")
+    assert reopened.best_step() == 2 and reopened.latest_step() == 9
+    fresh = _iterator()
+    restored, meta = reopened.restore(abstract, fresh, step=8)
+    reopened.close()
+    assert meta == {"step": 8} and int(restored["step"]) == 8
+    np.testing.assert_array_equal(restored["w"], np.arange(6).reshape(2, 3) + 8)
+    reference = _iterator()
+    for _ in range(8):
+        next(reference)
+    for _ in range(12):  # through the end of the epoch and into the reshuffled next one
+        np.testing.assert_array_equal(next(fresh), next(reference))
+
+
+def test_resume_refuses_a_different_network_and_warns_on_other_changes(data_dir, tmp_path, caplog):
+    config = runs.make_config(data_dir, num_train_steps=2)
+    train.train_and_evaluate(config, str(tmp_path))
+    saved = json.loads((tmp_path / train.CONFIG_FILE).read_text())
+    assert saved["model"]["widths"] == list(config.model.widths)
+
+    wider = runs.make_config(data_dir, num_train_steps=2, **{"model.widths": (8, 32)})
+    with pytest.raises(ValueError, match=r"model\.widths: \[8, 16\] -> \[8, 32\]"):
+        train.save_config(wider, tmp_path)
+    with pytest.raises(ValueError, match=r"optimizer\.name: 'adam' -> 'sgd'"):
+        train.save_config(runs.make_config(data_dir, **{"optimizer.name": "sgd"}), tmp_path)
+
+    slower = runs.make_config(data_dir, num_train_steps=2, **{"optimizer.learning_rate": 1e-3})
+    with caplog.at_level("WARNING", logger="liverjax"):
+        train.save_config(slower, tmp_path)
+    assert "optimizer.learning_rate: 0.01 -> 0.001" in caplog.text
+    assert json.loads((tmp_path / train.CONFIG_FILE).read_text())["optimizer"]["learning_rate"] == (
+        1e-3
+    )

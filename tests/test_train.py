@@ -1,0 +1,146 @@
+"""The training loop on the synthetic_small records: learning, one compile, errors, early stop."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+import training_runs as runs
+
+from liverjax import checkpointing, input_pipeline, parallel, train
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    runs.compilation_cache(tmp_path_factory)
+    return runs.liver_data(tmp_path_factory)
+
+
+def test_loss_falls_and_each_step_compiles_once(data_dir, tmp_path):
+    config = runs.make_config(data_dir, num_epochs=12, **{"early_stopping.patience": 0})
+    summary = train.train_and_evaluate(config, str(tmp_path))
+
+    steps_per_epoch = 48 // config.batch_size  # synthetic_small: 48 training records
+    assert summary.step == 12 * steps_per_epoch and summary.stop_reason == "done"
+    # Retrace guard: every jitted function was traced (so compiled) exactly once, although
+    # validation ran after every epoch with a padded last batch.
+    assert summary.traces == {"init": 1, "train_step": 1, "eval_step": 1, "predict": 0}
+
+    # The loss on the training records (no dropout, no augmentation) fell well below where the
+    # initial parameters put it.
+    mesh = parallel.create_mesh()
+    steps = train.make_steps(config, mesh, train.create_optimizer(config, 6, summary.step))
+    source = input_pipeline.open_source(config.dataset, "train")
+    before = train.evaluate(steps, steps.init(), source, config, mesh)["loss"]
+    after = train.evaluate(steps, summary.state, source, config, mesh)["loss"]
+    assert after < 0.75 * before, (before, after)
+
+    scalars = runs.read_scalars(tmp_path)
+    # Validation ran once per epoch, on all 12 validation records, with every metric written.
+    assert [s for s, _ in scalars["validation/roc_auc"]] == [
+        steps_per_epoch * e for e in range(1, 13)
+    ]
+    assert all(n == 12 for _, n in scalars["validation/n"])
+    for name in ("loss", "accuracy", "precision", "recall", "f1", "average_precision"):
+        assert f"validation/{name}" in scalars
+    assert summary.validation["n"] == 12
+    assert set(scalars) >= {"train/accuracy", "train/learning_rate", "images_per_sec", "epoch"}
+
+    # The config is saved with the run, and the best checkpoint is kept beside the latest ones.
+    assert (tmp_path / train.CONFIG_FILE).exists()
+    ckpt = checkpointing.Checkpointer(
+        tmp_path / train.CHECKPOINT_DIR, keep=3, keep_best=1, best_metric="roc_auc"
+    )
+    aucs = dict(scalars["validation/roc_auc"])
+    best = max(aucs, key=lambda s: (aucs[s], -s))
+    assert ckpt.best_step() == best and best in ckpt.all_steps()
+    saved = set(range(5, summary.step + 1, 5)) | set(range(6, summary.step + 1, 6))
+    assert ckpt.all_steps()[-3:] == sorted(saved)[-3:]  # every 5 steps and every epoch
+    ckpt.close()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+    config = runs.make_config(
+        data_dir,
+        **{
+            "optimizer.name": "sgd",
+            "optimizer.learning_rate": 1e30,
+            "checkpoint.every_steps": 1,
+            "num_epochs": 3,
+        },
+    )
+    with pytest.raises(train.NonFiniteLossError) as err:
+        train.train_and_evaluate(config, str(tmp_path))
+    step = err.value.step
+    assert 2 <= step < 18  # step 1 starts from finite parameters
+    assert f"at step {step}" in str(err.value) and "last good checkpoint" in str(err.value)
+
+    ckpt = checkpointing.Checkpointer(
+        tmp_path / train.CHECKPOINT_DIR, keep=3, keep_best=1, best_metric="roc_auc"
+    )
+    assert ckpt.all_steps() and ckpt.latest_step() == step - 1
+    tx = train.create_optimizer(config, 6, 18)
+    steps = train.make_steps(config, parallel.create_mesh(), tx)
+    state, _ = ckpt.restore(steps.abstract_state, None)
+    ckpt.close()
+    assert all(np.isfinite(v).all() for v in runs.host_tree(state.params).values())
+
+
+def test_early_stopping_stops_and_stays_stopped_on_resume(data_dir, tmp_path):
+    # min_delta larger than any AUC change: only the first evaluation counts as an improvement.
+    config = runs.make_config(
+        data_dir,
+        **{"early_stopping.patience": 2, "early_stopping.min_delta": 2.0, "num_epochs": 10},
+    )
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    assert summary.stop_reason == "early_stopping"
+    assert summary.step == 3 * 6  # evaluations at steps 6 (best), 12 and 18 (patience 2)
+    assert summary.best_step == 6
+
+    again = train.train_and_evaluate(config, str(tmp_path))
+    assert again.stop_reason == "early_stopping" and again.step == 18
+    assert again.traces["train_step"] == 0
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"optimizer.name": "rmsprop"}, "config.optimizer.name = 'rmsprop': unknown optimizer"),
+        ({"schedule.name": "linear"}, "config.schedule.name = 'linear': unknown schedule"),
+        ({"optimizer.learning_rate": 0.0}, "config.optimizer.learning_rate = 0.0: must be > 0"),
+        ({"batch_size": 12}, "config.batch_size = 12 must be a positive multiple of the device"),
+        ({"eval_batch_size": 4}, "config.eval_batch_size = 4 must be a positive multiple"),
+        ({"imbalance.method": "oversample"}, "config.imbalance.method = 'oversample'"),
+        ({"best_metric": "auc"}, "config.best_metric = 'auc': not a validation metric"),
+        ({"model.head": "attention"}, "config.model.head = 'attention'"),
+        ({"batch_size": 64}, "config.batch_size = 64: larger than the 48 records"),
+        ({"distributed.enabled": "yes"}, "config.distributed.enabled = 'yes'"),
+    ],
+)
+def test_config_errors_name_the_key(data_dir, tmp_path, overrides, message):
+    config = runs.make_config(data_dir, **overrides)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        train.train_and_evaluate(config, str(tmp_path))
+    # Nothing was trained or saved.
+    assert not (tmp_path / train.CHECKPOINT_DIR).exists()
+
+
+def test_early_stopping_counts_evaluations_without_improvement():
+    early = train.EarlyStopping(patience=2, min_delta=0.01)
+    assert early.update(0.70, 10) and not early.should_stop
+    assert not early.update(0.705, 20) and not early.should_stop  # within min_delta
+    assert early.update(0.80, 30) and early.bad_evals == 0
+    assert not early.update(math.nan, 40)  # one-class validation: AUC NaN, not an improvement
+    assert not early.update(0.75, 50) and early.should_stop
+    assert (early.best, early.best_step) == (0.80, 30)
+    assert train.EarlyStopping(**early.to_dict()) == early
+    assert not train.EarlyStopping(patience=0).should_stop
+
+
+def test_bce_matches_its_definition_and_weights_positives():
+    logits = jax.numpy.array([-3.0, -0.5, 0.0, 2.0, 40.0])
+    labels = jax.numpy.array([0, 1, 1, 0, 1])
+    z, y = np.asarray(logits, np.float64), np.asarray(labels)
+    # -log(sigmoid(z)) = log1p(exp(-z)); -log(1 - sigmoid(z)) = log1p(exp(z))
+    expected = np.where(y == 1, 3.0 * np.log1p(np.exp(-z)), np.log1p(np.exp(z)))
+    np.testing.assert_allclose(train.bce_with_logits(logits, labels, 3.0), expected, rtol=1e-6)
