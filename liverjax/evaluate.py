@@ -471,18 +471,6 @@ def restore(config: ml_collections.ConfigDict, workdir: str | os.PathLike, which
         tx = train.create_optimizer(config, steps_per_epoch=1, total_steps=1)
         steps = train.make_steps(config, mesh, tx)
         state, meta = ckpt.restore(steps.abstract_state, None, step)
-        if which == "best" and ckpt.best_step() is None:
-            # No checkpoint carries metrics the manager can rank: use the best step that
-            # training's early stopping recorded, if that checkpoint is still kept.
-            best = (meta.get("early_stopping") or {}).get("best_step")
-            if best in ckpt.all_steps():
-                if best != step:
-                    state, meta = ckpt.restore(steps.abstract_state, None, best)
-                step = best
-                note = (
-                    f"the best checkpoint by validation {config.best_metric}, as recorded by "
-                    "training's early stopping"
-                )
     finally:
         ckpt.close()
     # Created under jit (one compilation, not one per initializer); its parameters are then

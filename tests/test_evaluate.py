@@ -6,11 +6,9 @@ against liverjax.metrics, scikit-learn, the records and training's own validatio
 """
 
 import csv
-import importlib
 import json
 import math
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,33 +16,23 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+import training_runs
 from flax import nnx
 from sklearn import metrics as sk_metrics
 
 import tfds_liver  # noqa: F401  (registers the liver builder)
 from liverjax import checkpointing, evaluate, export, metrics, models, report, saliency, train
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-DATASET = "liver/synthetic_small"
+DATASET = training_runs.DATASET
 # Small evaluation settings for speed; every other one keeps its default.
 EVAL = {"bootstrap_resamples": 300, "bootstrap_seed": 3, "worst_cases": 2}
-
-
-def _test_config() -> ml_collections.ConfigDict:
-    """configs/test.py (the configs folder is not an installed package)."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    return importlib.import_module("configs.test").get_config()
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A trained and evaluated workdir: (workdir, config, result of evaluate.main)."""
-    data = tmp_path_factory.mktemp("data")
-    tfds.builder(DATASET, data_dir=data).download_and_prepare()
-    config = _test_config()
-    config.dataset.name = DATASET
-    config.dataset.data_dir = str(data)
+    training_runs.compilation_cache(tmp_path_factory)
+    config = training_runs.make_config(training_runs.liver_data(tmp_path_factory))
     config.eval = ml_collections.ConfigDict(EVAL)
     workdir = tmp_path_factory.mktemp("run")
     train.train_and_evaluate(config, str(workdir))
@@ -116,6 +104,8 @@ def test_best_checkpoint_is_the_best_validated_one(run, restored):
     restored, _ = restored
     ckpt = _checkpointer(workdir, config)
     _, latest = ckpt.restore(restored.steps.abstract_state, None, ckpt.latest_step())
+    assert result["checkpoint"]["step"] == ckpt.best_step()
+    assert "best" in result["checkpoint"]["chosen"]
     ckpt.close()
     # The evaluated checkpoint holds the best validation value that training saw.
     best = latest["early_stopping"]
