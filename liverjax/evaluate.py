@@ -329,14 +329,31 @@ def assess_by_source(
     return out
 
 
+def _one_per_patient_first(order: np.ndarray, patients: np.ndarray, n: int) -> np.ndarray:
+    """The first n of `order`, taking each patient's first image before any patient's second."""
+    seen: set[str] = set()
+    first, rest = [], []
+    for i in order:
+        (rest if patients[i] in seen else first).append(int(i))
+        seen.add(patients[i])
+    return np.asarray((first + rest)[:n], dtype=np.int64)
+
+
 def worst_cases(predictions: Predictions, threshold: float, n: int) -> dict[str, np.ndarray]:
-    """Indices of the n most confident false positives and the n most confident false negatives."""
+    """Indices of the n most confident false positives and false negatives, spread over patients.
+
+    False positives by decreasing, false negatives by increasing probability; a patient's next
+    error comes only after every patient with such an error has one shown.
+    """
     p, y = predictions.probs, predictions.labels
+    patients = predictions.ids["patient_id"]
     fp = np.flatnonzero((y == 0) & (p >= threshold))
     fn = np.flatnonzero((y == 1) & (p < threshold))
     return {
-        "false_positive": fp[np.argsort(-p[fp], kind="stable")][:n],
-        "false_negative": fn[np.argsort(p[fn], kind="stable")][:n],
+        "false_positive": _one_per_patient_first(
+            fp[np.argsort(-p[fp], kind="stable")], patients, n
+        ),
+        "false_negative": _one_per_patient_first(fn[np.argsort(p[fn], kind="stable")], patients, n),
     }
 
 

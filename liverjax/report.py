@@ -184,7 +184,7 @@ def calibration_figure(
     hist.axvline(result["levels"]["slice"]["threshold"], color="black", lw=1, ls="--",
                  label="Threshold")
     hist.set(xlabel="Predicted lesion probability", ylabel="Slices")
-    hist.legend(fontsize=7, loc="upper center")
+    hist.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _png(fig)
 
 
@@ -416,7 +416,8 @@ CASES_NOTE = (
     "and a Grad-CAM map of the last convolutional layer for the lesion output: bright regions "
     "raised the lesion probability; the map is relative to its own maximum within the image and "
     "is as coarse as that layer (a few pixels of the input per cell). Grad-CAM shows what the "
-    "network used, not where a lesion is, and is not validated for localisation."
+    "network used, not where a lesion is, and is not validated for localisation. Each patient's "
+    "most confident error is shown before a second one of any patient."
 )
 
 
@@ -442,9 +443,9 @@ def _cases_section(cases: Sequence[Mapping[str, Any]], result: Mapping[str, Any]
                 " No region raised the lesion score (empty map)." if not c["cam"].any() else ""
             )
             caption = (
-                f"Patient {c['patient_id']}, {c['path'] or c['sop_uid']}: "
-                f"true {('normal', 'lesion')[c['label']]}, lesion probability "
-                f"{c['probability']:.3f}.{no_evidence}"
+                f"Lesion probability {c['probability']:.3f} (true: "
+                f"{('normal', 'lesion')[c['label']]}). Patient {c['patient_id']}, file "
+                f"{c['path'] or 'n/a'}.{no_evidence}"
             )
             parts.append(
                 f'<figure class="case"><img class="case" alt="{_e(caption)}" '

@@ -285,6 +285,10 @@ def test_worst_cases_are_the_most_confident_errors():
     assert cases["false_positive"].tolist() == [6, 0]  # normal, highest probability first
     assert cases["false_negative"].tolist() == [3, 7]  # lesion, lowest probability first
     assert evaluate.worst_cases(preds, 0.5, 0)["false_positive"].size == 0
+    # Over patients: each patient's most confident error before any patient's second.
+    spread = evaluate.worst_cases(_preds(labels, probs, list("abbbcbab")), 0.5, 3)
+    assert spread["false_positive"].tolist() == [6, 1, 0]  # a 0.95, b 0.7, then a 0.9
+    assert spread["false_negative"].tolist() == [3, 4, 7]  # b 0.1, c 0.45, then b 0.3
 
 
 def test_grad_cam_channel_weights_are_mean_gradients():
