@@ -490,9 +490,10 @@ def restore(config: ml_collections.ConfigDict, workdir: str | os.PathLike, which
         state, meta = ckpt.restore(steps.abstract_state, None, step)
     finally:
         ckpt.close()
-    # Created under jit (one compilation, not one per initializer); its parameters are then
-    # replaced by the restored ones.
-    model = nnx.jit(lambda: models.create_model(config, rngs=nnx.Rngs(config.seed)))()
+    # Created under jit with training's initialization PRNG (quick to compile); its parameters
+    # are then replaced by the restored ones.
+    key = jax.random.key(config.seed, impl=train.INIT_PRNG)
+    model = nnx.jit(lambda: models.create_model(config, rngs=nnx.Rngs(key)))()
     nnx.update(model, jax.device_get(state.params), jax.device_get(state.model_state))
     model.eval()
     return Restored(step, which, note, steps, state, model, mesh, meta)

@@ -27,6 +27,11 @@ DATASET = training_runs.DATASET
 # Small evaluation settings for speed; every other one keeps its default.
 EVAL = {"bootstrap_resamples": 300, "bootstrap_seed": 3, "worst_cases": 2}
 
+def _rngs(seed: int) -> nnx.Rngs:
+    """Initialization keys of training's PRNG (threefry initializers compile slowly on CPU)."""
+    return nnx.Rngs(jax.random.key(seed, impl=train.INIT_PRNG))
+
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
@@ -295,7 +300,7 @@ def test_grad_cam_channel_weights_are_mean_gradients():
     """Grad-CAM's weights against forward-mode derivatives of the logit along each channel."""
     config = ml_collections.ConfigDict({"model": models.default_model_config(), "image_size": 16})
     config.model.widths, config.model.dense = (3, 5), 8
-    model = nnx.jit(lambda: models.create_model(config, rngs=nnx.Rngs(2)))()
+    model = nnx.jit(lambda: models.create_model(config, rngs=_rngs(2)))()
     model.eval()
     x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 1))
     cam, logits = saliency.grad_cam_raw(model, x)

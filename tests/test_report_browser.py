@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from liverjax import evaluate, metrics, models, report, saliency
+from liverjax import evaluate, metrics, models, report, saliency, train
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 CHROMIUM_FLAGS = (
@@ -48,6 +48,11 @@ window.addEventListener("load", () => {
   document.body.appendChild(out);
 });
 </script>"""
+
+def _rngs(seed: int) -> nnx.Rngs:
+    """Initialization keys of training's PRNG (threefry initializers compile slowly on CPU)."""
+    return nnx.Rngs(jax.random.key(seed, impl=train.INIT_PRNG))
+
 
 
 def _chromium() -> str | None:
@@ -85,7 +90,7 @@ def page(tmp_path_factory):
     analysis = evaluate.analyse(validation, test, settings)
     threshold = analysis["levels"]["slice"]["threshold"]
     indices = evaluate.worst_cases(test, threshold, WORST)
-    model = nnx.jit(lambda: models.create_model(config, rngs=nnx.Rngs(0)))()
+    model = nnx.jit(lambda: models.create_model(config, rngs=_rngs(0)))()
     model.eval()
     flat = np.concatenate(list(indices.values()))
     images = rng.random((flat.size, IMAGE_SIZE, IMAGE_SIZE, 1), dtype=np.float32)
