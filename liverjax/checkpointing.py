@@ -4,6 +4,7 @@ One checkpoint (`<dir>/<step>/`) holds three items, written as one `ocp.args.Com
 
     state  the TrainState pytree (params, optimizer state, step, rng), `StandardSave`
     data   the grain iterator position of every process, `grain.checkpoint.CheckpointSave`
+           (restored across process-count changes by liverjax.topology)
     meta   JSON: epoch, early-stopping counters, validation metrics, ...
 
 Saves are asynchronous (training goes on while arrays are written; the iterator and JSON items
@@ -25,6 +26,8 @@ from typing import Any
 import grain
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from liverjax import topology
 
 
 class Checkpointer:
@@ -51,7 +54,7 @@ class Checkpointer:
             os.fspath(directory),
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
-                "data": grain.checkpoint.CheckpointHandler(),
+                "data": topology.DataIteratorHandler(),  # also across process counts
                 "meta": ocp.JsonCheckpointHandler(),
             },
             options=ocp.CheckpointManagerOptions(
@@ -106,7 +109,7 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(data_iterator),
+                data=topology.DataSave(data_iterator),
                 meta=ocp.args.JsonSave(dict(meta)),
             ),
             # {} rather than None: Orbax warns about every save without metrics.
@@ -129,7 +132,7 @@ class Checkpointer:
             "meta": ocp.args.JsonRestore(),
         }
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            items["data"] = topology.DataRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"], dict(restored["meta"])
 
