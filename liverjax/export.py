@@ -434,6 +434,12 @@ def _publish(staging: pathlib.Path, model_dir: pathlib.Path) -> int:
             # another export took this version meanwhile: take the next one
 
 
+def window_of(config: ml_collections.ConfigDict) -> dict[str, float]:
+    """The HU window the exported graph applies (`config.preprocess`), for liverjax.json."""
+    section = config.preprocess
+    return {"center": float(section.window_center), "width": float(section.window_width)}
+
+
 def build_metadata(
     config: ml_collections.ConfigDict,
     *,
@@ -455,7 +461,7 @@ def build_metadata(
         "label_names": list(LABEL_NAMES),
         "input_size": size,
         "model_image_size": int(config.image_size),
-        "window": {"center": float(config.window_center), "width": float(config.window_width)},
+        "window": window_of(config),
         "threshold": float(threshold),
         "threshold_source": threshold_source,
         "checkpoint_step": step,

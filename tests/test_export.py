@@ -1,0 +1,255 @@
+"""Export: TF Serving layout, signature, metadata, and parity of SavedModel / TFLite with JAX.
+
+Once per session (shared with tests/test_serve.py): configs/test.py is trained for a few steps on
+the synthetic_small records (64² HU; the model takes 32², so the exported graph resizes too), and
+`python -m liverjax.export`'s main exports the best checkpoint, with the parity check on the test
+split and the threshold from the run's operating_point.json.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+import training_runs
+from flax import nnx
+
+from liverjax import checkpointing, evaluate, export, metrics, models, preprocess, serve, train
+from tfds_liver import labels as labels_lib
+
+DATASET = training_runs.DATASET
+THRESHOLD = 0.42  # the run's operating point, as the evaluation would write it
+# Long enough for the model to rank the train split (ROC AUC ~0.8, probabilities spread ~0.1), so
+# that the quantized files' AUC loss is measured on a model that separates something. The test
+# split is 12 slices of 2 patients: one flipped pair moves its AUC by ~0.03, so the export's own
+# check runs on the 48 train slices; the tests below check parity on the test split too.
+TRAIN_EPOCHS = 10
+PARITY_SPLIT = "train"
+
+
+def make_config(data_dir: pathlib.Path | None = None):
+    """configs/test.py (the config the session's run trains)."""
+    return training_runs.make_config(data_dir or pathlib.Path("unused"))
+
+
+def make_model(seed: int) -> models.CNN:
+    """A freshly initialised model of the test config, in inference mode."""
+    model = models.create_model(make_config(), rngs=nnx.Rngs(seed))
+    model.eval()
+    return model
+
+
+def jax_outputs(model: models.CNN, hu: np.ndarray) -> dict[str, np.ndarray]:
+    """The JAX model's answer on HU images: liverjax.preprocess, the model, a sigmoid."""
+    x = preprocess.preprocess(jax.numpy.asarray(hu, np.float32), make_config())
+    logit = model(x, deterministic=True)
+    return {"probability": np.asarray(jax.nn.sigmoid(logit)), "logit": np.asarray(logit)}
+
+
+def test_records(data_dir: pathlib.Path) -> dict[str, np.ndarray]:
+    """The test split as arrays: image (N, S, S, 1) int16, label, sop_uid, patient_id."""
+    source = tfds.data_source(DATASET, split="test", data_dir=data_dir)
+    rows = [source[i] for i in range(len(source))]
+    return {
+        "image": np.stack([r["image"] for r in rows]),
+        "label": np.asarray([r["label"] for r in rows]),
+        "sop_uid": np.asarray([r["sop_uid"].decode() for r in rows]),
+        "patient_id": np.asarray([r["patient_id"].decode() for r in rows]),
+    }
+
+
+test_records.__test__ = False  # a helper, not a test
+
+
+@functools.cache
+def _export_once(root: str, data_dir: str) -> dict:
+    root = pathlib.Path(root)
+    config = make_config(pathlib.Path(data_dir))
+    config.num_epochs = TRAIN_EPOCHS
+    workdir = root / "run"
+    train.train_and_evaluate(config, str(workdir))
+    step = checkpointing.Checkpointer(
+        workdir / train.CHECKPOINT_DIR, keep=1, keep_best=0, best_metric="", async_save=False
+    ).latest_step()
+    (workdir / evaluate.OPERATING_POINT_FILE).write_text(
+        json.dumps({"threshold": THRESHOLD, "checkpoint_step": step})
+    )
+    result = export.main(
+        ["--workdir", str(workdir), "--out", str(root / "export")]
+        + ["--checkpoint", "latest", "--split", PARITY_SPLIT]
+    )
+    # The JAX model that was exported, restored again (its compilations now come from the cache).
+    restored = evaluate.restore(config, workdir, "latest")
+    assert restored.step == step
+    return {
+        "model": restored.model,
+        "step": restored.step,
+        "data_dir": pathlib.Path(data_dir),
+        "out_dir": root / "export",
+        "version_dir": result.version_dir,
+        "version": result.version,
+        "parity": result.parity,
+    }
+
+
+def shared_export(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Trains, exports (through the CLI) once per session; both test files use it.
+
+    Returns model (the restored JAX model that was exported), step, data_dir, out_dir,
+    version_dir, version, parity.
+    """
+    training_runs.compilation_cache(tmp_path_factory)
+    data_dir = training_runs.liver_data(tmp_path_factory)
+    root = training_runs.session_dir(tmp_path_factory) / "liverjax_export"
+    root.mkdir(exist_ok=True)
+    return _export_once(str(root), str(data_dir))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return shared_export(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def records(exported):
+    return test_records(pathlib.Path(exported["data_dir"]))
+
+
+@pytest.fixture(scope="module")
+def tf():
+    import tensorflow as tf
+
+    return tf
+
+
+def test_layout_is_tf_serving_and_tflite(exported):
+    out = pathlib.Path(exported["out_dir"])
+    assert exported["version"] == 1
+    version_dir = out / "liver" / "1"
+    assert (version_dir / "saved_model.pb").is_file()
+    assert (version_dir / "variables" / "variables.index").is_file()
+    for name in (export.METADATA_FILE, export.STABLEHLO_FILE, export.PARAMS_FILE):
+        assert (version_dir / export.ASSETS_EXTRA / name).is_file(), name
+    for name in ("liver.tflite", "liver_fp16.tflite", "liver_int8.tflite"):
+        assert (out / name).stat().st_size > 0, name
+    # nothing but the version is left in the model dir (the staging dir was renamed)
+    assert sorted(p.name for p in (out / "liver").iterdir()) == ["1"]
+    # quantized files are smaller than the float one
+    sizes = {n: (out / n).stat().st_size for n in export.TFLITE_FILES.values()}
+    assert sizes["liver_int8.tflite"] < sizes["liver_fp16.tflite"] < sizes["liver.tflite"]
+
+
+def test_metadata(exported, records):
+    md = json.loads(
+        (
+            pathlib.Path(exported["version_dir"]) / export.ASSETS_EXTRA / export.METADATA_FILE
+        ).read_text()
+    )
+    config = make_config()
+    size = records["image"].shape[1]
+    assert size != config.image_size  # the graph resizes
+    assert md["label_names"] == list(labels_lib.LABEL_NAMES)
+    assert md["input_size"] == size and md["model_image_size"] == config.image_size
+    assert md["inputs"]["image"]["shape"] == [-1, size, size, 1]
+    assert md["window"] == export.window_of(config)
+    assert md["threshold"] == THRESHOLD
+    assert md["threshold_source"].endswith(evaluate.OPERATING_POINT_FILE)
+    assert md["checkpoint_step"] == exported["step"] and md["version"] == 1
+    assert md["checkpoint"]["requested"] == "latest"
+    assert md["config"]["model"]["widths"] == list(config.model.widths)
+    assert md["signature_name"] == "serving_default"
+    assert md["parity_split"] == PARITY_SPLIT
+
+
+def test_signature_has_dynamic_batch_and_named_outputs(exported, records, tf):
+    loaded = tf.saved_model.load(str(exported["version_dir"]))
+    signature = loaded.signatures["serving_default"]
+    _, inputs = signature.structured_input_signature
+    size = records["image"].shape[1]
+    assert list(inputs) == ["image"]
+    assert inputs["image"].dtype == tf.float32
+    assert inputs["image"].shape.as_list() == [None, size, size, 1]
+    assert sorted(signature.structured_outputs) == ["logit", "probability"]
+    for batch in (1, 3, 7):
+        out = signature(image=tf.constant(records["image"][:batch].astype(np.float32)))
+        assert out["probability"].shape == (batch,) and out["logit"].shape == (batch,)
+
+
+def test_parity_on_test_records(exported, records, tf):
+    """JAX vs SavedModel vs float TFLite vs the serving module agree to 1e-5 on real records."""
+    images = records["image"].astype(np.float32)
+    want = jax_outputs(exported["model"], images)
+    signature = tf.saved_model.load(str(exported["version_dir"])).signatures["serving_default"]
+    saved = {k: v.numpy() for k, v in signature(image=tf.constant(images)).items()}
+    out = pathlib.Path(exported["out_dir"])
+    tflite = export.run_tflite((out / "liver.tflite").read_bytes(), images)
+    module = serve.Servable.load(exported["version_dir"], version=1, max_batch=4).predict(images)
+    for got in (saved, tflite, module):
+        for name in ("probability", "logit"):
+            np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-5)
+    # a real spread of answers, not a constant
+    assert np.ptp(want["probability"]) > 0
+    # the export measured the same and recorded it
+    parity = exported["parity"]
+    for key in ("saved_model", "serving_module", "tflite_float32"):
+        assert max(parity[key].values()) <= 1e-5, (key, parity[key])
+    assert parity["images"] == len(
+        export.read_parity_records(make_config(exported["data_dir"]), PARITY_SPLIT, 10_000)[0]
+    )
+
+
+def test_quantized_variants_lose_little_auc(exported):
+    """fp16 and int8 lose at most 0.01 ROC AUC against float32, on every record of the set."""
+    config = make_config(exported["data_dir"])
+    splits = {
+        s: export.read_parity_records(config, s, 10_000) for s in ("train", "validation", "test")
+    }
+    images = np.concatenate([images for images, _ in splits.values()])
+    labels = np.concatenate([labels for _, labels in splits.values()])
+    out = pathlib.Path(exported["out_dir"])
+    probs = {
+        name: export.run_tflite((out / file).read_bytes(), images)["probability"]
+        for name, file in export.TFLITE_FILES.items()
+    }
+    base = metrics.roc_auc(labels, probs["float32"])
+    for name in ("fp16", "int8"):
+        assert base - metrics.roc_auc(labels, probs[name]) <= export.AUC_TOLERANCE, name
+        assert np.max(np.abs(probs[name] - probs["float32"])) > 0, f"{name} is not quantized"
+    # the export measured the same on its parity split (the first rows here)
+    quantized = exported["parity"]["quantized"]
+    n = len(splits[PARITY_SPLIT][1])
+    assert quantized["checked"] and quantized["examples"] == n
+    assert quantized["roc_auc"]["float32"] == pytest.approx(
+        metrics.roc_auc(labels[:n], probs["float32"][:n])
+    )
+    assert quantized["roc_auc"]["float32"] > 0.6  # a model that ranks: the check means something
+
+
+def test_quantization_check_raises_on_auc_loss():
+    labels = np.array([0, 0, 1, 1])
+    float_probs = np.array([0.1, 0.2, 0.8, 0.9])
+    swapped = np.array([0.1, 0.85, 0.8, 0.9])  # one pair out of four flips: AUC 1.0 → 0.75
+    report = export._quantization_check(float_probs, {"int8": float_probs + 1e-3}, labels)
+    assert report["auc_loss"]["int8"] == 0.0
+    with pytest.raises(export.ParityError, match="int8.*0.25"):
+        export._quantization_check(float_probs, {"int8": swapped}, labels)
+    assert not export._quantization_check(float_probs, {"int8": swapped}, None)["checked"]
+
+
+def test_versions_and_threshold(tmp_path):
+    for name in ("1", "7", "tmp", ".staging-x"):
+        (tmp_path / "liver" / name).mkdir(parents=True)
+    assert export.versions(tmp_path / "liver") == [1, 7]
+    assert export.versions(tmp_path / "missing") == []
+    with pytest.warns(UserWarning, match="operating_point.json not found"):
+        assert export.read_threshold(tmp_path) == (0.5, "default")
+    (tmp_path / "operating_point.json").write_text(json.dumps({"threshold": 0.37, "rule": "x"}))
+    assert export.read_threshold(tmp_path) == (0.37, str(tmp_path / "operating_point.json"))
+    (tmp_path / "operating_point.json").write_text(json.dumps({"threshold": 1.5}))
+    with pytest.raises(ValueError, match="operating_point.json: threshold = 1.5"):
+        export.read_threshold(tmp_path)

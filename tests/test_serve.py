@@ -1,0 +1,389 @@
+"""The REST server, for real: `python -m liverjax.serve` in a process on 127.0.0.1 with tensorflow
+blocked, the session's export, DICOM files of the synthetic set, and the stdlib client.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pydicom
+import pytest
+import tensorflow_datasets as tfds
+from test_export import (
+    DATASET,
+    THRESHOLD,
+    jax_outputs,
+    make_config,
+    make_model,
+    shared_export,
+    test_records,
+)
+
+from liverjax import export, serve
+from liverjax.client import Client, ServerError, multipart
+from liverjax.serve_benchmark import ServerProcess, run_load
+from tfds_liver import phantom
+
+MAX_BODY = 2**20  # the server's --max_body_bytes in these tests
+LOAD_CLIENTS = 16
+LOAD_SECONDS = 5.0
+NEW_VERSION_TIMEOUT_S = 120.0
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return shared_export(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def records(exported):
+    return test_records(exported["data_dir"])
+
+
+@pytest.fixture(scope="module")
+def dicom_files(exported, records, tmp_path_factory) -> dict[str, pathlib.Path]:
+    """sop_uid → DICOM file of the test split, regenerated from the builder's phantom settings."""
+    config = tfds.builder(DATASET, data_dir=exported["data_dir"]).builder_config
+    out = tmp_path_factory.mktemp("phantom")
+    phantom.write_phantom(
+        out,
+        patients=config.phantom_patients,
+        seed=config.phantom_seed,
+        size=config.phantom_size,
+        slices=config.phantom_slices,
+    )
+    wanted = set(records["sop_uid"])
+    found = {}
+    for path in sorted(out.rglob("*.dcm")):
+        uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        if uid in wanted:
+            found[uid] = path
+    assert set(found) == wanted, "the phantom no longer reproduces the records' files"
+    return found
+
+
+@pytest.fixture(scope="module")
+def server(exported, tmp_path_factory):
+    """The server on a copy of the export, with tensorflow made unimportable."""
+    root = tmp_path_factory.mktemp("serve")
+    base = root / "liver"
+    shutil.copytree(exported["version_dir"], base / "1")
+    blocker = root / "blocker"
+    (blocker / "tensorflow").mkdir(parents=True)
+    marker = root / "tensorflow_imported"
+    (blocker / "tensorflow" / "__init__.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "raise ImportError('tensorflow is blocked: the server must not need it')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), *sys.path]))
+    flags = (
+        f"--max_body_bytes={MAX_BODY}",
+        "--max_batch_size=8",
+        "--batch_timeout_ms=5",
+        "--file_system_poll_wait_seconds=0.2",
+    )
+    with ServerProcess(base, flags=flags, env=env, log_path=root / "server.log") as proc:
+        proc.base = base
+        proc.marker = marker
+        yield proc
+    assert not marker.exists(), "the server imported tensorflow"
+
+
+@pytest.fixture
+def client(server):
+    with Client(server.url) as c:
+        yield c
+
+
+def test_status_metadata_health(server, client, records):
+    assert client.status() == {
+        "model_version_status": [
+            {
+                "version": "1",
+                "state": "AVAILABLE",
+                "status": {"error_code": "OK", "error_message": ""},
+            }
+        ]
+    }
+    md = client.metadata()
+    assert md["model_spec"]["name"] == "liver" and md["model_spec"]["version"] == "1"
+    signature = md["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    size = records["image"].shape[1]
+    dims = [int(d["size"]) for d in signature["inputs"]["image"]["tensor_shape"]["dim"]]
+    assert dims == [-1, size, size, 1]
+    assert sorted(signature["outputs"]) == ["logit", "probability"]
+    assert md["metadata"]["liverjax"]["threshold"] == THRESHOLD
+    assert client.request("GET", "/healthz") == (200, {"status": "ok"})
+    assert client.request("GET", "/readyz")[1]["version"] == 1
+    assert not server.marker.exists()
+
+
+def test_predict_row_and_columnar_match_jax(client, records, exported):
+    images = records["image"][:5].astype(np.float32)
+    want = jax_outputs(exported["model"], images)
+    for columnar in (False, True):
+        got = client.predict(images, columnar=columnar)
+        for name in ("probability", "logit"):
+            np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-5)
+    # instances as {"image": ...} objects, and a version in the path
+    body = json.dumps({"instances": [{"image": images[0].tolist()}]}).encode()
+    status, answer = client.request("POST", "/v1/models/liver/versions/1:predict", body)
+    assert status == 200
+    assert answer["predictions"][0]["probability"] == pytest.approx(
+        float(want["probability"][0]), abs=1e-5
+    )
+
+
+def test_decode_equals_the_records(records, dicom_files):
+    """The server's DICOM path gives the very int16 image the builder stored."""
+    size = records["image"].shape[1]
+    for uid, image in zip(records["sop_uid"], records["image"], strict=True):
+        [(s, decoded)] = serve.decode_dicom(
+            dicom_files[uid].read_bytes(), dicom_files[uid].name, size
+        )
+        assert s.sop_uid == uid
+        assert decoded.dtype == np.int16
+        np.testing.assert_array_equal(decoded, image[..., 0])
+
+
+def test_classify_dicom_has_no_skew(client, records, dicom_files, exported):
+    """classify_dicom on the synthetic set's DICOM files = the JAX model on the same records."""
+    want = jax_outputs(exported["model"], records["image"].astype(np.float32))
+    files = [dicom_files[uid] for uid in records["sop_uid"]]
+    results = client.classify_dicom(files)  # multipart, all test files in one request
+    assert len(results) == len(files)
+    threshold = THRESHOLD
+    for i, result in enumerate(results):
+        assert result["sop_uid"] == records["sop_uid"][i]
+        assert result["patient_id"] == records["patient_id"][i]
+        assert result["file"] == files[i].name
+        assert result["probability"] == pytest.approx(float(want["probability"][i]), abs=1e-4)
+        label = int(result["probability"] >= threshold)
+        assert (result["label"], result["class"]) == (label, ("normal", "lesion")[label])
+    # one file as the body (application/dicom)
+    [single] = client.classify_dicom([files[3]])
+    assert single["probability"] == pytest.approx(float(want["probability"][3]), abs=1e-4)
+    assert single["sop_uid"] == records["sop_uid"][3] and single["file"] == files[3].name
+
+
+def _without_pixels(path: pathlib.Path) -> bytes:
+    ds = pydicom.dcmread(path)
+    del ds.PixelData
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def _bad_requests(size: int, dicom_path: pathlib.Path):
+    good = np.zeros((1, size, size, 1)).tolist()
+    predict = "/v1/models/liver:predict"
+    classify = "/v1/models/liver:classify_dicom"
+    dcm = {"Content-Type": "application/dicom"}
+    body, content_type = multipart([("a.dcm", dicom_path.read_bytes()), ("b.txt", b"hello")])
+    return [
+        ("malformed JSON", "POST", predict, b'{"instances": [1,', {}, 400, "malformed JSON"),
+        ("empty body", "POST", predict, b"", {}, 400, "empty body"),
+        ("neither key", "POST", predict, b'{"foo": 1}', {}, 400, "unknown keys ['foo']"),
+        (
+            "wrong shape",
+            "POST",
+            predict,
+            json.dumps({"instances": [[[1.0]]]}).encode(),
+            {},
+            400,
+            f"shape [1, 1, 1], expected [batch, {size}, {size}, 1]",
+        ),
+        (
+            "wrong dtype",
+            "POST",
+            predict,
+            json.dumps({"inputs": [[["a"]]]}).encode(),
+            {},
+            400,
+            "expected numbers",
+        ),
+        (
+            "ragged",
+            "POST",
+            predict,
+            json.dumps({"inputs": [[1, 2], [3]]}).encode(),
+            {},
+            400,
+            "not a rectangular array",
+        ),
+        (
+            "NaN",
+            "POST",
+            predict,
+            json.dumps({"instances": good}).replace("0.0", "NaN", 1).encode(),
+            {},
+            400,
+            "value at index [0, 0, 0, 0] is nan",
+        ),
+        (
+            "bad signature",
+            "POST",
+            predict,
+            json.dumps({"signature_name": "x", "instances": good}).encode(),
+            {},
+            400,
+            "signature_name 'x' not found",
+        ),
+        ("oversized", "POST", predict, b" " * (MAX_BODY + 1), {}, 413, "over the server's limit"),
+        (
+            "oversized chunked",
+            "POST",
+            predict,
+            (b" " * 65536 for _ in range(MAX_BODY // 65536 + 1)),
+            {},
+            413,
+            "over the server's limit",
+        ),
+        ("empty upload", "POST", classify, b"", dcm, 400, "empty"),
+        ("not DICOM", "POST", classify, b"hello, not a DICOM file" * 10, dcm, 400, "not_dicom"),
+        ("no pixels", "POST", classify, _without_pixels(dicom_path), dcm, 400, "no_pixels"),
+        (
+            "bad file in multipart",
+            "POST",
+            classify,
+            body,
+            {"Content-Type": content_type},
+            400,
+            "b.txt: not_dicom",
+        ),
+        (
+            "wrong content type",
+            "POST",
+            classify,
+            b"{}",
+            {"Content-Type": "application/json"},
+            415,
+            "Content-Type 'application/json'",
+        ),
+        ("unknown model", "GET", "/v1/models/kidney", None, {}, 404, "unknown model 'kidney'"),
+        (
+            "unknown version",
+            "POST",
+            "/v1/models/liver/versions/9:predict",
+            json.dumps({"instances": good}).encode(),
+            {},
+            404,
+            "version 9 of model 'liver'",
+        ),
+        ("unknown method", "POST", "/v1/models/liver:regress", b"{}", {}, 404, "unknown method"),
+        ("unknown path", "GET", "/v2/other", None, {}, 404, "no such path"),
+    ]
+
+
+def test_bad_input_gets_4xx_and_the_server_keeps_serving(client, records, dicom_files):
+    size = records["image"].shape[1]
+    dicom_path = dicom_files[records["sop_uid"][0]]
+    image = records["image"][:1].astype(np.float32)
+    want = client.predict(image)["probability"]
+    for what, method, path, body, headers, status, message in _bad_requests(size, dicom_path):
+        got_status, answer = client.request(method, path, body, headers)
+        assert got_status == status, (what, answer)
+        assert message in answer["error"], (what, answer)
+        # and the next request is answered as before
+        np.testing.assert_array_equal(client.predict(image)["probability"], want)
+    with pytest.raises(ServerError) as e:
+        client.classify_dicom([b"not dicom"], names=["x.dcm"])
+    assert e.value.status == 400 and "x.dcm: not_dicom" in e.value.message
+
+
+def test_load_16_clients_no_errors_and_batches(server, records, dicom_files, exported):
+    images = records["image"].astype(np.float32)
+    want = jax_outputs(exported["model"], images)["probability"]
+    bodies = [
+        json.dumps({"instances": images[i : i + 1].tolist()}).encode() for i in range(len(images))
+    ]
+    files = [dicom_files[uid].read_bytes() for uid in records["sop_uid"]]
+    before = Client(server.url).request("GET", "/statsz")[1]
+
+    def request(client: Client, worker: int, n: int) -> None:
+        i = (worker + n) % len(images)  # each client cycles through different images
+        if n % 2:
+            [result] = client.classify_dicom([files[i]], names=[f"{i}.dcm"])
+            got = result["probability"]
+        else:
+            status, answer = client.request("POST", "/v1/models/liver:predict", bodies[i])
+            if status != 200:
+                raise ServerError(status, str(answer))
+            got = answer["predictions"][0]["probability"]
+        if abs(got - want[i]) > 1e-4:
+            raise AssertionError(f"image {i}: got {got}, want {want[i]}")
+
+    report = run_load(server.url, request, clients=LOAD_CLIENTS, duration_s=LOAD_SECONDS)
+    after = Client(server.url).request("GET", "/statsz")[1]
+    assert report.errors == 0, report.first_errors
+    assert report.requests >= LOAD_CLIENTS
+    images_served = after["images"] - before["images"]
+    calls = after["model_calls"] - before["model_calls"]
+    assert images_served == report.requests
+    assert calls < images_served, "16 concurrent clients were never batched together"
+    print(f"\nload: {report.as_dict()}; mean batch {images_served / calls:.2f}")
+
+
+def test_picks_up_a_new_version_and_never_a_failed_one(server, client, records):
+    """An export written while the server runs is served without a restart (and v1 goes); one
+    that fails its parity check leaves nothing the server could pick up."""
+    other = make_model(seed=1)
+    images = records["image"][:3].astype(np.float32)
+    out = server.base.parent
+    export_args = dict(input_size=images.shape[1], parity_images=images, threshold=0.25)
+    with pytest.raises(export.ParityError, match="SavedModel disagrees"):
+        # TF's float32 kernels differ from XLA's by ~1e-7: a zero tolerance must fail.
+        export.export_model(other, make_config(), out, tolerance=0.0, **export_args)
+    assert sorted(p.name for p in server.base.iterdir()) == ["1"]
+    assert not list(out.glob("*.tflite"))
+    assert client.status()["model_version_status"][0]["version"] == "1"
+
+    result = export.export_model(other, make_config(), out, **export_args)
+    assert result.version == 2
+    assert sorted(p.name for p in server.base.iterdir()) == ["1", "2"]
+    deadline = time.monotonic() + NEW_VERSION_TIMEOUT_S
+    while client.status()["model_version_status"][0]["version"] != "2":
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.2)
+    want = jax_outputs(other, images)
+    got = client.predict(images)
+    np.testing.assert_allclose(got["probability"], want["probability"], rtol=0, atol=1e-5)
+    assert client.metadata()["metadata"]["liverjax"]["threshold"] == 0.25
+    assert client.predict(images, version=2)["logit"] == pytest.approx(want["logit"], abs=1e-5)
+    with pytest.raises(ServerError) as e:
+        client.predict(images, version=1)
+    assert e.value.status == 404
+
+
+def test_tfserving_launcher_serves_the_export(exported, tmp_path):
+    """launch/tfserving.sh mounts E/liver into the official image (dry run: no Docker here)."""
+    script = pathlib.Path(__file__).resolve().parents[1] / "launch" / "tfserving.sh"
+    env = dict(os.environ, DRY_RUN="1", MAX_BATCH_SIZE="8")
+    run = subprocess.run(
+        ["bash", str(script), str(exported["out_dir"]), "9001"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    command = run.stdout.split()
+    assert command[:2] == ["docker", "run"] and "tensorflow/serving:latest" in command
+    assert f"{exported['out_dir']}/liver:/models/liver:ro" in command
+    assert "9001:8501" in command and "--model_base_path=/models/liver" in command
+    assert "--enable_batching=true" in command
+    [mount] = [arg for arg in command if arg.endswith(":/config:ro")]
+    batching = pathlib.Path(mount.split(":")[0], "batching.config").read_text()
+    assert "max_batch_size { value: 8 }" in batching
+    assert "versions: 1" in run.stderr
+    missing = subprocess.run(
+        ["bash", str(script), str(tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and "export first" in missing.stderr
