@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# N training processes on this machine, CPU only, talking through gloo on 127.0.0.1: the same
+# multi-controller run as on a cluster (one jax.distributed coordinator, one global mesh, one
+# shared checkpoint directory), small enough to test anywhere.
+#
+#   WORKDIR=runs/mp launch/multiprocess_cpu.sh N [extra liverjax.main flags...]
+#   WORKDIR=runs/mp CONFIG=configs/test.py launch/multiprocess_cpu.sh 2 --config.num_train_steps=8
+#
+# Process i runs `python -m liverjax.main --config $CONFIG --workdir $WORKDIR` with
+# --config.distributed.{coordinator_address,num_processes,process_id} set explicitly, logs to
+# $WORKDIR/process_i.log (overwritten at each launch), and the script waits for all of them: it
+# exits 0 only if every process did; when one fails, it stops the others and prints its log's
+# end. Launching again with the same WORKDIR resumes from the latest checkpoint.
+#
+# Settings, as environment variables:
+#   WORKDIR               required: checkpoints, config.json, TensorBoard events, process logs
+#   CONFIG                default configs/default.py
+#   PORT                  coordinator port on 127.0.0.1, default 12355
+#   DEVICES_PER_PROCESS   CPU devices each process shows JAX, default 1
+#   PYTHON                default python
+set -euo pipefail
+
+usage="usage: WORKDIR=DIR $0 NUM_PROCESSES [extra liverjax.main flags...]"
+num_processes="${1:?$usage}"
+shift
+workdir="${WORKDIR:?$usage}"
+config="${CONFIG:-configs/default.py}"
+port="${PORT:-12355}"
+devices="${DEVICES_PER_PROCESS:-1}"
+python="${PYTHON:-python}"
+if ! [[ "$num_processes" =~ ^[1-9][0-9]*$ ]]; then
+  echo "$0: NUM_PROCESSES must be a positive integer, got '$num_processes'" >&2
+  exit 2
+fi
+mkdir -p "$workdir"
+
+# CPU only; the last --xla_force_host_platform_device_count wins over one already in XLA_FLAGS.
+export JAX_PLATFORMS=cpu
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices}"
+
+declare -A process_of_pid=()
+for ((i = 0; i < num_processes; i++)); do
+  "$python" -m liverjax.main \
+    --config "$config" \
+    --workdir "$workdir" \
+    --config.distributed.coordinator_address="127.0.0.1:${port}" \
+    --config.distributed.num_processes="$num_processes" \
+    --config.distributed.process_id="$i" \
+    "$@" >"$workdir/process_${i}.log" 2>&1 &
+  process_of_pid[$!]=$i
+done
+echo "started $num_processes processes (coordinator 127.0.0.1:${port}); logs: $workdir/process_*.log"
+
+# Seconds a process gets to exit after SIGTERM, once another failed, before SIGKILL.
+stop_grace=10
+status=0
+while ((${#process_of_pid[@]} > 0)); do
+  sleep 1
+  for pid in "${!process_of_pid[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      continue
+    fi
+    code=0
+    wait "$pid" || code=$?
+    i="${process_of_pid[$pid]}"
+    unset "process_of_pid[$pid]"
+    if ((code == 0 || status != 0)); then
+      continue
+    fi
+    status=1
+    echo "process $i failed (exit $code); the end of $workdir/process_${i}.log:" >&2
+    tail -n 30 "$workdir/process_${i}.log" >&2 || true
+    # The others would wait for it in collectives until a timeout: stop them.
+    for other in "${!process_of_pid[@]}"; do
+      kill -TERM "$other" 2>/dev/null || true
+    done
+    for ((t = 0; t < stop_grace; t++)); do
+      sleep 1
+      alive=0
+      for other in "${!process_of_pid[@]}"; do
+        if kill -0 "$other" 2>/dev/null; then alive=1; fi
+      done
+      if ((alive == 0)); then break; fi
+    done
+    for other in "${!process_of_pid[@]}"; do
+      kill -KILL "$other" 2>/dev/null || true
+    done
+  done
+done
+if ((status == 0)); then
+  echo "all $num_processes processes finished"
+fi
+exit "$status"
