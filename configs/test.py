@@ -13,6 +13,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.widths = (8, 16)
     config.model.dense = 32
     config.model.dropout = 0.1
+    # Light augmentation, per example: intensity only (an op with probability 0 is not traced).
+    for name in ("rotate", "scale", "translate", "crop", "blur", "sharpen", "gamma"):
+        config.augment[name].prob = 0.0
+    config.augment.brightness.prob = config.augment.contrast.prob = 0.5
+    config.augment.noise.prob = 0.5
     config.batch_size = 8
     config.eval_batch_size = 8
     config.num_epochs = 2

@@ -50,13 +50,26 @@ class Checkpointer:
         policies: list[pp.PreservationPolicy] = [pp.LatestN(n=keep)]
         if keep_best:
             policies.append(pp.BestN(get_metric_fn=self._metric_value, n=keep_best))
+        # Each item's handler for its save and restore args, registered up front (the deprecated
+        # `item_handlers` wraps grain's handler in a legacy adapter whose args do not match).
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        for item, save, restore, handler in (
+            (
+                "state",
+                ocp.args.StandardSave,
+                ocp.args.StandardRestore,
+                ocp.StandardCheckpointHandler,
+            ),
+            # The data iterator, also across process counts.
+            ("data", topology.DataSave, topology.DataRestore, topology.DataIteratorHandler),
+            ("meta", ocp.args.JsonSave, ocp.args.JsonRestore, ocp.JsonCheckpointHandler),
+        ):
+            instance = handler()
+            registry.add(item, save, instance)
+            registry.add(item, restore, instance)
         self._manager = ocp.CheckpointManager(
             os.fspath(directory),
-            item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "data": topology.DataIteratorHandler(),  # also across process counts
-                "meta": ocp.JsonCheckpointHandler(),
-            },
+            handler_registry=registry,
             options=ocp.CheckpointManagerOptions(
                 preservation_policy=pp.AnyPreservationPolicy(policies),
                 best_fn=self._metric_value,

@@ -198,6 +198,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for key in ("num_workers", "read_threads", "prefetch_batches"):
         if config.input[key] < (0 if key == "num_workers" else 1):
             _fail(f"input.{key}", config.input[key], "out of range", "see configs/default.py")
+    if not config.preprocess.window_width > 0:
+        _fail("preprocess.window_width", config.preprocess.window_width, "must be > 0", "e.g. 400")
+    preprocess.validate_augment_config(config.augment)
     models.validate_model_config(config.model, config.image_size)
 
 

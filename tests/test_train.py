@@ -1,6 +1,7 @@
 """The training loop on the synthetic_small records: learning, one compile, errors, early stop."""
 
 import math
+import re
 
 import jax
 import numpy as np
@@ -115,11 +116,12 @@ def test_early_stopping_stops_and_stays_stopped_on_resume(data_dir, tmp_path):
         ({"model.head": "attention"}, "config.model.head = 'attention'"),
         ({"batch_size": 64}, "config.batch_size = 64: larger than the 48 records"),
         ({"distributed.enabled": "yes"}, "config.distributed.enabled = 'yes'"),
+        ({"augment.rotate.prob": 1.5}, "config.augment.rotate.prob = 1.5: must be in [0, 1]"),
     ],
 )
 def test_config_errors_name_the_key(data_dir, tmp_path, overrides, message):
     config = runs.make_config(data_dir, **overrides)
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         train.train_and_evaluate(config, str(tmp_path))
     # Nothing was trained or saved.
     assert not (tmp_path / train.CHECKPOINT_DIR).exists()
