@@ -194,7 +194,7 @@ def test_uids_are_valid_unique_and_grouped(written):
 def test_labels_csv_lists_exactly_the_image_files(written):
     rows = _rows(written / "labels.csv")
     with open(written / "labels.csv", encoding="utf-8") as f:
-        assert f.readline().strip() == ",".join(phantom.CSV_COLUMNS)
+        assert f.readline().strip() == "patient_id,label,path,sex,exam_date,source"
     images = {
         p.relative_to(written).as_posix()
         for p in written.rglob("*.dcm")
@@ -260,6 +260,9 @@ def test_bad_arguments_are_explained(tmp_path):
         phantom.write_phantom(tmp_path / "x", patients=1, seed=0, size=8)
     with pytest.raises(ValueError, match="lesion_patient_fraction=1.5"):
         phantom.write_phantom(tmp_path / "x", patients=1, seed=0, lesion_patient_fraction=1.5)
+    with pytest.raises(ValueError, match=r"lesion_contrast_hu=\(40, 20\)"):
+        phantom.write_phantom(tmp_path / "x", patients=1, seed=0, lesion_contrast_hu=(40, 20))
+    assert not (tmp_path / "x").exists()
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "other.txt").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):
@@ -268,29 +271,25 @@ def test_bad_arguments_are_explained(tmp_path):
 
 def test_cli_writes_a_set_and_prints_one_line(tmp_path):
     out = tmp_path / "cli"
-    cmd = [
-        sys.executable,
-        "-m",
-        "tfds_liver.phantom",
-        "--out",
-        str(out),
-        "--patients",
-        "2",
-        "--seed",
-        "3",
-        "--size",
-        "64",
-        "--slices",
-        "4",
-    ]
+    args = ["--out", str(out), "--patients", "2", "--seed", "3", "--size", "64", "--slices", "4"]
+    cmd = [sys.executable, "-m", "tfds_liver.phantom", *args]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("wrote 2 patients") and "8 slices" in lines[0]
     assert len(_rows(out / "labels.csv")) == 8
-    assert not any((out / r).is_dir() for r in ("masks_lesion", "masks_liver"))
-    again = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    assert again.returncode == 2 and "not empty" in again.stderr
+    assert not list(out.rglob("masks_*")), "masks are written only on request"
+
+
+def test_cli_options_and_errors(tmp_path, capsys):
+    out = tmp_path / "cli"
+    base = ["--out", str(out), "--patients", "1", "--seed", "4", "--size", "64", "--slices", "3"]
+    phantom.main([*base, "--masks", "--lesion-contrast", "40", "50", "--lesion-fraction", "1"])
+    assert "wrote 1 patients (1 with lesions)" in capsys.readouterr().out
+    assert len(list(out.glob("*/masks_lesion/*.dcm"))) == 3
+    with pytest.raises(SystemExit) as exit_info:  # the folder is no longer empty
+        phantom.main(base)
+    assert exit_info.value.code == 2 and "not empty" in capsys.readouterr().err
 
 
 def test_files_decode_through_the_project_decoder(written):

@@ -18,7 +18,6 @@ on the rasterised liver, so near-boundary decisions can differ between sizes.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import datetime
 import math
@@ -36,9 +35,9 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
+from tfds_liver import labels
+
 # --- labels.csv ------------------------------------------------------------------------------
-NORMAL, LESION = "normal", "lesion"  # label names of labels.csv (DESIGN.md)
-CSV_COLUMNS = ("patient_id", "label", "path", "sex", "exam_date", "source")
 SOURCE = "phantom"  # the `source` column of every row
 IMAGE_SERIES_DIR = "ct"  # out_dir/<patient_id>/ct/<nnn>.dcm
 LESION_MASK_DIR, LIVER_MASK_DIR = "masks_lesion", "masks_liver"
@@ -47,7 +46,7 @@ MASK_ON = 255  # pixel value of a mask pixel in the mask series
 # --- defaults of write_phantom -----------------------------------------------------------------
 DEFAULT_SIZE = 512  # rows = columns of the written images
 DEFAULT_SLICES = 16  # slices per series
-DEFAULT_LESION_PATIENT_FRACTION = 0.65  # share of patients who have lesions
+DEFAULT_LESION_PATIENT_FRACTION = 0.75  # share of patients who have lesions; the others none
 MIN_SIZE = 32  # below this the anatomy is no longer drawable
 
 # --- DICOM encoding: stored = HU + 1024 in 12 of 16 bits, abdominal window ----------------------
@@ -93,15 +92,15 @@ TABLE_HALF_WIDTH_MM = 210.0
 HEPATIC_VESSEL_CONTRAST_HU = (-15.0, -8.0)  # unenhanced vessels are a little below parenchyma
 
 # --- lesions ---------------------------------------------------------------------------------
-LESION_DIAMETER_MM = (4.0, 30.0)  # drawn log-uniformly
-LESION_CONTRAST_HU = (15.0, 60.0)  # |lesion - liver|; the sign (hypo/hyper) is a fair coin
+LESION_DIAMETER_MM = (4.0, 30.0)  # drawn uniformly
+LESION_CONTRAST_HU = (15.0, 60.0)  # |lesion - liver|, drawn uniformly; hypo and hyper alternate
 LESION_EDGE_MM = (0.5, 3.0)  # width of the soft margin, sharp cysts to ill-defined metastases
 LESION_SHAPE_JITTER = 0.15  # relative spread of the three semi-axes
 LESION_LOBULATION = 0.12  # maximum relative boundary modulation
 MIN_VISIBLE_DIAMETER_MM = 3.0  # thinner cross-sections (ends of a lesion) are not drawn
 LESION_MARGIN_MM = 1.0  # lesion boundary must lie this far inside the liver at its centre
 LESION_GAP_MM = 2.0  # minimum distance between two lesions
-LESION_SCAN_MM_PER_LESION = 14.0  # expected extra lesions = scan length / this
+LESION_SCAN_MM_PER_LESION = 26.0  # expected extra lesions = scan length / this
 MAX_LESIONS = 8
 LESION_PLACEMENT_TRIES = 200
 
@@ -314,11 +313,11 @@ def _draw_anatomy(canvas: _Canvas, rng: np.random.Generator, body: dict) -> dict
         )
 
     # bowel loops (fluid or gas with a wall) in the lower abdomen
-    for _ in range(int(rng.integers(8, 15))):
-        bx = cx + rng.uniform(-0.7, 0.7) * cav_a + rng.uniform(-15, 15) * u
-        by = wall_cy + rng.uniform(-0.7, 0.3) * cav_b + rng.uniform(-15, 15) * u
-        start = rng.uniform(0.3, 0.9)
-        radius = rng.uniform(8.0, 16.0) * _profile(u, start, start + rng.uniform(0.2, 0.6))
+    for _ in range(int(rng.integers(14, 22))):
+        bx = cx + rng.uniform(-0.75, 0.75) * cav_a + rng.uniform(-15, 15) * u
+        by = wall_cy + rng.uniform(-0.75, 0.5) * cav_b + rng.uniform(-15, 15) * u
+        start = rng.uniform(0.2, 0.8)
+        radius = rng.uniform(8.0, 18.0) * _profile(u, start, start + rng.uniform(0.3, 0.8))
         content = HU_AIR if rng.random() < 0.3 else _uniform(rng, FLUID_HU)
         canvas.paint(canvas.ellipse(bx, by, radius, radius), muscle_hu - 10, _ORGAN, cavity)
         inner = np.maximum(radius - 2.0, 0.0)
@@ -454,7 +453,12 @@ def _liver_mask(tissue: np.ndarray) -> np.ndarray:
 
 
 def _place_lesions(
-    canvas: _Canvas, rng: np.random.Generator, liver: dict, count: int, slice_mm: float
+    canvas: _Canvas,
+    rng: np.random.Generator,
+    liver: dict,
+    count: int,
+    slice_mm: float,
+    contrast_hu: tuple[float, float],
 ) -> tuple[list[Lesion], np.ndarray]:
     """Place `count` lesions inside the liver, draw them, return them and the lesion mask."""
     liver_mask = _liver_mask(canvas.tissue)
@@ -470,6 +474,7 @@ def _place_lesions(
         return bool(ok.all() and liver_mask[s, rows, cols].all())
 
     ring = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+    first_sign = 1.0 if rng.random() < 0.5 else -1.0
     for _ in range(LESION_PLACEMENT_TRIES):
         if len(lesions) == count:
             break
@@ -477,7 +482,7 @@ def _place_lesions(
         s = int(rng.integers(z.size))
         lobe = liver["lobes"][0 if rng.random() < 0.8 else 1]
         rad, ang = math.sqrt(rng.random()) * 0.85, rng.uniform(0, 2 * np.pi)
-        diameter = math.exp(rng.uniform(*np.log(LESION_DIAMETER_MM)))
+        diameter = rng.uniform(*LESION_DIAMETER_MM)
         semi = diameter / 2 * (1 + rng.uniform(-LESION_SHAPE_JITTER, LESION_SHAPE_JITTER, 3))
         dz, rot = rng.uniform(-0.5, 0.5) * slice_mm, rng.uniform(0, np.pi)
         lob_amp, lob_k, lob_phase = (
@@ -485,8 +490,8 @@ def _place_lesions(
             rng.integers(3, 6),
             rng.uniform(0, 2 * np.pi),
         )
-        sign = 1.0 if rng.random() < 0.5 else -1.0
-        contrast = sign * rng.uniform(*LESION_CONTRAST_HU)
+        # hypo and hyper alternate within a patient, so both kinds are equally common
+        contrast = first_sign * (-1) ** len(lesions) * rng.uniform(*contrast_hu)
         edge = rng.uniform(*LESION_EDGE_MM)
         center = np.array(
             [
@@ -599,9 +604,10 @@ def make_patient(
     size: int = DEFAULT_SIZE,
     slices: int = DEFAULT_SLICES,
     has_lesions: bool = True,
+    lesion_contrast_hu: tuple[float, float] = LESION_CONTRAST_HU,
 ) -> Patient:
     """Generate phantom `index` of `seed` in memory: HU volume, labels, masks, metadata."""
-    _check_args(size=size, slices=slices, seed=seed, index=index)
+    _check_args(size=size, slices=slices, seed=seed, index=index, contrast=lesion_contrast_hu)
     streams = np.random.SeedSequence([seed, index]).spawn(4)
     anatomy_rng, lesion_rng, noise_rng, meta_rng = (np.random.default_rng(s) for s in streams)
 
@@ -646,7 +652,9 @@ def make_patient(
     count = 0
     if has_lesions:
         count = min(MAX_LESIONS, 1 + int(lesion_rng.poisson(scan / LESION_SCAN_MM_PER_LESION)))
-    lesions, lesion_mask = _place_lesions(canvas, lesion_rng, liver, count, thickness)
+    lesions, lesion_mask = _place_lesions(
+        canvas, lesion_rng, liver, count, thickness, lesion_contrast_hu
+    )
 
     noise = (
         NOISE_HU[0]
@@ -685,10 +693,9 @@ def make_patient(
         origin_mm=(float(axis[0]), float(axis[0])),
         z_mm=tuple(float(v) for v in z),
     )
-    labels = lesion_mask.any(axis=(1, 2)).astype(np.int64)
     return Patient(
         hu=hu,
-        labels=labels,
+        labels=lesion_mask.any(axis=(1, 2)).astype(np.int64),
         lesion_mask=lesion_mask,
         liver_mask=_liver_mask(canvas.tissue),
         lesions=tuple(lesions),
@@ -833,7 +840,7 @@ def write_patient(
         rows.append(
             dict(
                 patient_id=meta.patient_id,
-                label=LESION if patient.labels[index] else NORMAL,
+                label=labels.LABEL_NAMES[patient.labels[index]],
                 path=str(rel),
                 sex=meta.sex,
                 exam_date=meta.study_date.isoformat(),
@@ -843,7 +850,7 @@ def write_patient(
     return rows
 
 
-def _check_args(**args: int | float) -> None:
+def _check_args(**args: int | float | tuple[float, float]) -> None:
     """Raise ValueError naming the argument when a count, size or seed is out of range."""
     problems = []
     if "patients" in args and args["patients"] < 1:
@@ -858,6 +865,12 @@ def _check_args(**args: int | float) -> None:
         problems.append(f"seed={args['seed']}: use a non-negative integer")
     if "fraction" in args and not 0 <= args["fraction"] <= 1:
         problems.append(f"lesion_patient_fraction={args['fraction']}: use a value in [0, 1]")
+    if "contrast" in args:
+        low, high = args["contrast"]
+        if not 0 < low <= high:
+            problems.append(
+                f"lesion_contrast_hu={args['contrast']}: give (low, high) HU with 0 < low <= high"
+            )
     if problems:
         raise ValueError("phantom: " + "; ".join(problems))
 
@@ -870,11 +883,17 @@ def write_phantom(
     size: int = DEFAULT_SIZE,
     slices: int = DEFAULT_SLICES,
     lesion_patient_fraction: float = DEFAULT_LESION_PATIENT_FRACTION,
+    lesion_contrast_hu: tuple[float, float] = LESION_CONTRAST_HU,
     write_masks: bool = False,
 ) -> pathlib.Path:
     """Write `patients` phantom CT series and labels.csv into an empty out_dir; returns the CSV."""
     _check_args(
-        patients=patients, seed=seed, size=size, slices=slices, fraction=lesion_patient_fraction
+        patients=patients,
+        seed=seed,
+        size=size,
+        slices=slices,
+        fraction=lesion_patient_fraction,
+        contrast=lesion_contrast_hu,
     )
     out_dir = pathlib.Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -885,26 +904,28 @@ def write_phantom(
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, str]] = []
     for index, has_lesions in enumerate(lesion_patients(patients, seed, lesion_patient_fraction)):
-        patient = make_patient(seed, index, size=size, slices=slices, has_lesions=bool(has_lesions))
+        patient = make_patient(
+            seed,
+            index,
+            size=size,
+            slices=slices,
+            has_lesions=bool(has_lesions),
+            lesion_contrast_hu=lesion_contrast_hu,
+        )
         rows += write_patient(patient, out_dir, write_masks=write_masks)
     csv_path = out_dir / "labels.csv"
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+    labels.write_labels(rows, csv_path)
     return csv_path
 
 
 def summarize(csv_path: str | pathlib.Path) -> str:
     """One line: patients, slices and lesion share of a phantom labels.csv."""
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    lesion = [r["label"] == LESION for r in rows]
-    sick = {r["patient_id"] for r in rows if r["label"] == LESION}
-    share = sum(lesion) / max(len(rows), 1)
+    rows = labels.read_labels(csv_path)
+    lesion = sum(r.label for r in rows)
+    sick = {r.patient_id for r in rows if r.label}
     return (
-        f"{len({r['patient_id'] for r in rows})} patients ({len(sick)} with lesions), "
-        f"{len(rows)} slices ({sum(lesion)} lesion = {share:.0%}) -> {csv_path}"
+        f"{len({r.patient_id for r in rows})} patients ({len(sick)} with lesions), "
+        f"{len(rows)} slices ({lesion} lesion = {lesion / max(len(rows), 1):.0%}) -> {csv_path}"
     )
 
 
@@ -925,6 +946,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="share of patients with lesions",
     )
     parser.add_argument(
+        "--lesion-contrast",
+        type=float,
+        nargs=2,
+        default=LESION_CONTRAST_HU,
+        metavar=("LOW", "HIGH"),
+        help="|lesion - liver| in HU, drawn uniformly; hypo or hyper at random",
+    )
+    parser.add_argument(
         "--masks",
         action="store_true",
         help="also write lesion and liver mask series (not listed in labels.csv)",
@@ -938,6 +967,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             size=args.size,
             slices=args.slices,
             lesion_patient_fraction=args.lesion_fraction,
+            lesion_contrast_hu=tuple(args.lesion_contrast),
             write_masks=args.masks,
         )
     except (ValueError, FileExistsError) as error:
