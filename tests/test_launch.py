@@ -1,0 +1,161 @@
+"""Launchers: 2 CPU processes train, write one checkpoint, resume; 2 → 1 process resumes exactly."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import training_runs as runs
+import yaml
+
+LAUNCH = runs.REPO / "launch"
+STEPS = 8  # checkpoints at 5 (every 5 steps), 6 (one epoch) and 8 (the end)
+INTERRUPTED = 5  # resumed from here: the periodic checkpoint
+LOG_LINE = re.compile(r"\] \[(\d+)\] .*train/loss=([-0-9.e]+)")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    runs.compilation_cache(tmp_path_factory)
+    return runs.liver_data(tmp_path_factory)
+
+
+def _env(tmp_path_factory, devices: int, **extra: str) -> dict[str, str]:
+    env = runs.child_env(runs.compilation_cache(tmp_path_factory), devices)
+    env.update(PYTHON=sys.executable, CONFIG="configs/test.py", **extra)
+    return env
+
+
+def _multiprocess(workdir, data_dir, steps: int, env) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            "bash",
+            str(LAUNCH / "multiprocess_cpu.sh"),
+            "2",
+            f"--config.dataset.data_dir={data_dir}",
+            f"--config.num_train_steps={steps}",
+        ],
+        cwd=runs.REPO,
+        env={**env, "WORKDIR": str(workdir), "PORT": str(runs.free_port())},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _finish(child: subprocess.Popen) -> str:
+    out, _ = child.communicate(timeout=600)
+    assert child.returncode == 0, out[-3000:]
+    return out
+
+
+def _losses(log) -> dict[int, str]:
+    """{step: train loss as logged} from one process's log."""
+    text = log.read_text(errors="replace")
+    return {int(m[1]): m[2] for m in LOG_LINE.finditer(text)}
+
+
+def _checkpoint_dirs(workdir) -> set:
+    """Folders that hold Orbax checkpoint steps anywhere under `workdir`."""
+    return {p.parent.parent for p in workdir.rglob("_CHECKPOINT_METADATA")}
+
+
+def _interrupted_copy(workdir, to) -> None:
+    """A copy of `workdir` as if the run had stopped right after its step-INTERRUPTED checkpoint."""
+    shutil.copytree(workdir, to)
+    for step_dir in (to / "checkpoints").iterdir():
+        if step_dir.name.isdigit() and int(step_dir.name) > INTERRUPTED:
+            shutil.rmtree(step_dir)
+
+
+def test_two_processes_share_one_checkpoint_resume_and_resume_on_one(
+    data_dir, tmp_path, tmp_path_factory
+):
+    workdir = tmp_path / "run"
+    _finish(_multiprocess(workdir, data_dir, STEPS, _env(tmp_path_factory, 1)))
+    logs = [workdir / f"process_{i}.log" for i in range(2)]
+    full = [_losses(log) for log in logs]
+    assert STEPS in full[0], logs[0].read_text()[-3000:]
+    assert full[0] == full[1]  # one global batch, one model: the same losses in both processes
+    assert _checkpoint_dirs(workdir) == {workdir / "checkpoints"}
+    step_dir = workdir / "checkpoints" / str(INTERRUPTED)
+    states = sorted(p.name for p in (step_dir / "data").glob("process_*.json"))
+    assert states == ["process_0-of-2.json", "process_1-of-2.json"]
+    assert len({(step_dir / "data" / s).read_text() for s in states}) == 1
+
+    # The run stopped after step INTERRUPTED: resumed by 2 processes, and by 1 (with 2 devices).
+    again, single = tmp_path / "again", tmp_path / "single"
+    _interrupted_copy(workdir, again)
+    _interrupted_copy(workdir, single)
+    one = subprocess.Popen(
+        [
+            "bash",
+            str(LAUNCH / "local.sh"),
+            str(single),
+            f"--config.dataset.data_dir={data_dir}",
+            f"--config.num_train_steps={STEPS}",
+        ],
+        cwd=runs.REPO,
+        env=_env(tmp_path_factory, 2),
+        stdout=open(tmp_path / "single.log", "w"),  # noqa: SIM115  (closed when it exits)
+        stderr=subprocess.STDOUT,
+    )
+    _finish(_multiprocess(again, data_dir, STEPS, _env(tmp_path_factory, 1)))
+    assert one.wait(timeout=600) == 0, (tmp_path / "single.log").read_text()[-3000:]
+
+    resumed = [_losses(again / f"process_{i}.log") for i in range(2)]
+    for i in range(2):
+        assert f"at step {INTERRUPTED}" in (again / f"process_{i}.log").read_text(errors="replace")
+    assert resumed[0] and min(resumed[0]) > INTERRUPTED  # continued, did not restart
+    assert resumed[0] == resumed[1]
+    assert (again / "checkpoints" / str(STEPS)).is_dir()
+    assert _checkpoint_dirs(again) == {again / "checkpoints"}
+
+    single_log = (tmp_path / "single.log").read_text(errors="replace")
+    assert "saved by 2 process(es), restored in 1" in single_log and "resumes exactly" in single_log
+    alone = _losses(tmp_path / "single.log")
+    assert sorted(alone) == sorted(resumed[0])
+    for step, loss in resumed[0].items():
+        # Same batches on the same 2 devices: only the all-reduce's transport differs.
+        assert float(alone[step]) == pytest.approx(float(loss), rel=1e-5), step
+
+
+@pytest.mark.parametrize("name", ["local.sh", "slurm.sbatch", "tpu_vm.sh", "multiprocess_cpu.sh"])
+def test_shell_launchers_parse_and_run_liverjax_main(name):
+    path = LAUNCH / name
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    assert "-m liverjax.main" in path.read_text()
+    assert os.access(path, os.X_OK)
+
+
+def test_tpu_vm_command_runs_main_on_every_worker():
+    out = subprocess.run(
+        ["bash", str(LAUNCH / "tpu_vm.sh"), "gs://b/run", "--config.num_epochs=3"],
+        env={**os.environ, "TPU": "v4-16", "ZONE": "us-central2-b", "DRY_RUN": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "--worker=all" in out and "v4-16" in out and "us-central2-b" in out
+    assert "liverjax.main" in out and "gs://b/run" in out and "--config.num_epochs=3" in out
+
+
+def test_kubernetes_job_wires_coordinator_index_and_count():
+    service, job = yaml.safe_load_all((LAUNCH / "k8s" / "job.yaml").read_text())
+    assert service["kind"] == "Service" and service["spec"]["clusterIP"] == "None"
+    spec = job["spec"]
+    assert job["kind"] == "Job" and spec["completionMode"] == "Indexed"
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == service["metadata"]["name"]
+    container = pod["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert int(env["NUM_PROCESSES"]) == spec["completions"] == spec["parallelism"]
+    port = service["spec"]["ports"][0]["port"]
+    assert env["COORDINATOR_ADDRESS"] == f"{job['metadata']['name']}-0.{pod['subdomain']}:{port}"
+    command = " ".join(container["command"] + container["args"])
+    assert "-m liverjax.main" in command
+    assert '--config.distributed.process_id="$JOB_COMPLETION_INDEX"' in command
+    assert '--config.distributed.num_processes="$NUM_PROCESSES"' in command
+    assert '--config.distributed.coordinator_address="$COORDINATOR_ADDRESS"' in command
