@@ -113,6 +113,24 @@ def test_lesion_patients_and_label_balance(cohort):
     assert phantom.lesion_patients(5, 0, 0.0).sum() == 0
 
 
+def test_image_size_does_not_change_the_patient(cohort):
+    for index in range(3):
+        small, large = (
+            cohort[index],
+            phantom.make_patient(
+                COHORT["seed"],
+                index,
+                size=256,
+                slices=COHORT["slices"],
+                has_lesions=bool(cohort[index].lesions),
+            ),
+        )
+        assert {x.center_mm for x in small.lesions} <= {x.center_mm for x in large.lesions}
+        assert np.mean(small.labels == large.labels) >= 0.9
+        coarse = large.liver_mask.reshape(COHORT["slices"], 128, 2, 128, 2).mean(axis=(2, 4))
+        assert np.mean((coarse >= 0.5) != small.liver_mask) < 0.01  # the same liver
+
+
 def test_mean_hu_does_not_separate_the_classes(cohort):
     labels = np.concatenate([p.labels for p in cohort])
     slice_mean = np.concatenate([p.hu.mean(axis=(1, 2)) for p in cohort])

@@ -8,9 +8,10 @@ lesions that span adjacent slices. Edges are blurred by a point-spread function 
 spatially correlated noise plus low-frequency texture. A slice is labelled `lesion` when a lesion
 is visible on it (its lesion mask is not empty), else `normal`.
 
-Everything is drawn in millimetres, so a phantom at size 128 has the anatomy of the same phantom at
-size 512 (noise is scaled as if the 512 image were averaged down); lesions are placed by rejection
-on the rasterised liver, so near-boundary decisions can differ between sizes.
+Everything is drawn in millimetres and lesions are placed on a fixed planning grid, so the same
+seed gives the same patients at every image size: a phantom at size 128 looks like the one at 512
+averaged down (noise is scaled so), and differs only where a lesion section is too small for the
+coarser grid.
 
     python -m tfds_liver.phantom --out DIR --patients 8 --seed 0 [--size 512] [--masks]
 """
@@ -18,6 +19,7 @@ on the rasterised liver, so near-boundary decisions can differ between sizes.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import math
@@ -103,6 +105,7 @@ LESION_GAP_MM = 2.0  # minimum distance between two lesions
 LESION_SCAN_MM_PER_LESION = 26.0  # expected extra lesions = scan length / this
 MAX_LESIONS = 8
 LESION_PLACEMENT_TRIES = 200
+LESION_PLANNING_SIZE = 256  # grid on which lesions are placed, whatever the output size
 
 # --- image formation -------------------------------------------------------------------------
 REFERENCE_SPACING_MM = 0.75  # pixel spacing at which NOISE_HU is the per-pixel standard deviation
@@ -168,10 +171,7 @@ class _Canvas:
     z: np.ndarray  # (S,) patient z of each slice
     hu: np.ndarray  # float32 (S, H, W)
     tissue: np.ndarray  # int8 (S, H, W)
-
-    @property
-    def spacing(self) -> float:
-        return float(self.x[1] - self.x[0])
+    spacing: float  # mm between pixel centres
 
     def _range(self, axis: np.ndarray, low: float, high: float) -> slice:
         start = int(np.floor((low - axis[0]) / self.spacing))
@@ -452,20 +452,59 @@ def _liver_mask(tissue: np.ndarray) -> np.ndarray:
     return (tissue == _LIVER) | (tissue == _LIVER_VESSEL)
 
 
-def _place_lesions(
+@dataclasses.dataclass(frozen=True)
+class _LesionSpec:
+    """A planned lesion: ellipsoid (semi-axes, in-plane rotation), lobulated outline, contrast."""
+
+    center: tuple[float, float, float]  # mm
+    semi: tuple[float, float, float]  # mm
+    rotation: float  # radians
+    lobulation: tuple[float, int, float]  # amplitude, number of lobes, phase
+    contrast_hu: float
+    edge_mm: float
+
+
+def _lesion_section(
+    canvas: _Canvas, spec: _LesionSpec, t: int, liver_mask: np.ndarray
+) -> tuple[slice, slice, np.ndarray, np.ndarray] | None:
+    """Rows, columns, blend weight and mask of a lesion on slice t; None where it is not visible."""
+    (cx, cy, cz), (sx, sy, sz) = spec.center, spec.semi
+    frac = 1.0 - ((canvas.z[t] - cz) / sz) ** 2
+    if frac <= 0:
+        return None
+    rx, ry = sx * math.sqrt(frac), sy * math.sqrt(frac)
+    if 2 * math.sqrt(rx * ry) < MIN_VISIBLE_DIAMETER_MM:
+        return None
+    amp, lobes, phase = spec.lobulation
+    reach = max(rx, ry) * (1 + amp) + spec.edge_mm
+    rows = canvas._range(canvas.y, cy - reach, cy + reach)
+    cols = canvas._range(canvas.x, cx - reach, cx + reach)
+    dx = canvas.x[cols][None, :] - cx
+    dy = canvas.y[rows][:, None] - cy
+    c, s = math.cos(spec.rotation), math.sin(spec.rotation)
+    px, py = (c * dx + s * dy) / rx, (-s * dx + c * dy) / ry
+    rho = np.sqrt(px * px + py * py) / (1 + amp * np.cos(lobes * np.arctan2(py, px) + phase))
+    inside_liver = liver_mask[t, rows, cols]
+    mask = (rho <= 1.0) & inside_liver
+    if mask.sum() * canvas.spacing**2 < np.pi * (MIN_VISIBLE_DIAMETER_MM / 2) ** 2:
+        return None
+    distance = (1.0 - rho) * math.sqrt(rx * ry)  # ~mm inside the boundary
+    weight = np.clip(distance / spec.edge_mm + 0.5, 0.0, 1.0)
+    weight = weight * weight * (3 - 2 * weight) * inside_liver  # smoothstep margin
+    return rows, cols, weight.astype(np.float32), mask
+
+
+def _plan_lesions(
     canvas: _Canvas,
     rng: np.random.Generator,
     liver: dict,
     count: int,
     slice_mm: float,
     contrast_hu: tuple[float, float],
-) -> tuple[list[Lesion], np.ndarray]:
-    """Place `count` lesions inside the liver, draw them, return them and the lesion mask."""
+) -> list[_LesionSpec]:
+    """Choose up to `count` lesions well inside the liver drawn on `canvas`, apart from others."""
     liver_mask = _liver_mask(canvas.tissue)
-    lesion_mask = np.zeros(canvas.hu.shape, bool)
     spacing, z = canvas.spacing, canvas.z
-    lesions: list[Lesion] = []
-    placed: list[tuple[np.ndarray, float]] = []
 
     def in_liver(s: int, xs: np.ndarray, ys: np.ndarray) -> bool:
         cols = np.rint((xs - canvas.x[0]) / spacing).astype(int)
@@ -473,25 +512,25 @@ def _place_lesions(
         ok = (cols >= 0) & (cols < canvas.x.size) & (rows >= 0) & (rows < canvas.y.size)
         return bool(ok.all() and liver_mask[s, rows, cols].all())
 
+    specs: list[_LesionSpec] = []
     ring = np.linspace(0, 2 * np.pi, 16, endpoint=False)
     first_sign = 1.0 if rng.random() < 0.5 else -1.0
     for _ in range(LESION_PLACEMENT_TRIES):
-        if len(lesions) == count:
+        if len(specs) == count:
             break
-        # every try draws the same numbers, so the stream stays aligned across image sizes
         s = int(rng.integers(z.size))
         lobe = liver["lobes"][0 if rng.random() < 0.8 else 1]
         rad, ang = math.sqrt(rng.random()) * 0.85, rng.uniform(0, 2 * np.pi)
         diameter = rng.uniform(*LESION_DIAMETER_MM)
         semi = diameter / 2 * (1 + rng.uniform(-LESION_SHAPE_JITTER, LESION_SHAPE_JITTER, 3))
-        dz, rot = rng.uniform(-0.5, 0.5) * slice_mm, rng.uniform(0, np.pi)
-        lob_amp, lob_k, lob_phase = (
+        dz, rotation = rng.uniform(-0.5, 0.5) * slice_mm, rng.uniform(0, np.pi)
+        lobulation = (
             rng.uniform(0, LESION_LOBULATION),
-            rng.integers(3, 6),
+            int(rng.integers(3, 6)),
             rng.uniform(0, 2 * np.pi),
         )
         # hypo and hyper alternate within a patient, so both kinds are equally common
-        contrast = first_sign * (-1) ** len(lesions) * rng.uniform(*contrast_hu)
+        contrast = first_sign * (-1) ** len(specs) * rng.uniform(*contrast_hu)
         edge = rng.uniform(*LESION_EDGE_MM)
         center = np.array(
             [
@@ -503,52 +542,71 @@ def _place_lesions(
         reach = float(semi[:2].max()) + LESION_MARGIN_MM
         if not in_liver(s, center[0] + reach * np.cos(ring), center[1] + reach * np.sin(ring)):
             continue
-        if any(np.linalg.norm(center - c) < semi.max() + r + LESION_GAP_MM for c, r in placed):
+        if any(
+            np.linalg.norm(center - np.array(o.center)) < semi.max() + max(o.semi) + LESION_GAP_MM
+            for o in specs
+        ):
             continue
+        spec = _LesionSpec(
+            center=tuple(float(v) for v in center),
+            semi=tuple(float(v) for v in semi),
+            rotation=float(rotation),
+            lobulation=lobulation,
+            contrast_hu=float(contrast),
+            edge_mm=float(edge),
+        )
+        if any(_lesion_section(canvas, spec, t, liver_mask) for t in range(z.size)):
+            specs.append(spec)
+    return specs
+
+
+def _draw_lesions(
+    canvas: _Canvas, specs: list[_LesionSpec], liver_hu: float
+) -> tuple[list[Lesion], np.ndarray]:
+    """Blend the lesions into the liver of `canvas`; returns those visible and the lesion mask."""
+    liver_mask = _liver_mask(canvas.tissue)
+    lesion_mask = np.zeros(canvas.hu.shape, bool)
+    lesions = []
+    for spec in specs:
         shown = []
-        for t in range(z.size):
-            frac = 1.0 - ((z[t] - center[2]) / semi[2]) ** 2
-            if frac <= 0:
+        for t in range(canvas.z.size):
+            section = _lesion_section(canvas, spec, t, liver_mask)
+            if section is None:
                 continue
-            k = math.sqrt(frac)
-            rx, ry = semi[0] * k, semi[1] * k
-            if 2 * math.sqrt(rx * ry) < MIN_VISIBLE_DIAMETER_MM:
-                continue
-            reach_t = max(rx, ry) * (1 + lob_amp) + edge
-            rows = canvas._range(canvas.y, center[1] - reach_t, center[1] + reach_t)
-            cols = canvas._range(canvas.x, center[0] - reach_t, center[0] + reach_t)
-            dx = canvas.x[cols][None, :] - center[0]
-            dy = canvas.y[rows][:, None] - center[1]
-            c, s_ = math.cos(rot), math.sin(rot)
-            px, py = (c * dx + s_ * dy) / rx, (-s_ * dx + c * dy) / ry
-            theta = np.arctan2(py, px)
-            rho = np.sqrt(px * px + py * py) / (1 + lob_amp * np.cos(lob_k * theta + lob_phase))
-            inside_liver = liver_mask[t, rows, cols]
-            mask = (rho <= 1.0) & inside_liver
-            if (
-                mask.sum() * spacing**2 < np.pi * (MIN_VISIBLE_DIAMETER_MM / 2) ** 2
-                or not mask.any()
-            ):
-                continue
-            distance = (1.0 - rho) * math.sqrt(rx * ry)  # ~mm inside the boundary
-            weight = np.clip(distance / edge + 0.5, 0.0, 1.0)
-            weight = (weight * weight * (3 - 2 * weight)) * inside_liver  # smoothstep margin
+            rows, cols, weight, mask = section
             block = canvas.hu[t, rows, cols]
-            block += weight.astype(np.float32) * (liver["liver_hu"] + contrast - block)
+            block += weight * (liver_hu + spec.contrast_hu - block)
             lesion_mask[t, rows, cols] |= mask
             shown.append(t)
-        if not shown:
-            continue
-        placed.append((center, float(semi.max())))
-        lesions.append(
-            Lesion(
-                center_mm=tuple(round(float(v), 2) for v in center),
-                diameter_mm=round(2 * float(np.cbrt(semi.prod())), 2),
-                contrast_hu=round(float(contrast), 2),
-                slices=tuple(shown),
+        if shown:
+            lesions.append(
+                Lesion(
+                    center_mm=tuple(round(v, 2) for v in spec.center),
+                    diameter_mm=round(2 * float(np.cbrt(np.prod(spec.semi))), 2),
+                    contrast_hu=round(spec.contrast_hu, 2),
+                    slices=tuple(shown),
+                )
             )
-        )
     return lesions, lesion_mask
+
+
+def _new_canvas(fov: float, size: int, z: np.ndarray) -> _Canvas:
+    """An empty (air) canvas of size x size pixels over `fov` mm, centred on the origin."""
+    spacing = _pixel_spacing(fov, size)
+    axis = np.round(np.arange(size) * spacing - (size - 1) / 2 * spacing, 6).astype(np.float32)
+    return _Canvas(
+        x=axis,
+        y=axis.copy(),
+        z=z,
+        hu=np.full((z.size, size, size), HU_AIR, np.float32),
+        tissue=np.zeros((z.size, size, size), np.int8),
+        spacing=spacing,
+    )
+
+
+def _pixel_spacing(fov: float, size: int) -> float:
+    """Pixel spacing in mm, rounded so that the DICOM PixelSpacing is exact."""
+    return round(fov / size, 4)
 
 
 def _filter_variance(sigma_mm: float, spacing: float, shape: tuple[int, int]) -> float:
@@ -615,7 +673,6 @@ def make_patient(
     a = _uniform(anatomy_rng, BODY_HALF_WIDTH_MM)
     b = a * _uniform(anatomy_rng, BODY_AP_RATIO)
     fov = float(np.clip(2 * a * _uniform(anatomy_rng, FOV_MARGIN), *FOV_MM))
-    spacing = round(fov / size, 4)
     thickness = float(anatomy_rng.choice(SLICE_THICKNESSES_MM))
     liver_length = _uniform(anatomy_rng, LIVER_LENGTH_MM)
     liver_top = round(anatomy_rng.uniform(-120.0, -60.0), 1)
@@ -639,22 +696,19 @@ def make_patient(
         liver_length=liver_length,
     )
 
-    half = (size - 1) / 2 * spacing
-    axis = np.round(np.arange(size) * spacing - half, 6).astype(np.float32)
-    canvas = _Canvas(
-        x=axis,
-        y=axis.copy(),
-        z=z,
-        hu=np.full((slices, size, size), HU_AIR, np.float32),
-        tissue=np.zeros((slices, size, size), np.int8),
-    )
+    anatomy_state = copy.deepcopy(anatomy_rng)  # to draw the same anatomy on the planning grid
+    canvas = _new_canvas(fov, size, z)
     liver = _draw_anatomy(canvas, anatomy_rng, body)
-    count = 0
+    count, specs = 0, []
     if has_lesions:
         count = min(MAX_LESIONS, 1 + int(lesion_rng.poisson(scan / LESION_SCAN_MM_PER_LESION)))
-    lesions, lesion_mask = _place_lesions(
-        canvas, lesion_rng, liver, count, thickness, lesion_contrast_hu
-    )
+        # lesions are planned on a fixed grid, so every image size gets the same lesions
+        plan = canvas
+        if size != LESION_PLANNING_SIZE:
+            plan = _new_canvas(fov, LESION_PLANNING_SIZE, z)
+            liver = _draw_anatomy(plan, anatomy_state, body)
+        specs = _plan_lesions(plan, lesion_rng, liver, count, thickness, lesion_contrast_hu)
+    lesions, lesion_mask = _draw_lesions(canvas, specs, liver["liver_hu"])
 
     noise = (
         NOISE_HU[0]
@@ -664,7 +718,8 @@ def make_patient(
         + noise_rng.uniform(-1.5, 1.5)
     )
     texture = _uniform(noise_rng, TEXTURE_HU)
-    image = _form_image(canvas.hu, noise_rng, spacing, float(np.clip(noise, *NOISE_HU)), texture)
+    noise_hu = float(np.clip(noise, *NOISE_HU))
+    image = _form_image(canvas.hu, noise_rng, canvas.spacing, noise_hu, texture)
     hu = np.clip(np.rint(image), HU_MIN, HU_MAX).astype(np.int16)
 
     study_date = datetime.date(STUDY_YEARS[0], 1, 1) + datetime.timedelta(
@@ -688,9 +743,9 @@ def make_patient(
         series_uid=_uid(seed, index, "series", CT_SERIES_NUMBER),
         frame_of_reference_uid=_uid(seed, index, "frame-of-reference"),
         sop_uids=tuple(_uid(seed, index, "image", s) for s in range(slices)),
-        pixel_spacing_mm=spacing,
+        pixel_spacing_mm=_pixel_spacing(fov, size),
         slice_thickness_mm=thickness,
-        origin_mm=(float(axis[0]), float(axis[0])),
+        origin_mm=(float(canvas.x[0]), float(canvas.y[0])),
         z_mm=tuple(float(v) for v in z),
     )
     return Patient(
