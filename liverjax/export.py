@@ -338,6 +338,7 @@ def export_model(
     extra_metadata: dict[str, Any] | None = None,
     tolerance: float = PARITY_TOLERANCE,
     auc_tolerance: float = AUC_TOLERANCE,
+    with_tflite: bool = True,
 ) -> ExportResult:
     """Exports `model` to `out_dir/<model_name>/<next version>/` and `out_dir/*.tflite`.
 
@@ -345,7 +346,9 @@ def export_model(
     `config.image_size`); preprocessing resizes to `config.image_size` inside the graph.
     `parity_images` (N, size, size, 1) HU, with optional 0/1 `parity_labels`, are what the parity
     check runs on (default: seeded random HU images, and no AUC check). `tolerance` and
-    `auc_tolerance` are the limits of the parity and quantization checks.
+    `auc_tolerance` are the limits of the parity and quantization checks. `with_tflite=False`
+    writes the SavedModel only (for TF Serving / liverjax.serve) and leaves the TFLite files be.
+    The model is put in inference mode (`model.eval()`).
     """
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold = {threshold} is not a probability in [0, 1]")
@@ -390,16 +393,17 @@ def export_model(
         parity["serving_module"] = _max_error(servable.predict(images), want)
         _check("the serving module (liverjax.stablehlo)", parity["serving_module"], tolerance)
 
-        tflite = _tflite_models(fn, params, size, module)
-        tflite_out = {name: run_tflite(content, images) for name, content in tflite.items()}
-        parity["tflite_float32"] = _max_error(tflite_out["float32"], want)
-        _check("liver.tflite", parity["tflite_float32"], tolerance)
-        parity["quantized"] = _quantization_check(
-            tflite_out["float32"]["probability"],
-            {k: v["probability"] for k, v in tflite_out.items() if k != "float32"},
-            labels,
-            auc_tolerance,
-        )
+        tflite = _tflite_models(fn, params, size, module) if with_tflite else {}
+        if tflite:
+            out = {name: run_tflite(content, images) for name, content in tflite.items()}
+            parity["tflite_float32"] = _max_error(out["float32"], want)
+            _check("liver.tflite", parity["tflite_float32"], tolerance)
+            parity["quantized"] = _quantization_check(
+                out["float32"]["probability"],
+                {k: v["probability"] for k, v in out.items() if k != "float32"},
+                labels,
+                auc_tolerance,
+            )
         metadata["parity"] = parity
         (assets / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
 
@@ -511,6 +515,7 @@ def export_workdir(
     data_dir: str | None = None,
     max_parity_examples: int = MAX_PARITY_EXAMPLES,
     model_name: str = MODEL_NAME,
+    with_tflite: bool = True,
 ) -> ExportResult:
     """Restores checkpoint `checkpoint` of the run in `workdir` and exports it (the CLI)."""
     from liverjax import evaluate  # training's restore path; loaded only when exporting a run
@@ -541,6 +546,7 @@ def export_workdir(
         parity_images=images,
         parity_labels=labels,
         model_name=model_name,
+        with_tflite=with_tflite,
         extra_metadata={
             "checkpoint": {"requested": checkpoint, "chosen": restored.note},
             "workdir": os.path.basename(os.path.abspath(workdir)),
@@ -561,6 +567,12 @@ def main(argv: Sequence[str] | None = None) -> ExportResult:
     parser.add_argument("--data_dir", default=None, help="where the records are, if moved")
     parser.add_argument("--max_parity_examples", type=int, default=MAX_PARITY_EXAMPLES)
     parser.add_argument("--model_name", default=MODEL_NAME)
+    parser.add_argument(
+        "--tflite",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also write the TFLite files (default); --no-tflite: the SavedModel only",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
@@ -572,6 +584,7 @@ def main(argv: Sequence[str] | None = None) -> ExportResult:
             data_dir=args.data_dir,
             max_parity_examples=args.max_parity_examples,
             model_name=args.model_name,
+            with_tflite=args.tflite,
         )
     except (ParityError, FileNotFoundError, ValueError) as e:
         sys.exit(f"export failed: {e}")

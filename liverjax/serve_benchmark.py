@@ -212,12 +212,14 @@ def load_config(path: str | os.PathLike) -> Any:
 
 def export_fresh_model(config_path: str, records_size: int, out_dir: pathlib.Path) -> pathlib.Path:
     """Exports an initialised (untrained) model of the config; returns the model base path."""
+    import jax
     from flax import nnx
 
-    from liverjax import export, models
+    from liverjax import export, models, train
 
     config = load_config(config_path)
-    model = models.create_model(config, rngs=nnx.Rngs(config.seed))
+    key = jax.random.key(config.seed, impl=train.INIT_PRNG)  # as training initialises
+    model = nnx.jit(lambda: models.create_model(config, rngs=nnx.Rngs(key)))()
     export.export_model(model, config, out_dir, input_size=records_size)
     return out_dir / export.MODEL_NAME
 

@@ -38,16 +38,22 @@ def make_config(data_dir: pathlib.Path | None = None):
 
 
 def make_model(seed: int) -> models.CNN:
-    """A freshly initialised model of the test config, in inference mode."""
-    model = models.create_model(make_config(), rngs=nnx.Rngs(seed))
+    """A freshly initialised model of the test config, in inference mode (created as training
+    creates it: under jit, with its quick-to-compile initialization PRNG)."""
+    key = jax.random.key(seed, impl=train.INIT_PRNG)
+    model = nnx.jit(lambda: models.create_model(make_config(), rngs=nnx.Rngs(key)))()
     model.eval()
     return model
 
 
+@nnx.jit
+def _logits(model: models.CNN, hu: jax.Array) -> jax.Array:
+    return model(preprocess.preprocess(hu, make_config()), deterministic=True)
+
+
 def jax_outputs(model: models.CNN, hu: np.ndarray) -> dict[str, np.ndarray]:
     """The JAX model's answer on HU images: liverjax.preprocess, the model, a sigmoid."""
-    x = preprocess.preprocess(jax.numpy.asarray(hu, np.float32), make_config())
-    logit = model(x, deterministic=True)
+    logit = _logits(model, jax.numpy.asarray(hu, np.float32))
     return {"probability": np.asarray(jax.nn.sigmoid(logit)), "logit": np.asarray(logit)}
 
 
@@ -127,6 +133,12 @@ def tf():
     return tf
 
 
+@pytest.fixture(scope="module")
+def signature(exported, tf):
+    """The exported SavedModel's serving_default, loaded with TensorFlow."""
+    return tf.saved_model.load(str(exported["version_dir"])).signatures["serving_default"]
+
+
 def test_layout_is_tf_serving_and_tflite(exported):
     out = pathlib.Path(exported["out_dir"])
     assert exported["version"] == 1
@@ -166,9 +178,7 @@ def test_metadata(exported, records):
     assert md["parity_split"] == PARITY_SPLIT
 
 
-def test_signature_has_dynamic_batch_and_named_outputs(exported, records, tf):
-    loaded = tf.saved_model.load(str(exported["version_dir"]))
-    signature = loaded.signatures["serving_default"]
+def test_signature_has_dynamic_batch_and_named_outputs(signature, records, tf):
     _, inputs = signature.structured_input_signature
     size = records["image"].shape[1]
     assert list(inputs) == ["image"]
@@ -180,11 +190,10 @@ def test_signature_has_dynamic_batch_and_named_outputs(exported, records, tf):
         assert out["probability"].shape == (batch,) and out["logit"].shape == (batch,)
 
 
-def test_parity_on_test_records(exported, records, tf):
+def test_parity_on_test_records(exported, records, signature, tf):
     """JAX vs SavedModel vs float TFLite vs the serving module agree to 1e-5 on real records."""
     images = records["image"].astype(np.float32)
     want = jax_outputs(exported["model"], images)
-    signature = tf.saved_model.load(str(exported["version_dir"])).signatures["serving_default"]
     saved = {k: v.numpy() for k, v in signature(image=tf.constant(images)).items()}
     out = pathlib.Path(exported["out_dir"])
     tflite = export.run_tflite((out / "liver.tflite").read_bytes(), images)
