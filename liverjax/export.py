@@ -27,6 +27,11 @@ and leaves nothing behind; the version directory appears by one atomic rename, s
 polls `E/liver` never sees half a version.
 
 TensorFlow is imported only inside the functions of this module: training never needs it.
+
+jax2tf (`jax.experimental.jax2tf`, JAX 0.10) now only does native serialization (its
+`native_serialization` and `enable_xla` arguments are deprecated and not passed here) and, being
+under `experimental`, carries no stability promise; the serving module uses the stable
+`jax.export` API, so liverjax.serve keeps working whatever becomes of jax2tf.
 """
 
 from __future__ import annotations

@@ -798,19 +798,43 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m liverjax.serve", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--model_base_path", required=True, help="E/liver: integer version dirs")
-    parser.add_argument("--model_name", default=DEFAULTS["model_name"])
+    parser.add_argument(
+        "--model_base_path", required=True, help="E/liver: integer version dirs from the export"
+    )
+    parser.add_argument("--model_name", default=DEFAULTS["model_name"], help="name in the URLs")
     parser.add_argument("--port", "--rest_api_port", type=int, default=DEFAULTS["port"])
     parser.add_argument(
         "--host", default=DEFAULTS["host"], help="0.0.0.0 to listen on all interfaces"
     )
-    parser.add_argument("--enable_batching", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--max_batch_size", type=int, default=DEFAULTS["max_batch_size"])
-    parser.add_argument("--batch_timeout_ms", type=float, default=DEFAULTS["batch_timeout_ms"])
-    parser.add_argument("--max_body_bytes", type=int, default=DEFAULTS["max_body_bytes"])
-    parser.add_argument("--max_files", type=int, default=DEFAULTS["max_files"])
     parser.add_argument(
-        "--file_system_poll_wait_seconds", type=float, default=DEFAULTS["poll_seconds"]
+        "--enable_batching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="batch requests that arrive together into one model call (default on)",
+    )
+    parser.add_argument(
+        "--max_batch_size", type=int, default=DEFAULTS["max_batch_size"], help="images per call"
+    )
+    parser.add_argument(
+        "--batch_timeout_ms",
+        type=float,
+        default=DEFAULTS["batch_timeout_ms"],
+        help="extra wait for a fuller batch (0: batch only what queued during the last call)",
+    )
+    parser.add_argument(
+        "--max_body_bytes",
+        type=int,
+        default=DEFAULTS["max_body_bytes"],
+        help="larger request bodies get 413",
+    )
+    parser.add_argument(
+        "--max_files", type=int, default=DEFAULTS["max_files"], help="DICOM files per upload"
+    )
+    parser.add_argument(
+        "--file_system_poll_wait_seconds",
+        type=float,
+        default=DEFAULTS["poll_seconds"],
+        help="how often to look for a new version",
     )
     parser.add_argument("--log_level", default="info")
     args = parser.parse_args(argv)
