@@ -43,7 +43,6 @@ import json
 import logging
 import os
 import pathlib
-import re
 import shutil
 import sys
 import tempfile
@@ -84,7 +83,6 @@ RANDOM_HU_RANGE = (-1024.0, 2000.0)
 RANDOM_PARITY_SEED = 0
 # Records of the parity split used at most (TFLite runs one image per call); a seeded subset beyond.
 MAX_PARITY_EXAMPLES = 2000
-_VERSION_RE = re.compile(r"^\d+$")
 
 
 class ParityError(RuntimeError):
@@ -138,14 +136,6 @@ def input_spec(size: int, batch: int | str) -> jax.ShapeDtypeStruct:
     else:
         shape = (batch, size, size, 1)
     return jax.ShapeDtypeStruct(shape, jnp.float32)
-
-
-def versions(model_dir: str | os.PathLike) -> list[int]:
-    """The integer version directories under `model_dir`, ascending (none if it does not exist)."""
-    path = pathlib.Path(model_dir)
-    if not path.is_dir():
-        return []
-    return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and _VERSION_RE.match(p.name))
 
 
 def read_threshold(workdir: str | os.PathLike) -> tuple[float, str]:
@@ -429,7 +419,7 @@ def export_model(
 def _publish(staging: pathlib.Path, model_dir: pathlib.Path) -> int:
     """Renames `staging` to the next free integer version under `model_dir`; returns it."""
     while True:
-        version = max(versions(model_dir), default=0) + 1
+        version = max(serve.versions(model_dir), default=0) + 1
         metadata_path = staging / ASSETS_EXTRA / METADATA_FILE
         metadata = json.loads(metadata_path.read_text())
         metadata["version"] = version

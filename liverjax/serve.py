@@ -21,11 +21,15 @@ loads that module with JAX, so it needs no tensorflow and runs exactly the expor
 and resize inside). To serve the SavedModel itself, use TF Serving (`launch/tfserving.sh`): the
 client and the API are the same.
 
-Versions: the newest complete integer directory under `--model_base_path` is served; the directory
-is polled every `--file_system_poll_wait_seconds`, and a newer version is loaded and warmed in the
-background, then swapped in between requests (the previous one is unloaded, as TF Serving's
-default "latest" policy does). Requests that arrive together are batched into one model call
-(up to `--max_batch_size` images, waiting at most `--batch_timeout_ms` for more).
+Versions: the newest integer directory under `--model_base_path` that loads is served; the
+directory is polled every `--file_system_poll_wait_seconds`, and a newer version is loaded and
+warmed in the background, then swapped in between requests (the previous one is unloaded, as TF
+Serving's default "latest" policy does). A version that fails to load is reported in the status
+(state END, with the error) and tried again when its files change; publish versions by renaming a
+finished directory into place, as `liverjax.export` does.
+
+Requests that arrive together are batched into one model call (up to `--max_batch_size` images;
+a batch is what queued while the previous call ran, plus what arrives within `--batch_timeout_ms`).
 
 Every error is JSON `{"error": "..."}`: 400 for a bad request (the message says what was wrong and
 where), 404 for an unknown model, version or path, 413 for a body over `--max_body_bytes`,
@@ -190,7 +194,7 @@ class Servable:
             )
             with np.load(assets / module["params"]) as npz:
                 params = [jax.device_put(npz[k]) for k in sorted(npz.files)]
-        except (OSError, ValueError, KeyError) as e:
+        except Exception as e:  # noqa: BLE001 - garbage can fail deserialization in any way
             raise RuntimeError(
                 f"{path}: not a liverjax export ({type(e).__name__}: {e}); export with "
                 f"`python -m liverjax.export`, or serve a plain SavedModel with TF Serving"
@@ -219,19 +223,22 @@ class Servable:
         return {k: np.concatenate([c[k] for c in chunks]) for k in OUTPUTS}
 
 
-def complete_versions(base_path: pathlib.Path) -> list[int]:
-    """Integer version directories that hold a finished export, ascending."""
-    if not base_path.is_dir():
+def versions(base_path: str | os.PathLike) -> list[int]:
+    """The integer version directories under `base_path`, ascending (none if it does not exist)."""
+    path = pathlib.Path(base_path)
+    if not path.is_dir():
         return []
-    found = []
-    for p in base_path.iterdir():
-        if (
-            p.is_dir()
-            and _VERSION_RE.match(p.name)
-            and (p / ASSETS_EXTRA / METADATA_FILE).is_file()
-        ):
-            found.append(int(p.name))
-    return sorted(found)
+    return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and _VERSION_RE.match(p.name))
+
+
+def _fingerprint(path: pathlib.Path) -> tuple:
+    """(relative path, size, mtime) of every file under `path`: changes while files are written."""
+    entries = []
+    for p in sorted(path.rglob("*")):
+        with contextlib.suppress(OSError):  # a file removed while we look
+            stat = p.stat()
+            entries.append((str(p.relative_to(path)), stat.st_size, stat.st_mtime_ns))
+    return tuple(entries)
 
 
 class ModelManager:
@@ -245,27 +252,31 @@ class ModelManager:
         self.max_batch = max_batch
         self.poll_seconds = poll_seconds
         self.current: Servable | None = None
-        self.failed: dict[int, str] = {}  # version → why it could not load (not retried)
+        # version → (its files when it failed to load, why); retried once its files change
+        self.failed: dict[int, tuple[tuple, str]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def refresh(self) -> None:
-        """Loads the newest complete version if it is not the one served."""
-        candidates = [v for v in complete_versions(self.base_path) if v not in self.failed]
-        if not candidates or (self.current and self.current.version == candidates[-1]):
+        """Serves the newest version that loads; keeps the current one if none newer does."""
+        for version in reversed(versions(self.base_path)):
+            if self.current is not None and version == self.current.version:
+                return
+            path = self.base_path / str(version)
+            files = _fingerprint(path)
+            if version in self.failed and self.failed[version][0] == files:
+                continue
+            log.info("loading %s version %d", self.name, version)
+            try:
+                servable = Servable.load(path, version=version, max_batch=self.max_batch)
+            except Exception as e:  # noqa: BLE001 - keep serving the previous version, report why
+                log.error("could not load %s version %d: %s", self.name, version, e)
+                self.failed[version] = (files, str(e))
+                continue
+            self.failed.pop(version, None)
+            self.current = servable
+            log.info("serving %s version %d", self.name, version)
             return
-        version = candidates[-1]
-        log.info("loading %s version %d", self.name, version)
-        try:
-            servable = Servable.load(
-                self.base_path / str(version), version=version, max_batch=self.max_batch
-            )
-        except Exception as e:  # noqa: BLE001 - keep serving the previous version, report why
-            log.error("could not load %s version %d: %s", self.name, version, e)
-            self.failed[version] = str(e)
-            return
-        self.current = servable
-        log.info("serving %s version %d", self.name, version)
 
     def start(self) -> None:
         """Loads what is there now, then polls in a background thread."""
@@ -310,7 +321,7 @@ class ModelManager:
         out = []
         if self.current is not None:
             out.append(_version_status(self.current.version, "AVAILABLE"))
-        for version, why in sorted(self.failed.items(), reverse=True):
+        for version, (_, why) in sorted(self.failed.items(), reverse=True):
             out.append(_version_status(version, "END", "UNKNOWN", why))
         return out
 

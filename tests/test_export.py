@@ -253,8 +253,8 @@ def test_quantization_check_raises_on_auc_loss():
 def test_versions_and_threshold(tmp_path):
     for name in ("1", "7", "tmp", ".staging-x"):
         (tmp_path / "liver" / name).mkdir(parents=True)
-    assert export.versions(tmp_path / "liver") == [1, 7]
-    assert export.versions(tmp_path / "missing") == []
+    assert serve.versions(tmp_path / "liver") == [1, 7]
+    assert serve.versions(tmp_path / "missing") == []
     with pytest.warns(UserWarning, match="operating_point.json not found"):
         assert export.read_threshold(tmp_path) == (0.5, "default")
     (tmp_path / "operating_point.json").write_text(json.dumps({"threshold": 0.37, "rule": "x"}))

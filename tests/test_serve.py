@@ -372,6 +372,19 @@ def test_picks_up_a_new_version_and_never_a_failed_one(server, client, records):
         client.predict(images, version=1)
     assert e.value.status == 404
 
+    # A version that does not load is reported, and the last good one goes on serving.
+    broken = server.base / ".incoming"
+    shutil.copytree(server.base / "2", broken)
+    (broken / serve.ASSETS_EXTRA / "liverjax.stablehlo").write_bytes(b"not a module")
+    broken.rename(server.base / "3")
+    deadline = time.monotonic() + NEW_VERSION_TIMEOUT_S
+    while len(status := client.status()["model_version_status"]) < 2:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.2)
+    assert [(s["version"], s["state"]) for s in status] == [("2", "AVAILABLE"), ("3", "END")]
+    assert "not a liverjax export" in status[1]["status"]["error_message"]
+    np.testing.assert_array_equal(client.predict(images)["probability"], got["probability"])
+
 
 def test_tfserving_launcher_serves_the_export(exported, tmp_path):
     """launch/tfserving.sh mounts E/liver into the official image (dry run: no Docker here)."""
