@@ -535,7 +535,8 @@ def export_workdir(
         config,
         out_dir,
         threshold=threshold,
-        threshold_source=source,
+        # the file's name, not this machine's path to it
+        threshold_source=OPERATING_POINT_FILE if source != "default" else source,
         step=restored.step,
         input_size=images.shape[1],
         parity_images=images,
