@@ -63,6 +63,7 @@ class LiverConfig(tfds.core.BuilderConfig):
     phantom_slices: int = 16
     phantom_size: int = 512
     phantom_seed: int = 0
+    phantom_lesion_contrast_hu: tuple[float, float] = (15.0, 60.0)  # |lesion - liver| range
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
@@ -74,8 +75,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     BUILDER_CONFIGS = [
         LiverConfig(
             name="synthetic",
-            description="Phantom CT DICOM: 48 patients × 16 slices of 512², records 128².",
-            phantom_patients=48,
+            description="Phantom CT DICOM: 128 patients × 6 slices of 512², records 128².",
+            # Many patients with few slices each: a small CNN then learns lesions rather than
+            # memorising each patient's anatomy.
+            phantom_patients=128,
+            phantom_slices=6,
+            phantom_lesion_contrast_hu=(25.0, 80.0),
         ),
         LiverConfig(
             name="synthetic_small",
@@ -140,6 +145,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 seed=config.phantom_seed,
                 size=config.phantom_size,
                 slices=config.phantom_slices,
+                lesion_contrast_hu=config.phantom_lesion_contrast_hu,
             )
             name = f"phantom (seed {config.phantom_seed})"
         else:
