@@ -168,7 +168,11 @@ class ServerProcess:
         self.process = subprocess.Popen(
             self.command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env
         )
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.__exit__(None, None, None)  # never leave a server behind
+            raise
         return self
 
     def wait_ready(self, timeout_s: float = SERVER_START_TIMEOUT_S) -> None:
