@@ -13,19 +13,21 @@ apply `jax.nn.sigmoid` for a lesion probability.
   dtype        str            compute dtype, 'float32' or 'bfloat16'; parameters stay float32
 and `config.image_size` (int), the side of the square input.
 
-Speed (XLA:CPU, 2 cores, seed network at 128x128, batch 32, fp32; measured on a shared machine,
-so as images per CPU-second of the train step, min over repeats):
+Speed (XLA:CPU, 2 AVX2 cores, seed network at 128x128, batch 32; measured on a shared machine,
+so in images per CPU-second of the train step, best of repeats; runs vary by about 15%):
   * The kernel gradient of a conv, as autodiff emits it (a convolution contracting over the batch),
-    runs on a slow generic path in XLA:CPU: 3.7 s CPU for 64->128 at 64x64 and 4.9 s for 128->256
-    at 32x32, against ~0.4 s for the forward convs. `conv_same` computes it instead as one GEMM,
-    im2col patches^T @ grad (1.0 s and 0.6 s there); other platforms keep XLA's (cuDNN on GPU).
-    Train step: 2.6 -> 8.2 images per CPU-second.
-  * `max_pool` is the max of four strided slices, not `nnx.max_pool`: same values; the gradient
-    of `lax.reduce_window` (`select_and_scatter_add`) is slow on XLA:CPU. At (32, 128, 128, 64)
-    forward + backward: 1.25-1.40 s CPU with reduce_window, 0.42 s with a reshape + max over the
-    window axes, 0.30 s with slices (forward alone 55 / 154 / 36 ms). Train step: 7.2 -> 8.2.
+    runs on a slow generic path in XLA:CPU: 3.7 s CPU for 64->128 at 64x64 and 4.9-5.2 s for
+    128->256 at 32x32, where the forward convs take 0.4 s. `conv_same` computes it instead as one
+    GEMM, im2col patches^T @ grad (1.0-1.1 s and 0.6-0.7 s: the im2col copy is most of what is
+    left over the forward's cost); other platforms keep XLA's gradient (cuDNN on GPU).
+    Train step fp32: 2.6 -> 7.2-9.0 images per CPU-second (4 runs); bf16: 2.2-2.7 -> 5.0-5.7
+    (no bf16 arithmetic on AVX2: use float32 on such CPUs).
+  * `max_pool` is the max of four strided slices, not `nnx.max_pool`: the same values, and its
+    gradient is selects, where reduce_window's is `select_and_scatter_add`. Pool (+ ReLU) of
+    (32, 128, 128, 64), forward and backward: 1.25-1.40 s CPU with reduce_window, 0.42 s with a
+    reshape + max over the window axes, 0.30 s with slices (forward alone: 55 / 154 / 36 ms). In
+    the whole train step the gain is within the run-to-run spread (7.2-7.7 vs 7.2-8.2).
     Ties of positive values share the gradient (reduce_window gives it to one element).
-  * ReLU runs after the pool (`relu(pool(z)) == pool(relu(z))` exactly): a quarter of the work.
   * Layouts are NHWC / HWIO end to end; nothing loops over the batch in Python.
 """
 
@@ -231,8 +233,7 @@ class CNN(nnx.Module):
             )
         h = x.astype(self.dtype)  # the result is in the compute dtype too
         for conv in self.convs[:-1]:
-            # relu(pool(z)) == pool(relu(z)) exactly; pooling first runs the ReLU and its
-            # gradient on a quarter of the elements.
+            # relu(pool(z)) == pool(relu(z)) exactly, with the ReLU on a quarter of the elements.
             h = nnx.relu(max_pool(conv(h)))
         return nnx.relu(self.convs[-1](h))
 
