@@ -75,12 +75,13 @@ def _train_in_memory(config, mesh, batch, steps: int, warmup: int):
     return config.batch_size / _timed(one, steps), fns, state
 
 
-def _torch_reference(path: str, size: int, batch: int) -> dict[str, Any] | None:
+def _torch_reference(path: str, size: int, batch: int, steps: int) -> dict[str, Any] | None:
     """The reference script's JSON line for PyTorch (None without torch)."""
     if importlib.util.find_spec("torch") is None:
         logging.warning("torch is not importable: no PyTorch comparison")
         return None
     cmd = [sys.executable, path, "--size", str(size), "--batch", str(batch), "--only", "torch"]
+    cmd += ["--steps", str(steps)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -131,7 +132,8 @@ def run(config: ml_collections.ConfigDict, steps: int, warmup: int, torch_ref: s
     )
 
     if torch_ref:
-        ref = _torch_reference(torch_ref, config.image_size, config.batch_size)
+        _print(figures)  # the JAX figures first: the PyTorch script takes minutes (torch.compile)
+        ref = _torch_reference(torch_ref, config.image_size, config.batch_size, steps)
         if ref is not None:
             figures["torch"] = {k: v for k, v in ref.items() if k.startswith("torch")}
             train_keys = [k for k in ref if k.startswith("torch_train_") and k.endswith("_img_s")]
@@ -160,7 +162,7 @@ def _print(figures: dict[str, Any]) -> None:
         ("inference / best PyTorch inference", "inference_over_torch", "x"),
     ]
     print(
-        f"{figures['devices']} x {figures['device_kind']}, batch {figures['batch']}, "
+        f"\n{figures['devices']} x {figures['device_kind']}, batch {figures['batch']}, "
         f"{figures['image_size']}x{figures['image_size']} input "
         f"({figures['record_size']}x{figures['record_size']} records), {figures['model_dtype']}"
     )
@@ -171,6 +173,7 @@ def _print(figures: dict[str, Any]) -> None:
         if key in figures:
             ((name, value),) = figures[key].items()
             print(f"  {name:<46} {value:10.2f} img/s")
+    sys.stdout.flush()
 
 
 def main(argv: list[str]) -> None:

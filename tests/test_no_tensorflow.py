@@ -9,7 +9,8 @@ from liverjax import train
 
 
 def test_training_command_runs_without_importing_tensorflow(tmp_path, tmp_path_factory):
-    data_dir = runs.liver_data(tmp_path_factory)
+    # An empty data directory: the command builds the synthetic_small records on first use.
+    data_dir = tmp_path / "data"
     workdir = tmp_path / "run"
     argv = [
         "liverjax.main",
@@ -39,7 +40,9 @@ def test_training_command_runs_without_importing_tensorflow(tmp_path, tmp_path_f
     assert output_ok, output[-3000:]
     assert "TF_MODULES []" in output, output[-3000:]
 
-    # It trained: 3 steps, the --config.x override in the saved config, a checkpoint, events.
+    # It built the records, then trained: 3 steps, the --config.x override in the saved config,
+    # a checkpoint, TensorBoard events.
+    assert (data_dir / "liver" / "synthetic_small").is_dir()
     saved = json.loads((workdir / train.CONFIG_FILE).read_text())
     assert saved["num_train_steps"] == 3
     assert (workdir / train.CHECKPOINT_DIR / "3").is_dir()
