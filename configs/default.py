@@ -79,6 +79,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint.keep_best = 1  # plus the best by validation config.best_metric
     config.checkpoint.async_save = True  # write in the background while training goes on
 
+    # After training: evaluate the best checkpoint on this split into WORKDIR/report/ ("" = no).
+    config.final_eval_split = ""
     config.log_every_steps = 50  # train metrics, images/s and ETA
 
     # Multi-process: jax.distributed.initialize() (see liverjax.parallel).

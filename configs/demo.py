@@ -24,8 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
         config.augment[name].prob = 0.0
     config.optimizer.name = "adam"
     config.optimizer.learning_rate = 1e-3
-    config.num_epochs = 12
-    config.early_stopping.patience = 4
+    config.num_epochs = 25
+    config.early_stopping.patience = 8
+    config.final_eval_split = "test"  # then the report: WORKDIR/report/report.html
     config.checkpoint.every_steps = 100
     config.log_every_steps = 17  # one epoch of the synthetic set at batch 32
     return config

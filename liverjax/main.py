@@ -1,6 +1,8 @@
 """Train and validate: `python -m liverjax.main --config configs/default.py --workdir W`.
 
-`--config.x=y` overrides any config field; a second call with the same workdir resumes.
+`--config.x=y` overrides any config field; a second call with the same workdir resumes. With
+`config.final_eval_split` set (the demo sets "test"), the best checkpoint is then evaluated on that
+split as `python -m liverjax.evaluate` would, into WORKDIR/report/.
 """
 
 import logging
@@ -8,7 +10,7 @@ import logging
 from absl import app, flags
 from ml_collections import config_flags
 
-from liverjax import train
+from liverjax import evaluate, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, config.json and TensorBoard logs.")
@@ -21,6 +23,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.getLogger("liverjax").setLevel(logging.INFO)
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if FLAGS.config.final_eval_split:
+        # The demo's "trains, evaluates": the best checkpoint on that split → WORKDIR/report/.
+        evaluate.evaluate(FLAGS.config, FLAGS.workdir, split=FLAGS.config.final_eval_split)
 
 
 if __name__ == "__main__":
