@@ -620,7 +620,8 @@ def train_and_evaluate(
         state, meta = ckpt.restore(steps.abstract_state, train_iter)
         early = EarlyStopping(**meta["early_stopping"])
         validation = meta.get("validation", {})
-        stop_reason = meta.get("stop_reason") if meta.get("stop_reason") != "preempted" else None
+        # An early-stopped run stays stopped; a finished one goes on if the config asks for more.
+        stop_reason = "early_stopping" if meta.get("stop_reason") == "early_stopping" else None
         logger.info("resumed from %s at step %d", ckpt.directory, int(state.step))
     else:
         state = steps.init()
