@@ -277,17 +277,7 @@ def assess(
         # Patients are the resampling unit at every level: at slice level a drawn patient
         # brings all of its images.
         groups = patients_of_images if level == "slice" else units
-        ci = metrics.bootstrap_ci(
-            groups,
-            labels,
-            probs,
-            metrics.METRIC_NAMES,
-            n_resamples=settings.bootstrap_resamples,
-            seed=settings.bootstrap_seed,
-            alpha=1.0 - settings.confidence,
-            threshold=threshold,
-            n_bins=settings.calibration_bins,
-        )
+        ci = _bootstrap(settings, groups, labels, probs, threshold)
         out[level] = {
             "unit": "image" if level == "slice" else "patient",
             "threshold": threshold,
@@ -310,17 +300,7 @@ def assess_by_source(
         keep = predictions.ids["source"] == source
         labels, probs = predictions.labels[keep], predictions.probs[keep]
         patients = predictions.ids["patient_id"][keep]
-        ci = metrics.bootstrap_ci(
-            patients,
-            labels,
-            probs,
-            metrics.METRIC_NAMES,
-            n_resamples=settings.bootstrap_resamples,
-            seed=settings.bootstrap_seed,
-            alpha=1.0 - settings.confidence,
-            threshold=threshold,
-            n_bins=settings.calibration_bins,
-        )
+        ci = _bootstrap(settings, patients, labels, probs, threshold)
         out[str(source)] = {
             "patients": int(np.unique(patients).size),
             "metrics": metrics.summary(labels, probs, threshold, n_bins=settings.calibration_bins),
@@ -525,14 +505,30 @@ def write_predictions_csv(path: pathlib.Path, predictions: Predictions, threshol
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(
-            ["index", *ID_FIELDS, "label", "label_name", "probability", "predicted",
-             "predicted_name", "outcome"]
+            [
+                "index",
+                *ID_FIELDS,
+                "label",
+                "label_name",
+                "probability",
+                "predicted",
+                "predicted_name",
+                "outcome",
+            ]
         )
         for i, (y, p) in enumerate(zip(predictions.labels, predictions.probs, strict=True)):
             predicted = int(p >= threshold)
             w.writerow(
-                [i, *(predictions.ids[name][i] for name in ID_FIELDS), int(y), LABEL_NAMES[y],
-                 repr(float(p)), predicted, LABEL_NAMES[predicted], _outcome(int(y), predicted)]
+                [
+                    i,
+                    *(predictions.ids[name][i] for name in ID_FIELDS),
+                    int(y),
+                    LABEL_NAMES[y],
+                    repr(float(p)),
+                    predicted,
+                    LABEL_NAMES[predicted],
+                    _outcome(int(y), predicted),
+                ]
             )
 
 
@@ -547,13 +543,29 @@ def write_patients_csv(
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(
-            ["patient_id", "label", "label_name", "slices", "probability_max",
-             "predicted_max", "probability_mean", "predicted_mean"]
+            [
+                "patient_id",
+                "label",
+                "label_name",
+                "slices",
+                "probability_max",
+                "predicted_max",
+                "probability_mean",
+                "predicted_mean",
+            ]
         )
         for g, y, n, a, b in zip(groups, labels, counts, p_max, p_mean, strict=True):
             w.writerow(
-                [g, int(y), LABEL_NAMES[y], int(n), repr(float(a)), int(a >= t_max),
-                 repr(float(b)), int(b >= t_mean)]
+                [
+                    g,
+                    int(y),
+                    LABEL_NAMES[y],
+                    int(n),
+                    repr(float(a)),
+                    int(a >= t_max),
+                    repr(float(b)),
+                    int(b >= t_mean),
+                ]
             )
 
 
@@ -718,3 +730,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+
+
+def _bootstrap(settings, groups, labels, probs, threshold: float) -> metrics.BootstrapIntervals:
+    """Patient-bootstrap intervals of every metric, with the evaluation's settings."""
+    return metrics.bootstrap_ci(
+        groups,
+        labels,
+        probs,
+        metrics.METRIC_NAMES,
+        n_resamples=settings.bootstrap_resamples,
+        seed=settings.bootstrap_seed,
+        alpha=1.0 - settings.confidence,
+        threshold=threshold,
+        n_bins=settings.calibration_bins,
+    )
