@@ -17,11 +17,13 @@ Speed (XLA:CPU, 2 AVX2 cores, seed network at 128x128, batch 32; measured on a s
 so in images per CPU-second of the train step, best of repeats; runs vary by about 15%):
   * The kernel gradient of a conv, as autodiff emits it (a convolution contracting over the batch),
     runs on a slow generic path in XLA:CPU: 3.7 s CPU for 64->128 at 64x64 and 4.9-5.2 s for
-    128->256 at 32x32, where the forward convs take 0.4 s. `conv_same` computes it instead as one
-    GEMM, im2col patches^T @ grad (1.0-1.1 s and 0.6-0.7 s: the im2col copy is most of what is
-    left over the forward's cost); other platforms keep XLA's gradient (cuDNN on GPU).
-    Train step fp32: 2.6 -> 7.2-9.0 images per CPU-second (4 runs); bf16: 2.2-2.7 -> 5.0-5.7
-    (no bf16 arithmetic on AVX2: use float32 on such CPUs).
+    128->256 at 32x32, where the forward convs take 0.4 s. `conv_same` computes it instead with
+    im2col GEMMs over bands of rows (`_kernel_grad_matmul`); other platforms keep XLA's gradient
+    (cuDNN on GPU). Train step fp32: 2.6 -> 7.2-9.0 images per CPU-second with one whole-batch
+    GEMM; the bands (patches that stay in cache, channels kept minor so the activations are not
+    transposed, XLA's operand transpose put on the smaller side) then took the in-memory train
+    step from 10.9-11.6 to 13.7-18.5 images/s (wall, 2 cores). bf16: 2.2-2.7 -> 5.0-5.7 per
+    CPU-second (no bf16 arithmetic on AVX2: use float32 on such CPUs).
   * `max_pool` is the max of four strided slices, not `nnx.max_pool`: the same values, and its
     gradient is selects, where reduce_window's is `select_and_scatter_add`. Pool (+ ReLU) of
     (32, 128, 128, 64), forward and backward: 1.25-1.40 s CPU with reduce_window, 0.42 s with a
@@ -104,15 +106,53 @@ def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC)
 
 
+# Bytes of im2col patches one step of the banded kernel gradient builds: small enough to stay
+# in the last-level cache while its GEMM reads them back (see `_kernel_grad_matmul`).
+_PATCH_BAND_BYTES = 16 << 20
+
+
 def _kernel_grad_matmul(x: jax.Array, g: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Kernel gradient of a SAME stride-1 conv as one GEMM: im2col patches^T (k*k*C_in, N) @ g."""
+    """Kernel gradient of a SAME stride-1 conv as GEMMs: im2col patches^T (k*k*C_in, N) @ g.
+
+    The patches of the whole batch (k*k times the input: 300 MB for the seed's second conv at
+    batch 32) make the GEMM wait on memory, so it runs over bands of rows with a `lax.scan`, each
+    band's patches at most `_PATCH_BAND_BYTES`: 0.62 -> 0.30 s for 64->128 at 64x64 and
+    0.50 -> 0.21 s for 128->256 at 32x32 (batch 32, 2 cores). Bands of rows, not of the batch,
+    so that a batch sharded over devices stays sharded.
+    """
     k, _, c_in, c_out = kernel.shape
-    _, h, w, _ = x.shape
+    b, h, w, _ = x.shape
     lo, hi = (k - 1) // 2, k // 2  # SAME padding, as lax.conv_general_dilated pads
-    # Channels first, so the stacked patches are already (k*k, C_in, B*H*W): no transpose copy.
-    xt = jnp.pad(x.transpose(3, 0, 1, 2), ((0, 0), (0, 0), (lo, hi), (lo, hi)))
-    patches = jnp.stack([xt[:, :, i : i + h, j : j + w] for i in range(k) for j in range(k)])
-    dk = jnp.einsum("pcbhw,bhwo->pco", patches, g, preferred_element_type=jnp.float32)
+    xp = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
+    row_bytes = k * k * c_in * b * w * x.dtype.itemsize
+    fits = [r for r in range(1, h + 1) if h % r == 0 and r * row_bytes <= _PATCH_BAND_BYTES]
+    rows = max(fits or [1])
+
+    def band(start: jax.Array | int) -> jax.Array:
+        xb = jax.lax.dynamic_slice_in_dim(xp, start, rows + k - 1, axis=1)
+        gb = jax.lax.dynamic_slice_in_dim(g, start, rows, axis=1)
+        # (B, rows, W, k*k, C_in): channels stay minor, so no transpose of the activations.
+        patches = jnp.stack(
+            [xb[:, i : i + rows, j : j + w] for i in range(k) for j in range(k)], axis=3
+        )
+        # The GEMM wants both operands row-major with the contraction (N = B*rows*W) minor on
+        # the left, so XLA transposes the left one: make that the smaller of g (N, C_out) and
+        # the patches (N, k*k*C_in). Either way the result is laid out (k*k*C_in, C_out).
+        if c_out < k * k * c_in:
+            dk_t = jnp.einsum("bhwo,bhwpc->opc", gb, patches, preferred_element_type=jnp.float32)
+            return dk_t.reshape(c_out, k * k * c_in).T
+        return jnp.einsum(
+            "bhwpc,bhwo->pco", patches, gb, preferred_element_type=jnp.float32
+        ).reshape(k * k * c_in, c_out)
+
+    if rows == h:
+        dk = band(0)
+    else:
+        dk, _ = jax.lax.scan(
+            lambda acc, i: (acc + band(i * rows), None),
+            jnp.zeros((k * k * c_in, c_out), jnp.float32),
+            jnp.arange(h // rows),
+        )
     return dk.reshape(k, k, c_in, c_out).astype(kernel.dtype)
 
 

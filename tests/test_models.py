@@ -103,6 +103,35 @@ def test_conv_same_gradients_equal_xla_convolution(k):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("band_bytes", [None, 1])
+@pytest.mark.parametrize("c_in, c_out", [(3, 4), (1, 16)])
+def test_conv_same_kernel_gradient_in_row_bands(monkeypatch, band_bytes, c_in, c_out):
+    """The CPU kernel gradient over bands of rows (a scan) equals XLA's, whichever GEMM side.
+
+    (3, 4): C_out < 9*C_in, the GEMM is g^T @ patches; (1, 16): patches^T @ g. A 1-byte band
+    forces one row per scan step; None keeps the default (the whole image in one band here).
+    """
+    if band_bytes is not None:
+        monkeypatch.setattr(models, "_PATCH_BAND_BYTES", band_bytes)
+    x, w, g = (
+        normal((2, 6, 5, c_in), 3),
+        normal((3, 3, c_in, c_out), 4),
+        normal((2, 6, 5, c_out), 5),
+    )
+
+    def xla(w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=models.NHWC)
+
+    # A new function each time: jit's cache does not see the patched module constant.
+    kernel_grad = jax.jit(lambda x, g, w: models._kernel_grad_matmul(x, g, w))
+    want = jax.vjp(xla, w)[1](g)[0]
+    got = kernel_grad(x, g, w)
+    assert got.shape == w.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    text = kernel_grad.lower(x, g, w).as_text()
+    assert ("while" in text) == (band_bytes is not None)
+
+
 def test_max_pool_equals_flax_max_pool_also_for_odd_sizes():
     x = normal((2, 7, 6, 3), 0)
     want = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
