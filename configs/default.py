@@ -72,6 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.early_stopping = ml_collections.ConfigDict()
     config.early_stopping.patience = 10  # evaluations without improvement before stopping; 0 = off
     config.early_stopping.min_delta = 0.0
+    config.early_stopping.start_epoch = 0.0  # evaluations before this epoch use no patience
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 500  # also at every evaluation, at the end and on SIGTERM

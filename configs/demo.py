@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = default.get_config()
     config.model.widths = (16, 32, 64)
     config.model.dense = 64
-    # Liver window: parenchyma ~60 HU, lesions 15-60 HU away from it.
+    # Liver window: parenchyma ~60 HU, the synthetic set's lesions 25-80 HU away from it.
     config.preprocess.window_center = 60.0
     config.preprocess.window_width = 200.0
     # Geometric jitter only: blur, sharpening and noise hide the smallest lesions.
@@ -24,9 +24,13 @@ def get_config() -> ml_collections.ConfigDict:
         config.augment[name].prob = 0.0
     config.optimizer.name = "adam"
     config.optimizer.learning_rate = 1e-3
-    config.num_epochs = 25
-    config.early_stopping.patience = 8
+    # The synthetic train split is 270 patients, 1620 slices: 50 steps an epoch at batch 32.
+    # Validation ROC AUC stays near 0.5 for ~8 epochs, then climbs to ~0.9 by epoch 16-18:
+    # early stopping counts only from epoch 10.
+    config.num_epochs = 20
+    config.early_stopping.patience = 6
+    config.early_stopping.start_epoch = 10.0
     config.final_eval_split = "test"  # then the report: WORKDIR/report/report.html
     config.checkpoint.every_steps = 100
-    config.log_every_steps = 17  # one epoch of the synthetic set at batch 32
+    config.log_every_steps = 25  # half an epoch of the synthetic set at batch 32
     return config

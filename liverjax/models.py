@@ -8,7 +8,8 @@ apply `jax.nn.sigmoid` for a lesion probability.
   widths       tuple of int   output channels of the conv stages, one stage (conv+ReLU+pool) each
   kernel_size  int            conv kernel side (SAME padding)
   dense        int            width of the hidden dense layer
-  head         str            'flatten' (the seed) or 'gap' (global average pooling)
+  head         str            'flatten' (the seed), 'gap' (global average pooling) or 'max'
+                              (global max pooling: any-position detection, input-size agnostic)
   dropout      float          dropout rate after the hidden dense layer, in [0, 1)
   dtype        str            compute dtype, 'float32' or 'bfloat16'; parameters stay float32
 and `config.image_size` (int), the side of the square input.
@@ -42,7 +43,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-HEADS = ("flatten", "gap")
+HEADS = ("flatten", "gap", "max")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NHWC = ("NHWC", "HWIO", "NHWC")  # conv dimension numbers: channels-last images, HWIO kernels
 # Each conv stage ends with a 2x2 max-pool of stride 2 (the seed's design), halving H and W.
@@ -288,8 +289,10 @@ class CNN(nnx.Module):
         h = max_pool(features)
         if self.head == "flatten":
             h = h.reshape(h.shape[0], -1)
-        else:
+        elif self.head == "gap":
             h = h.mean(axis=(1, 2))
+        else:  # "max": the strongest response anywhere, as for "is there a lesion on this slice"
+            h = h.max(axis=(1, 2))
         h = nnx.relu(self.hidden(h))
         h = self.dropout(h, deterministic=deterministic, rngs=rngs)
         return jnp.squeeze(self.out(h), -1).astype(jnp.float32)  # not [:, 0]: a gather in export

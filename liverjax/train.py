@@ -94,20 +94,27 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclasses.dataclass
 class EarlyStopping:
-    """Stops after `patience` evaluations without an improvement of more than `min_delta`."""
+    """Stops after `patience` evaluations without an improvement of more than `min_delta`.
+
+    Evaluations before `start_step` still record the best value but do not use up patience
+    (Keras' `start_from_epoch`): a model that sits at chance for a while before it learns is
+    not stopped during that plateau.
+    """
 
     patience: int
     min_delta: float = 0.0
     best: float = -math.inf
     best_step: int = -1
     bad_evals: int = 0
+    start_step: int = 0
 
     def update(self, value: float, step: int) -> bool:
         """Record one validation value (higher is better); returns whether it improved."""
         if not math.isnan(value) and value > self.best + self.min_delta:
             self.best, self.best_step, self.bad_evals = value, step, 0
             return True
-        self.bad_evals += 1
+        if step >= self.start_step:
+            self.bad_evals += 1
         return False
 
     @property
@@ -195,6 +202,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.early_stopping.patience < 0:
         _fail("early_stopping.patience", config.early_stopping.patience, "must be >= 0", "0 = off")
+    if not config.early_stopping.start_epoch >= 0:
+        _fail(
+            "early_stopping.start_epoch",
+            config.early_stopping.start_epoch,
+            "must be >= 0",
+            "0 = count every evaluation",
+        )
     for key in ("num_workers", "read_threads", "prefetch_batches"):
         if config.input[key] < (0 if key == "num_workers" else 1):
             _fail(f"input.{key}", config.input[key], "out of range", "see configs/default.py")
@@ -613,12 +627,21 @@ def train_and_evaluate(
             train_source, config, global_batch_size=config.batch_size, labels=labels
         )
     )
-    early = EarlyStopping(config.early_stopping.patience, config.early_stopping.min_delta)
+    start_step = round(config.early_stopping.start_epoch * steps_per_epoch)
+    early = EarlyStopping(
+        config.early_stopping.patience, config.early_stopping.min_delta, start_step=start_step
+    )
     validation: dict[str, float] = {}
     stop_reason = None
     if ckpt.latest_step() is not None:
         state, meta = ckpt.restore(steps.abstract_state, train_iter)
-        early = EarlyStopping(**meta["early_stopping"])
+        # The counts come from the checkpoint; patience and the start from today's config.
+        early = dataclasses.replace(
+            EarlyStopping(**meta["early_stopping"]),
+            patience=early.patience,
+            min_delta=early.min_delta,
+            start_step=start_step,
+        )
         validation = meta.get("validation", {})
         # An early-stopped run stays stopped; a finished one goes on if the config asks for more.
         stop_reason = "early_stopping" if meta.get("stop_reason") == "early_stopping" else None

@@ -27,10 +27,10 @@ DATASET = training_runs.DATASET
 # Small evaluation settings for speed; every other one keeps its default.
 EVAL = {"bootstrap_resamples": 300, "bootstrap_seed": 3, "worst_cases": 2}
 
+
 def _rngs(seed: int) -> nnx.Rngs:
     """Initialization keys of training's PRNG (threefry initializers compile slowly on CPU)."""
     return nnx.Rngs(jax.random.key(seed, impl=train.INIT_PRNG))
-
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,11 @@ def run(tmp_path_factory):
 
 def _checkpointer(workdir: pathlib.Path, config) -> checkpointing.Checkpointer:
     return checkpointing.Checkpointer(
-        workdir / train.CHECKPOINT_DIR, keep=config.checkpoint.keep,
-        keep_best=config.checkpoint.keep_best, best_metric=config.best_metric, async_save=False,
+        workdir / train.CHECKPOINT_DIR,
+        keep=config.checkpoint.keep,
+        keep_best=config.checkpoint.keep_best,
+        best_metric=config.best_metric,
+        async_save=False,
     )
 
 
@@ -170,11 +173,19 @@ def test_metrics_json_equals_metrics_and_sklearn_on_the_csv(run):
     predicted = (probs >= t).astype(int)
     tn, fp, fn, tp = sk_metrics.confusion_matrix(labels, predicted, labels=[0, 1]).ravel()
     assert (s["metrics"]["tp"], s["metrics"]["fp"], s["metrics"]["tn"], s["metrics"]["fn"]) == (
-        tp, fp, tn, fn)
+        tp,
+        fp,
+        tn,
+        fn,
+    )
     # Intervals: the patient bootstrap with the configured resamples and seed.
     ci = metrics.bootstrap_ci(
-        patients, labels, probs, n_resamples=EVAL["bootstrap_resamples"],
-        seed=EVAL["bootstrap_seed"], threshold=t,
+        patients,
+        labels,
+        probs,
+        n_resamples=EVAL["bootstrap_resamples"],
+        seed=EVAL["bootstrap_seed"],
+        threshold=t,
     )
     for name in metrics.METRIC_NAMES:
         np.testing.assert_allclose(
@@ -194,7 +205,7 @@ def test_metrics_json_equals_metrics_and_sklearn_on_the_csv(run):
     assert stored["by_source"]["phantom"]["metrics"] == s["metrics"]
     assert stored["by_source"]["phantom"]["ci"] == s["ci"]
     assert stored["split"] == "test"
-    assert stored["dataset"]["version"] == "1.0.0"
+    assert stored["dataset"]["version"] == "1.1.0"
     assert stored["dataset"]["images"] == labels.size
     assert stored["config"]["dataset"]["name"] == DATASET
     assert stored["eval_settings"]["worst_cases"] == EVAL["worst_cases"]
@@ -243,8 +254,9 @@ def test_checkpoint_and_workdir_errors(run, tmp_path):
 
 
 def _preds(labels, probs, patients) -> evaluate.Predictions:
-    ids = {name: np.asarray([f"{name}{i}" for i in range(len(labels))]) for name in
-           evaluate.ID_FIELDS}
+    ids = {
+        name: np.asarray([f"{name}{i}" for i in range(len(labels))]) for name in evaluate.ID_FIELDS
+    }
     ids["patient_id"] = np.asarray(patients)
     return evaluate.Predictions("validation", np.asarray(labels), np.asarray(probs, float), ids)
 

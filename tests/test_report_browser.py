@@ -49,10 +49,10 @@ window.addEventListener("load", () => {
 });
 </script>"""
 
+
 def _rngs(seed: int) -> nnx.Rngs:
     """Initialization keys of training's PRNG (threefry initializers compile slowly on CPU)."""
     return nnx.Rngs(jax.random.key(seed, impl=train.INIT_PRNG))
-
 
 
 def _chromium() -> str | None:
@@ -68,8 +68,9 @@ def _predictions(split: str, n_patients: int, slices: int, rng) -> evaluate.Pred
     has_lesion = np.repeat(np.arange(n_patients) % 2 == 0, slices)
     labels = (has_lesion & (rng.random(patients.size) < 0.6)).astype(np.int64)
     probs = 1.0 / (1.0 + np.exp(-(rng.normal(size=labels.size) + 1.5 * (2 * labels - 1))))
-    ids = {name: np.asarray([f"{name}-{i}" for i in range(labels.size)]) for name in
-           evaluate.ID_FIELDS}
+    ids = {
+        name: np.asarray([f"{name}-{i}" for i in range(labels.size)]) for name in evaluate.ID_FIELDS
+    }
     ids["patient_id"] = patients
     ids["source"] = np.where(np.repeat(np.arange(n_patients) % 3 == 0, slices), "site-b", "site-a")
     return evaluate.Predictions(split=split, labels=labels, probs=probs, ids=ids)
@@ -82,8 +83,12 @@ def page(tmp_path_factory):
     validation = _predictions("validation", 10, 6, rng)
     test = _predictions("test", 12, 6, rng)
     config = ml_collections.ConfigDict(
-        {"model": models.default_model_config(), "image_size": IMAGE_SIZE, "seed": 0,
-         "eval": {"bootstrap_resamples": 200, "worst_cases": WORST}}
+        {
+            "model": models.default_model_config(),
+            "image_size": IMAGE_SIZE,
+            "seed": 0,
+            "eval": {"bootstrap_resamples": 200, "worst_cases": WORST},
+        }
     )
     config.model.widths, config.model.dense = (4, 8), 8
     settings = evaluate.eval_settings(config)
@@ -97,22 +102,34 @@ def page(tmp_path_factory):
     maps, _ = saliency.grad_cam(model, images)
     kinds = [k for k, idx in indices.items() for _ in idx]
     cases = [
-        {"kind": kind, **{name: str(test.ids[name][i]) for name in evaluate.ID_FIELDS},
-         "label": int(test.labels[i]), "probability": float(test.probs[i]),
-         "image": images[j, ..., 0], "cam": np.asarray(maps[j])}
+        {
+            "kind": kind,
+            **{name: str(test.ids[name][i]) for name in evaluate.ID_FIELDS},
+            "label": int(test.labels[i]),
+            "probability": float(test.probs[i]),
+            "image": images[j, ..., 0],
+            "cam": np.asarray(maps[j]),
+        }
         for j, (kind, i) in enumerate(zip(kinds, flat, strict=True))
     ]
     curation = {
-        "files_total": 80, "counts": {"written": 78, "duplicate": 1, "skipped": 1},
+        "files_total": 80,
+        "counts": {"written": 78, "duplicate": 1, "skipped": 1},
         "skipped_by_reason": {"not_dicom": 1},
         "splits": {"test": {"patients": 12, "slices": 72, "lesion": 20, "normal": 52}},
     }
     result = {
-        "split": "test", "created": "2026-01-01T00:00:00+00:00",
-        "dataset": {"name": "liver/synthetic_small", "version": "1.0.0",
-                    "full_name": "liver/synthetic_small/1.0.0", "data_dir": "DATA",
-                    "images": int(test.labels.size), "lesion_images": int(test.labels.sum()),
-                    "patients": 12},
+        "split": "test",
+        "created": "2026-01-01T00:00:00+00:00",
+        "dataset": {
+            "name": "liver/synthetic_small",
+            "version": "1.1.0",
+            "full_name": "liver/synthetic_small/1.1.0",
+            "data_dir": "DATA",
+            "images": int(test.labels.size),
+            "lesion_images": int(test.labels.sum()),
+            "patients": 12,
+        },
         "checkpoint": {"requested": "best", "step": 7, "chosen": "as requested"},
         **analysis,
         "config": config.to_dict(),
@@ -171,9 +188,18 @@ def test_chromium_renders_table_and_images(page, tmp_path):
     probed = tmp_path / "probed.html"
     probed.write_text(path.read_text().replace("</body>", PROBE + "</body>"))
     run = subprocess.run(
-        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
-         "--virtual-time-budget=10000", "--dump-dom", probed.as_uri()],
-        capture_output=True, text=True, timeout=120, check=False,
+        [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            probed.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     dom = run.stdout

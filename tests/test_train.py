@@ -117,6 +117,7 @@ def test_early_stopping_stops_and_stays_stopped_on_resume(data_dir, tmp_path):
         ({"batch_size": 64}, "config.batch_size = 64: larger than the 48 records"),
         ({"distributed.enabled": "yes"}, "config.distributed.enabled = 'yes'"),
         ({"augment.rotate.prob": 1.5}, "config.augment.rotate.prob = 1.5: must be in [0, 1]"),
+        ({"early_stopping.start_epoch": -1.0}, "config.early_stopping.start_epoch = -1.0"),
     ],
 )
 def test_config_errors_name_the_key(data_dir, tmp_path, overrides, message):
@@ -137,6 +138,14 @@ def test_early_stopping_counts_evaluations_without_improvement():
     assert (early.best, early.best_step) == (0.80, 30)
     assert train.EarlyStopping(**early.to_dict()) == early
     assert not train.EarlyStopping(patience=0).should_stop
+
+
+def test_early_stopping_uses_no_patience_before_its_start():
+    early = train.EarlyStopping(patience=1, start_step=30)
+    assert early.update(0.55, 10)
+    assert not early.update(0.50, 20) and not early.should_stop  # before the start: free
+    assert not early.update(0.52, 30) and early.should_stop  # from the start on, it counts
+    assert (early.best, early.best_step, early.bad_evals) == (0.55, 10, 1)
 
 
 def test_bce_matches_its_definition_and_weights_positives():

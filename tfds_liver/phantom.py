@@ -99,7 +99,9 @@ LESION_CONTRAST_HU = (15.0, 60.0)  # |lesion - liver|, drawn uniformly; hypo and
 LESION_EDGE_MM = (0.5, 3.0)  # width of the soft margin, sharp cysts to ill-defined metastases
 LESION_SHAPE_JITTER = 0.15  # relative spread of the three semi-axes
 LESION_LOBULATION = 0.12  # maximum relative boundary modulation
-MIN_VISIBLE_DIAMETER_MM = 3.0  # thinner cross-sections (ends of a lesion) are not drawn
+# Thinner cross-sections (ends of a lesion) are neither drawn nor labelled. Raise it with
+# `min_lesion_mm` where images are stored coarser than the lesions' ends can show.
+MIN_VISIBLE_DIAMETER_MM = 3.0
 LESION_MARGIN_MM = 1.0  # lesion boundary must lie this far inside the liver at its centre
 LESION_GAP_MM = 2.0  # minimum distance between two lesions
 LESION_SCAN_MM_PER_LESION = 26.0  # expected extra lesions = scan length / this
@@ -465,7 +467,11 @@ class _LesionSpec:
 
 
 def _lesion_section(
-    canvas: _Canvas, spec: _LesionSpec, t: int, liver_mask: np.ndarray
+    canvas: _Canvas,
+    spec: _LesionSpec,
+    t: int,
+    liver_mask: np.ndarray,
+    min_visible_mm: float = MIN_VISIBLE_DIAMETER_MM,
 ) -> tuple[slice, slice, np.ndarray, np.ndarray] | None:
     """Rows, columns, blend weight and mask of a lesion on slice t; None where it is not visible."""
     (cx, cy, cz), (sx, sy, sz) = spec.center, spec.semi
@@ -473,7 +479,7 @@ def _lesion_section(
     if frac <= 0:
         return None
     rx, ry = sx * math.sqrt(frac), sy * math.sqrt(frac)
-    if 2 * math.sqrt(rx * ry) < MIN_VISIBLE_DIAMETER_MM:
+    if 2 * math.sqrt(rx * ry) < min_visible_mm:
         return None
     amp, lobes, phase = spec.lobulation
     reach = max(rx, ry) * (1 + amp) + spec.edge_mm
@@ -486,7 +492,7 @@ def _lesion_section(
     rho = np.sqrt(px * px + py * py) / (1 + amp * np.cos(lobes * np.arctan2(py, px) + phase))
     inside_liver = liver_mask[t, rows, cols]
     mask = (rho <= 1.0) & inside_liver
-    if mask.sum() * canvas.spacing**2 < np.pi * (MIN_VISIBLE_DIAMETER_MM / 2) ** 2:
+    if mask.sum() * canvas.spacing**2 < np.pi * (min_visible_mm / 2) ** 2:
         return None
     distance = (1.0 - rho) * math.sqrt(rx * ry)  # ~mm inside the boundary
     weight = np.clip(distance / spec.edge_mm + 0.5, 0.0, 1.0)
@@ -501,6 +507,8 @@ def _plan_lesions(
     count: int,
     slice_mm: float,
     contrast_hu: tuple[float, float],
+    diameter_mm: tuple[float, float],
+    min_visible_mm: float,
 ) -> list[_LesionSpec]:
     """Choose up to `count` lesions well inside the liver drawn on `canvas`, apart from others."""
     liver_mask = _liver_mask(canvas.tissue)
@@ -521,7 +529,7 @@ def _plan_lesions(
         s = int(rng.integers(z.size))
         lobe = liver["lobes"][0 if rng.random() < 0.8 else 1]
         rad, ang = math.sqrt(rng.random()) * 0.85, rng.uniform(0, 2 * np.pi)
-        diameter = rng.uniform(*LESION_DIAMETER_MM)
+        diameter = rng.uniform(*diameter_mm)
         semi = diameter / 2 * (1 + rng.uniform(-LESION_SHAPE_JITTER, LESION_SHAPE_JITTER, 3))
         dz, rotation = rng.uniform(-0.5, 0.5) * slice_mm, rng.uniform(0, np.pi)
         lobulation = (
@@ -555,13 +563,13 @@ def _plan_lesions(
             contrast_hu=float(contrast),
             edge_mm=float(edge),
         )
-        if any(_lesion_section(canvas, spec, t, liver_mask) for t in range(z.size)):
+        if any(_lesion_section(canvas, spec, t, liver_mask, min_visible_mm) for t in range(z.size)):
             specs.append(spec)
     return specs
 
 
 def _draw_lesions(
-    canvas: _Canvas, specs: list[_LesionSpec], liver_hu: float
+    canvas: _Canvas, specs: list[_LesionSpec], liver_hu: float, min_visible_mm: float
 ) -> tuple[list[Lesion], np.ndarray]:
     """Blend the lesions into the liver of `canvas`; returns those visible and the lesion mask."""
     liver_mask = _liver_mask(canvas.tissue)
@@ -570,7 +578,7 @@ def _draw_lesions(
     for spec in specs:
         shown = []
         for t in range(canvas.z.size):
-            section = _lesion_section(canvas, spec, t, liver_mask)
+            section = _lesion_section(canvas, spec, t, liver_mask, min_visible_mm)
             if section is None:
                 continue
             rows, cols, weight, mask = section
@@ -663,9 +671,24 @@ def make_patient(
     slices: int = DEFAULT_SLICES,
     has_lesions: bool = True,
     lesion_contrast_hu: tuple[float, float] = LESION_CONTRAST_HU,
+    lesion_diameter_mm: tuple[float, float] = LESION_DIAMETER_MM,
+    min_lesion_mm: float = MIN_VISIBLE_DIAMETER_MM,
 ) -> Patient:
-    """Generate phantom `index` of `seed` in memory: HU volume, labels, masks, metadata."""
-    _check_args(size=size, slices=slices, seed=seed, index=index, contrast=lesion_contrast_hu)
+    """Generate phantom `index` of `seed` in memory: HU volume, labels, masks, metadata.
+
+    Lesions have diameters drawn from `lesion_diameter_mm` and |contrast| from
+    `lesion_contrast_hu`; cross-sections narrower than `min_lesion_mm` are neither drawn nor
+    labelled.
+    """
+    _check_args(
+        size=size,
+        slices=slices,
+        seed=seed,
+        index=index,
+        contrast=lesion_contrast_hu,
+        diameter=lesion_diameter_mm,
+        min_lesion=min_lesion_mm,
+    )
     streams = np.random.SeedSequence([seed, index]).spawn(4)
     anatomy_rng, lesion_rng, noise_rng, meta_rng = (np.random.default_rng(s) for s in streams)
 
@@ -707,8 +730,17 @@ def make_patient(
         if size != LESION_PLANNING_SIZE:
             plan = _new_canvas(fov, LESION_PLANNING_SIZE, z)
             liver = _draw_anatomy(plan, anatomy_state, body)
-        specs = _plan_lesions(plan, lesion_rng, liver, count, thickness, lesion_contrast_hu)
-    lesions, lesion_mask = _draw_lesions(canvas, specs, liver["liver_hu"])
+        specs = _plan_lesions(
+            plan,
+            lesion_rng,
+            liver,
+            count,
+            thickness,
+            lesion_contrast_hu,
+            lesion_diameter_mm,
+            min_lesion_mm,
+        )
+    lesions, lesion_mask = _draw_lesions(canvas, specs, liver["liver_hu"], min_lesion_mm)
 
     noise = (
         NOISE_HU[0]
@@ -926,6 +958,19 @@ def _check_args(**args: int | float | tuple[float, float]) -> None:
             problems.append(
                 f"lesion_contrast_hu={args['contrast']}: give (low, high) HU with 0 < low <= high"
             )
+    if "diameter" in args:
+        low, high = args["diameter"]
+        if not 0 < low <= high:
+            problems.append(
+                f"lesion_diameter_mm={args['diameter']}: give (low, high) mm with 0 < low <= high"
+            )
+    if "min_lesion" in args and not args["min_lesion"] > 0:
+        problems.append(f"min_lesion_mm={args['min_lesion']}: use a positive number of mm")
+    if "diameter" in args and "min_lesion" in args and args["min_lesion"] > args["diameter"][1]:
+        problems.append(
+            f"min_lesion_mm={args['min_lesion']} exceeds the largest lesion diameter "
+            f"{args['diameter'][1]} mm: no lesion could be drawn"
+        )
     if problems:
         raise ValueError("phantom: " + "; ".join(problems))
 
@@ -939,6 +984,8 @@ def write_phantom(
     slices: int = DEFAULT_SLICES,
     lesion_patient_fraction: float = DEFAULT_LESION_PATIENT_FRACTION,
     lesion_contrast_hu: tuple[float, float] = LESION_CONTRAST_HU,
+    lesion_diameter_mm: tuple[float, float] = LESION_DIAMETER_MM,
+    min_lesion_mm: float = MIN_VISIBLE_DIAMETER_MM,
     write_masks: bool = False,
 ) -> pathlib.Path:
     """Write `patients` phantom CT series and labels.csv into an empty out_dir; returns the CSV."""
@@ -949,6 +996,8 @@ def write_phantom(
         slices=slices,
         fraction=lesion_patient_fraction,
         contrast=lesion_contrast_hu,
+        diameter=lesion_diameter_mm,
+        min_lesion=min_lesion_mm,
     )
     out_dir = pathlib.Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -966,6 +1015,8 @@ def write_phantom(
             slices=slices,
             has_lesions=bool(has_lesions),
             lesion_contrast_hu=lesion_contrast_hu,
+            lesion_diameter_mm=lesion_diameter_mm,
+            min_lesion_mm=min_lesion_mm,
         )
         rows += write_patient(patient, out_dir, write_masks=write_masks)
     csv_path = out_dir / "labels.csv"
@@ -1009,6 +1060,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="|lesion - liver| in HU, drawn uniformly; hypo or hyper at random",
     )
     parser.add_argument(
+        "--lesion-diameter",
+        type=float,
+        nargs=2,
+        default=LESION_DIAMETER_MM,
+        metavar=("LOW", "HIGH"),
+        help="lesion diameter in mm, drawn uniformly",
+    )
+    parser.add_argument(
+        "--min-lesion",
+        type=float,
+        default=MIN_VISIBLE_DIAMETER_MM,
+        metavar="MM",
+        help="narrower lesion cross-sections are neither drawn nor labelled",
+    )
+    parser.add_argument(
         "--masks",
         action="store_true",
         help="also write lesion and liver mask series (not listed in labels.csv)",
@@ -1023,6 +1089,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             slices=args.slices,
             lesion_patient_fraction=args.lesion_fraction,
             lesion_contrast_hu=tuple(args.lesion_contrast),
+            lesion_diameter_mm=tuple(args.lesion_diameter),
+            min_lesion_mm=args.min_lesion,
             write_masks=args.masks,
         )
     except (ValueError, FileExistsError) as error:
