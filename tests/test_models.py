@@ -33,7 +33,7 @@ def normal(shape: tuple[int, ...], seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape, np.float32)
 
 
-@pytest.mark.parametrize("head", ["flatten", "gap"])
+@pytest.mark.parametrize("head", ["flatten", "gap", "max"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_output_shapes_and_dtypes(head, dtype):
     model = models.create_model(config(head=head, dtype=dtype), rngs=rngs())
@@ -69,6 +69,20 @@ def test_seed_parameter_count_at_128():
     seed.model.head = "gap"
     gap = nnx.eval_shape(lambda: models.create_model(seed, rngs=rngs()))
     assert models.param_count(gap) == convs + (256 * 512 + 512) + 513
+
+
+def test_max_head_pools_the_strongest_response_and_gap_the_mean():
+    """The heads differ only in how the last pooled features become one vector per image."""
+    model = models.create_model(config(head="max"), rngs=rngs())
+    model.eval()
+    feats = jnp.asarray(np.abs(normal((2, 16, 16, 16), 6)))  # after ReLU: non-negative
+    pooled = models.max_pool(feats)
+    want = model.out(nnx.relu(model.hidden(pooled.max(axis=(1, 2)))))[:, 0]
+    np.testing.assert_allclose(model.classify(feats), want, rtol=1e-6)
+    model.head = "gap"  # same parameters, mean instead of max
+    want_mean = model.out(nnx.relu(model.hidden(pooled.mean(axis=(1, 2)))))[:, 0]
+    np.testing.assert_allclose(model.classify(feats), want_mean, rtol=1e-6)
+    assert not np.allclose(want, want_mean)
 
 
 def test_dropout_differs_in_training_and_eval_is_deterministic():
@@ -160,6 +174,7 @@ def test_bad_config_is_a_clear_error(change, match):
 def test_gap_head_takes_sizes_flatten_cannot_and_flatten_checks_input_size():
     gap = models.create_model(config(34, head="gap"), rngs=rngs())
     assert gap(images(2, 34), deterministic=True).shape == (2,)
+    assert models.create_model(config(34, head="max"), rngs=rngs())(images(2, 34)).shape == (2,)
     flat = models.create_model(config(32), rngs=rngs())
     with pytest.raises(ValueError, match="built for 32x32 inputs"):
         flat(images(2, 34), deterministic=True)
