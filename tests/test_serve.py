@@ -31,7 +31,6 @@ from test_export import (
 from liverjax import export, serve
 from liverjax.client import Client, ServerError, multipart
 from liverjax.serve_benchmark import ServerProcess, run_load
-from tfds_liver import phantom
 
 MAX_BODY = 2**20  # the server's --max_body_bytes in these tests
 LOAD_CLIENTS = 16
@@ -54,13 +53,7 @@ def dicom_files(exported, records, tmp_path_factory) -> dict[str, pathlib.Path]:
     """sop_uid → DICOM file of the test split, regenerated from the builder's phantom settings."""
     config = tfds.builder(DATASET, data_dir=exported["data_dir"]).builder_config
     out = tmp_path_factory.mktemp("phantom")
-    phantom.write_phantom(
-        out,
-        patients=config.phantom_patients,
-        seed=config.phantom_seed,
-        size=config.phantom_size,
-        slices=config.phantom_slices,
-    )
+    config.write_phantom(out)
     wanted = set(records["sop_uid"])
     found = {}
     for path in sorted(out.rglob("*.dcm")):

@@ -67,6 +67,21 @@ class LiverConfig(tfds.core.BuilderConfig):
     phantom_lesion_diameter_mm: tuple[float, float] = (4.0, 30.0)
     phantom_min_lesion_mm: float = 3.0  # narrower lesion sections are neither drawn nor labelled
 
+    def write_phantom(self, out_dir: pathlib.Path) -> pathlib.Path:
+        """Write this config's phantom DICOM set and labels.csv into out_dir; returns the CSV."""
+        from tfds_liver import phantom
+
+        return phantom.write_phantom(
+            out_dir,
+            patients=self.phantom_patients,
+            seed=self.phantom_seed,
+            size=self.phantom_size,
+            slices=self.phantom_slices,
+            lesion_contrast_hu=self.phantom_lesion_contrast_hu,
+            lesion_diameter_mm=self.phantom_lesion_diameter_mm,
+            min_lesion_mm=self.phantom_min_lesion_mm,
+        )
+
 
 class Builder(tfds.core.GeneratorBasedBuilder):
     """DatasetBuilder for the `liver` dataset."""
@@ -146,21 +161,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             return super()._download_and_prepare(dl_manager, download_config, **kwargs)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        from tfds_liver import curation, phantom
+        from tfds_liver import curation
 
         config = self.builder_config
         if config.phantom_patients > 0:
             source_dir = self._phantom_dir
-            phantom.write_phantom(
-                source_dir,
-                patients=config.phantom_patients,
-                seed=config.phantom_seed,
-                size=config.phantom_size,
-                slices=config.phantom_slices,
-                lesion_contrast_hu=config.phantom_lesion_contrast_hu,
-                lesion_diameter_mm=config.phantom_lesion_diameter_mm,
-                min_lesion_mm=config.phantom_min_lesion_mm,
-            )
+            config.write_phantom(source_dir)
             name = f"phantom (seed {config.phantom_seed})"
         else:
             source_dir = pathlib.Path(dl_manager.manual_dir)
