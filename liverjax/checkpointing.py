@@ -67,8 +67,11 @@ class Checkpointer:
             instance = handler()
             registry.add(item, save, instance)
             registry.add(item, restore, instance)
+        directory = os.fspath(directory)
+        if "://" not in directory:  # Orbax wants local paths absolute (`--workdir runs/demo`)
+            directory = os.path.abspath(directory)
         self._manager = ocp.CheckpointManager(
-            os.fspath(directory),
+            directory,
             handler_registry=registry,
             options=ocp.CheckpointManagerOptions(
                 preservation_policy=pp.AnyPreservationPolicy(policies),

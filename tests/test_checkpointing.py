@@ -47,6 +47,19 @@ def _signal_at(step: int, signum: int):
     return hook
 
 
+def test_relative_workdir_trains_and_checkpoints_there(data_dir, tmp_path, monkeypatch):
+    """`--workdir runs/demo`, as the README writes it: Orbax itself accepts only absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    summary = train.train_and_evaluate(runs.make_config(data_dir), os.path.join("runs", "w"))
+    assert summary.step == STEPS and summary.stop_reason == "done"
+    ckpt = checkpointing.Checkpointer(
+        os.path.join("runs", "w", train.CHECKPOINT_DIR), keep=3, keep_best=1, best_metric="roc_auc"
+    )
+    assert ckpt.directory == str(tmp_path / "runs" / "w" / train.CHECKPOINT_DIR)
+    assert ckpt.latest_step() == STEPS
+    ckpt.close()
+
+
 def test_sigterm_saves_exits_and_resume_is_bit_identical(data_dir, tmp_path, uninterrupted):
     config = runs.make_config(data_dir)
     before = signal.getsignal(signal.SIGTERM)
