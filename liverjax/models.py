@@ -22,9 +22,10 @@ so in images per CPU-second of the train step, best of repeats; runs vary by abo
     im2col GEMMs over bands of rows (`_kernel_grad_matmul`); other platforms keep XLA's gradient
     (cuDNN on GPU). Train step fp32: 2.6 -> 7.2-9.0 images per CPU-second with one whole-batch
     GEMM; the bands (patches that stay in cache, channels kept minor so the activations are not
-    transposed, XLA's operand transpose put on the smaller side) then took the in-memory train
-    step from 10.9-11.6 to 13.7-18.5 images/s (wall, 2 cores). bf16: 2.2-2.7 -> 5.0-5.7 per
-    CPU-second (no bf16 arithmetic on AVX2: use float32 on such CPUs).
+    transposed) then took the in-memory train step from 10.9-11.6 to 13.7-18.5 images/s (wall,
+    2 cores), and accumulating the transposed gradient (one plain GEMM a band, no transposed
+    operand) made the train step 1.10x faster again (same process, interleaved steps). bf16:
+    2.2-2.7 -> 5.0-5.7 per CPU-second (no bf16 arithmetic on AVX2: use float32 on such CPUs).
   * `max_pool` is the max of four strided slices, not `nnx.max_pool`: the same values, and its
     gradient is selects, where reduce_window's is `select_and_scatter_add`. Pool (+ ReLU) of
     (32, 128, 128, 64), forward and backward: 1.25-1.40 s CPU with reduce_window, 0.42 s with a
@@ -107,19 +108,23 @@ def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC)
 
 
-# Bytes of im2col patches one step of the banded kernel gradient builds: small enough to stay
-# in the last-level cache while its GEMM reads them back (see `_kernel_grad_matmul`).
-_PATCH_BAND_BYTES = 16 << 20
+# Bytes of im2col patches one step of the banded kernel gradient builds: they stay in the
+# last-level cache (32 MB on the 2-core development machine) while its GEMM reads them back
+# (see `_kernel_grad_matmul`).
+_PATCH_BAND_BYTES = 32 << 20
 
 
 def _kernel_grad_matmul(x: jax.Array, g: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Kernel gradient of a SAME stride-1 conv as GEMMs: im2col patches^T (k*k*C_in, N) @ g.
+    """Kernel gradient of a SAME stride-1 conv as GEMMs: g^T (C_out, N) @ patches (N, k*k*C_in).
 
     The patches of the whole batch (k*k times the input: 300 MB for the seed's second conv at
     batch 32) make the GEMM wait on memory, so it runs over bands of rows with a `lax.scan`, each
-    band's patches at most `_PATCH_BAND_BYTES`: 0.62 -> 0.30 s for 64->128 at 64x64 and
-    0.50 -> 0.21 s for 128->256 at 32x32 (batch 32, 2 cores). Bands of rows, not of the batch,
-    so that a batch sharded over devices stays sharded.
+    band's patches at most `_PATCH_BAND_BYTES`. Bands of rows, not of the batch, so that a batch
+    sharded over devices stays sharded. The scan accumulates the transposed gradient
+    (C_out, k*k*C_in) and transposes it once at the end: with the transpose inside the loop
+    body, XLA folded it into the GEMM's operands and ran a slower transposed-operand GEMM
+    (batch 32, 2 cores: 64->128 at 64x64 0.43 -> 0.35 s, 128->256 at 32x32 0.36 -> 0.27 s,
+    1->64 at 128x128 0.10 -> 0.04 s, measured side by side).
     """
     k, _, c_in, c_out = kernel.shape
     b, h, w, _ = x.shape
@@ -136,25 +141,23 @@ def _kernel_grad_matmul(x: jax.Array, g: jax.Array, kernel: jax.Array) -> jax.Ar
         patches = jnp.stack(
             [xb[:, i : i + rows, j : j + w] for i in range(k) for j in range(k)], axis=3
         )
-        # The GEMM wants both operands row-major with the contraction (N = B*rows*W) minor on
-        # the left, so XLA transposes the left one: make that the smaller of g (N, C_out) and
-        # the patches (N, k*k*C_in). Either way the result is laid out (k*k*C_in, C_out).
-        if c_out < k * k * c_in:
-            dk_t = jnp.einsum("bhwo,bhwpc->opc", gb, patches, preferred_element_type=jnp.float32)
-            return dk_t.reshape(c_out, k * k * c_in).T
-        return jnp.einsum(
-            "bhwpc,bhwo->pco", patches, gb, preferred_element_type=jnp.float32
-        ).reshape(k * k * c_in, c_out)
+        # Flattened to 2-D first: with C_in = 1 (the first conv) the 5-D einsum took 2x longer.
+        return jax.lax.dot_general(
+            gb.reshape(-1, c_out),
+            patches.reshape(-1, k * k * c_in),
+            (((0,), (0,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        )
 
     if rows == h:
-        dk = band(0)
+        dk_t = band(0)
     else:
-        dk, _ = jax.lax.scan(
+        dk_t, _ = jax.lax.scan(
             lambda acc, i: (acc + band(i * rows), None),
-            jnp.zeros((k * k * c_in, c_out), jnp.float32),
+            jnp.zeros((c_out, k * k * c_in), jnp.float32),
             jnp.arange(h // rows),
         )
-    return dk.reshape(k, k, c_in, c_out).astype(kernel.dtype)
+    return dk_t.reshape(c_out, k, k, c_in).transpose(1, 2, 3, 0).astype(kernel.dtype)
 
 
 def _kernel_grad_conv(x: jax.Array, g: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -120,10 +120,11 @@ def test_conv_same_gradients_equal_xla_convolution(k):
 @pytest.mark.parametrize("band_bytes", [None, 1])
 @pytest.mark.parametrize("c_in, c_out", [(3, 4), (1, 16)])
 def test_conv_same_kernel_gradient_in_row_bands(monkeypatch, band_bytes, c_in, c_out):
-    """The CPU kernel gradient over bands of rows (a scan) equals XLA's, whichever GEMM side.
+    """The CPU kernel gradient over bands of rows (a scan) equals XLA's.
 
-    (3, 4): C_out < 9*C_in, the GEMM is g^T @ patches; (1, 16): patches^T @ g. A 1-byte band
-    forces one row per scan step; None keeps the default (the whole image in one band here).
+    (3, 4): C_out < 9*C_in; (1, 16): one input channel, C_out > 9*C_in, as the first conv. A
+    1-byte band forces one row per scan step; None keeps the default (the whole image in one
+    band here).
     """
     if band_bytes is not None:
         monkeypatch.setattr(models, "_PATCH_BAND_BYTES", band_bytes)
