@@ -27,7 +27,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from liverjax import input_pipeline, parallel, train
+from liverjax import host_memory, input_pipeline, parallel, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -179,6 +179,7 @@ def _print(figures: dict[str, Any]) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    host_memory.keep_freed_memory()  # as `python -m liverjax.main` does
     figures = run(FLAGS.config, FLAGS.steps, FLAGS.warmup, FLAGS.torch_ref)
     _print(figures)
     print(json.dumps(figures))

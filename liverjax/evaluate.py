@@ -52,6 +52,7 @@ from jax.experimental import multihost_utils
 
 from liverjax import (
     checkpointing,
+    host_memory,
     input_pipeline,
     metrics,
     models,
@@ -712,6 +713,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--data_dir", default=None, help="where the records are, if not where training read them"
     )
     args = parser.parse_args(argv)
+    host_memory.keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = load_config(args.workdir)
     if args.data_dir is not None:

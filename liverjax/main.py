@@ -10,7 +10,7 @@ import logging
 from absl import app, flags
 from ml_collections import config_flags
 
-from liverjax import evaluate, train
+from liverjax import evaluate, host_memory, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, config.json and TensorBoard logs.")
@@ -21,6 +21,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    host_memory.keep_freed_memory()  # before JAX starts: XLA:CPU's step buffers are reused
     logging.getLogger("liverjax").setLevel(logging.INFO)
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if FLAGS.config.final_eval_split:
