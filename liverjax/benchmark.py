@@ -16,6 +16,7 @@ with the same image size and batch and prints JAX / best-PyTorch ratios, same ma
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -31,9 +32,23 @@ from liverjax import host_memory, input_pipeline, parallel, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
-flags.DEFINE_integer("steps", 20, "Timed steps per measurement.")
-flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation, caches).")
+flags.DEFINE_integer("steps", 20, "Timed steps per measurement.", lower_bound=1)
+flags.DEFINE_integer(
+    "warmup",
+    20,
+    "Untimed steps first, dispatched as the timed ones are (compilation; host memory then has "
+    "grown to its steady size: with liverjax.host_memory the first steps dispatched back to "
+    "back still page-fault while the reused heap grows).",
+    lower_bound=1,
+)
 flags.DEFINE_string("torch_ref", None, "Path of the PyTorch reference script (ref_cnn.py).")
+flags.DEFINE_enum(
+    "torch_host_malloc",
+    "system",
+    ["system", "reuse", "both"],
+    "glibc malloc settings of the PyTorch run: 'system' (the reference as it runs by itself), "
+    "'reuse' (liverjax.host_memory's settings, from the environment), or both in turn.",
+)
 flags.DEFINE_string("json_out", None, "Also write the figures to this JSON file.")
 flags.mark_flags_as_required(["config"])
 
@@ -64,29 +79,41 @@ def _train_in_memory(config, mesh, batch, steps: int, warmup: int):
     """(images/s, steps, state) of the train step on a batch already on the devices."""
     fns = train.make_steps(config, mesh, train.create_optimizer(config, 1, 1))
     state = fns.init()
-    for _ in range(warmup):
-        state, _, _ = fns.train_step(state, batch)
 
     def one():
         nonlocal state
         state, out, _ = fns.train_step(state, batch)
         return out.loss.total
 
+    _timed(one, warmup)
     return config.batch_size / _timed(one, steps), fns, state
 
 
-def _torch_reference(path: str, size: int, batch: int, steps: int) -> dict[str, Any] | None:
-    """The reference script's JSON line for PyTorch (None without torch)."""
+def _torch_reference(
+    path: str, size: int, batch: int, steps: int, host_malloc: str
+) -> dict[str, Any] | None:
+    """The reference script's JSON line for PyTorch (None without torch).
+
+    With `host_malloc='reuse'` it runs with liverjax.host_memory's glibc settings, so that
+    both sides page-fault (or not) alike.
+    """
     if importlib.util.find_spec("torch") is None:
         logging.warning("torch is not importable: no PyTorch comparison")
         return None
     cmd = [sys.executable, path, "--size", str(size), "--batch", str(batch), "--only", "torch"]
     cmd += ["--steps", str(steps)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    env = {**os.environ, **(host_memory.GLIBC_ENV if host_malloc == "reuse" else {})}
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(config: ml_collections.ConfigDict, steps: int, warmup: int, torch_ref: str | None):
+def run(
+    config: ml_collections.ConfigDict,
+    steps: int,
+    warmup: int,
+    torch_ref: str | None,
+    torch_host_malloc: str = "system",
+):
     """All measurements; returns the figures as a dict (also printed)."""
     parallel.initialize_distributed(config.distributed)
     train.validate_config(config)
@@ -107,21 +134,20 @@ def run(config: ml_collections.ConfigDict, steps: int, warmup: int, torch_ref: s
 
     figures["train_in_memory"], fns, state = _train_in_memory(config, mesh, batch, steps, warmup)
     images = batch["image"]
-    jax.block_until_ready(fns.predict(state, images))
+    _timed(lambda: fns.predict(state, images), warmup)
     figures["inference_in_memory"] = config.batch_size / _timed(
         lambda: fns.predict(state, images), steps
     )
 
     # End to end: the records through grain, global arrays, the same compiled step.
     it = iter(input_pipeline.train_dataset(source, config, global_batch_size=config.batch_size))
-    for _ in range(warmup):
-        state, _, _ = fns.train_step(state, parallel.global_batch(next(it), mesh))
 
     def one():
         nonlocal state
         state, out, _ = fns.train_step(state, parallel.global_batch(next(it), mesh))
         return out.loss.total
 
+    _timed(one, warmup)
     figures["train_end_to_end"] = config.batch_size / _timed(one, steps)
     figures["end_to_end_over_in_memory"] = figures["train_end_to_end"] / figures["train_in_memory"]
 
@@ -133,11 +159,20 @@ def run(config: ml_collections.ConfigDict, steps: int, warmup: int, torch_ref: s
 
     if torch_ref:
         _print(figures)  # the JAX figures first: the PyTorch script takes minutes (torch.compile)
-        ref = _torch_reference(torch_ref, config.image_size, config.batch_size, steps)
-        if ref is not None:
-            figures["torch"] = {k: v for k, v in ref.items() if k.startswith("torch")}
-            train_keys = [k for k in ref if k.startswith("torch_train_") and k.endswith("_img_s")]
-            infer_keys = [k for k in ref if k.startswith("torch_infer_") and k.endswith("_img_s")]
+        malloc_runs = ("system", "reuse") if torch_host_malloc == "both" else (torch_host_malloc,)
+        # {"<torch key>" or "<torch key> (malloc reuse)": value}, every run's figures together.
+        ref: dict[str, Any] = {}
+        for malloc in malloc_runs:
+            run_ref = _torch_reference(
+                torch_ref, config.image_size, config.batch_size, steps, malloc
+            )
+            label = "" if malloc == "system" else " (malloc reuse)"
+            ref.update({k + label: v for k, v in (run_ref or {}).items() if k.startswith("torch")})
+        if ref:
+            figures["torch"] = ref
+            # The best PyTorch figure of every mode and every malloc setting measured.
+            train_keys = [k for k in ref if k.startswith("torch_train_") and "_img_s" in k]
+            infer_keys = [k for k in ref if k.startswith("torch_infer_") and "_img_s" in k]
             best_train = max(train_keys, key=ref.get)
             best_infer = max(infer_keys, key=ref.get)
             figures["torch_best_train"] = {best_train: ref[best_train]}
@@ -180,7 +215,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     host_memory.keep_freed_memory()  # as `python -m liverjax.main` does
-    figures = run(FLAGS.config, FLAGS.steps, FLAGS.warmup, FLAGS.torch_ref)
+    figures = run(FLAGS.config, FLAGS.steps, FLAGS.warmup, FLAGS.torch_ref, FLAGS.torch_host_malloc)
     _print(figures)
     print(json.dumps(figures))
     if FLAGS.json_out:

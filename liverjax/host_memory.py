@@ -29,11 +29,18 @@ logger = logging.getLogger("liverjax")
 ENV = "LIVERJAX_HOST_MALLOC"  # "reuse" (the default) or "system"
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_TRIM_THRESHOLD = 2**31 - 1  # bytes free at the top of the heap before it shrinks (int max)
 _SETTINGS = (
     (_M_ARENA_MAX, 1),  # every thread allocates from the main (brk) heap, which is reused
     (_M_MMAP_MAX, 0),  # no block gets its own mmap, however large
-    (_M_TRIM_THRESHOLD, 2**31 - 1),  # free memory at the top of the heap stays (int max)
+    (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD),  # free memory at the top of the heap stays
 )
+# The same settings for another program, from its environment (glibc reads them at start-up).
+GLIBC_ENV = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD),
+}
 
 
 def keep_freed_memory() -> bool:
