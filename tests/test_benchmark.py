@@ -8,12 +8,6 @@ import training_runs as runs
 from liverjax import benchmark
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    runs.compilation_cache(tmp_path_factory)
-    return runs.liver_data(tmp_path_factory)
-
-
 def test_benchmark_measures_train_inference_and_end_to_end(data_dir):
     config = runs.make_config(data_dir)
     figures = benchmark.run(config, steps=2, warmup=1, torch_ref=None)

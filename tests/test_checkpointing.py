@@ -17,12 +17,6 @@ STEPS = 12  # two epochs of synthetic_small at batch 8; checkpoints every 5 step
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    runs.compilation_cache(tmp_path_factory)
-    return runs.liver_data(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(data_dir, tmp_path_factory):
     """Parameters and optimizer state after STEPS steps without interruption."""
     workdir = tmp_path_factory.mktemp("uninterrupted")

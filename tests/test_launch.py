@@ -16,12 +16,6 @@ INTERRUPTED = 5  # resumed from here: the periodic checkpoint
 LOG_LINE = re.compile(r"\] \[(\d+)\] .*train/loss=([-0-9.e]+)")
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    runs.compilation_cache(tmp_path_factory)
-    return runs.liver_data(tmp_path_factory)
-
-
 def _env(tmp_path_factory, devices: int, **extra: str) -> dict[str, str]:
     env = runs.child_env(runs.compilation_cache(tmp_path_factory), devices)
     env.update(PYTHON=sys.executable, CONFIG="configs/test.py", **extra)

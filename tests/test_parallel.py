@@ -45,12 +45,6 @@ def _child(tmp_path, data_dir, name: str, distributed: str = "") -> tuple[str, s
     return code, out
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    runs.compilation_cache(tmp_path_factory)
-    return runs.liver_data(tmp_path_factory)
-
-
 def test_one_device_eight_devices_and_two_processes_agree(data_dir, tmp_path, tmp_path_factory):
     cache = runs.compilation_cache(tmp_path_factory)
     port = runs.free_port()

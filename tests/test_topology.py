@@ -36,12 +36,6 @@ print("restored on devices", sorted(devices), "of", jax.device_count())
 """
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    runs.compilation_cache(tmp_path_factory)
-    return runs.liver_data(tmp_path_factory)
-
-
 def _source_and_config(data_dir):
     config = runs.make_config(data_dir)
     return input_pipeline.open_source(config.dataset, "train"), config

@@ -11,12 +11,6 @@ import training_runs as runs
 from liverjax import checkpointing, input_pipeline, parallel, train
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    runs.compilation_cache(tmp_path_factory)
-    return runs.liver_data(tmp_path_factory)
-
-
 def test_loss_falls_and_each_step_compiles_once(data_dir, tmp_path):
     config = runs.make_config(data_dir, num_epochs=12, **{"early_stopping.patience": 0})
     summary = train.train_and_evaluate(config, str(tmp_path))
