@@ -32,11 +32,18 @@ jax2tf (`jax.experimental.jax2tf`, JAX 0.10) now only does native serialization 
 `native_serialization` and `enable_xla` arguments are deprecated and not passed here) and, being
 under `experimental`, carries no stability promise; the serving module uses the stable
 `jax.export` API, so liverjax.serve keeps working whatever becomes of jax2tf.
+
+JAX writes StableHLO of the version four weeks behind its own (JAX 0.12: 1.18.0), which a
+TensorFlow release older than that JAX cannot read (TensorFlow 2.21 reads up to 1.13.7 and fails
+on the shape assertion JAX 0.12 writes as `vhlo.custom_call_v2`). While converting for
+TensorFlow, the module is serialized at the older of the two versions
+(`tensorflow_stablehlo_version`); the version is recorded in liverjax.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -198,6 +205,62 @@ def _tf():
             "exporting needs tensorflow: pip install -e '.[export]' (serving and training do not)"
         ) from e
     return tf
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def tensorflow_stablehlo_version() -> str | None:
+    """The newest StableHLO version the installed TensorFlow reads (None if it does not say)."""
+    _tf()
+    try:
+        from tensorflow.compiler.mlir.stablehlo import stablehlo as tf_stablehlo
+
+        return str(tf_stablehlo.get_current_version())
+    except (ImportError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def _stablehlo_for_tensorflow():
+    """jax2tf conversions inside serialize StableHLO the installed TensorFlow can read.
+
+    Yields the version the module is written in (None: JAX's own choice, unknown). jax.export
+    has no public setting for the version, so its serializer is swapped for one that passes the
+    older of JAX's target and TensorFlow's version, and put back on exit.
+    """
+    from jax._src.export import _export
+    from jaxlib.mlir.dialects import stablehlo as jax_stablehlo
+
+    jax_target = str(
+        jax_stablehlo.get_version_from_compatibility_requirement(
+            jax_stablehlo.StablehloCompatibilityRequirement.WEEK_4
+        )
+    )
+    tf_version = tensorflow_stablehlo_version()
+    if tf_version is None or _version(jax_target) <= _version(tf_version):
+        yield jax_target
+        return
+    try:
+        original = _export._module_to_bytecode
+        serialize = _export._jax.mlir.serialize_portable_artifact
+        with_sdy = _export.xb.get_backend().serialize_with_sdy
+    except AttributeError:
+        log.warning(
+            "JAX %s writes StableHLO %s, newer than TensorFlow's %s, and liverjax cannot lower "
+            "the version in this JAX: the parity check will tell whether TensorFlow reads it",
+            jax.__version__,
+            jax_target,
+            tf_version,
+        )
+        yield jax_target
+        return
+    _export._module_to_bytecode = lambda module: serialize(module, tf_version, with_sdy)
+    try:
+        yield tf_version
+    finally:
+        _export._module_to_bytecode = original
 
 
 def _tflite_interpreter(content: bytes):
@@ -363,7 +426,8 @@ def export_model(
     staging = pathlib.Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
     try:
         parity: dict[str, Any] = {"images": len(images), "tolerance": tolerance}
-        module = _save_saved_model(fn, params, size, platforms, staging)
+        with _stablehlo_for_tensorflow() as stablehlo_version:
+            module = _save_saved_model(fn, params, size, platforms, staging)
         signature = _tf().saved_model.load(str(staging)).signatures[SIGNATURE]
         got = {k: v.numpy() for k, v in signature(**{INPUT: _tf().constant(images)}).items()}
         parity["saved_model"] = _max_error(got, want)
@@ -388,7 +452,8 @@ def export_model(
         parity["serving_module"] = _max_error(servable.predict(images), want)
         _check("the serving module (liverjax.stablehlo)", parity["serving_module"], tolerance)
 
-        tflite = _tflite_models(fn, params, size, module) if with_tflite else {}
+        with _stablehlo_for_tensorflow():
+            tflite = _tflite_models(fn, params, size, module) if with_tflite else {}
         if tflite:
             out = {name: run_tflite(content, images) for name, content in tflite.items()}
             parity["tflite_float32"] = _max_error(out["float32"], want)
@@ -400,6 +465,9 @@ def export_model(
                 auc_tolerance,
             )
         metadata["parity"] = parity
+        # What a TF Serving / TensorFlow must read: StableHLO of this version or newer.
+        metadata["saved_model_stablehlo_version"] = stablehlo_version
+        metadata["tensorflow_version"] = _tf().__version__
         (assets / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
 
         version = _publish(staging, model_dir)

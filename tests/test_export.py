@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
+import re
 
 import jax
 import numpy as np
@@ -210,6 +211,60 @@ def test_parity_on_test_records(exported, records, signature, tf):
     assert parity["images"] == len(
         export.read_parity_records(make_config(exported["data_dir"]), PARITY_SPLIT, 10_000)[0]
     )
+
+
+def _stablehlo_producers(graph_defs) -> list[str]:
+    """StableHLO versions of the modules the XlaCallModule ops of these GraphDefs carry."""
+    found = []
+    for graph in graph_defs:
+        nodes = [*graph.node, *(n for f in graph.library.function for n in f.node_def)]
+        for node in nodes:
+            if node.op == "XlaCallModule":
+                found += re.findall(rb"StableHLO_v([0-9.]+)", node.attr["module"].s)[:1]
+    return [v.decode() for v in found]
+
+
+def test_saved_model_embeds_stablehlo_that_tensorflow_reads(exported):
+    """jax2tf's modules are written at the installed TensorFlow's StableHLO version at newest
+    (JAX writes that of four weeks before its release: 1.15.0 for JAX 0.10, 1.18.0 for 0.12,
+    which TensorFlow 2.21, at 1.13.7, cannot read), and liverjax.json says which version."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((pathlib.Path(exported["version_dir"]) / "saved_model.pb").read_bytes())
+    producers = _stablehlo_producers(m.graph_def for m in saved.meta_graphs)
+    md = json.loads(
+        (
+            pathlib.Path(exported["version_dir"]) / export.ASSETS_EXTRA / export.METADATA_FILE
+        ).read_text()
+    )
+    tf_version = export.tensorflow_stablehlo_version()
+    assert producers and set(producers) == {md["saved_model_stablehlo_version"]}, producers
+    assert export._version(producers[0]) <= export._version(tf_version)
+
+
+def test_stablehlo_version_is_lowered_only_inside_the_conversion(tf):
+    from jax._src.export import _export
+    from jax.experimental import jax2tf
+
+    serializer = _export._module_to_bytecode
+
+    def convert_and_trace():
+        converted = jax2tf.convert(lambda x: x * 2.0, with_gradient=False)
+        fn = tf.function(converted, input_signature=[tf.TensorSpec([3], tf.float32)])
+        return fn.get_concrete_function().graph.as_graph_def(), fn
+
+    with export._stablehlo_for_tensorflow() as version:
+        inside, fn = convert_and_trace()
+    outside, _ = convert_and_trace()
+    assert _export._module_to_bytecode is serializer
+    assert _stablehlo_producers([inside]) == [version]
+    assert export._version(version) <= export._version(export.tensorflow_stablehlo_version())
+    np.testing.assert_allclose(fn(tf.constant([1.0, 2.0, 3.0])).numpy(), [2.0, 4.0, 6.0])
+    assert len(_stablehlo_producers([outside])) == 1  # JAX's own choice outside
+    with pytest.raises(RuntimeError, match="boom"), export._stablehlo_for_tensorflow():
+        raise RuntimeError("boom")
+    assert _export._module_to_bytecode is serializer
 
 
 def test_quantized_variants_lose_little_auc(exported):
