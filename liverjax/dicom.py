@@ -539,8 +539,11 @@ def _pixels(ds: Dataset, ts: dicom_uid.UID, path: str) -> tuple[np.ndarray, dict
         raise DicomError(path, "unsupported", f"transfer syntax {ts.name} needs a plugin that is "
                          f"not installed: {'; '.join(decoder.missing_dependencies)}")
     try:
-        # view_only: native data is not copied here, the float conversion below copies it.
-        arr, props = decoder.as_array(ds, view_only=True)
+        # view_only: native data is not copied here, the float conversion below copies it. Not
+        # when bits above Bits Stored must be masked (12 of 16 in most CT): pydicom then masks a
+        # copy anyway, and asked for a view it logs a warning for every such file.
+        view = _get(ds, "BitsStored") == _get(ds, "BitsAllocated")
+        arr, props = decoder.as_array(ds, view_only=view)
     except ValueError as e:
         if "less than expected" in str(e):
             raise DicomError(path, "truncated", f"the pixel data is cut short: {e}") from e

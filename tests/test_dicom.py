@@ -3,6 +3,7 @@
 import fnmatch
 import io
 import json
+import logging
 import pathlib
 import pickle
 from unittest import mock
@@ -323,12 +324,15 @@ def test_modality_lut_sequence_is_applied_and_reflected_for_monochrome1():
     np.testing.assert_array_equal(s.image, [[40, 30], [20, 10]])  # reflected in the LUT's range
 
 
-def test_unsigned_bits_stored_masks_the_high_bits():
+def test_unsigned_bits_stored_masks_the_high_bits(caplog):
     raw = np.array([[0xF123, 0x0FFF], [0, 0x8001]], dtype=np.uint16)  # high nibble = overlay junk
     ds = make_ds(raw, BitsStored=12, HighBit=11, Modality="MR", RescaleSlope=None,
                  RescaleIntercept=None)
-    (s,) = dicom.read_dicom(to_bytes(ds))
+    with caplog.at_level(logging.DEBUG, logger="pydicom"):
+        (s,) = dicom.read_dicom(to_bytes(ds))
     np.testing.assert_array_equal(s.image, [[0x123, 0xFFF], [0, 1]])
+    # 12 bits of 16 is most CT: nothing is logged per file for it
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 def test_signed_pixels_and_signed_bits_stored():
