@@ -1,10 +1,15 @@
-"""Launchers: 2 CPU processes train, write one checkpoint, resume; 2 → 1 process resumes exactly."""
+"""Launchers: 2 CPU processes train, write one checkpoint, resume; 2 → 1 process resumes exactly;
+SIGTERM to both saves one checkpoint at one step."""
 
+import json
 import os
+import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import training_runs as runs
@@ -114,6 +119,51 @@ def test_two_processes_share_one_checkpoint_resume_and_resume_on_one(
     for step, loss in resumed[0].items():
         # Same batches on the same 2 devices: only the all-reduce's transport differs.
         assert float(alone[step]) == pytest.approx(float(loss), rel=1e-5), step
+
+
+def _main_processes(workdir) -> list[int]:
+    """PIDs of the `liverjax.main` processes training in `workdir`."""
+    pids = []
+    for proc in pathlib.Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # exited meanwhile
+            continue
+        if b"liverjax.main" in argv and str(workdir).encode() in argv:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc").is_dir(), reason="finds the processes in /proc")
+def test_sigterm_to_every_process_saves_one_checkpoint_and_stops(
+    data_dir, tmp_path, tmp_path_factory
+):
+    """What a cluster's preemption does (SIGTERM to every process of the job): JAX's preemption
+    service makes all processes agree on one step, save it and exit 0."""
+    workdir = tmp_path / "run"
+    child = _multiprocess(workdir, data_dir, 100_000, _env(tmp_path_factory, 1))
+    logs = [workdir / f"process_{i}.log" for i in range(2)]
+    deadline = time.monotonic() + 300
+    while not all(log.is_file() and _losses(log) for log in logs):  # both are training
+        assert child.poll() is None and time.monotonic() < deadline, child.communicate()[0]
+        time.sleep(0.5)
+    pids = _main_processes(workdir)
+    assert len(pids) == 2, pids
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    _finish(child)
+
+    stopped = re.compile(r"stopped at step (\d+) \((\w+)\)")
+    stops = {stopped.search(log.read_text(errors="replace")).groups() for log in logs}
+    assert len(stops) == 1, stops  # the same step in both
+    ((step, reason),) = stops
+    assert reason == "preempted" and int(step) < 100_000
+    step_dir = workdir / "checkpoints" / step
+    meta = json.loads((step_dir / "meta" / "metadata").read_text())
+    assert (meta["step"], meta["stop_reason"]) == (int(step), "preempted")
+    states = sorted(p.name for p in (step_dir / "data").glob("process_*.json"))
+    assert states == ["process_0-of-2.json", "process_1-of-2.json"]
+    assert (step_dir / "state" / "commit_success.txt").is_file()
 
 
 @pytest.mark.parametrize("name", ["local.sh", "slurm.sbatch", "tpu_vm.sh", "multiprocess_cpu.sh"])
