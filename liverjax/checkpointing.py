@@ -18,6 +18,7 @@ run killed mid-save restarts from the previous one.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -28,6 +29,39 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from liverjax import topology
+
+logger = logging.getLogger("liverjax")
+
+ORBAX_LOGS_ENV = "LIVERJAX_ORBAX_LOGS"  # "warning" (the default) or "info"
+_ORBAX_SOURCE = f"{os.sep}orbax{os.sep}"
+
+
+class _OrbaxBelowWarning(logging.Filter):
+    """Drops records below WARNING logged from Orbax's source files."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or _ORBAX_SOURCE not in record.pathname
+
+
+_ORBAX_FILTER = _OrbaxBelowWarning()
+
+
+def quiet_orbax_logs() -> bool:
+    """Keep Orbax's warnings and errors, not its INFO lines; returns whether they are dropped.
+
+    Orbax logs about 40 INFO lines for every save (handlers, threads, tmp directories, barrier
+    syncs) and 15 when a manager starts, through absl's logger; training logs one line per save
+    itself. The command-line entry points call this; LIVERJAX_ORBAX_LOGS=info keeps them all.
+    """
+    choice = os.environ.get(ORBAX_LOGS_ENV, "warning")
+    if choice not in ("warning", "info"):
+        raise ValueError(f"{ORBAX_LOGS_ENV}={choice!r}: use 'warning' (the default) or 'info'")
+    loggers = [logging.getLogger("absl"), logging.getLogger("orbax")]
+    for named in loggers:
+        named.removeFilter(_ORBAX_FILTER)
+        if choice == "warning":
+            named.addFilter(_ORBAX_FILTER)
+    return choice == "warning"
 
 
 class Checkpointer:
@@ -121,6 +155,13 @@ class Checkpointer:
         """Start saving checkpoint `step` (no-op if it exists); returns whether it saves."""
         if step in self._manager.all_steps():
             return False
+        reason = meta.get("stop_reason")
+        logger.info(
+            "checkpoint %d: saving in %s%s",
+            step,
+            self.directory,
+            f" ({reason})" if reason else "",
+        )
         return self._manager.save(
             step,
             args=ocp.args.Composite(

@@ -715,6 +715,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     host_memory.keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    checkpointing.quiet_orbax_logs()
     config = load_config(args.workdir)
     if args.data_dir is not None:
         config.dataset.data_dir = args.data_dir

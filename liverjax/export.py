@@ -63,7 +63,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from liverjax import metrics, preprocess, serve
+from liverjax import checkpointing, metrics, preprocess, serve
 from liverjax.serve import ASSETS_EXTRA, INPUT, METADATA_FILE, OUTPUTS, SIGNATURE
 from tfds_liver.labels import LABEL_NAMES
 
@@ -639,6 +639,7 @@ def main(argv: Sequence[str] | None = None) -> ExportResult:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    checkpointing.quiet_orbax_logs()
     try:
         result = export_workdir(
             args.workdir,

@@ -10,7 +10,7 @@ import logging
 from absl import app, flags
 from ml_collections import config_flags
 
-from liverjax import evaluate, host_memory, train
+from liverjax import checkpointing, evaluate, host_memory, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, config.json and TensorBoard logs.")
@@ -23,6 +23,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     host_memory.keep_freed_memory()  # before JAX starts: XLA:CPU's step buffers are reused
     logging.getLogger("liverjax").setLevel(logging.INFO)
+    checkpointing.quiet_orbax_logs()
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if FLAGS.config.final_eval_split:
         # The demo's "trains, evaluates": the best checkpoint on that split → WORKDIR/report/.

@@ -1,6 +1,7 @@
 """Checkpoints: exact resumption after SIGTERM and after SIGKILL, retention, config changes."""
 
 import json
+import logging
 import os
 import signal
 import textwrap
@@ -163,3 +164,57 @@ def test_resume_refuses_a_different_network_and_warns_on_other_changes(data_dir,
     assert json.loads((tmp_path / train.CONFIG_FILE).read_text())["optimizer"]["learning_rate"] == (
         1e-3
     )
+
+
+@pytest.fixture
+def orbax_log_filter():
+    """No Orbax log filter before and after the test (in-process CLI mains of other tests set it;
+    the test process is shared)."""
+
+    def remove():
+        for name in ("absl", "orbax"):
+            logging.getLogger(name).removeFilter(checkpointing._ORBAX_FILTER)
+
+    remove()
+    yield
+    remove()
+
+
+def _save_logs(directory, caplog, state_step: int) -> list[logging.LogRecord]:
+    """Records (INFO and up, any logger) of creating a Checkpointer and saving one step."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        ckpt = checkpointing.Checkpointer(directory, keep=2, keep_best=0, best_metric="roc_auc")
+        state = {"w": np.zeros((2, 3), np.float32), "step": np.int32(state_step)}
+        ckpt.save(state_step, state, _iterator(), {"stop_reason": "preempted"})
+        ckpt.close()
+    return list(caplog.records)
+
+
+def test_orbax_info_lines_are_dropped_and_one_line_per_save_kept(
+    tmp_path, caplog, monkeypatch, orbax_log_filter
+):
+    def from_orbax(records):
+        return [r for r in records if checkpointing._ORBAX_SOURCE in r.pathname]
+
+    loud = _save_logs(tmp_path / "loud", caplog, 1)
+    assert len(from_orbax(loud)) > 10  # Orbax as it logs: handlers, threads, directories...
+
+    assert checkpointing.quiet_orbax_logs()
+    quiet = _save_logs(tmp_path / "quiet", caplog, 2)
+    assert from_orbax(quiet) == [], [r.getMessage() for r in from_orbax(quiet)]
+    ours = [r.getMessage() for r in quiet if r.name == "liverjax"]
+    assert ours == [f"checkpoint 2: saving in {tmp_path / 'quiet'} (preempted)"]
+    # Orbax's warnings still come through
+    source = f"x{os.sep}orbax{os.sep}y.py"
+    warned = logging.LogRecord("absl", logging.WARNING, source, 1, "w", (), None)
+    info = logging.LogRecord("absl", logging.INFO, source, 1, "i", (), None)
+    assert checkpointing._ORBAX_FILTER.filter(warned)
+    assert not checkpointing._ORBAX_FILTER.filter(info)
+
+    monkeypatch.setenv(checkpointing.ORBAX_LOGS_ENV, "info")
+    assert not checkpointing.quiet_orbax_logs()
+    assert len(from_orbax(_save_logs(tmp_path / "again", caplog, 3))) > 10
+    monkeypatch.setenv(checkpointing.ORBAX_LOGS_ENV, "debug")
+    with pytest.raises(ValueError, match="LIVERJAX_ORBAX_LOGS='debug'.*'warning'.*'info'"):
+        checkpointing.quiet_orbax_logs()
