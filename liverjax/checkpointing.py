@@ -44,6 +44,9 @@ class _OrbaxBelowWarning(logging.Filter):
 
 
 _ORBAX_FILTER = _OrbaxBelowWarning()
+# Where Orbax's records start: absl's logger (most of Orbax) and the root logger (its modules
+# that call `logging.info` directly). A logger's filters see only the records logged on it.
+_ORBAX_LOGGERS = ("absl", "")
 
 
 def quiet_orbax_logs() -> bool:
@@ -56,8 +59,8 @@ def quiet_orbax_logs() -> bool:
     choice = os.environ.get(ORBAX_LOGS_ENV, "warning")
     if choice not in ("warning", "info"):
         raise ValueError(f"{ORBAX_LOGS_ENV}={choice!r}: use 'warning' (the default) or 'info'")
-    loggers = [logging.getLogger("absl"), logging.getLogger("orbax")]
-    for named in loggers:
+    for name in _ORBAX_LOGGERS:
+        named = logging.getLogger(name)
         named.removeFilter(_ORBAX_FILTER)
         if choice == "warning":
             named.addFilter(_ORBAX_FILTER)

@@ -226,9 +226,9 @@ def tensorflow_stablehlo_version() -> str | None:
 def _stablehlo_for_tensorflow():
     """jax2tf conversions inside serialize StableHLO the installed TensorFlow can read.
 
-    Yields the version the module is written in (None: JAX's own choice, unknown). jax.export
-    has no public setting for the version, so its serializer is swapped for one that passes the
-    older of JAX's target and TensorFlow's version, and put back on exit.
+    Yields the version the module is written in: JAX's target where TensorFlow reads it (or does
+    not say what it reads), else TensorFlow's. jax.export has no public setting for the version,
+    so its serializer is swapped for one that passes TensorFlow's, and put back on exit.
     """
     from jax._src.export import _export
     from jaxlib.mlir.dialects import stablehlo as jax_stablehlo

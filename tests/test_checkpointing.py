@@ -172,7 +172,7 @@ def orbax_log_filter():
     the test process is shared)."""
 
     def remove():
-        for name in ("absl", "orbax"):
+        for name in checkpointing._ORBAX_LOGGERS:
             logging.getLogger(name).removeFilter(checkpointing._ORBAX_FILTER)
 
     remove()
@@ -201,6 +201,8 @@ def test_orbax_info_lines_are_dropped_and_one_line_per_save_kept(
     assert len(from_orbax(loud)) > 10  # Orbax as it logs: handlers, threads, directories...
 
     assert checkpointing.quiet_orbax_logs()
+    for name in ("absl", ""):  # Orbax logs through absl, and in a few modules on the root logger
+        assert checkpointing._ORBAX_FILTER in logging.getLogger(name).filters, name
     quiet = _save_logs(tmp_path / "quiet", caplog, 2)
     assert from_orbax(quiet) == [], [r.getMessage() for r in from_orbax(quiet)]
     ours = [r.getMessage() for r in quiet if r.name == "liverjax"]
