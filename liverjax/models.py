@@ -326,6 +326,21 @@ def create_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> CNN:
     return CNN(config.model, image_size=config.image_size, rngs=rngs)
 
 
+def flops_per_image(model_config: ml_collections.ConfigDict, image_size: int) -> int:
+    """Model FLOPs of one image's forward pass: 2 x the multiply-adds of the convs and dense layers.
+
+    The usual count for model FLOP utilisation (bias, ReLU, pooling and the head's reduction are
+    left out); a training step is taken as 3x (forward, input gradient, kernel gradient).
+    """
+    validate_model_config(model_config, image_size)
+    k, side, c_in, flops = model_config.kernel_size, image_size, 1, 0
+    for c_out in model_config.widths:
+        flops += 2 * side * side * k * k * c_in * c_out
+        c_in, side = c_out, side // POOL
+    in_dense = c_in * (side * side if model_config.head == "flatten" else 1)
+    return flops + 2 * in_dense * model_config.dense + 2 * model_config.dense
+
+
 def param_count(model: nnx.Module) -> int:
     """Number of trainable parameters."""
     return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -71,6 +71,29 @@ def test_seed_parameter_count_at_128():
     assert models.param_count(gap) == convs + (256 * 512 + 512) + 513
 
 
+@pytest.mark.parametrize("head, size", [("flatten", 64), ("gap", 48)])
+def test_flops_per_image_counts_what_xla_compiles(head, size):
+    c = config(size, head=head, widths=(64, 128, 256), dense=512)  # the seed's widths
+    counted = models.flops_per_image(c.model, size)
+    model = models.create_model(c, rngs=rngs())
+    model.eval()
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+    cost = forward.lower(state, jnp.zeros((2, size, size, 1))).compile().cost_analysis()
+    xla = (cost[0] if isinstance(cost, list) else cost)["flops"] / 2  # per image
+    # XLA leaves out the multiply-adds with SAME padding's zeros at the borders (~5% at these
+    # sizes) and adds the elementwise ops; the model count takes every tap.
+    assert 0.88 * counted < xla < counted
+
+
+def test_flops_per_image_of_the_seed_at_224():
+    # The seed at 224x224: three conv stages, then the 28x28x256 -> 512 dense layer and the logit.
+    convs = 2 * 9 * (224**2 * 1 * 64 + 112**2 * 64 * 128 + 56**2 * 128 * 256)
+    dense = 2 * (28 * 28 * 256 * 512) + 2 * 512
+    assert models.flops_per_image(models.default_model_config(), 224) == convs + dense
+    assert convs + dense == 3_962_700_800
+
+
 def test_max_head_pools_the_strongest_response_and_gap_the_mean():
     """The heads differ only in how the last pooled features become one vector per image."""
     model = models.create_model(config(head="max"), rngs=rngs())
