@@ -1,5 +1,6 @@
 """Launchers: 2 CPU processes train, write one checkpoint, resume; 2 → 1 process resumes exactly;
-SIGTERM to both saves one checkpoint at one step."""
+SIGTERM to both saves one checkpoint at one step; the accelerator benchmark script and the
+offline wheel list."""
 
 import json
 import os
@@ -9,7 +10,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
+import tomllib
 
 import pytest
 import training_runs as runs
@@ -203,3 +206,68 @@ def test_kubernetes_job_wires_coordinator_index_and_count():
     assert '--config.distributed.process_id="$JOB_COMPLETION_INDEX"' in command
     assert '--config.distributed.num_processes="$NUM_PROCESSES"' in command
     assert '--config.distributed.coordinator_address="$COORDINATOR_ADDRESS"' in command
+
+
+def test_gpu_benchmark_script_writes_figures_trace_and_hlo(data_dir, tmp_path, tmp_path_factory):
+    """The script runs where no GPU is (XLA:CPU, no nvidia-smi) on a small size: every output."""
+    out = tmp_path / "out"
+    env = runs.child_env(runs.compilation_cache(tmp_path_factory), devices=1)
+    env.update(PYTHON=sys.executable, SIZE="32", BATCH="8", STEPS="1", WARMUP="1", WORKERS="0")
+    env["DATA_DIR"] = str(data_dir)
+    done = subprocess.run(
+        ["bash", str(LAUNCH / "gpu_benchmark.sh"), str(out), "--peak_tflops=1", "--matmul_size=512"]
+        + ["--config.dataset.name=liver/synthetic_small"],
+        cwd=runs.REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads((out / "benchmark.json").read_text())
+    assert (figures["image_size"], figures["batch"], figures["model_dtype"]) == (
+        32,
+        8,
+        "bfloat16",
+    )
+    assert figures["matmul_bf16_tflops"] > 0 and figures["train_in_memory_mfu"] > 0
+    assert "train, end to end from ArrayRecord" in (out / "benchmark.log").read_text()
+    with tarfile.open(out / "profile.tar.gz") as tar:
+        assert any(n.endswith(".xplane.pb") for n in tar.getnames())
+    with tarfile.open(out / "xla_dump.tar.gz") as tar:
+        dumped = tar.getnames()
+    assert any("jit_train_step" in n and "after_optimizations.txt" in n for n in dumped), dumped
+    assert not any("jit_predict" in n for n in dumped)  # only the train step's module
+    assert (out / "devices.txt").is_file()
+
+
+def _wheel_list() -> list[str]:
+    text = (LAUNCH / "offline_wheels.sh").read_text()
+    body = re.search(r"^packages=\((.*?)^\)", text, re.S | re.M).group(1)
+    lines = [line.split("#")[0] for line in body.splitlines()]
+    return " ".join(lines).split()
+
+
+def test_offline_wheels_cover_every_runtime_dependency_of_pyproject():
+    deps = tomllib.loads((runs.REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[\[<>=!~ ;]", d)[0].lower().replace("_", "-") for d in deps}
+    host_stack = {"jax", "flax", "optax", "orbax-checkpoint", "numpy", "matplotlib"}
+    left_out = {"apache-beam", "mlcroissant"}  # Beam builds, the tfds command line (see script)
+    assert names - host_stack - left_out <= set(_wheel_list())
+
+
+def test_offline_wheels_skip_what_the_host_has(tmp_path):
+    # A freeze of a host that has every package (names as pip writes them): nothing to fetch,
+    # so this runs without an index.
+    host = tmp_path / "freeze.txt"
+    spelled = {"python-multipart": "Python_Multipart", "pyyaml": "PyYAML"}
+    host.write_text("".join(f"{spelled.get(n, n)}==1.0\n" for n in _wheel_list()))
+    done = subprocess.run(
+        ["bash", str(LAUNCH / "offline_wheels.sh"), str(tmp_path / "wheels"), str(host)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert done.stdout.startswith("0 packages in"), done.stdout
+    assert not list((tmp_path / "wheels").iterdir())
