@@ -203,3 +203,135 @@ def test_missing_label_sheet_is_a_clear_error(tmp_path):
     write_ct(tmp_path / "a.dcm", image(1))
     with pytest.raises(FileNotFoundError, match="labels.csv"):
         curation.curate(tmp_path, image_size=8, split=curation.SplitSpec(0, 0, 0))
+
+
+def _drop_sop_uid(path: pathlib.Path) -> None:
+    ds = pydicom.dcmread(path)
+    del ds.SOPInstanceUID
+    del ds.file_meta.MediaStorageSOPInstanceUID
+    ds.save_as(path)
+
+
+def _build(manual_dir: pathlib.Path, data_dir: pathlib.Path) -> pathlib.Path:
+    """The real `manual` build of manual_dir; returns the version folder."""
+    import tensorflow_datasets as tfds
+
+    from tfds_liver import liver_dataset_builder
+
+    builder = liver_dataset_builder.Builder(config="manual", data_dir=str(data_dir))
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
+    )
+    return pathlib.Path(builder.data_dir)
+
+
+def test_vendor_quirks_of_files_and_folders_build(tmp_path):
+    """Anonymised files without SOP UIDs, a file name in another encoding, a linked-in series,
+    a multi-frame file that repeats one image: the build writes them and reports each."""
+    d = tmp_path / "manual"
+    rows = []
+    for i in range(2):  # two different images without a SOP Instance UID (blanked by an anonymiser)
+        write_ct(d / f"anon/{i}.dcm", image(60 + i), patient="PA")
+        _drop_sop_uid(d / f"anon/{i}.dcm")
+    rows.append({"patient_id": "PA", "label": "normal", "path": "anon"})
+    # A name written as Latin-1 on another system: not UTF-8 (Python keeps a surrogate escape).
+    latin1 = d / "cd" / "caf\udce9.dcm"
+    write_ct(latin1, image(70), patient="PC")
+    rows.append({"patient_id": "PC", "label": "lesion", "path": "cd"})
+    # A series linked in from elsewhere.
+    write_ct(tmp_path / "elsewhere/series/0.dcm", image(80), patient="PL")
+    (d / "linked").symlink_to(tmp_path / "elsewhere")
+    (d / "linked_again").symlink_to(tmp_path / "elsewhere")  # the same folder twice: read once
+    rows.append({"patient_id": "PL", "label": "normal", "path": "linked"})
+    # A multi-frame file whose first frame repeats a single-frame file of the same patient.
+    write_ct(d / "mf/a_single.dcm", image(90), patient="PM")
+    write_ct(d / "mf/b_multi.dcm", np.stack([image(90), image(91)]), patient="PM", frames=2)
+    rows.append({"patient_id": "PM", "label": "normal", "path": "mf"})
+    write_sheet(d / "labels.csv", rows)
+
+    built = _build(d, tmp_path / "data")
+    report = json.loads((built / "curation_report.json").read_text())
+    by_path = {e["path"]: e for e in report["files"]}
+    assert by_path["anon/0.dcm"]["status"] == by_path["anon/1.dcm"]["status"] == "written"
+    assert by_path["cd/caf\\xe9.dcm"]["status"] == "written"  # named in escaped form
+    assert by_path["linked/series/0.dcm"]["status"] == "written"
+    assert not any(p.startswith("linked_again/") for p in by_path)
+    multi = by_path["mf/b_multi.dcm"]
+    assert (multi["status"], multi["slices"], multi["slices_written"]) == ("written", 2, 1)
+    assert multi["duplicate_slices"] == [
+        {"slice": 0, "image_id": multi["duplicate_slices"][0]["image_id"],
+         "duplicate_of": "mf/a_single.dcm"}
+    ]  # fmt: skip
+    assert report["counts"]["written"] == report["files_total"] == 6
+
+    import tensorflow_datasets as tfds
+
+    paths = []
+    for split in ("train", "validation", "test"):
+        if (built / f"liver-{split}.array_record-00000-of-00001").exists():
+            source = tfds.data_source("liver/manual", split=split, data_dir=str(tmp_path / "data"))
+            paths += [source[i]["path"].decode() for i in range(len(source))]
+    # 2 anonymised + 1 renamed + 1 linked + 1 single + the multi-frame's one new frame.
+    assert sorted(paths) == sorted(
+        ["anon/0.dcm", "anon/1.dcm", "cd/caf\\xe9.dcm", "linked/series/0.dcm",
+         "mf/a_single.dcm", "mf/b_multi.dcm"]
+    )  # fmt: skip
+
+
+def _conflicts(tmp_path, files: dict[str, tuple[int, str, str, str]]):
+    """Curates {path: (image seed, DICOM patient, sheet patient, label)}, files sharing one SOP."""
+    d = tmp_path / "m"
+    sop = generate_uid()
+    rows = []
+    for path, (seed, patient, sheet_patient, label) in files.items():
+        write_ct(d / path, image(seed), patient=patient, sop=sop)
+        rows.append({"patient_id": sheet_patient, "label": label, "path": path})
+    write_sheet(d / "labels.csv", rows)
+    result = curation.curate(d, image_size=8, split=curation.SplitSpec(0, 0, 0), workers=1)
+    return {e["path"]: e for e in result.report["files"]}, result
+
+
+def test_one_sop_uid_under_two_patients_is_a_conflict_not_a_duplicate(tmp_path):
+    by_path, result = _conflicts(
+        tmp_path, {"a.dcm": (1, "A", "A", "normal"), "b.dcm": (2, "B", "B", "normal")}
+    )
+    assert by_path["a.dcm"]["status"] == by_path["b.dcm"]["status"] == "conflict"
+    assert "two patients" in by_path["b.dcm"]["detail"]
+    assert by_path["b.dcm"]["duplicate_of"] == "a.dcm"
+    assert "label" not in by_path["a.dcm"] and "patient_id" not in by_path["a.dcm"]
+    assert not result.splits["train"]
+
+
+def test_a_conflict_excludes_every_copy_of_the_image(tmp_path):
+    # a and b are the same file (b a duplicate of a); c repeats it with another label.
+    by_path, result = _conflicts(
+        tmp_path,
+        {
+            "a.dcm": (1, "P", "P", "normal"),
+            "b.dcm": (1, "P", "P", "normal"),
+            "c.dcm": (1, "P", "P", "lesion"),
+        },
+    )
+    assert [by_path[p]["status"] for p in ("a.dcm", "b.dcm", "c.dcm")] == ["conflict"] * 3
+    assert by_path["b.dcm"]["duplicate_of"] == "a.dcm"
+    assert by_path["c.dcm"]["duplicate_of"] == "a.dcm"
+    assert result.report["counts"]["conflict"] == 3 and not result.splits["train"]
+
+
+def test_a_label_sheet_too_deep_is_reported_as_one(tmp_path):
+    d = tmp_path / "m"
+    write_ct(d / "a.dcm", image(1))
+    write_sheet(d / "labels.csv", [{"patient_id": "P1", "label": 0, "path": "a.dcm"}])
+    write_sheet(d / "site/sub/labels.csv", [{"patient_id": "P1", "label": 0, "path": "a.dcm"}])
+    result = curation.curate(d, image_size=8, split=curation.SplitSpec(0, 0, 0), workers=1)
+    (deep,) = [e for e in result.report["files"] if e["path"] == "site/sub/labels.csv"]
+    assert deep["status"] == "skipped" and "is not read" in deep["detail"]
+
+
+def test_a_path_that_differs_only_in_case_is_named(tmp_path):
+    d = tmp_path / "m"
+    write_ct(d / "Series1/IMG1.dcm", image(1))
+    write_sheet(d / "labels.csv", [{"patient_id": "P1", "label": 0, "path": "series1"}])
+    result = curation.curate(d, image_size=8, split=curation.SplitSpec(0, 0, 0), workers=1)
+    (row,) = result.report["label_rows_without_image"]
+    assert "Series1 differs only in case" in row["why"]

@@ -3,10 +3,13 @@
 Every input file ends in exactly one status, written to ``curation_report.json``:
 
 * ``written``    decoded, labelled and written to a split;
-* ``duplicate``  the same image as a file kept earlier (same SOP Instance UID and frame, or
-                 identical pixels of the same patient); the report names the file it repeats;
+* ``duplicate``  every slice is the same image as one kept earlier (same SOP Instance UID and
+                 frame, or identical pixels of the same patient); the report names the file it
+                 repeats. A multi-frame file that repeats only some images is ``written`` with
+                 the new ones, and lists the others under ``duplicate_slices``;
 * ``conflict``   the same image carries different labels (in one label sheet, across sheets, or
-                 across duplicate copies): every copy is excluded;
+                 across duplicate copies), or one SOP Instance UID is labelled as two patients:
+                 every copy is excluded;
 * ``unlabelled`` decodes, but no label row names it;
 * ``skipped``    cannot be used, with the decoder's reason code (``not_dicom``, ``not_image``, ...).
 
@@ -69,6 +72,12 @@ class SliceRecord:
     pixel_spacing: tuple[float, float]
     slice_position: float
     pixel_hash: str
+    index: int = 0  # position of the slice (frame) in its file
+
+    @property
+    def key(self) -> str:
+        """The example's unique key: its file and its position there (SOP UIDs may be missing)."""
+        return f"{display_path(self.path)}#{self.index}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +99,8 @@ class Example:
             "study_uid": r.study_uid,
             "series_uid": r.series_uid,
             "sop_uid": r.image_id,
-            "source": self.source,
-            "path": r.path,
+            "source": display_path(self.source),
+            "path": display_path(r.path),
             "pixel_spacing": np.asarray(r.pixel_spacing, np.float32),
             "slice_position": np.float32(r.slice_position),
         }
@@ -116,6 +125,16 @@ class _Decoded:
     detail: str | None = None
 
 
+def display_path(path: str) -> str:
+    """A path as UTF-8 text: bytes of a file name that are not UTF-8 (a name written on another
+    system in another encoding, which Python keeps as surrogate escapes) become `\\xNN`."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def source_of(rel_path: str) -> str:
     """The source a file belongs to: its top-level folder under the manual dir ('' at the top)."""
     parts = pathlib.PurePosixPath(rel_path).parts
@@ -123,10 +142,28 @@ def source_of(rel_path: str) -> str:
 
 
 def find_files(manual_dir: pathlib.Path) -> tuple[list[str], list[str]]:
-    """All files under the manual dir at any depth, split into (input files, label sheets)."""
+    """All files under the manual dir at any depth, split into (input files, label sheets).
+
+    Symbolic links to folders are followed (hospital exports often link series in); a folder
+    reached twice (a link loop, or two links to one folder) is read once, at its first path.
+    """
     files, sheets = [], []
-    for root, dirs, names in os.walk(manual_dir):
+    seen: dict[str, str] = {}
+    for root, dirs, names in os.walk(manual_dir, followlinks=True):
+        seen.setdefault(os.path.realpath(root), root)
         dirs.sort()
+        for d in list(dirs):
+            real = os.path.realpath(os.path.join(root, d))
+            if real in seen:
+                dirs.remove(d)
+                logging.getLogger(__name__).warning(
+                    "%s: the folder %s is read already, as %s; not read again",
+                    manual_dir,
+                    os.path.relpath(os.path.join(root, d), manual_dir),
+                    os.path.relpath(seen[real], manual_dir),
+                )
+            else:
+                seen[real] = os.path.join(root, d)
         for name in sorted(names):
             rel = (pathlib.Path(root) / name).relative_to(manual_dir).as_posix()
             depth = rel.count("/")
@@ -141,7 +178,7 @@ def decode_file(manual_dir: str, rel_path: str, image_size: int) -> _Decoded:
     except dicom.DicomError as e:
         return _Decoded(rel_path, reason=e.reason, detail=e.detail)
     records = []
-    for s in slices:
+    for index, s in enumerate(slices):
         image = dicom.to_int16(dicom.resample(s.image, image_size))
         spacing = dicom.resampled_spacing(s.pixel_spacing, s.image.shape, image_size)
         records.append(
@@ -156,6 +193,7 @@ def decode_file(manual_dir: str, rel_path: str, image_size: int) -> _Decoded:
                 pixel_spacing=spacing if spacing is not None else (float("nan"), float("nan")),
                 slice_position=s.slice_position if s.slice_position is not None else float("nan"),
                 pixel_hash=hashlib.sha256(np.ascontiguousarray(s.image).data).hexdigest(),
+                index=index,
             )
         )
     return _Decoded(rel_path, slices=tuple(records), sop_uid=slices[0].sop_uid)
@@ -205,6 +243,7 @@ def _match_labels(
         if d.sop_uid:
             by_sop[d.sop_uid].append(d.path)
     n_rows = 0
+    lower: dict[str, str] | None = None  # built for the first row that matches nothing
     for sheet in sheets:
         base = pathlib.PurePosixPath(sheet).parent
         for row in labels_lib.read_labels(manual_dir / sheet):
@@ -219,6 +258,11 @@ def _match_labels(
                     prefix = target + "/"
                     matched = [f for f in files if f.startswith(prefix)]
                 why = "path does not exist under the manual dir"
+                if not matched:
+                    if lower is None:
+                        lower = _by_lower_case(files)
+                    if target.lower() in lower:
+                        why += f"; {display_path(lower[target.lower()])} differs only in case"
             else:
                 matched = by_sop.get(row.sop_instance_uid, [])
                 why = "no decodable file has this SOPInstanceUID"
@@ -235,6 +279,17 @@ def _match_labels(
             for f in matched:
                 by_file[f].append(label)
     return by_file, unmatched, n_rows
+
+
+def _by_lower_case(files: Sequence[str]) -> dict[str, str]:
+    """{lower-case path: path} of every file and every folder above one."""
+    index = {}
+    for f in files:
+        parts = f.split("/")
+        for n in range(1, len(parts) + 1):
+            path = "/".join(parts[:n])
+            index.setdefault(path.lower(), path)
+    return index
 
 
 def split_patients(patient_has_lesion: dict[str, bool], spec: SplitSpec) -> dict[str, str]:
@@ -309,15 +364,38 @@ def curate_decoded(
     labels_by_file, unmatched, n_rows = _match_labels(manual_dir, sheets, files, decoded)
 
     entries: dict[str, dict[str, Any]] = {}
-    kept_by_image: dict[tuple, str] = {}  # (sop uid/frame) or (patient, pixel hash) → kept file
+    # Image ids → the file that holds the kept copy: ("sop", SOP UID/frame) and
+    # ("pixels", patient, hash); and ("sop", ...) → the patient it was labelled with.
+    kept_by_image: dict[tuple, str] = {}
+    patient_of_sop: dict[tuple, str] = {}
+    copies: dict[str, list[str]] = collections.defaultdict(list)  # kept file → its duplicates
     file_label: dict[str, _Label] = {}
+    kept_slices: dict[str, list[SliceRecord]] = {}
     conflicted_images: set[tuple] = set()
+
+    def exclude(path: str, detail: str, duplicate_of: str | None = None) -> None:
+        """Marks a file a conflict (none of its slices written), and every copy of it."""
+        entry = entries[path]
+        for key in ("label", "patient_id", "slices_written", "duplicate_slices"):
+            entry.pop(key, None)
+        entry.update(status="conflict", detail=detail)
+        if duplicate_of is not None:
+            entry["duplicate_of"] = display_path(duplicate_of)
+        kept_slices.pop(path, None)
+        for copy in copies.pop(path, []):
+            exclude(copy, f"a copy of {display_path(path)}, whose copies conflict", path)
+
     for d in decoded:
         rows = labels_by_file.get(d.path, [])
-        entry: dict[str, Any] = {"path": d.path}
+        entry: dict[str, Any] = {"path": display_path(d.path)}
         entries[d.path] = entry
         if d.reason is not None:
             entry.update(status="skipped", reason=d.reason, detail=d.detail)
+            if pathlib.PurePosixPath(d.path).name == LABEL_SHEET:
+                entry["detail"] = (
+                    f"a {LABEL_SHEET} deeper than one folder below the manual dir is not read; "
+                    f"move its rows to the manual dir's or a top-level folder's {LABEL_SHEET}"
+                )
             if rows:
                 entry["labelled_by"] = [r.where for r in rows]
             continue
@@ -333,43 +411,82 @@ def curate_decoded(
             )
             continue
         label = rows[0]
-        # A file without a SOP Instance UID has no id to compare: only its pixels identify it.
-        ids = [("sop", s.image_id) for s in d.slices if s.image_id.split("/")[0]]
-        ids += [("pixels", label.patient_id, s.pixel_hash) for s in d.slices]
-        earlier = next((kept_by_image[i] for i in ids if i in kept_by_image), None)
-        if any(i in conflicted_images for i in ids):
-            entry.update(
-                status="conflict",
-                duplicate_of=earlier,
-                detail=f"same image as {earlier}, whose copies are labelled differently",
+        entry["labelled_by"] = label.where
+        # Each slice on its own: a multi-frame file may repeat some images and add others. A
+        # file without a SOP Instance UID has no id to compare: only its pixels identify it.
+        slice_ids = [
+            ([("sop", s.image_id)] if s.image_id.split("/")[0] else [])
+            + [("pixels", label.patient_id, s.pixel_hash)]
+            for s in d.slices
+        ]
+        problem = None
+        for s, ids in zip(d.slices, slice_ids, strict=True):
+            earlier = next((kept_by_image[i] for i in ids if i in kept_by_image), None)
+            other_patient = next(
+                (
+                    patient_of_sop[i]
+                    for i in ids
+                    if patient_of_sop.get(i, label.patient_id) != label.patient_id
+                ),
+                None,
             )
-            continue
-        if earlier is not None:
-            first = file_label[earlier]
-            if first.label != label.label:
-                conflicted_images.update(ids)
-                entry.update(
-                    status="conflict",
-                    detail=f"same image as {earlier} ({labels_lib.LABEL_NAMES[first.label]}) but "
-                    f"labelled {labels_lib.LABEL_NAMES[label.label]} by {label.where}",
-                    duplicate_of=earlier,
+            if any(i in conflicted_images for i in ids):
+                problem = (f"{s.image_id or 'a slice'}: the same image as a conflicting file", None)
+            elif other_patient is not None:
+                first = next(kept_by_image[i] for i in ids if i in patient_of_sop)
+                problem = (
+                    f"SOP Instance UID {s.image_id} is also in {display_path(first)}, labelled "
+                    f"as patient {other_patient}, here as patient {label.patient_id}: one image "
+                    "cannot belong to two patients (a mixed-up export or label sheet)",
+                    first,
                 )
-                entries[earlier].update(
-                    status="conflict",
-                    detail=f"same image as {d.path}, which is labelled differently",
+            elif earlier is not None and file_label[earlier].label != label.label:
+                first = file_label[earlier]
+                problem = (
+                    f"same image as {display_path(earlier)} "
+                    f"({labels_lib.LABEL_NAMES[first.label]}) but labelled "
+                    f"{labels_lib.LABEL_NAMES[label.label]} by {label.where}",
+                    earlier,
                 )
-            else:
-                entry.update(status="duplicate", duplicate_of=earlier)
+            if problem:
+                break
+        if problem:
+            detail, earlier = problem
+            conflicted_images.update(i for ids in slice_ids for i in ids)
+            exclude(d.path, detail, earlier)
+            if earlier is not None and earlier in kept_slices:
+                conflicted_images.update(i for i, f in kept_by_image.items() if f == earlier)
+                exclude(earlier, f"same image as {display_path(d.path)}, which conflicts with it")
             continue
-        for i in ids:
-            kept_by_image[i] = d.path
+        new, repeated = [], []
+        for s, ids in zip(d.slices, slice_ids, strict=True):
+            earlier = next((kept_by_image[i] for i in ids if i in kept_by_image), None)
+            if earlier is not None:
+                repeated.append((s, earlier))
+                continue
+            new.append(s)
+            for i in ids:
+                kept_by_image[i] = d.path
+                if i[0] == "sop":
+                    patient_of_sop[i] = label.patient_id
+        if not new:
+            first = repeated[0][1]
+            entry.update(status="duplicate", duplicate_of=display_path(first))
+            copies[first].append(d.path)
+            continue
         file_label[d.path] = label
+        kept_slices[d.path] = new
         entry.update(
             status="written",
             label=labels_lib.LABEL_NAMES[label.label],
             patient_id=label.patient_id,
-            labelled_by=label.where,
         )
+        if repeated:  # some slices were kept earlier: listed, the rest written
+            entry["slices_written"] = len(new)
+            entry["duplicate_slices"] = [
+                {"slice": s.index, "image_id": s.image_id, "duplicate_of": display_path(f)}
+                for s, f in repeated
+            ]
 
     written = [d for d in decoded if entries[d.path]["status"] == "written"]
     has_lesion: dict[str, bool] = {}
@@ -382,7 +499,8 @@ def curate_decoded(
         lab = file_label[d.path]
         entries[d.path]["split"] = assignment[lab.patient_id]
         splits[assignment[lab.patient_id]].extend(
-            Example(s, lab.label, lab.patient_id, lab.source or s.source) for s in d.slices
+            Example(s, lab.label, lab.patient_id, lab.source or s.source)
+            for s in kept_slices[d.path]
         )
     _check_patients_disjoint(splits)
     report = _report(

@@ -196,7 +196,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, examples):
         for e in examples:
-            yield e.record.image_id, e.features()
+            yield e.record.key, e.features()
 
 
 def _write_report(result, report_path: epath.Path) -> None:
@@ -262,7 +262,7 @@ class _BeamCuration:
 
         def expand(pbegin):
             return self._curation(pbegin.pipeline) | f"Examples_{split}" >> beam.FlatMap(
-                lambda c: [(e.record.image_id, e.features()) for e in c.splits[split]]
+                lambda c: [(e.record.key, e.features()) for e in c.splits[split]]
             )
 
         return beam.ptransform_fn(expand)()
