@@ -109,16 +109,31 @@ def roc_figure(
             ax.plot([], [], **LEVEL_STYLE[level], label=f"{LEVEL_TITLES[level]}: n/a (one class)")
             continue
         fpr, tpr, _ = metrics.roc_curve(labels, probs)
-        ax.plot(fpr, tpr, lw=2, **LEVEL_STYLE[level],
-                label=f"{LEVEL_TITLES[level]}: AUC {_with_ci(info, 'roc_auc')}")
+        ax.plot(
+            fpr,
+            tpr,
+            lw=2,
+            **LEVEL_STYLE[level],
+            label=f"{LEVEL_TITLES[level]}: AUC {_with_ci(info, 'roc_auc')}",
+        )
         m = info["metrics"]
-        ax.plot(1 - m["specificity"], m["recall"], "o", color=LEVEL_STYLE[level]["color"],
-                markersize=7, markeredgecolor="black")
+        ax.plot(
+            1 - m["specificity"],
+            m["recall"],
+            "o",
+            color=LEVEL_STYLE[level]["color"],
+            markersize=7,
+            markeredgecolor="black",
+        )
     ax.plot([], [], "o", color="white", markeredgecolor="black", label="Operating point")
-    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal",
-           xlabel="1 \u2212 specificity (false positive rate)",
-           ylabel="Sensitivity (true positive rate)",
-           title=f"ROC curve, {result['split']} split")
+    ax.set(
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+        aspect="equal",
+        xlabel="1 \u2212 specificity (false positive rate)",
+        ylabel="Sensitivity (true positive rate)",
+        title=f"ROC curve, {result['split']} split",
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     return _png(fig)
@@ -135,19 +150,36 @@ def pr_figure(
             ax.plot([], [], **LEVEL_STYLE[level], label=f"{LEVEL_TITLES[level]}: n/a (no lesion)")
             continue
         precision, recall, _ = metrics.pr_curve(labels, probs)
-        ax.step(recall, precision, where="post", lw=2, **LEVEL_STYLE[level],
-                label=f"{LEVEL_TITLES[level]}: AP {_with_ci(info, 'average_precision')}")
+        ax.step(
+            recall,
+            precision,
+            where="post",
+            lw=2,
+            **LEVEL_STYLE[level],
+            label=f"{LEVEL_TITLES[level]}: AP {_with_ci(info, 'average_precision')}",
+        )
         prevalence = info["metrics"]["prevalence"]
         ax.axhline(prevalence, color=LEVEL_STYLE[level]["color"], lw=0.8, alpha=0.6)
         m = info["metrics"]
         if not math.isnan(m["precision"]):
-            ax.plot(m["recall"], m["precision"], "o", color=LEVEL_STYLE[level]["color"],
-                    markersize=7, markeredgecolor="black")
+            ax.plot(
+                m["recall"],
+                m["precision"],
+                "o",
+                color=LEVEL_STYLE[level]["color"],
+                markersize=7,
+                markeredgecolor="black",
+            )
     ax.plot([], [], color="0.5", lw=0.8, label="Prevalence (random classifier)")
     ax.plot([], [], "o", color="white", markeredgecolor="black", label="Operating point")
-    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.05), aspect="equal",
-           xlabel="Sensitivity (recall)", ylabel="Positive predictive value (precision)",
-           title=f"Precision-recall curve, {result['split']} split")
+    ax.set(
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.05),
+        aspect="equal",
+        xlabel="Sensitivity (recall)",
+        ylabel="Positive predictive value (precision)",
+        title=f"Precision-recall curve, {result['split']} split",
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
     return _png(fig)
@@ -158,31 +190,57 @@ def calibration_figure(
 ) -> bytes:
     """Reliability diagram (slice level) over the histogram of probabilities by true class."""
     fig, (ax, hist) = plt.subplots(
-        2, 1, figsize=(FIGSIZE[0], FIGSIZE[1] * 1.3), sharex=True,
+        2,
+        1,
+        figsize=(FIGSIZE[0], FIGSIZE[1] * 1.3),
+        sharex=True,
         gridspec_kw={"height_ratios": [3, 1.2]},
     )
     curve = metrics.calibration_curve(labels, probs, n_bins)
     filled = curve.count > 0
     ax.plot([0, 1], [0, 1], color="0.7", lw=1, label="Perfect calibration")
-    ax.plot(curve.mean_prob[filled], curve.frac_positive[filled], "o-",
-            color=LEVEL_STYLE["slice"]["color"], lw=2, label="Slices (one point per bin)")
-    for x, y, n in zip(curve.mean_prob[filled], curve.frac_positive[filled],
-                       curve.count[filled], strict=True):
+    ax.plot(
+        curve.mean_prob[filled],
+        curve.frac_positive[filled],
+        "o-",
+        color=LEVEL_STYLE["slice"]["color"],
+        lw=2,
+        label="Slices (one point per bin)",
+    )
+    for x, y, n in zip(
+        curve.mean_prob[filled], curve.frac_positive[filled], curve.count[filled], strict=True
+    ):
         below = y > 0.5  # keep the label inside the axes
-        ax.annotate(f"n={n}", (x, y), textcoords="offset points", xytext=(0, -12 if below else 7),
-                    ha="center", fontsize=7)
+        ax.annotate(
+            f"n={n}",
+            (x, y),
+            textcoords="offset points",
+            xytext=(0, -12 if below else 7),
+            ha="center",
+            fontsize=7,
+        )
     m = result["levels"]["slice"]["metrics"]
-    ax.set(xlim=(0, 1), ylim=(-0.02, 1.02), ylabel="Observed fraction with lesion",
-           title=f"Calibration, {result['split']} split (slices)\n"
-                 f"Brier {_fmt(m['brier'])}, ECE {_fmt(m['ece'])} ({n_bins} equal-width bins)")
+    ax.set(
+        xlim=(0, 1),
+        ylim=(-0.02, 1.02),
+        ylabel="Observed fraction with lesion",
+        title=f"Calibration, {result['split']} split (slices)\n"
+        f"Brier {_fmt(m['brier'])}, ECE {_fmt(m['ece'])} ({n_bins} equal-width bins)",
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     edges = np.linspace(0, 1, PROB_HIST_BINS + 1)
     for value, name in enumerate(("normal", "lesion")):
-        hist.hist(probs[labels == value], bins=edges, alpha=0.6, color=CLASS_COLORS[name],
-                  label=f"{name} (n={int((labels == value).sum())})")
-    hist.axvline(result["levels"]["slice"]["threshold"], color="black", lw=1, ls="--",
-                 label="Threshold")
+        hist.hist(
+            probs[labels == value],
+            bins=edges,
+            alpha=0.6,
+            color=CLASS_COLORS[name],
+            label=f"{name} (n={int((labels == value).sum())})",
+        )
+    hist.axvline(
+        result["levels"]["slice"]["threshold"], color="black", lw=1, ls="--", label="Threshold"
+    )
     hist.set(xlabel="Predicted lesion probability", ylabel="Slices")
     hist.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _png(fig)
@@ -201,13 +259,26 @@ def confusion_figure(result: Mapping[str, Any]) -> bytes:
         for i in range(2):
             for j in range(2):
                 pct = f"\n{share[i, j]:.0%} of row" if rows[i, 0] else ""
-                ax.text(j, i, f"{counts[i, j]}{pct}", ha="center", va="center", fontsize=12,
-                        color="white" if share[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{counts[i, j]}{pct}",
+                    ha="center",
+                    va="center",
+                    fontsize=12,
+                    color="white" if share[i, j] > 0.5 else "black",
+                )
         unit = "images" if info["unit"] == "image" else "patients"
-        ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["normal", "lesion"],
-               yticklabels=["normal", "lesion"], xlabel="Predicted", ylabel="True",
-               title=f"{LEVEL_TITLES[level]}: {counts.sum()} {unit}\n"
-                     f"threshold {info['threshold']:.3f}")
+        ax.set(
+            xticks=[0, 1],
+            yticks=[0, 1],
+            xticklabels=["normal", "lesion"],
+            yticklabels=["normal", "lesion"],
+            xlabel="Predicted",
+            ylabel="True",
+            title=f"{LEVEL_TITLES[level]}: {counts.sum()} {unit}\n"
+            f"threshold {info['threshold']:.3f}",
+        )
     fig.suptitle(f"Confusion matrices, {result['split']} split", y=1.02, fontsize=13)
     fig.tight_layout()
     return _png(fig)
@@ -254,15 +325,11 @@ def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def _table(
-    header: Sequence[str] | None, rows: Sequence[Sequence[Any]], table_id: str = ""
-) -> str:
+def _table(header: Sequence[str] | None, rows: Sequence[Sequence[Any]], table_id: str = "") -> str:
     ident = f' id="{table_id}"' if table_id else ""
     head = "".join(f"<th>{_e(h)}</th>" for h in header or ())
     thead = f"<thead><tr>{head}</tr></thead>" if header else ""
-    body = "".join(
-        "<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows
-    )
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table{ident}>{thead}<tbody>{body}</tbody></table>"
 
 
@@ -308,13 +375,20 @@ def _metrics_section(result: Mapping[str, Any]) -> str:
     ]
     for key, label, lower in METRIC_ROWS:
         rows.append(
-            [label + (" (lower is better)" if lower else ""),
-             *(_with_ci(v, key) for v in levels.values())]
+            [
+                label + (" (lower is better)" if lower else ""),
+                *(_with_ci(v, key) for v in levels.values()),
+            ]
         )
     rows.append(
-        ["TP / FP / TN / FN",
-         *(f"{v['metrics']['tp']} / {v['metrics']['fp']} / {v['metrics']['tn']} / "
-           f"{v['metrics']['fn']}" for v in levels.values())]
+        [
+            "TP / FP / TN / FN",
+            *(
+                f"{v['metrics']['tp']} / {v['metrics']['fp']} / {v['metrics']['tn']} / "
+                f"{v['metrics']['fn']}"
+                for v in levels.values()
+            ),
+        ]
     )
     b = result["bootstrap"]
     skipped = ", ".join(
@@ -332,7 +406,7 @@ def _metrics_section(result: Mapping[str, Any]) -> str:
     )
     return (
         f'<section id="metrics-section"><h2>Performance on the {_e(result["split"])} split</h2>'
-        f"{_table(header, rows, 'metrics')}<p class=\"note\">{_e(note)}</p></section>"
+        f'{_table(header, rows, "metrics")}<p class="note">{_e(note)}</p></section>'
     )
 
 
@@ -340,11 +414,17 @@ def _source_section(result: Mapping[str, Any]) -> str:
     by_source = result.get("by_source") or {}
     if not by_source:
         return ""
-    header = ["Source", "Patients", "Images", "Prevalence", "ROC AUC", "Sensitivity",
-              "Specificity"]
+    header = ["Source", "Patients", "Images", "Prevalence", "ROC AUC", "Sensitivity", "Specificity"]
     rows = [
-        [name, v["patients"], v["metrics"]["n"], _fmt(v["metrics"]["prevalence"]),
-         _with_ci(v, "roc_auc"), _with_ci(v, "recall"), _with_ci(v, "specificity")]
+        [
+            name,
+            v["patients"],
+            v["metrics"]["n"],
+            _fmt(v["metrics"]["prevalence"]),
+            _with_ci(v, "roc_auc"),
+            _with_ci(v, "recall"),
+            _with_ci(v, "specificity"),
+        ]
         for name, v in by_source.items()
     ]
     if len(by_source) == 1:
@@ -370,11 +450,23 @@ def _operating_point_section(result: Mapping[str, Any]) -> str:
     for level, p in op["levels"].items():
         v = p["validation"]
         rows.append(
-            [LEVEL_TITLES[level], f"{p['threshold']:.4f}", p["source"],
-             _fmt(v["recall"]), _fmt(v["specificity"]), v["n"]]
+            [
+                LEVEL_TITLES[level],
+                f"{p['threshold']:.4f}",
+                p["source"],
+                _fmt(v["recall"]),
+                _fmt(v["specificity"]),
+                v["n"],
+            ]
         )
-    header = ["Level", "Threshold", "How", f"Sensitivity on {op['chosen_on']}",
-              f"Specificity on {op['chosen_on']}", f"Units on {op['chosen_on']}"]
+    header = [
+        "Level",
+        "Threshold",
+        "How",
+        f"Sensitivity on {op['chosen_on']}",
+        f"Specificity on {op['chosen_on']}",
+        f"Units on {op['chosen_on']}",
+    ]
     text = (
         f"Rule: {op['rule_description']}. The threshold is chosen on the "
         f"{op['chosen_on']} split and applied unchanged to the {result['split']} split; a "
@@ -433,8 +525,11 @@ def _cases_section(cases: Sequence[Mapping[str, Any]], result: Mapping[str, Any]
         mine = [c for c in cases if c["kind"] == kind]
         parts.append(f"<h3>{_e(title)}</h3>")
         if not mine:
-            missing = "normal slice was called lesion" if kind == "false_positive" else (
-                "lesion slice was missed")
+            missing = (
+                "normal slice was called lesion"
+                if kind == "false_positive"
+                else ("lesion slice was missed")
+            )
             parts.append(f"<p>None: no {missing} at threshold {threshold:.3f}.</p>")
             continue
         parts.append('<div class="cases">')
@@ -480,8 +575,14 @@ def _dataset_section(result: Mapping[str, Any], curation: Mapping[str, Any] | No
     if reasons:
         text += " Skipped: " + ", ".join(f"{v} {k}" for k, v in reasons.items()) + "."
     split_rows = [
-        [name, s.get("patients"), s.get("slices"), s.get("lesion"), s.get("normal"),
-         _fmt(s["lesion"] / s["slices"]) if s.get("slices") else "n/a"]
+        [
+            name,
+            s.get("patients"),
+            s.get("slices"),
+            s.get("lesion"),
+            s.get("normal"),
+            _fmt(s["lesion"] / s["slices"]) if s.get("slices") else "n/a",
+        ]
         for name, s in (curation.get("splits") or {}).items()
     ]
     sources = curation.get("slices_by_source") or {}
@@ -490,7 +591,9 @@ def _dataset_section(result: Mapping[str, Any], curation: Mapping[str, Any] | No
         "Patients are assigned to one split only"
         + (
             f" (validation {spec.get('validation')}, test {spec.get('test')}, seed "
-            f"{spec.get('seed')})" if spec else ""
+            f"{spec.get('seed')})"
+            if spec
+            else ""
         )
         + ". Slices per source: "
         + (", ".join(f"{k} {v}" for k, v in sources.items()) or "n/a")
@@ -498,8 +601,11 @@ def _dataset_section(result: Mapping[str, Any], curation: Mapping[str, Any] | No
     )
     return (
         f'<section id="dataset"><h2>Dataset</h2>{head}<p>{_e(text)}</p>'
-        + _table(["Split", "Patients", "Slices", "Lesion slices", "Normal slices",
-                  "Lesion fraction"], split_rows, "splits")
+        + _table(
+            ["Split", "Patients", "Slices", "Lesion slices", "Normal slices", "Lesion fraction"],
+            split_rows,
+            "splits",
+        )
         + f"<p>{_e(split_text)}</p></section>"
     )
 

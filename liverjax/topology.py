@@ -54,7 +54,7 @@ def saved_states(directory: epath.PathLike) -> tuple[int, dict[int, dict[str, An
             f"{directory}: expected the iterator states of one run (process_<i>-of-<n>.json), "
             f"found process counts {sorted(found)}; restore from another checkpoint step"
         )
-    (count, states), = found.items()
+    ((count, states),) = found.items()
     missing = sorted(set(range(count)) - set(states))
     if missing:
         raise ValueError(

@@ -127,9 +127,7 @@ def test_iterator_saved_by_two_processes_resumes_exactly_in_one(data_dir, tmp_pa
     np.testing.assert_array_equal(next(it)["image"], next(reference)["image"])
 
 
-def test_iterator_that_cannot_be_placed_exactly_continues_from_the_step(
-    data_dir, tmp_path, caplog
-):
+def test_iterator_that_cannot_be_placed_exactly_continues_from_the_step(data_dir, tmp_path, caplog):
     source, config = _source_and_config(data_dir)
     # Positions that disagree: no single state to resume from; the checkpoint is step 7's.
     disagree = tmp_path / "7" / "data"
