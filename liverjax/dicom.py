@@ -16,12 +16,22 @@
   `color_converted=True`. No rescale is applied to colour data (the modality transform is defined
   for grayscale only), so `rescale_slope`/`rescale_intercept` are 1 and 0.
 
-A multi-frame object gives one slice per frame, `frame` = 0, 1, ... and `image_id` =
+* Pixel Padding (PixelPaddingValue, with PixelPaddingRangeLimit a range of stored values: the
+  area outside a CT scan's circular field of view) becomes the frame's darkest other value, so
+  that it windows like the background, instead of the rescaled padding value (+62512 "HU" for
+  the common unsigned 63536, which windows to white). A frame of padding alone becomes
+  `CT_PADDING_HU` (-1024, air) in CT, 0 otherwise.
+* Float Pixel Data with NaN or infinite values is an error (`decode_failed`), not zeros.
+
+A multi-frame object gives one slice per frame (NumberOfFrames, 1 when absent: bytes beyond them
+are ignored, never read as more frames), `frame` = 0, 1, ... and `image_id` =
 "<SOPInstanceUID>/<frame>"; a single frame has `frame=None` and `image_id` = the SOP Instance UID.
 Enhanced multi-frame functional groups (per-frame rescale, position, spacing, window) are read.
 A file without file meta is read with `force=True`; its transfer syntax is guessed from the
 encoding, or for compressed pixel data from the codestream signature (JPEG, JPEG-LS, JPEG 2000,
-RLE). `supported_transfer_syntaxes()` lists what the installed plugins decode.
+RLE). The signature also decides when the file meta names an uncompressed syntax but the pixel
+data is encapsulated (a converter that rewrote the meta only); `transfer_syntax` then says what
+was decoded. `supported_transfer_syntaxes()` lists what the installed plugins decode.
 
 Every failure is a `DicomError` (a ValueError) with `.reason`, one of `REASONS`:
   empty          zero-byte file
@@ -415,9 +425,24 @@ def _class_name(sop_class: dicom_uid.UID) -> str:
 def _transfer_syntax(ds: Dataset, path: str) -> dicom_uid.UID:
     """The file meta's transfer syntax, or one guessed from the encoding and pixel data."""
     ts = ds.file_meta.get("TransferSyntaxUID") if ds.file_meta else None
+    keyword = next((k for k in _PIXEL_KEYWORDS if k in ds), None)
     if ts:
-        return dicom_uid.UID(ts)
-    keyword = next(k for k in _PIXEL_KEYWORDS if k in ds)
+        ts = dicom_uid.UID(ts)
+        if keyword is None or ts.is_compressed or not _looks_encapsulated(ds, keyword):
+            return ts
+        # Encapsulated (compressed) pixel data under a native syntax: a converter rewrote the
+        # file meta but not the pixels. Read natively it would be garbage; the codestream says
+        # what it is.
+        guessed = _sniff_codec(ds[keyword].value)
+        if guessed is not None:
+            ds.file_meta.TransferSyntaxUID = guessed  # pydicom's decoders check it
+            return guessed
+        if ds[keyword].is_undefined_length or len(ds[keyword].value) != _native_bytes(ds):
+            raise DicomError(path, "decode_failed", f"the Pixel Data is encapsulated "
+                             f"(compressed) but the Transfer Syntax UID says {ts.name} ({ts}), "
+                             "and the codestream is not JPEG, JPEG-LS, JPEG 2000 or RLE; fix "
+                             "the file meta's Transfer Syntax UID")
+        return ts  # native pixels that happen to begin with an item tag's bytes
     if not ds[keyword].is_undefined_length:  # native pixels: only the byte order matters
         implicit, little = ds.original_encoding
         if not little:
@@ -429,6 +454,28 @@ def _transfer_syntax(ds: Dataset, path: str) -> dicom_uid.UID:
                          "UID, in a format that is not JPEG, JPEG-LS, JPEG 2000 or RLE; add file "
                          "meta with the transfer syntax")
     return guessed
+
+
+_ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian: the first item of encapsulated data
+
+
+def _looks_encapsulated(ds: Dataset, keyword: str) -> bool:
+    """Pixel data in items (Basic Offset Table, fragments), whatever length its element has."""
+    elem = ds[keyword]
+    return elem.is_undefined_length or (
+        isinstance(elem.value, bytes) and elem.value[:4] == _ITEM_TAG
+    )
+
+
+def _native_bytes(ds: Dataset) -> int | None:
+    """Bytes of uncompressed pixel data the Image Pixel module declares (even-padded)."""
+    try:
+        n = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
+             * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    n = (n + 7) // 8
+    return n + n % 2
 
 
 def _sniff_codec(encapsulated: bytes) -> dicom_uid.UID | None:
@@ -513,8 +560,15 @@ def _decode(ds: Dataset, ts: dicom_uid.UID, path: str) -> list[DicomSlice]:
         rescales = [(1.0, 0.0)] * n_frames
         reflections: list[float | None] = [None] * n_frames
     elif samples == 1:
+        if frames.dtype.kind == "f" and not np.isfinite(frames).all():
+            bad = int(np.count_nonzero(~np.isfinite(frames)))
+            raise DicomError(path, "decode_failed", f"{bad} of {frames.size} float pixel values "
+                             "are NaN or infinite; the file's pixel data is corrupt")
         rescales = [_rescale(ds, i, path) for i in range(n_frames)]
+        padding = _padding_mask(ds, frames, path)
         images = _grayscale(frames, ds, props, rescales, monochrome1)
+        if padding is not None:
+            _fill_padding(images, padding, _text(ds, "Modality"))
         reflections = [_reflection(ds, props, r, frames.dtype) if monochrome1 else None
                        for r in rescales]
     else:
@@ -543,7 +597,9 @@ def _pixels(ds: Dataset, ts: dicom_uid.UID, path: str) -> tuple[np.ndarray, dict
         # when bits above Bits Stored must be masked (12 of 16 in most CT): pydicom then masks a
         # copy anyway, and asked for a view it logs a warning for every such file.
         view = _get(ds, "BitsStored") == _get(ds, "BitsAllocated")
-        arr, props = decoder.as_array(ds, view_only=view)
+        # The frame count is NumberOfFrames (1 when absent): bytes beyond it are padding, not
+        # frames (pydicom would otherwise return a frame for every further Rows x Columns).
+        arr, props = decoder.as_array(ds, view_only=view, allow_excess_frames=False)
     except ValueError as e:
         if "less than expected" in str(e):
             raise DicomError(path, "truncated", f"the pixel data is cut short: {e}") from e
@@ -581,6 +637,49 @@ def _grayscale(
         for i, (slope, intercept) in enumerate(rescales):
             _rescale_into(frames[i], slope, intercept, out[i])
     return out
+
+
+def _padding_mask(ds: Dataset, frames: np.ndarray, path: str) -> np.ndarray | None:
+    """Where the stored values are Pixel Padding (outside the scanned field of view), or None.
+
+    PixelPaddingValue alone marks one stored value; with PixelPaddingRangeLimit, every stored
+    value between the two, inclusive (PS3.3 C.7.5.1.1.2). Compared before any rescale or
+    MONOCHROME1 reflection, in the sign of Pixel Representation.
+    """
+    pad = _int(_strings(ds, "PixelPaddingValue"))
+    if pad is None or frames.dtype.kind not in "iu":
+        return None
+    limit = _int(_strings(ds, "PixelPaddingRangeLimit"))
+    bits = 8 * frames.dtype.itemsize
+    values = [v for v in (pad, limit) if v is not None]
+    if frames.dtype.kind == "i":  # a US-typed value of signed pixels: its two's complement
+        values = [v - (1 << bits) if v >= 1 << (bits - 1) else v for v in values]
+    lo, hi = min(values), max(values)
+    info = np.iinfo(frames.dtype)
+    if hi < info.min or lo > info.max:
+        raise DicomError(path, "decode_failed", f"PixelPaddingValue {pad} (range limit {limit}) "
+                         f"cannot occur in {frames.dtype} pixels; fix the tag")
+    lo, hi = max(lo, info.min), min(hi, info.max)
+    mask = (frames == lo) if lo == hi else ((frames >= lo) & (frames <= hi))
+    return mask if mask.any() else None
+
+
+# What an image of nothing but padding becomes in CT: air.
+CT_PADDING_HU = -1024.0
+
+
+def _fill_padding(images: np.ndarray, mask: np.ndarray, modality: str) -> None:
+    """Padding pixels -> the frame's darkest other value, so that they window like background.
+
+    Not a fixed value: out of the field of view, scanners store -2000, -3024 or +63536, and
+    lossy compression leaves the background around the padding value rather than at it. A frame
+    of padding alone becomes CT_PADDING_HU in CT, 0 otherwise.
+    """
+    for image, pad in zip(images, mask, strict=True):
+        if pad.all():
+            image[...] = CT_PADDING_HU if modality == "CT" else 0.0
+        elif pad.any():
+            image[pad] = image[~pad].min()
 
 
 def _rescale_into(stored: np.ndarray, slope: float, intercept: float, out: np.ndarray) -> None:
@@ -715,11 +814,14 @@ def _rescale(ds: Dataset, frame: int, path: str) -> tuple[float, float]:
 
 
 def _frame_strings(ds: Dataset, frame: int, macro: str, keyword: str) -> list[str] | None:
-    """A top-level attribute, else the frame's (or the shared) functional-group value."""
-    values = _strings(ds, keyword)
-    if values is not None or not ds.get_item(_TAGS["SharedFunctionalGroupsSequence"]) and not (
+    """The frame's functional-group value, else the shared one, else the top-level attribute.
+
+    The most specific value wins: an enhanced object that also carries a top-level copy (not
+    conformant, but written by some converters) is read by its per-frame values.
+    """
+    if not ds.get_item(_TAGS["SharedFunctionalGroupsSequence"]) and not (
             ds.get_item(_TAGS["PerFrameFunctionalGroupsSequence"])):
-        return values
+        return _strings(ds, keyword)
     for groups, index in (("PerFrameFunctionalGroupsSequence", frame),
                           ("SharedFunctionalGroupsSequence", 0)):
         items = _get(ds, groups)
@@ -729,7 +831,7 @@ def _frame_strings(ds: Dataset, frame: int, macro: str, keyword: str) -> list[st
                 values = _strings(inner[0], keyword)
                 if values is not None:
                     return values
-    return None
+    return _strings(ds, keyword)
 
 
 def _referenced_uids(ds: Dataset, frame: int) -> tuple[str, ...]:
@@ -753,6 +855,7 @@ def _referenced_uids(ds: Dataset, frame: int) -> tuple[str, ...]:
 
 # Tags of the elements read here, looked up once: reading by tag skips pydicom's keyword lookup.
 _TAGS = {keyword: tag_for_keyword(keyword) for keyword in (
+    "PixelPaddingValue", "PixelPaddingRangeLimit",
     "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
     "Modality", "InstanceNumber", "PixelSpacing", "ImagerPixelSpacing", "ImagePositionPatient",
     "GridFrameOffsetVector", "SliceLocation", "WindowCenter", "WindowWidth", "RescaleSlope",

@@ -106,10 +106,16 @@ def _pydicom_reference(path: pathlib.Path) -> tuple[pydicom.Dataset, list[np.nda
         return ds, list(frames.astype(np.float64) @ BT601)
     # pydicom rescales only when both tags are present; the corpus never has just one of them.
     assert ("RescaleSlope" in ds) == ("RescaleIntercept" in ds), path
+    padding = frames == ds.PixelPaddingValue if "PixelPaddingValue" in ds else None
     if photometric == "MONOCHROME1":
         stored = frames.astype(np.int64)
         frames = -1 - stored if ds.PixelRepresentation else (2**ds.BitsStored - 1) - stored
-    return ds, list(np.asarray(apply_modality_lut(frames, ds), dtype=np.float64))
+    out = np.asarray(apply_modality_lut(frames, ds), dtype=np.float64)
+    assert "PixelPaddingRangeLimit" not in ds  # no corpus file has one
+    for image, pad in zip(out, padding, strict=True) if padding is not None else ():
+        if pad.any():  # padding takes the darkest other value of its frame (never all of it here)
+            image[pad] = image[~pad].min()
+    return ds, list(out)
 
 
 def test_corpus_is_the_local_one_and_nothing_was_downloaded():
@@ -452,6 +458,10 @@ def test_enhanced_multi_frame_reads_functional_groups():
     assert (second.rescale_slope, second.rescale_intercept) == (2.0, -1000.0)
     assert (first.window_center, second.window_width) == (50.0, 350.0)
     assert (first.referenced_sop_uids, second.referenced_sop_uids) == ((), ("1.2.3.4",))
+    # A converter's top-level copy (not conformant) does not override the per-frame values.
+    ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+    first, second = dicom.read_dicom(to_bytes(ds))
+    np.testing.assert_array_equal(second.image, STORED * 2 - 1000)
 
 
 def rgb_ds(pixels: np.ndarray, photometric: str = "RGB") -> Dataset:
@@ -622,3 +632,96 @@ def test_resample_antialiases_and_keeps_constants():
 def test_resampled_spacing():
     assert dicom.resampled_spacing((0.7, 0.8), (512, 400), 256) == (1.4, 1.6)
     assert dicom.resampled_spacing(None, (512, 512), 256) is None
+
+
+# ------------------------------------------------------------------ vendor quirks of pixel data
+
+
+def test_encapsulated_pixels_under_an_uncompressed_syntax_are_decoded_by_their_codestream():
+    hu = np.arange(-500, 524, dtype=np.int16).reshape(32, 32)
+    ds = make_ds((hu + 1024).astype(np.uint16))
+    ds.compress(pydicom.uid.RLELossless)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # a converter rewrote the meta only
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    (s,) = dicom.read_dicom(buffer.getvalue())
+    np.testing.assert_array_equal(s.image, hu)
+    assert s.transfer_syntax == pydicom.uid.RLELossless
+
+
+def test_encapsulated_pixels_of_an_unknown_codec_under_an_uncompressed_syntax_are_an_error():
+    ds = make_ds(STORED)
+    ds.PixelData = pydicom.encaps.encapsulate([b"\x00\x01" * 8])  # no known signature
+    ds["PixelData"].is_undefined_length = True
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    with pytest.raises(dicom.DicomError, match="encapsulated") as info:
+        dicom.read_dicom(buffer.getvalue())
+    assert info.value.reason == "decode_failed"
+
+
+def _float_ds(values: np.ndarray) -> Dataset:
+    ds = make_ds(STORED, PixelData=None, BitsStored=None, HighBit=None, PixelRepresentation=None,
+                 RescaleSlope=None, RescaleIntercept=None, BitsAllocated=32)
+    ds.Rows, ds.Columns = values.shape
+    ds.FloatPixelData = values.astype("<f4").tobytes()
+    return ds
+
+
+def test_non_finite_float_pixels_are_an_error_naming_the_count():
+    values = np.full((4, 4), 40.0, np.float32)
+    (s,) = dicom.read_dicom(to_bytes(_float_ds(values)))
+    np.testing.assert_array_equal(s.image, values)  # finite ones decode
+    values[0, 0], values[1, 2] = np.nan, np.inf
+    with pytest.raises(dicom.DicomError, match="2 of 16 float pixel values") as info:
+        dicom.read_dicom(to_bytes(_float_ds(values)))
+    assert info.value.reason == "decode_failed"
+
+
+def test_excess_pixel_bytes_are_not_read_as_more_frames():
+    ds = make_ds(STORED)
+    ds.PixelData = ds.PixelData + b"\x00" * STORED.nbytes  # a frame's worth of trailing bytes
+    (s,) = dicom.read_dicom(to_bytes(ds))
+    assert s.frame is None and s.image_id == ds.SOPInstanceUID
+    np.testing.assert_array_equal(s.image, STORED.astype(np.float32) - 1024)
+
+
+def _padded_ct(pixels: np.ndarray, **attrs) -> dicom.DicomSlice:
+    (s,) = dicom.read_dicom(to_bytes(make_ds(pixels, **attrs)))
+    return s
+
+
+def test_pixel_padding_becomes_the_darkest_other_value():
+    stored = np.array([[63536, 1000], [1064, 63536]], np.uint16)  # 63536: outside the scan
+    plain = _padded_ct(stored)
+    assert plain.image[0, 0] == 62512  # without the tag: the rescaled value, white when windowed
+    s = _padded_ct(stored, PixelPaddingValue=63536)
+    np.testing.assert_array_equal(s.image, [[-24, -24], [40, -24]])
+    mr = _padded_ct(stored, Modality="MR", RescaleIntercept=0, PixelPaddingValue=63536)
+    np.testing.assert_array_equal(mr.image, [[1000, 1000], [1064, 1000]])
+
+
+def test_pixel_padding_range_and_signed_pixels():
+    stored = np.array([[-2000, -1500], [-1995, 40]], np.int16)
+    s = _padded_ct(stored, RescaleIntercept=0, PixelPaddingValue=-2000,
+                   PixelPaddingRangeLimit=-1990)
+    np.testing.assert_array_equal(s.image, [[-1500, -1500], [-1500, 40]])
+    # MONOCHROME1: padding is found on the stored values, then reflected (-1 - s) like the rest.
+    m1 = _padded_ct(stored, RescaleIntercept=0, PixelPaddingValue=-2000,
+                    PhotometricInterpretation="MONOCHROME1")
+    np.testing.assert_array_equal(m1.image, [[-41, 1499], [1994, -41]])
+
+
+def test_a_frame_of_padding_alone_is_air_in_ct():
+    frames = np.stack([np.full((2, 2), 63536, np.uint16), np.array([[63536, 5], [6, 7]])])
+    blank, other = dicom.read_dicom(to_bytes(make_ds(frames.astype(np.uint16), NumberOfFrames=2,
+                                                     PixelPaddingValue=63536)))
+    np.testing.assert_array_equal(blank.image, np.full((2, 2), -1024))
+    np.testing.assert_array_equal(other.image, [[-1019, -1019], [-1018, -1017]])
+
+
+def test_pixel_padding_that_no_pixel_can_hold_is_an_error():
+    with pytest.raises(dicom.DicomError, match="PixelPaddingValue") as info:
+        _padded_ct(np.array([[0, 1]], np.uint8), BitsAllocated=8, BitsStored=8, HighBit=7,
+                   PixelData=np.array([[0, 1]], np.uint8).tobytes(), PixelPaddingValue=4000)
+    assert info.value.reason == "decode_failed"
