@@ -43,7 +43,7 @@ def test_beam_build_equals_plain_build(tmp_path):
             for field, value in record.items():
                 np.testing.assert_array_equal(value, b[key][field], err_msg=f"{key} {field}")
     reports = [
-        json.loads((d / "liver/manual/1.1.0/curation_report.json").read_text())
+        json.loads((d / "liver/manual/1.2.0/curation_report.json").read_text())
         for d in (plain, beamed)
     ]
     assert reports[0] == reports[1]

@@ -123,8 +123,8 @@ def page(tmp_path_factory):
         "created": "2026-01-01T00:00:00+00:00",
         "dataset": {
             "name": "liver/synthetic_small",
-            "version": "1.1.0",
-            "full_name": "liver/synthetic_small/1.1.0",
+            "version": "1.2.0",
+            "full_name": "liver/synthetic_small/1.2.0",
             "data_dir": "DATA",
             "images": int(test.labels.size),
             "lesion_images": int(test.labels.sum()),

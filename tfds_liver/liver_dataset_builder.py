@@ -86,11 +86,14 @@ class LiverConfig(tfds.core.BuilderConfig):
 class Builder(tfds.core.GeneratorBasedBuilder):
     """DatasetBuilder for the `liver` dataset."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {
         "1.0.0": "First release: synthetic and manual configs, curation report.",
         "1.1.0": "Images stored as raw int16 bytes (not PNG); synthetic: 384 patients, "
         "12-40 mm lesions, none under 10 mm drawn or labelled.",
+        "1.2.0": "Examples keyed by file and slice (files without SOP Instance UIDs build); "
+        "Pixel Padding takes the frame's darkest other value; duplicates found slice by slice; "
+        "one SOP Instance UID labelled as two patients is a conflict; folder links followed.",
     }
     MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_INSTRUCTIONS
     BUILDER_CONFIGS = [
