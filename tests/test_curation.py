@@ -335,3 +335,31 @@ def test_a_path_that_differs_only_in_case_is_named(tmp_path):
     result = curation.curate(d, image_size=8, split=curation.SplitSpec(0, 0, 0), workers=1)
     (row,) = result.report["label_rows_without_image"]
     assert "Series1 differs only in case" in row["why"]
+
+
+def test_pixels_beyond_int16_are_counted_in_the_report(tmp_path, caplog):
+    d = tmp_path / "m"
+    write_ct(d / "hu.dcm", image(1), patient="P1")
+    write_ct(d / "steep.dcm", image(2), patient="P2")
+    ds = pydicom.dcmread(d / "steep.dcm")
+    ds.RescaleSlope = 50  # stored 824..1224 -> 40176..60176 "HU": past int16's 32767
+    ds.save_as(d / "steep.dcm")
+    write_sheet(
+        d / "labels.csv",
+        [
+            {"patient_id": "P1", "label": 0, "path": "hu.dcm"},
+            {"patient_id": "P2", "label": 1, "path": "steep.dcm"},
+        ],
+    )
+    result = curation.curate(d, image_size=SIZE, split=curation.SplitSpec(0, 0, 0), workers=1)
+    entries = {e["path"]: e for e in result.report["files"]}
+    assert "clipped_pixels" not in entries["hu.dcm"]
+    assert entries["steep.dcm"]["clipped_pixels"] == SIZE * SIZE
+    assert entries["steep.dcm"]["status"] == "written"
+    assert result.report["files_with_clipped_pixels"] == 1
+    assert "1 files have pixels outside int16" in curation.summarize(result.report)
+    with caplog.at_level("WARNING"):
+        curation.log_summary(result.report)
+    assert "steep.dcm" in caplog.text and "clipped" in caplog.text
+    steep = next(e for e in result.splits["train"] if e.patient_id == "P2")
+    assert steep.features()["image"].max() == 32767

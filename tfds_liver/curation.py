@@ -36,6 +36,7 @@ from liverjax import dicom
 from tfds_liver import labels as labels_lib
 
 LABEL_SHEET = "labels.csv"
+INT16 = np.iinfo(np.int16)
 STATUSES = ("written", "duplicate", "conflict", "unlabelled", "skipped")
 SPLITS = ("train", "validation", "test")
 
@@ -123,6 +124,7 @@ class _Decoded:
     sop_uid: str | None = None
     reason: str | None = None
     detail: str | None = None
+    clipped: int = 0  # pixels outside int16's range, clipped to it (not HU: MR, PET, bad rescale)
 
 
 def display_path(path: str) -> str:
@@ -178,8 +180,13 @@ def decode_file(manual_dir: str, rel_path: str, image_size: int) -> _Decoded:
     except dicom.DicomError as e:
         return _Decoded(rel_path, reason=e.reason, detail=e.detail)
     records = []
+    clipped = 0
     for index, s in enumerate(slices):
-        image = dicom.to_int16(dicom.resample(s.image, image_size))
+        resampled = dicom.resample(s.image, image_size)
+        clipped += int(
+            np.count_nonzero((resampled < INT16.min - 0.5) | (resampled > INT16.max + 0.5))
+        )
+        image = dicom.to_int16(resampled)
         spacing = dicom.resampled_spacing(s.pixel_spacing, s.image.shape, image_size)
         records.append(
             SliceRecord(
@@ -196,7 +203,7 @@ def decode_file(manual_dir: str, rel_path: str, image_size: int) -> _Decoded:
                 index=index,
             )
         )
-    return _Decoded(rel_path, slices=tuple(records), sop_uid=slices[0].sop_uid)
+    return _Decoded(rel_path, slices=tuple(records), sop_uid=slices[0].sop_uid, clipped=clipped)
 
 
 def decode_all(
@@ -400,6 +407,8 @@ def curate_decoded(
                 entry["labelled_by"] = [r.where for r in rows]
             continue
         entry["slices"] = len(d.slices)
+        if d.clipped:
+            entry["clipped_pixels"] = d.clipped
         if not rows:
             entry.update(status="unlabelled")
             continue
@@ -567,6 +576,7 @@ def _report(
         "files_total": len(files),
         "counts": {s: counts.get(s, 0) for s in STATUSES},
         "skipped_by_reason": dict(sorted(reasons.items())),
+        "files_with_clipped_pixels": sum(1 for e in entries.values() if e.get("clipped_pixels")),
         "splits": split_summary,
         "files": [entries[f] for f in files],
     }
@@ -589,6 +599,11 @@ def summarize(report: dict[str, Any]) -> str:
         )
     if report["label_rows_without_image"]:
         lines.append(f"{len(report['label_rows_without_image'])} label rows match no image")
+    if report.get("files_with_clipped_pixels"):
+        lines.append(
+            f"{report['files_with_clipped_pixels']} files have pixels outside int16 "
+            "(clipped; not Hounsfield units?)"
+        )
     for name, s in report["splits"].items():
         lines.append(
             f"{name}: {s['patients']} patients, {s['slices']} slices "
@@ -608,6 +623,16 @@ def log_summary(report: dict[str, Any], logger: logging.Logger | None = None) ->
             e["status"],
             e.get("reason", "") or e.get("detail", ""),
         )
+    for e in report["files"]:
+        if e.get("clipped_pixels"):
+            logger.warning(
+                "curation: %s: %d pixels outside int16 [%d, %d] were clipped to it "
+                "(values are not Hounsfield units? check modality and rescale)",
+                e["path"],
+                e["clipped_pixels"],
+                INT16.min,
+                INT16.max,
+            )
 
 
 def _problem_entries(entries: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
