@@ -31,7 +31,9 @@ A file without file meta is read with `force=True`; its transfer syntax is guess
 encoding, or for compressed pixel data from the codestream signature (JPEG, JPEG-LS, JPEG 2000,
 RLE). The signature also decides when the file meta names an uncompressed syntax but the pixel
 data is encapsulated (a converter that rewrote the meta only); `transfer_syntax` then says what
-was decoded. `supported_transfer_syntaxes()` lists what the installed plugins decode.
+was decoded. Pixel data of exactly the uncompressed size whose first bytes only look like an item
+(no second item where the first one ends, or no known codestream) is native.
+`supported_transfer_syntaxes()` lists what the installed plugins decode.
 
 Every failure is a `DicomError` (a ValueError) with `.reason`, one of `REASONS`:
   empty          zero-byte file
@@ -433,16 +435,21 @@ def _transfer_syntax(ds: Dataset, path: str) -> dicom_uid.UID:
         # Encapsulated (compressed) pixel data under a native syntax: a converter rewrote the
         # file meta but not the pixels. Read natively it would be garbage; the codestream says
         # what it is.
-        guessed = _sniff_codec(ds[keyword].value)
+        elem = ds[keyword]
+        fragment = _item_fragment(elem.value)
+        guessed = _codestream_header(fragment)[0] if fragment is not None else None
         if guessed is not None:
             ds.file_meta.TransferSyntaxUID = guessed  # pydicom's decoders check it
             return guessed
-        if ds[keyword].is_undefined_length or len(ds[keyword].value) != _native_bytes(ds):
-            raise DicomError(path, "decode_failed", f"the Pixel Data is encapsulated "
-                             f"(compressed) but the Transfer Syntax UID says {ts.name} ({ts}), "
-                             "and the codestream is not JPEG, JPEG-LS, JPEG 2000 or RLE; fix "
-                             "the file meta's Transfer Syntax UID")
-        return ts  # native pixels that happen to begin with an item tag's bytes
+        if not elem.is_undefined_length and len(elem.value) == _native_bytes(ds):
+            # Native pixels that happen to begin with an item tag's bytes (FE FF 00 E0: 8-bit
+            # values 254 255 0 224, or 16-bit 65534 57344).
+            return ts
+        problem = ("its items are malformed" if fragment is None
+                   else "the codestream is not JPEG, JPEG-LS, JPEG 2000 or RLE")
+        raise DicomError(path, "decode_failed", f"the Pixel Data is encapsulated (compressed) "
+                         f"but the Transfer Syntax UID says {ts.name} ({ts}), and {problem}; "
+                         "fix the file meta's Transfer Syntax UID")
     if not ds[keyword].is_undefined_length:  # native pixels: only the byte order matters
         implicit, little = ds.original_encoding
         if not little:
@@ -465,6 +472,26 @@ def _looks_encapsulated(ds: Dataset, keyword: str) -> bool:
     return elem.is_undefined_length or (
         isinstance(elem.value, bytes) and elem.value[:4] == _ITEM_TAG
     )
+
+
+def _item_fragment(value: bytes) -> bytes | None:
+    """The first fragment if `value` is laid out as encapsulated items, else None.
+
+    Encapsulated: an item (the Basic Offset Table, a multiple of 4 bytes long) and right after it
+    a second item (the first fragment, not empty). Native pixels that begin with an item tag's
+    bytes almost never also have the second one where the first one's length points.
+    """
+    if len(value) < 2 * _ELEMENT_HEADER_BYTES or value[:4] != _ITEM_TAG:
+        return None
+    (table,) = struct.unpack_from("<I", value, 4)
+    first = _ELEMENT_HEADER_BYTES + table
+    if table % 4 or first + _ELEMENT_HEADER_BYTES > len(value) or (
+            value[first:first + 4] != _ITEM_TAG):
+        return None
+    (length,) = struct.unpack_from("<I", value, first + 4)
+    if length in (0, _UNDEFINED_LENGTH):
+        return None
+    return value[first + _ELEMENT_HEADER_BYTES:first + _ELEMENT_HEADER_BYTES + length]
 
 
 def _native_bytes(ds: Dataset) -> int | None:

@@ -660,6 +660,32 @@ def test_encapsulated_pixels_of_an_unknown_codec_under_an_uncompressed_syntax_ar
     assert info.value.reason == "decode_failed"
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_native_pixels_that_begin_like_an_item_tag_are_native(dtype):
+    # FE FF 00 E0 is the item tag of encapsulated data, here the first stored values; the length
+    # after it points to no second item.
+    first = [0xFE, 0xFF, 0x00, 0xE0, 8, 0, 0, 0, 0, 0, 4, 0] if dtype == np.uint8 else [
+        0xFFFE, 0xE000, 8, 0, 0, 4]
+    pixels = np.arange(64, dtype=dtype).reshape(8, 8)
+    pixels.ravel()[: len(first)] = first
+    bits = 8 * pixels.itemsize
+    ds = make_ds(pixels, BitsAllocated=bits, BitsStored=bits, HighBit=bits - 1)
+    (s,) = dicom.read_dicom(to_bytes(ds))
+    np.testing.assert_array_equal(s.image, pixels.astype(np.float32) - 1024)
+    assert s.transfer_syntax == ExplicitVRLittleEndian
+
+
+def test_corrupt_encapsulated_items_under_an_uncompressed_syntax_are_named():
+    ds = make_ds(STORED)
+    items = pydicom.encaps.encapsulate([b"\x00\x01" * 8])
+    ds.PixelData = items[:8] + b"\x00" * (len(items) - 8)  # the first fragment's item is gone
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    with pytest.raises(dicom.DicomError, match="items are malformed") as info:
+        dicom.read_dicom(buffer.getvalue())
+    assert info.value.reason == "decode_failed"
+
+
 def _float_ds(values: np.ndarray) -> Dataset:
     ds = make_ds(STORED, PixelData=None, BitsStored=None, HighBit=None, PixelRepresentation=None,
                  RescaleSlope=None, RescaleIntercept=None, BitsAllocated=32)
