@@ -20,7 +20,10 @@
   area outside a CT scan's circular field of view) becomes the frame's darkest other value, so
   that it windows like the background, instead of the rescaled padding value (+62512 "HU" for
   the common unsigned 63536, which windows to white). A frame of padding alone becomes
-  `CT_PADDING_HU` (-1024, air) in CT, 0 otherwise.
+  `CT_PADDING_HU` (-1024, air) in CT, 0 otherwise. Padding is found on the stored values, in
+  the sign of Pixel Representation (a US or SS tag of the other sign means the same bits); a
+  value beyond Bits Stored (63536 with 12 of 16 bits stored) is looked for in the pixel cells as
+  the file has them, before the bits above Bits Stored are masked off.
 * Float Pixel Data with NaN or infinite values is an error (`decode_failed`), not zeros.
 
 A multi-frame object gives one slice per frame (NumberOfFrames, 1 when absent: bytes beyond them
@@ -592,7 +595,7 @@ def _decode(ds: Dataset, ts: dicom_uid.UID, path: str) -> list[DicomSlice]:
             raise DicomError(path, "decode_failed", f"{bad} of {frames.size} float pixel values "
                              "are NaN or infinite; the file's pixel data is corrupt")
         rescales = [_rescale(ds, i, path) for i in range(n_frames)]
-        padding = _padding_mask(ds, frames, path)
+        padding = _padding_mask(ds, ts, frames, props, path)
         images = _grayscale(frames, ds, props, rescales, monochrome1)
         if padding is not None:
             _fill_padding(images, padding, _text(ds, "Modality"))
@@ -666,7 +669,9 @@ def _grayscale(
     return out
 
 
-def _padding_mask(ds: Dataset, frames: np.ndarray, path: str) -> np.ndarray | None:
+def _padding_mask(
+    ds: Dataset, ts: dicom_uid.UID, frames: np.ndarray, props: dict[str, Any], path: str
+) -> np.ndarray | None:
     """Where the stored values are Pixel Padding (outside the scanned field of view), or None.
 
     PixelPaddingValue alone marks one stored value; with PixelPaddingRangeLimit, every stored
@@ -679,16 +684,40 @@ def _padding_mask(ds: Dataset, frames: np.ndarray, path: str) -> np.ndarray | No
     limit = _int(_strings(ds, "PixelPaddingRangeLimit"))
     bits = 8 * frames.dtype.itemsize
     values = [v for v in (pad, limit) if v is not None]
-    if frames.dtype.kind == "i":  # a US-typed value of signed pixels: its two's complement
+    # The tags are US or SS whatever the pixels are: the same bits, read in the pixels' sign.
+    if frames.dtype.kind == "i":
         values = [v - (1 << bits) if v >= 1 << (bits - 1) else v for v in values]
+    else:
+        values = [v + (1 << bits) if v < 0 else v for v in values]
     lo, hi = min(values), max(values)
     info = np.iinfo(frames.dtype)
     if hi < info.min or lo > info.max:
         raise DicomError(path, "decode_failed", f"PixelPaddingValue {pad} (range limit {limit}) "
                          f"cannot occur in {frames.dtype} pixels; fix the tag")
     lo, hi = max(lo, info.min), min(hi, info.max)
+    stored_lo, stored_hi = _stored_range(props)
+    if lo < stored_lo or hi > stored_hi:
+        # A padding value beyond Bits Stored (63536 with 12 of 16 bits) is in the bits that the
+        # decoder masked off: look for it in the pixel cells as the file has them.
+        frames = _native_cells(ds, ts, frames, props)
     mask = (frames == lo) if lo == hi else ((frames >= lo) & (frames <= hi))
     return mask if mask.any() else None
+
+
+def _native_cells(
+    ds: Dataset, ts: dicom_uid.UID, frames: np.ndarray, props: dict[str, Any]
+) -> np.ndarray:
+    """The pixel cells of native Pixel Data with the bits above Bits Stored kept; else `frames`.
+
+    Compressed data has no such bits (a codec keeps the stored ones), nor has packed 1-bit data.
+    """
+    value = ds.get("PixelData") if not ts.is_compressed else None
+    if not isinstance(value, bytes) or int(props["bits_allocated"]) != 8 * frames.dtype.itemsize:
+        return frames
+    dtype = frames.dtype.newbyteorder("<" if ts.is_little_endian else ">")
+    if len(value) < frames.size * dtype.itemsize:
+        return frames
+    return np.frombuffer(value, dtype, frames.size).reshape(frames.shape)
 
 
 # What an image of nothing but padding becomes in CT: air.

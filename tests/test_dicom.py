@@ -738,6 +738,24 @@ def test_pixel_padding_range_and_signed_pixels():
     np.testing.assert_array_equal(m1.image, [[-41, 1499], [1994, -41]])
 
 
+@pytest.mark.parametrize("little", [True, False], ids=["little_endian", "big_endian"])
+def test_pixel_padding_beyond_bits_stored_is_found_in_the_cells(little):
+    # 63536 (0xF830) needs 16 bits; with 12 stored the decoder masks it to 0x830 (+1072 HU).
+    stored = np.array([[63536, 1100], [1064, 63536]], np.uint16)
+    ds = make_ds(stored, BitsStored=12, HighBit=11, PixelPaddingValue=63536)
+    ds.PixelData = stored.astype("<u2" if little else ">u2").tobytes()
+    (s,) = dicom.read_dicom(to_bytes(ds, little=little))
+    np.testing.assert_array_equal(s.image, [[40, 76], [40, 40]])
+
+
+def test_pixel_padding_of_the_other_sign_is_read_in_the_pixels_sign():
+    stored = np.array([[63536, 1000], [1064, 63536]], np.uint16)
+    ds = make_ds(stored)
+    ds.add_new("PixelPaddingValue", "SS", -2000)  # the bits of 63536, written as signed
+    (s,) = dicom.read_dicom(to_bytes(ds))
+    np.testing.assert_array_equal(s.image, [[-24, -24], [40, -24]])
+
+
 def test_a_frame_of_padding_alone_is_air_in_ct():
     frames = np.stack([np.full((2, 2), 63536, np.uint16), np.array([[63536, 5], [6, 7]])])
     blank, other = dicom.read_dicom(to_bytes(make_ds(frames.astype(np.uint16), NumberOfFrames=2,
