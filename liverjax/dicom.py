@@ -24,7 +24,8 @@
   the sign of Pixel Representation (a US or SS tag of the other sign means the same bits); a
   value beyond Bits Stored (63536 with 12 of 16 bits stored) is looked for in the pixel cells as
   the file has them, before the bits above Bits Stored are masked off.
-* Float Pixel Data with NaN or infinite values is an error (`decode_failed`), not zeros.
+* Float Pixel Data with NaN or infinite values is an error (`decode_failed`), not zeros; so is a
+  rescale whose values overflow float32 (a huge slope or intercept), not 32767 after `to_int16`.
 
 A multi-frame object gives one slice per frame (NumberOfFrames, 1 when absent: bytes beyond them
 are ignored, never read as more frames), `frame` = 0, 1, ... and `image_id` =
@@ -599,6 +600,8 @@ def _decode(ds: Dataset, ts: dicom_uid.UID, path: str) -> list[DicomSlice]:
         images = _grayscale(frames, ds, props, rescales, monochrome1)
         if padding is not None:
             _fill_padding(images, padding, _text(ds, "Modality"))
+        if not all(_fast_rescale(frames.dtype, *r) for r in rescales):
+            _check_finite(images, rescales, path)
         reflections = [_reflection(ds, props, r, frames.dtype) if monochrome1 else None
                        for r in rescales]
     else:
@@ -610,6 +613,19 @@ def _decode(ds: Dataset, ts: dicom_uid.UID, path: str) -> list[DicomSlice]:
                    **_frame_metadata(ds, i, n_frames, rescales[i], reflections[i]))
         for i in range(n_frames)
     ]
+
+
+def _check_finite(images: np.ndarray, rescales: list[tuple[float, float]], path: str) -> None:
+    """Finite stored values with a huge slope can overflow float32 (to inf, then 32767)."""
+    finite = np.isfinite(images)
+    if finite.all():
+        return
+    frame = int(np.argmin(finite.reshape(len(images), -1).all(axis=1)))
+    slope, intercept = rescales[frame]
+    raise DicomError(path, "decode_failed", f"{finite.size - np.count_nonzero(finite)} of "
+                     f"{finite.size} pixel values overflow float32 after the rescale (frame "
+                     f"{frame}: RescaleSlope {slope:g}, RescaleIntercept {intercept:g}); fix the "
+                     "tags to get correct pixel values")
 
 
 def _pixels(ds: Dataset, ts: dicom_uid.UID, path: str) -> tuple[np.ndarray, dict[str, Any]]:
@@ -738,10 +754,15 @@ def _fill_padding(images: np.ndarray, mask: np.ndarray, modality: str) -> None:
             image[pad] = image[~pad].min()
 
 
+def _fast_rescale(dtype: np.dtype, slope: float, intercept: float) -> bool:
+    """Whether stored values of this dtype rescale exactly in float32 (and cannot overflow it)."""
+    return (slope == 1.0 and intercept.is_integer() and abs(intercept) <= _FLOAT32_EXACT_INT
+            and dtype.kind in "iu" and dtype.itemsize <= _FAST_PATH_MAX_ITEMSIZE)
+
+
 def _rescale_into(stored: np.ndarray, slope: float, intercept: float, out: np.ndarray) -> None:
     """out = stored * slope + intercept, exact to float32 (one rounding)."""
-    if (slope == 1.0 and intercept.is_integer() and abs(intercept) <= _FLOAT32_EXACT_INT
-            and stored.dtype.kind in "iu" and stored.dtype.itemsize <= _FAST_PATH_MAX_ITEMSIZE):
+    if _fast_rescale(stored.dtype, slope, intercept):
         np.add(stored, np.float32(intercept), out=out, dtype=np.float32)  # exact in float32
         return
     wide = stored.astype(np.float64)

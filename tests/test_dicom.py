@@ -704,6 +704,19 @@ def test_non_finite_float_pixels_are_an_error_naming_the_count():
     assert info.value.reason == "decode_failed"
 
 
+def test_a_rescale_that_overflows_float32_is_an_error():
+    values = np.full((4, 4), 40.0, np.float32)
+    values[0, 0] = 3e38
+    ds = _float_ds(values)
+    ds.RescaleSlope, ds.RescaleIntercept = 10, 0
+    with pytest.raises(dicom.DicomError, match="1 of 16 pixel values overflow") as info:
+        dicom.read_dicom(to_bytes(ds))
+    assert info.value.reason == "decode_failed"
+    big = make_ds(np.array([[4000, 0]], np.uint16), RescaleSlope=1e35, RescaleIntercept=0)
+    with pytest.raises(dicom.DicomError, match="RescaleSlope 1e"):
+        dicom.read_dicom(to_bytes(big))
+
+
 def test_excess_pixel_bytes_are_not_read_as_more_frames():
     ds = make_ds(STORED)
     ds.PixelData = ds.PixelData + b"\x00" * STORED.nbytes  # a frame's worth of trailing bytes
