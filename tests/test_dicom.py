@@ -461,7 +461,18 @@ def test_enhanced_multi_frame_reads_functional_groups():
     # A converter's top-level copy (not conformant) does not override the per-frame values.
     ds.RescaleSlope, ds.RescaleIntercept = 1, 0
     first, second = dicom.read_dicom(to_bytes(ds))
+    np.testing.assert_array_equal(first.image, STORED - 1024)
     np.testing.assert_array_equal(second.image, STORED * 2 - 1000)
+    assert (second.rescale_slope, second.rescale_intercept) == (2.0, -1000.0)
+    # Nor does it override a shared value.
+    for item in ds.PerFrameFunctionalGroupsSequence:
+        del item.PixelValueTransformationSequence
+    rescale = group(PixelValueTransformationSequence=dict(RescaleSlope=3, RescaleIntercept=-1024))
+    ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence = (
+        rescale.PixelValueTransformationSequence)
+    for s in dicom.read_dicom(to_bytes(ds)):
+        np.testing.assert_array_equal(s.image, STORED * 3 - 1024)
+        assert (s.rescale_slope, s.rescale_intercept) == (3.0, -1024.0)
 
 
 def rgb_ds(pixels: np.ndarray, photometric: str = "RGB") -> Dataset:
@@ -722,6 +733,17 @@ def test_excess_pixel_bytes_are_not_read_as_more_frames():
     ds.PixelData = ds.PixelData + b"\x00" * STORED.nbytes  # a frame's worth of trailing bytes
     (s,) = dicom.read_dicom(to_bytes(ds))
     assert s.frame is None and s.image_id == ds.SOPInstanceUID
+    np.testing.assert_array_equal(s.image, STORED.astype(np.float32) - 1024)
+
+
+def test_excess_compressed_frames_are_not_read_as_more_frames():
+    ds = make_ds(np.stack([STORED, STORED * 2]), NumberOfFrames=2)
+    ds.compress(pydicom.uid.RLELossless)
+    ds.NumberOfFrames = 1  # two fragments, one frame declared
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    (s,) = dicom.read_dicom(buffer.getvalue())
+    assert s.frame is None
     np.testing.assert_array_equal(s.image, STORED.astype(np.float32) - 1024)
 
 
