@@ -74,7 +74,13 @@ from pydicom.encaps import generate_fragments, parse_basic_offsets
 from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
 
 REASONS = (
-    "empty", "not_dicom", "truncated", "no_pixels", "not_image", "unsupported", "decode_failed"
+    "empty",
+    "not_dicom",
+    "truncated",
+    "no_pixels",
+    "not_image",
+    "unsupported",
+    "decode_failed",
 )
 
 # ITU-R BT.601 luma, the same weights as the Y of DICOM's YBR_FULL: colour becomes one channel.
@@ -92,20 +98,34 @@ _PIXEL_DATA_TAG = 0x7FE00010
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _PIXEL_TAGS = tuple(tag_for_keyword(k) for k in _PIXEL_KEYWORDS)
 # A forced read of a file without preamble is accepted as DICOM only if it has one of these.
-_IDENTIFYING = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
-                "Modality", "PatientID", "Rows", "DirectoryRecordSequence", *_PIXEL_KEYWORDS)
+_IDENTIFYING = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "PatientID",
+    "Rows",
+    "DirectoryRecordSequence",
+    *_PIXEL_KEYWORDS,
+)
 # Segmentations carry pixel data but are label maps, not images (named by UID: pydicom 3.0 knows
 # only the first; 66.7/66.8 are the Label Map and Height Map Segmentation Storage classes).
-_SEGMENTATION_CLASSES = frozenset({dicom_uid.SegmentationStorage, "1.2.840.10008.5.1.4.1.1.66.7",
-                                   "1.2.840.10008.5.1.4.1.1.66.8"})
+_SEGMENTATION_CLASSES = frozenset(
+    {dicom_uid.SegmentationStorage, "1.2.840.10008.5.1.4.1.1.66.7", "1.2.840.10008.5.1.4.1.1.66.8"}
+)
 # Integers of this magnitude and below are exact in float32 (24-bit significand), and so are the
 # sums of <=16-bit stored values with an integer intercept this small: the float32 fast path.
 _FLOAT32_EXACT_INT = 2**23
 _FAST_PATH_MAX_ITEMSIZE = 2  # bytes per stored value for the float32 fast path (8 and 16 bit)
 _COLOR_SAMPLES = 3
 # JPEG frame-header (SOFn) marker codes -> transfer syntax (JPEG-LS uses SOF55, 0xF7).
-_JPEG_SOF = {0xC0: dicom_uid.JPEGBaseline8Bit, 0xC1: dicom_uid.JPEGExtended12Bit,
-             0xC3: dicom_uid.JPEGLossless, 0xF7: dicom_uid.JPEGLSLossless}
+_JPEG_SOF = {
+    0xC0: dicom_uid.JPEGBaseline8Bit,
+    0xC1: dicom_uid.JPEGExtended12Bit,
+    0xC3: dicom_uid.JPEGLossless,
+    0xF7: dicom_uid.JPEGLSLossless,
+}
 _JPEG_SOS = 0xDA  # start of scan; JPEG-LS keeps its NEAR parameter there
 _JPEG_MARKERS_WITHOUT_LENGTH = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RSTn, SOI
 _J2K_STARTS = (b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  ")  # codestream SOC+SIZ, or a JP2 box
@@ -230,8 +250,11 @@ def resample(image: np.ndarray, size: int) -> np.ndarray:
     square = np.array(image, dtype=np.float32)  # a copy: the result never aliases the input
     if rows != cols:
         top, left = (side - rows) // 2, (side - cols) // 2
-        square = np.pad(square, ((top, side - rows - top), (left, side - cols - left)),
-                        constant_values=square.min())
+        square = np.pad(
+            square,
+            ((top, side - rows - top), (left, side - cols - left)),
+            constant_values=square.min(),
+        )
     if side == size:
         return square
     rows_idx, rows_w = _band(side, size)
@@ -323,25 +346,41 @@ def _read_dataset(
         raise DicomError(path, "empty", "zero-byte file; copy or export it again")
     has_magic = head[_PREAMBLE_BYTES:] == _MAGIC
     if not has_magic and not _starts_like_dataset(head):
-        raise DicomError(path, "not_dicom", "not a DICOM file: no 'DICM' marker at byte 128 and "
-                         "the data does not start with a DICOM element; remove it from the input")
+        raise DicomError(
+            path,
+            "not_dicom",
+            "not a DICOM file: no 'DICM' marker at byte 128 and "
+            "the data does not start with a DICOM element; remove it from the input",
+        )
     try:
         ds = dcmread(fp, force=True)
     except Exception as e:
         if not has_magic:
-            raise DicomError(path, "not_dicom", "not a DICOM file: no 'DICM' marker and the "
-                             f"data does not parse as DICOM ({type(e).__name__}: {e})") from e
+            raise DicomError(
+                path,
+                "not_dicom",
+                "not a DICOM file: no 'DICM' marker and the "
+                f"data does not parse as DICOM ({type(e).__name__}: {e})",
+            ) from e
         if isinstance(e, EOFError | struct.error) or fp.tell() >= end:  # ran out of data
-            raise DicomError(path, "truncated", f"the file ends inside a data element ({e}); "
-                             "copy or export it again") from e
+            raise DicomError(
+                path,
+                "truncated",
+                f"the file ends inside a data element ({e}); copy or export it again",
+            ) from e
         raise DicomError(path, "decode_failed", f"DICOM structure cannot be parsed: {e}") from e
     eof = [str(w.message) for w in caught if "end of file" in str(w.message).lower()]
     if eof:
-        raise DicomError(path, "truncated", f"the file ends too early ({eof[0]}); "
-                         "copy or export it again")
+        raise DicomError(
+            path, "truncated", f"the file ends too early ({eof[0]}); copy or export it again"
+        )
     if not has_magic and not ds.file_meta and not any(k in ds for k in _IDENTIFYING):
-        raise DicomError(path, "not_dicom", "not a DICOM file: no 'DICM' marker at byte 128 and "
-                         "no DICOM identifiers (SOP/study/series UID, modality, pixel data)")
+        raise DicomError(
+            path,
+            "not_dicom",
+            "not a DICOM file: no 'DICM' marker at byte 128 and "
+            "no DICOM identifiers (SOP/study/series UID, modality, pixel data)",
+        )
     _check_complete(ds, path, has_magic, start, end)
     _check_is_image(ds, path)
     return ds, _transfer_syntax(ds, path)
@@ -365,14 +404,22 @@ def _check_complete(ds: Dataset, path: str, has_magic: bool, start: int, end: in
     group_length = ds.file_meta.get("FileMetaInformationGroupLength") if ds.file_meta else None
     parsed_end = start
     if has_magic and end - start < _PREAMBLE_BYTES + len(_MAGIC) + _GROUP_LENGTH_BYTES:
-        raise DicomError(path, "truncated", "the file ends inside its file meta header "
-                         f"({end - start} bytes); copy or export it again")
+        raise DicomError(
+            path,
+            "truncated",
+            "the file ends inside its file meta header "
+            f"({end - start} bytes); copy or export it again",
+        )
     if has_magic and isinstance(group_length, int):
         parsed_end = start + _PREAMBLE_BYTES + len(_MAGIC) + _GROUP_LENGTH_BYTES + group_length
         if end < parsed_end:
-            raise DicomError(path, "truncated", f"the file ends inside its file meta header "
-                             f"({end - start} of {parsed_end - start} bytes); copy or export it "
-                             "again")
+            raise DicomError(
+                path,
+                "truncated",
+                f"the file ends inside its file meta header "
+                f"({end - start} of {parsed_end - start} bytes); copy or export it "
+                "again",
+            )
     # Only the last element read can be cut short: the last inserted, which is also the highest
     # tag in a well-formed file (both are checked, in case the tags are out of order).
     tags = ds.keys()
@@ -380,22 +427,38 @@ def _check_complete(ds: Dataset, path: str, has_magic: bool, start: int, end: in
         elem = ds.get_item(tag)
         length = getattr(elem, "length", None)  # raw (not yet converted) elements only
         value = getattr(elem, "value", None)
-        if (length is None or length == _UNDEFINED_LENGTH or tag > _PIXEL_DATA_TAG
-                or not isinstance(value, bytes | bytearray)):
+        if (
+            length is None
+            or length == _UNDEFINED_LENGTH
+            or tag > _PIXEL_DATA_TAG
+            or not isinstance(value, bytes | bytearray)
+        ):
             continue
         if len(value) < length:
-            raise DicomError(path, "truncated", f"the file ends inside element {elem.tag}: "
-                             f"{length} bytes declared, {len(value)} present; copy or export "
-                             "it again")
+            raise DicomError(
+                path,
+                "truncated",
+                f"the file ends inside element {elem.tag}: "
+                f"{length} bytes declared, {len(value)} present; copy or export "
+                "it again",
+            )
         parsed_end = max(parsed_end, elem.value_tell + length)
     if has_magic and len(ds) == 0 and end - parsed_end >= _ELEMENT_HEADER_BYTES:
         # pydicom discards the whole dataset when the file ends inside an undefined-length value
-        raise DicomError(path, "truncated", f"none of the {end - parsed_end} bytes after the file"
-                         " meta form a complete dataset; copy or export it again")
+        raise DicomError(
+            path,
+            "truncated",
+            f"none of the {end - parsed_end} bytes after the file"
+            " meta form a complete dataset; copy or export it again",
+        )
     if not _has_pixels(ds) and 0 < end - parsed_end < _ELEMENT_HEADER_BYTES:
-        raise DicomError(path, "truncated", f"the file ends inside an element header "
-                         f"{end - parsed_end} bytes after the last element; copy or export it "
-                         "again")
+        raise DicomError(
+            path,
+            "truncated",
+            f"the file ends inside an element header "
+            f"{end - parsed_end} bytes after the last element; copy or export it "
+            "again",
+        )
 
 
 def _check_is_image(ds: Dataset, path: str) -> None:
@@ -403,21 +466,37 @@ def _check_is_image(ds: Dataset, path: str) -> None:
     media_class = ds.file_meta.get("MediaStorageSOPClassUID", "") if ds.file_meta else ""
     is_directory = _TAGS["DirectoryRecordSequence"] in ds
     if media_class == dicom_uid.MediaStorageDirectoryStorage or is_directory:
-        raise DicomError(path, "not_image", "a DICOMDIR (an index of a DICOM media), not an "
-                         "image; read the image files it lists instead")
+        raise DicomError(
+            path,
+            "not_image",
+            "a DICOMDIR (an index of a DICOM media), not an "
+            "image; read the image files it lists instead",
+        )
     sop_class = dicom_uid.UID(_text(ds, "SOPClassUID") or str(media_class))
     has_pixels = _has_pixels(ds)
     if sop_class in _SEGMENTATION_CLASSES:
-        raise DicomError(path, "not_image", f"a {_class_name(sop_class)} object (a label map, not "
-                         "an image); export masks as an image series to use them")
+        raise DicomError(
+            path,
+            "not_image",
+            f"a {_class_name(sop_class)} object (a label map, not "
+            "an image); export masks as an image series to use them",
+        )
     if has_pixels:
         return
     if sop_class.type == "SOP Class" and "Image" not in sop_class.name:
-        raise DicomError(path, "not_image", f"a {sop_class.name} object ({_text(ds, 'Modality')})"
-                         " has no image; only image objects can be decoded")
-    raise DicomError(path, "no_pixels", f"no Pixel Data element in this "
-                     f"{_class_name(sop_class)} object (or the file was cut short before it); "
-                     "nothing to decode")
+        raise DicomError(
+            path,
+            "not_image",
+            f"a {sop_class.name} object ({_text(ds, 'Modality')})"
+            " has no image; only image objects can be decoded",
+        )
+    raise DicomError(
+        path,
+        "no_pixels",
+        f"no Pixel Data element in this "
+        f"{_class_name(sop_class)} object (or the file was cut short before it); "
+        "nothing to decode",
+    )
 
 
 def _has_pixels(ds: Dataset) -> bool:
@@ -449,11 +528,18 @@ def _transfer_syntax(ds: Dataset, path: str) -> dicom_uid.UID:
             # Native pixels that happen to begin with an item tag's bytes (FE FF 00 E0: 8-bit
             # values 254 255 0 224, or 16-bit 65534 57344).
             return ts
-        problem = ("its items are malformed" if fragment is None
-                   else "the codestream is not JPEG, JPEG-LS, JPEG 2000 or RLE")
-        raise DicomError(path, "decode_failed", f"the Pixel Data is encapsulated (compressed) "
-                         f"but the Transfer Syntax UID says {ts.name} ({ts}), and {problem}; "
-                         "fix the file meta's Transfer Syntax UID")
+        problem = (
+            "its items are malformed"
+            if fragment is None
+            else "the codestream is not JPEG, JPEG-LS, JPEG 2000 or RLE"
+        )
+        raise DicomError(
+            path,
+            "decode_failed",
+            f"the Pixel Data is encapsulated (compressed) "
+            f"but the Transfer Syntax UID says {ts.name} ({ts}), and {problem}; "
+            "fix the file meta's Transfer Syntax UID",
+        )
     if not ds[keyword].is_undefined_length:  # native pixels: only the byte order matters
         implicit, little = ds.original_encoding
         if not little:
@@ -461,9 +547,13 @@ def _transfer_syntax(ds: Dataset, path: str) -> dicom_uid.UID:
         return dicom_uid.ImplicitVRLittleEndian if implicit else dicom_uid.ExplicitVRLittleEndian
     guessed = _sniff_codec(ds[keyword].value)
     if guessed is None:
-        raise DicomError(path, "unsupported", "compressed pixel data without a Transfer Syntax "
-                         "UID, in a format that is not JPEG, JPEG-LS, JPEG 2000 or RLE; add file "
-                         "meta with the transfer syntax")
+        raise DicomError(
+            path,
+            "unsupported",
+            "compressed pixel data without a Transfer Syntax "
+            "UID, in a format that is not JPEG, JPEG-LS, JPEG 2000 or RLE; add file "
+            "meta with the transfer syntax",
+        )
     return guessed
 
 
@@ -489,20 +579,28 @@ def _item_fragment(value: bytes) -> bytes | None:
         return None
     (table,) = struct.unpack_from("<I", value, 4)
     first = _ELEMENT_HEADER_BYTES + table
-    if table % 4 or first + _ELEMENT_HEADER_BYTES > len(value) or (
-            value[first:first + 4] != _ITEM_TAG):
+    if (
+        table % 4
+        or first + _ELEMENT_HEADER_BYTES > len(value)
+        or (value[first : first + 4] != _ITEM_TAG)
+    ):
         return None
     (length,) = struct.unpack_from("<I", value, first + 4)
     if length in (0, _UNDEFINED_LENGTH):
         return None
-    return value[first + _ELEMENT_HEADER_BYTES:first + _ELEMENT_HEADER_BYTES + length]
+    return value[first + _ELEMENT_HEADER_BYTES : first + _ELEMENT_HEADER_BYTES + length]
 
 
 def _native_bytes(ds: Dataset) -> int | None:
     """Bytes of uncompressed pixel data the Image Pixel module declares (even-padded)."""
     try:
-        n = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
-             * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated))
+        n = (
+            int(ds.Rows)
+            * int(ds.Columns)
+            * int(ds.get("SamplesPerPixel", 1))
+            * int(ds.get("NumberOfFrames", 1) or 1)
+            * int(ds.BitsAllocated)
+        )
     except (AttributeError, TypeError, ValueError):
         return None
     n = (n + 7) // 8
@@ -555,7 +653,7 @@ def _jpeg_header(data: bytes) -> tuple[dicom_uid.UID | None, tuple[int, int] | N
             near_at = pos + 5 + 2 * data[pos + 4]
             near = data[near_at] if near_at < len(data) else 0
             return (dicom_uid.JPEGLSNearLossless if near else found), size
-        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
     return found, size
 
 
@@ -570,9 +668,13 @@ def _check_frame_size(ds: Dataset, ts: dicom_uid.UID, path: str) -> None:
     _, size = _codestream_header(_first_fragment(ds[keyword].value))
     declared = (ds.get("Rows"), ds.get("Columns"))
     if size is not None and size[0] != 0 and size != declared:  # JPEG may put rows in DNL: 0
-        raise DicomError(path, "decode_failed", f"the compressed frame is {size[0]}x{size[1]} "
-                         f"pixels but Rows x Columns say {declared[0]}x{declared[1]}; the file "
-                         "is corrupt")
+        raise DicomError(
+            path,
+            "decode_failed",
+            f"the compressed frame is {size[0]}x{size[1]} "
+            f"pixels but Rows x Columns say {declared[0]}x{declared[1]}; the file "
+            "is corrupt",
+        )
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -593,8 +695,12 @@ def _decode(ds: Dataset, ts: dicom_uid.UID, path: str) -> list[DicomSlice]:
     elif samples == 1:
         if frames.dtype.kind == "f" and not np.isfinite(frames).all():
             bad = int(np.count_nonzero(~np.isfinite(frames)))
-            raise DicomError(path, "decode_failed", f"{bad} of {frames.size} float pixel values "
-                             "are NaN or infinite; the file's pixel data is corrupt")
+            raise DicomError(
+                path,
+                "decode_failed",
+                f"{bad} of {frames.size} float pixel values "
+                "are NaN or infinite; the file's pixel data is corrupt",
+            )
         rescales = [_rescale(ds, i, path) for i in range(n_frames)]
         padding = _padding_mask(ds, ts, frames, props, path)
         images = _grayscale(frames, ds, props, rescales, monochrome1)
@@ -602,15 +708,22 @@ def _decode(ds: Dataset, ts: dicom_uid.UID, path: str) -> list[DicomSlice]:
             _fill_padding(images, padding, _text(ds, "Modality"))
         if not all(_fast_rescale(frames.dtype, *r) for r in rescales):
             _check_finite(images, rescales, path)
-        reflections = [_reflection(ds, props, r, frames.dtype) if monochrome1 else None
-                       for r in rescales]
+        reflections = [
+            _reflection(ds, props, r, frames.dtype) if monochrome1 else None for r in rescales
+        ]
     else:
-        raise DicomError(path, "unsupported", f"{samples} samples per pixel; only 1 (grayscale) "
-                         "and 3 (colour) are decoded")
+        raise DicomError(
+            path,
+            "unsupported",
+            f"{samples} samples per pixel; only 1 (grayscale) and 3 (colour) are decoded",
+        )
     common = _common_metadata(ds, ts, photometric, samples != 1 or photometric == "PALETTE COLOR")
     return [
-        DicomSlice(image=images[i], **common,
-                   **_frame_metadata(ds, i, n_frames, rescales[i], reflections[i]))
+        DicomSlice(
+            image=images[i],
+            **common,
+            **_frame_metadata(ds, i, n_frames, rescales[i], reflections[i]),
+        )
         for i in range(n_frames)
     ]
 
@@ -622,10 +735,14 @@ def _check_finite(images: np.ndarray, rescales: list[tuple[float, float]], path:
         return
     frame = int(np.argmin(finite.reshape(len(images), -1).all(axis=1)))
     slope, intercept = rescales[frame]
-    raise DicomError(path, "decode_failed", f"{finite.size - np.count_nonzero(finite)} of "
-                     f"{finite.size} pixel values overflow float32 after the rescale (frame "
-                     f"{frame}: RescaleSlope {slope:g}, RescaleIntercept {intercept:g}); fix the "
-                     "tags to get correct pixel values")
+    raise DicomError(
+        path,
+        "decode_failed",
+        f"{finite.size - np.count_nonzero(finite)} of "
+        f"{finite.size} pixel values overflow float32 after the rescale (frame "
+        f"{frame}: RescaleSlope {slope:g}, RescaleIntercept {intercept:g}); fix the "
+        "tags to get correct pixel values",
+    )
 
 
 def _pixels(ds: Dataset, ts: dicom_uid.UID, path: str) -> tuple[np.ndarray, dict[str, Any]]:
@@ -633,11 +750,19 @@ def _pixels(ds: Dataset, ts: dicom_uid.UID, path: str) -> tuple[np.ndarray, dict
     try:
         decoder = get_decoder(ts)
     except NotImplementedError as e:
-        raise DicomError(path, "unsupported", f"no decoder exists for transfer syntax {ts.name} "
-                         f"({ts}); convert the file to an uncompressed syntax") from e
+        raise DicomError(
+            path,
+            "unsupported",
+            f"no decoder exists for transfer syntax {ts.name} "
+            f"({ts}); convert the file to an uncompressed syntax",
+        ) from e
     if not decoder.is_available:
-        raise DicomError(path, "unsupported", f"transfer syntax {ts.name} needs a plugin that is "
-                         f"not installed: {'; '.join(decoder.missing_dependencies)}")
+        raise DicomError(
+            path,
+            "unsupported",
+            f"transfer syntax {ts.name} needs a plugin that is "
+            f"not installed: {'; '.join(decoder.missing_dependencies)}",
+        )
     try:
         # view_only: native data is not copied here, the float conversion below copies it. Not
         # when bits above Bits Stored must be masked (12 of 16 in most CT): pydicom then masks a
@@ -649,23 +774,36 @@ def _pixels(ds: Dataset, ts: dicom_uid.UID, path: str) -> tuple[np.ndarray, dict
     except ValueError as e:
         if "less than expected" in str(e):
             raise DicomError(path, "truncated", f"the pixel data is cut short: {e}") from e
-        raise DicomError(path, "decode_failed", f"pixel data cannot be decoded: {e}; check the "
-                         "Image Pixel elements (Rows, Columns, Bits, Frames)") from e
+        raise DicomError(
+            path,
+            "decode_failed",
+            f"pixel data cannot be decoded: {e}; check the "
+            "Image Pixel elements (Rows, Columns, Bits, Frames)",
+        ) from e
     except (AttributeError, KeyError, TypeError) as e:
-        raise DicomError(path, "decode_failed", f"pixel data cannot be decoded: {e}; the Image "
-                         "Pixel module is incomplete") from e
+        raise DicomError(
+            path,
+            "decode_failed",
+            f"pixel data cannot be decoded: {e}; the Image Pixel module is incomplete",
+        ) from e
     except RuntimeError as e:
         reasons = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
         if reasons and all("not support" in line for line in reasons):
-            raise DicomError(path, "unsupported", f"no installed plugin decodes this {ts.name} "
-                             f"data: {'; '.join(reasons)}") from e
+            raise DicomError(
+                path,
+                "unsupported",
+                f"no installed plugin decodes this {ts.name} data: {'; '.join(reasons)}",
+            ) from e
         raise DicomError(path, "decode_failed", f"pixel data cannot be decoded: {e}") from e
     single_frame_ndim = 2 if int(props["samples_per_pixel"]) == 1 else 3
     return (arr[np.newaxis] if arr.ndim == single_frame_ndim else arr), props
 
 
 def _grayscale(
-    frames: np.ndarray, ds: Dataset, props: dict[str, Any], rescales: list[tuple[float, float]],
+    frames: np.ndarray,
+    ds: Dataset,
+    props: dict[str, Any],
+    rescales: list[tuple[float, float]],
     monochrome1: bool,
 ) -> np.ndarray:
     """Stored values -> float32 modality values (HU for CT), MONOCHROME1 reflected."""
@@ -708,8 +846,12 @@ def _padding_mask(
     lo, hi = min(values), max(values)
     info = np.iinfo(frames.dtype)
     if hi < info.min or lo > info.max:
-        raise DicomError(path, "decode_failed", f"PixelPaddingValue {pad} (range limit {limit}) "
-                         f"cannot occur in {frames.dtype} pixels; fix the tag")
+        raise DicomError(
+            path,
+            "decode_failed",
+            f"PixelPaddingValue {pad} (range limit {limit}) "
+            f"cannot occur in {frames.dtype} pixels; fix the tag",
+        )
     lo, hi = max(lo, info.min), min(hi, info.max)
     stored_lo, stored_hi = _stored_range(props)
     if lo < stored_lo or hi > stored_hi:
@@ -756,8 +898,13 @@ def _fill_padding(images: np.ndarray, mask: np.ndarray, modality: str) -> None:
 
 def _fast_rescale(dtype: np.dtype, slope: float, intercept: float) -> bool:
     """Whether stored values of this dtype rescale exactly in float32 (and cannot overflow it)."""
-    return (slope == 1.0 and intercept.is_integer() and abs(intercept) <= _FLOAT32_EXACT_INT
-            and dtype.kind in "iu" and dtype.itemsize <= _FAST_PATH_MAX_ITEMSIZE)
+    return (
+        slope == 1.0
+        and intercept.is_integer()
+        and abs(intercept) <= _FLOAT32_EXACT_INT
+        and dtype.kind in "iu"
+        and dtype.itemsize <= _FAST_PATH_MAX_ITEMSIZE
+    )
 
 
 def _rescale_into(stored: np.ndarray, slope: float, intercept: float, out: np.ndarray) -> None:
@@ -814,8 +961,12 @@ def _luma(frames: np.ndarray, ds: Dataset, props: dict[str, Any], path: str) -> 
     if photometric == "PALETTE COLOR":
         frames = apply_color_lut(frames, ds)
     elif photometric != "RGB":
-        raise DicomError(path, "unsupported", f"colour space {photometric} cannot be converted "
-                         "to RGB; convert the file to RGB or YBR_FULL")
+        raise DicomError(
+            path,
+            "unsupported",
+            f"colour space {photometric} cannot be converted "
+            "to RGB; convert the file to RGB or YBR_FULL",
+        )
     return np.matmul(frames.astype(np.float32), LUMA_WEIGHTS)
 
 
@@ -848,7 +999,8 @@ def _frame_metadata(
     if spacing is None:  # projection radiographs give the spacing at the detector only
         spacing = _floats(_strings(ds, "ImagerPixelSpacing"), 2)
     position = _floats(
-        _frame_strings(ds, frame, "PlanePositionSequence", "ImagePositionPatient"), 3)
+        _frame_strings(ds, frame, "PlanePositionSequence", "ImagePositionPatient"), 3
+    )
     offsets = _floats(_strings(ds, "GridFrameOffsetVector"), n_frames) if n_frames > 1 else None
     if position is not None and offsets is not None:
         # GridFrameOffsetVector: relative to the first frame's z if it starts at 0, else absolute
@@ -881,12 +1033,19 @@ def _rescale(ds: Dataset, frame: int, path: str) -> tuple[float, float]:
             value = _float(raw, strict=True)
         except ValueError as e:
             text = "\\".join(raw or [])
-            raise DicomError(path, "decode_failed", f"{keyword} {text!r} is not a number; "
-                             "fix the tag to get correct pixel values") from e
+            raise DicomError(
+                path,
+                "decode_failed",
+                f"{keyword} {text!r} is not a number; fix the tag to get correct pixel values",
+            ) from e
         values.append(default if value is None else value)
     if not all(np.isfinite(values)) or values[0] == 0:
-        raise DicomError(path, "decode_failed", f"RescaleSlope/Intercept {values} cannot map "
-                         "stored values; fix the tags to get correct pixel values")
+        raise DicomError(
+            path,
+            "decode_failed",
+            f"RescaleSlope/Intercept {values} cannot map "
+            "stored values; fix the tags to get correct pixel values",
+        )
     return values[0], values[1]
 
 
@@ -897,10 +1056,13 @@ def _frame_strings(ds: Dataset, frame: int, macro: str, keyword: str) -> list[st
     conformant, but written by some converters) is read by its per-frame values.
     """
     if not ds.get_item(_TAGS["SharedFunctionalGroupsSequence"]) and not (
-            ds.get_item(_TAGS["PerFrameFunctionalGroupsSequence"])):
+        ds.get_item(_TAGS["PerFrameFunctionalGroupsSequence"])
+    ):
         return _strings(ds, keyword)
-    for groups, index in (("PerFrameFunctionalGroupsSequence", frame),
-                          ("SharedFunctionalGroupsSequence", 0)):
+    for groups, index in (
+        ("PerFrameFunctionalGroupsSequence", frame),
+        ("SharedFunctionalGroupsSequence", 0),
+    ):
         items = _get(ds, groups)
         if items and index < len(items):
             inner = _get(items[index], macro)
@@ -931,15 +1093,35 @@ def _referenced_uids(ds: Dataset, frame: int) -> tuple[str, ...]:
 
 
 # Tags of the elements read here, looked up once: reading by tag skips pydicom's keyword lookup.
-_TAGS = {keyword: tag_for_keyword(keyword) for keyword in (
-    "PixelPaddingValue", "PixelPaddingRangeLimit",
-    "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
-    "Modality", "InstanceNumber", "PixelSpacing", "ImagerPixelSpacing", "ImagePositionPatient",
-    "GridFrameOffsetVector", "SliceLocation", "WindowCenter", "WindowWidth", "RescaleSlope",
-    "RescaleIntercept", "ReferencedSOPInstanceUID", "ReferencedImageSequence",
-    "SourceImageSequence", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
-    "DirectoryRecordSequence",
-)}
+_TAGS = {
+    keyword: tag_for_keyword(keyword)
+    for keyword in (
+        "PixelPaddingValue",
+        "PixelPaddingRangeLimit",
+        "PatientID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "SOPClassUID",
+        "Modality",
+        "InstanceNumber",
+        "PixelSpacing",
+        "ImagerPixelSpacing",
+        "ImagePositionPatient",
+        "GridFrameOffsetVector",
+        "SliceLocation",
+        "WindowCenter",
+        "WindowWidth",
+        "RescaleSlope",
+        "RescaleIntercept",
+        "ReferencedSOPInstanceUID",
+        "ReferencedImageSequence",
+        "SourceImageSequence",
+        "SharedFunctionalGroupsSequence",
+        "PerFrameFunctionalGroupsSequence",
+        "DirectoryRecordSequence",
+    )
+}
 # Value representations stored as backslash-separated ASCII text (PS3.5 6.2): parsed from the raw
 # bytes here, which is several times faster than pydicom's general value conversion.
 _ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "SH", "TM", "UI", None})

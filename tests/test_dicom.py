@@ -87,8 +87,9 @@ DELIBERATE_REFUSALS = {"liver_1frame.dcm", "liver_expb_1frame.dcm"}
 
 
 def _expected_reason(rel: str) -> str | None:
-    return next((reason for pattern, reason in EXPECTED_REASONS if fnmatch.fnmatch(rel, pattern)),
-                None)
+    return next(
+        (reason for pattern, reason in EXPECTED_REASONS if fnmatch.fnmatch(rel, pattern)), None
+    )
 
 
 def _pydicom_reference(path: pathlib.Path) -> tuple[pydicom.Dataset, list[np.ndarray]] | None:
@@ -146,8 +147,9 @@ def test_corpus_file(rel):
             np.testing.assert_allclose(s.image, want, rtol=1e-6, atol=1e-4)
         else:  # grayscale: exactly pydicom's float64 result rounded once to float32
             np.testing.assert_array_equal(s.image, want.astype(np.float32))
-        assert s.color_converted == (ds.SamplesPerPixel == 3 or
-                                     ds.PhotometricInterpretation == "PALETTE COLOR")
+        assert s.color_converted == (
+            ds.SamplesPerPixel == 3 or ds.PhotometricInterpretation == "PALETTE COLOR"
+        )
         assert s.photometric == ds.PhotometricInterpretation
         assert s.sop_uid == ds.SOPInstanceUID
         assert s.frame == (index if multi else None)
@@ -159,7 +161,11 @@ def test_corpus_ct_metadata():
     (s,) = dicom.read_dicom(CORPUS_ROOT / "CT_small.dcm")
     ds = pydicom.dcmread(CORPUS_ROOT / "CT_small.dcm")
     assert (s.modality, s.patient_id, s.study_uid, s.series_uid) == (
-        "CT", ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID)
+        "CT",
+        ds.PatientID,
+        ds.StudyInstanceUID,
+        ds.SeriesInstanceUID,
+    )
     assert (s.rescale_slope, s.rescale_intercept) == (1.0, -1024.0)
     assert s.pixel_spacing == tuple(float(v) for v in ds.PixelSpacing)
     assert s.image_position == tuple(float(v) for v in ds.ImagePositionPatient)
@@ -223,14 +229,19 @@ def make_ds(pixels: np.ndarray, **attrs) -> Dataset:
     return ds
 
 
-def to_bytes(ds: Dataset, *, meta: bool = True, implicit: bool = False, little: bool = True
-             ) -> bytes:
+def to_bytes(
+    ds: Dataset, *, meta: bool = True, implicit: bool = False, little: bool = True
+) -> bytes:
     """The dataset as a file: Part 10 with preamble and meta, or (meta=False) the bare dataset."""
     buffer = io.BytesIO()
     if meta:
         ds.file_meta.TransferSyntaxUID = (
-            ImplicitVRLittleEndian if implicit else
-            ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+            ImplicitVRLittleEndian
+            if implicit
+            else ExplicitVRLittleEndian
+            if little
+            else ExplicitVRBigEndian
+        )
         ds.save_as(buffer, enforce_file_format=True)
     else:
         ds.file_meta = FileMetaDataset()
@@ -258,11 +269,18 @@ def test_ct_gives_hounsfield_units_and_metadata(tmp_path):
     (s,) = dicom.read_dicom(path)
     np.testing.assert_array_equal(s.image, [[-3024, -1024], [-1023, 1977]])
     assert s.image.dtype == np.float32
-    assert (s.pixel_spacing, s.image_position, s.slice_position) == ((0.75, 0.8),
-                                                                     (-100, -120, 42.5), 42.5)
+    assert (s.pixel_spacing, s.image_position, s.slice_position) == (
+        (0.75, 0.8),
+        (-100, -120, 42.5),
+        42.5,
+    )
     assert (s.window_center, s.window_width, s.instance_number) == (40.0, 400.0, 7)
     assert (s.patient_id, s.modality, s.photometric, s.color_converted) == (
-        "P-001", "CT", "MONOCHROME2", False)
+        "P-001",
+        "CT",
+        "MONOCHROME2",
+        False,
+    )
     assert s.frame is None and s.image_id == s.sop_uid
     assert s.transfer_syntax == ExplicitVRLittleEndian
 
@@ -282,8 +300,15 @@ def test_path_bytes_and_file_objects_decode_alike(tmp_path):
         def readinto(self, b):
             return self._inner.readinto(b)
 
-    sources = [path, str(path), data, bytearray(data), io.BytesIO(data), open(path, "rb"),
-               Unseekable()]
+    sources = [
+        path,
+        str(path),
+        data,
+        bytearray(data),
+        io.BytesIO(data),
+        open(path, "rb"),
+        Unseekable(),
+    ]
     images = [dicom.read_dicom(src)[0].image for src in sources]
     for image in images[1:]:
         np.testing.assert_array_equal(image, images[0])
@@ -332,8 +357,9 @@ def test_modality_lut_sequence_is_applied_and_reflected_for_monochrome1():
 
 def test_unsigned_bits_stored_masks_the_high_bits(caplog):
     raw = np.array([[0xF123, 0x0FFF], [0, 0x8001]], dtype=np.uint16)  # high nibble = overlay junk
-    ds = make_ds(raw, BitsStored=12, HighBit=11, Modality="MR", RescaleSlope=None,
-                 RescaleIntercept=None)
+    ds = make_ds(
+        raw, BitsStored=12, HighBit=11, Modality="MR", RescaleSlope=None, RescaleIntercept=None
+    )
     with caplog.at_level(logging.DEBUG, logger="pydicom"):
         (s,) = dicom.read_dicom(to_bytes(ds))
     np.testing.assert_array_equal(s.image, [[0x123, 0xFFF], [0, 1]])
@@ -352,8 +378,16 @@ def test_signed_pixels_and_signed_bits_stored():
 
 def test_monochrome1_is_reflected_in_its_bits_stored_range():
     raw = np.array([[0, 1000], [4095, 2048]], dtype=np.uint16)
-    ds = make_ds(raw, BitsStored=12, HighBit=11, PhotometricInterpretation="MONOCHROME1",
-                 Modality="CR", RescaleSlope=2, RescaleIntercept=10, WindowCenter=2010)
+    ds = make_ds(
+        raw,
+        BitsStored=12,
+        HighBit=11,
+        PhotometricInterpretation="MONOCHROME1",
+        Modality="CR",
+        RescaleSlope=2,
+        RescaleIntercept=10,
+        WindowCenter=2010,
+    )
     (s,) = dicom.read_dicom(to_bytes(ds))
     np.testing.assert_array_equal(s.image, 2 * (4095 - raw.astype(np.int64)) + 10)
     assert s.photometric == "MONOCHROME1"
@@ -373,20 +407,28 @@ def test_encodings_with_and_without_file_meta(implicit, little):
         data = to_bytes(ds, meta=meta, implicit=implicit, little=little)
         (s,) = dicom.read_dicom(data)
         np.testing.assert_array_equal(s.image, STORED - 1024)
-        expected_ts = (ImplicitVRLittleEndian if implicit else
-                       ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        expected_ts = (
+            ImplicitVRLittleEndian
+            if implicit
+            else ExplicitVRLittleEndian
+            if little
+            else ExplicitVRBigEndian
+        )
         assert s.transfer_syntax == expected_ts
 
 
-@pytest.mark.parametrize("name,guesses", [
-    ("JPEG2000.dcm", {"1.2.840.10008.1.2.4.91"}),
-    ("MR_small_jp2klossless.dcm", {"1.2.840.10008.1.2.4.91"}),
-    ("MR_small_RLE.dcm", {"1.2.840.10008.1.2.5"}),
-    ("MR_small_jpeg_ls_lossless.dcm", {"1.2.840.10008.1.2.4.80"}),
-    ("JPEGLSNearLossless_16.dcm", {"1.2.840.10008.1.2.4.81"}),
-    ("SC_rgb_jpeg_gdcm.dcm", {"1.2.840.10008.1.2.4.57"}),  # lossless: process 14, any predictor
-    ("SC_rgb_jpeg_dcmtk.dcm", {"1.2.840.10008.1.2.4.50"}),
-])
+@pytest.mark.parametrize(
+    "name,guesses",
+    [
+        ("JPEG2000.dcm", {"1.2.840.10008.1.2.4.91"}),
+        ("MR_small_jp2klossless.dcm", {"1.2.840.10008.1.2.4.91"}),
+        ("MR_small_RLE.dcm", {"1.2.840.10008.1.2.5"}),
+        ("MR_small_jpeg_ls_lossless.dcm", {"1.2.840.10008.1.2.4.80"}),
+        ("JPEGLSNearLossless_16.dcm", {"1.2.840.10008.1.2.4.81"}),
+        ("SC_rgb_jpeg_gdcm.dcm", {"1.2.840.10008.1.2.4.57"}),  # lossless: process 14, any predictor
+        ("SC_rgb_jpeg_dcmtk.dcm", {"1.2.840.10008.1.2.4.50"}),
+    ],
+)
 def test_compressed_without_file_meta_guesses_the_codec(name, guesses):
     path = CORPUS_ROOT / name
     with_meta = dicom.read_dicom(path)
@@ -422,9 +464,17 @@ def test_multi_frame_gives_one_slice_per_frame_with_ids():
 
 def test_enhanced_multi_frame_reads_functional_groups():
     frames = np.stack([STORED, STORED])
-    ds = make_ds(frames, NumberOfFrames=2, SOPClassUID=EnhancedCTImageStorage,
-                 RescaleSlope=None, RescaleIntercept=None, PixelSpacing=None,
-                 ImagePositionPatient=None, WindowCenter=None, WindowWidth=None)
+    ds = make_ds(
+        frames,
+        NumberOfFrames=2,
+        SOPClassUID=EnhancedCTImageStorage,
+        RescaleSlope=None,
+        RescaleIntercept=None,
+        PixelSpacing=None,
+        ImagePositionPatient=None,
+        WindowCenter=None,
+        WindowWidth=None,
+    )
 
     def group(**macros) -> Dataset:
         item = Dataset()
@@ -437,13 +487,19 @@ def test_enhanced_multi_frame_reads_functional_groups():
 
     source = Dataset()
     source.ReferencedSOPInstanceUID = "1.2.3.4"
-    shared = group(PixelMeasuresSequence=dict(PixelSpacing=[0.5, 0.6]),
-                   FrameVOILUTSequence=dict(WindowCenter=50, WindowWidth=350))
+    shared = group(
+        PixelMeasuresSequence=dict(PixelSpacing=[0.5, 0.6]),
+        FrameVOILUTSequence=dict(WindowCenter=50, WindowWidth=350),
+    )
     per_frame = [
-        group(PixelValueTransformationSequence=dict(RescaleSlope=1, RescaleIntercept=-1024),
-              PlanePositionSequence=dict(ImagePositionPatient=[0, 0, 10])),
-        group(PixelValueTransformationSequence=dict(RescaleSlope=2, RescaleIntercept=-1000),
-              PlanePositionSequence=dict(ImagePositionPatient=[0, 0, 12.5])),
+        group(
+            PixelValueTransformationSequence=dict(RescaleSlope=1, RescaleIntercept=-1024),
+            PlanePositionSequence=dict(ImagePositionPatient=[0, 0, 10]),
+        ),
+        group(
+            PixelValueTransformationSequence=dict(RescaleSlope=2, RescaleIntercept=-1000),
+            PlanePositionSequence=dict(ImagePositionPatient=[0, 0, 12.5]),
+        ),
     ]
     derivation = Dataset()
     derivation.SourceImageSequence = Sequence([source])
@@ -468,16 +524,22 @@ def test_enhanced_multi_frame_reads_functional_groups():
     for item in ds.PerFrameFunctionalGroupsSequence:
         del item.PixelValueTransformationSequence
     rescale = group(PixelValueTransformationSequence=dict(RescaleSlope=3, RescaleIntercept=-1024))
-    ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence = (
-        rescale.PixelValueTransformationSequence)
+    ds.SharedFunctionalGroupsSequence[
+        0
+    ].PixelValueTransformationSequence = rescale.PixelValueTransformationSequence
     for s in dicom.read_dicom(to_bytes(ds)):
         np.testing.assert_array_equal(s.image, STORED * 3 - 1024)
         assert (s.rescale_slope, s.rescale_intercept) == (3.0, -1024.0)
 
 
 def rgb_ds(pixels: np.ndarray, photometric: str = "RGB") -> Dataset:
-    ds = make_ds(pixels[..., 0].astype(np.uint16), SOPClassUID=SecondaryCaptureImageStorage,
-                 Modality="OT", RescaleSlope=None, RescaleIntercept=None)
+    ds = make_ds(
+        pixels[..., 0].astype(np.uint16),
+        SOPClassUID=SecondaryCaptureImageStorage,
+        Modality="OT",
+        RescaleSlope=None,
+        RescaleIntercept=None,
+    )
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, photometric, 0
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.PixelData = pixels.astype(np.uint8).tobytes()
@@ -549,8 +611,11 @@ def test_truncated_ct_at_every_part_of_the_file():
 def test_corrupted_files_raise_only_dicom_errors():
     """Flipped bytes anywhere in real files: a decoded image or a DicomError, nothing else."""
     rng = np.random.default_rng(1)
-    sources = [to_bytes(make_ds(STORED)), (CORPUS_ROOT / "MR_small_RLE.dcm").read_bytes(),
-               (CORPUS_ROOT / "JPEG2000.dcm").read_bytes()]
+    sources = [
+        to_bytes(make_ds(STORED)),
+        (CORPUS_ROOT / "MR_small_RLE.dcm").read_bytes(),
+        (CORPUS_ROOT / "JPEG2000.dcm").read_bytes(),
+    ]
     outcomes = set()
     for data in sources:
         for _ in range(40):
@@ -574,7 +639,11 @@ def test_errors_chain_their_cause_and_pickle():
     assert info.value.__cause__ is not None
     copy = pickle.loads(pickle.dumps(info.value))
     assert (copy.path, copy.reason, copy.detail, str(copy)) == (
-        info.value.path, info.value.reason, info.value.detail, str(info.value))
+        info.value.path,
+        info.value.reason,
+        info.value.detail,
+        str(info.value),
+    )
     with pytest.raises(ValueError, match="not one of"):
         dicom.DicomError("x", "oops", "detail")
 
@@ -590,10 +659,16 @@ def test_metadata_is_json_ready():
 
 def test_supported_transfer_syntaxes_cover_the_required_codecs():
     table = dicom.supported_transfer_syntaxes()
-    for name in ("Explicit VR Little Endian", "Explicit VR Big Endian", "Implicit VR Little Endian",
-                 "JPEG Baseline (Process 1)", "JPEG Lossless, Non-Hierarchical, First-Order "
-                 "Prediction (Process 14 [Selection Value 1])", "JPEG-LS Lossless Image "
-                 "Compression", "JPEG 2000 Image Compression", "RLE Lossless"):
+    for name in (
+        "Explicit VR Little Endian",
+        "Explicit VR Big Endian",
+        "Implicit VR Little Endian",
+        "JPEG Baseline (Process 1)",
+        "JPEG Lossless, Non-Hierarchical, First-Order Prediction (Process 14 [Selection Value 1])",
+        "JPEG-LS Lossless Image Compression",
+        "JPEG 2000 Image Compression",
+        "RLE Lossless",
+    ):
         assert table.get(name), name
     assert table["Explicit VR Little Endian"] == "pydicom"
     assert "gdcm" in table["JPEG-LS Lossless Image Compression"]
@@ -675,8 +750,11 @@ def test_encapsulated_pixels_of_an_unknown_codec_under_an_uncompressed_syntax_ar
 def test_native_pixels_that_begin_like_an_item_tag_are_native(dtype):
     # FE FF 00 E0 is the item tag of encapsulated data, here the first stored values; the length
     # after it points to no second item.
-    first = [0xFE, 0xFF, 0x00, 0xE0, 8, 0, 0, 0, 0, 0, 4, 0] if dtype == np.uint8 else [
-        0xFFFE, 0xE000, 8, 0, 0, 4]
+    first = (
+        [0xFE, 0xFF, 0x00, 0xE0, 8, 0, 0, 0, 0, 0, 4, 0]
+        if dtype == np.uint8
+        else [0xFFFE, 0xE000, 8, 0, 0, 4]
+    )
     pixels = np.arange(64, dtype=dtype).reshape(8, 8)
     pixels.ravel()[: len(first)] = first
     bits = 8 * pixels.itemsize
@@ -698,8 +776,16 @@ def test_corrupt_encapsulated_items_under_an_uncompressed_syntax_are_named():
 
 
 def _float_ds(values: np.ndarray) -> Dataset:
-    ds = make_ds(STORED, PixelData=None, BitsStored=None, HighBit=None, PixelRepresentation=None,
-                 RescaleSlope=None, RescaleIntercept=None, BitsAllocated=32)
+    ds = make_ds(
+        STORED,
+        PixelData=None,
+        BitsStored=None,
+        HighBit=None,
+        PixelRepresentation=None,
+        RescaleSlope=None,
+        RescaleIntercept=None,
+        BitsAllocated=32,
+    )
     ds.Rows, ds.Columns = values.shape
     ds.FloatPixelData = values.astype("<f4").tobytes()
     return ds
@@ -764,12 +850,14 @@ def test_pixel_padding_becomes_the_darkest_other_value():
 
 def test_pixel_padding_range_and_signed_pixels():
     stored = np.array([[-2000, -1500], [-1995, 40]], np.int16)
-    s = _padded_ct(stored, RescaleIntercept=0, PixelPaddingValue=-2000,
-                   PixelPaddingRangeLimit=-1990)
+    s = _padded_ct(
+        stored, RescaleIntercept=0, PixelPaddingValue=-2000, PixelPaddingRangeLimit=-1990
+    )
     np.testing.assert_array_equal(s.image, [[-1500, -1500], [-1500, 40]])
     # MONOCHROME1: padding is found on the stored values, then reflected (-1 - s) like the rest.
-    m1 = _padded_ct(stored, RescaleIntercept=0, PixelPaddingValue=-2000,
-                    PhotometricInterpretation="MONOCHROME1")
+    m1 = _padded_ct(
+        stored, RescaleIntercept=0, PixelPaddingValue=-2000, PhotometricInterpretation="MONOCHROME1"
+    )
     np.testing.assert_array_equal(m1.image, [[-41, 1499], [1994, -41]])
 
 
@@ -793,14 +881,21 @@ def test_pixel_padding_of_the_other_sign_is_read_in_the_pixels_sign():
 
 def test_a_frame_of_padding_alone_is_air_in_ct():
     frames = np.stack([np.full((2, 2), 63536, np.uint16), np.array([[63536, 5], [6, 7]])])
-    blank, other = dicom.read_dicom(to_bytes(make_ds(frames.astype(np.uint16), NumberOfFrames=2,
-                                                     PixelPaddingValue=63536)))
+    blank, other = dicom.read_dicom(
+        to_bytes(make_ds(frames.astype(np.uint16), NumberOfFrames=2, PixelPaddingValue=63536))
+    )
     np.testing.assert_array_equal(blank.image, np.full((2, 2), -1024))
     np.testing.assert_array_equal(other.image, [[-1019, -1019], [-1018, -1017]])
 
 
 def test_pixel_padding_that_no_pixel_can_hold_is_an_error():
     with pytest.raises(dicom.DicomError, match="PixelPaddingValue") as info:
-        _padded_ct(np.array([[0, 1]], np.uint8), BitsAllocated=8, BitsStored=8, HighBit=7,
-                   PixelData=np.array([[0, 1]], np.uint8).tobytes(), PixelPaddingValue=4000)
+        _padded_ct(
+            np.array([[0, 1]], np.uint8),
+            BitsAllocated=8,
+            BitsStored=8,
+            HighBit=7,
+            PixelData=np.array([[0, 1]], np.uint8).tobytes(),
+            PixelPaddingValue=4000,
+        )
     assert info.value.reason == "decode_failed"
