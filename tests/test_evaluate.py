@@ -205,7 +205,7 @@ def test_metrics_json_equals_metrics_and_sklearn_on_the_csv(run):
     assert stored["by_source"]["phantom"]["metrics"] == s["metrics"]
     assert stored["by_source"]["phantom"]["ci"] == s["ci"]
     assert stored["split"] == "test"
-    assert stored["dataset"]["version"] == "1.2.0"
+    assert stored["dataset"]["version"] == str(tfds_liver.liver_dataset_builder.Builder.VERSION)
     assert stored["dataset"]["images"] == labels.size
     assert stored["config"]["dataset"]["name"] == DATASET
     assert stored["eval_settings"]["worst_cases"] == EVAL["worst_cases"]

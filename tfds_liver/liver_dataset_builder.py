@@ -86,7 +86,7 @@ class LiverConfig(tfds.core.BuilderConfig):
 class Builder(tfds.core.GeneratorBasedBuilder):
     """DatasetBuilder for the `liver` dataset."""
 
-    VERSION = tfds.core.Version("1.2.0")
+    VERSION = tfds.core.Version("1.3.0")
     RELEASE_NOTES = {
         "1.0.0": "First release: synthetic and manual configs, curation report.",
         "1.1.0": "Images stored as raw int16 bytes (not PNG); synthetic: 384 patients, "
@@ -94,6 +94,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         "1.2.0": "Examples keyed by file and slice (files without SOP Instance UIDs build); "
         "Pixel Padding takes the frame's darkest other value; duplicates found slice by slice; "
         "one SOP Instance UID labelled as two patients is a conflict; folder links followed.",
+        "1.3.0": "Report entries carry clipped_pixels (values outside int16 after rescaling); "
+        "Pixel Padding found beyond Bits Stored; native pixels that begin like an item tag decode; "
+        "a rescale that overflows float32 is decode_failed.",
     }
     MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_INSTRUCTIONS
     BUILDER_CONFIGS = [

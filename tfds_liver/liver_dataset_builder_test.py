@@ -14,6 +14,8 @@ import tensorflow_datasets as tfds
 import tfds_liver
 from tfds_liver import labels, liver_dataset_builder
 
+VERSION = str(liver_dataset_builder.Builder.VERSION)
+
 
 class LiverManualTest(tfds.testing.DatasetBuilderTestCase):
     """The `manual` config on dummy_data/."""
@@ -76,7 +78,8 @@ print(len(source), source[0]["image"].dtype, "tensorflow" in sys.modules)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     n, dtype, tf_loaded = out.stdout.split()[-3:]
     assert (dtype, tf_loaded) == ("int16", "False")
-    report = json.loads((tmp_path / "liver/synthetic_small/1.2.0/curation_report.json").read_text())
+    report_path = tmp_path / f"liver/synthetic_small/{VERSION}/curation_report.json"
+    report = json.loads(report_path.read_text())
     assert report["counts"]["written"] == report["files_total"] == 72
     assert int(n) == report["splits"]["train"]["slices"]
 
@@ -93,7 +96,7 @@ def test_tfds_build_command_writes_array_record(tmp_path):
          "--manual_dir", str(manual_dir), "--data_dir", str(tmp_path)],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
-    built = tmp_path / "liver/manual/1.2.0"
+    built = tmp_path / f"liver/manual/{VERSION}"
     assert sorted(p.name for p in built.glob("*.array_record-*")) == [
         f"liver-{s}.array_record-00000-of-00001" for s in ("test", "train", "validation")
     ]
