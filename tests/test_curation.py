@@ -302,6 +302,33 @@ def test_one_sop_uid_under_two_patients_is_a_conflict_not_a_duplicate(tmp_path):
     assert not result.splits["train"]
 
 
+def test_identical_pixels_under_two_patients_are_a_conflict(tmp_path):
+    """A re-export with new UIDs filed under another patient would put one image in two splits;
+    flat frames (all one value, e.g. blank) legitimately repeat across patients and are kept."""
+    d = tmp_path / "m"
+    flat = np.full((SIZE, SIZE), -1000, np.int16)
+    files = {"a.dcm": ("A", image(1)), "b.dcm": ("B", image(1)), "c.dcm": ("C", image(2)),
+             "flat_a.dcm": ("A", flat), "flat_b.dcm": ("B", flat)}  # fmt: skip
+    for path, (patient, pixels) in files.items():
+        write_ct(d / path, pixels, patient=patient)  # a new SOP Instance UID each
+    write_sheet(
+        d / "labels.csv",
+        [{"patient_id": pt, "label": "normal", "path": path} for path, (pt, _) in files.items()],
+    )
+    result = curation.curate(d, image_size=8, split=curation.SplitSpec(0, 0, 0), workers=1)
+    by_path = {e["path"]: e for e in result.report["files"]}
+    assert {p: e["status"] for p, e in by_path.items() if p != "labels.csv"} == {
+        "a.dcm": "conflict", "b.dcm": "conflict", "c.dcm": "written",
+        "flat_a.dcm": "written", "flat_b.dcm": "written",
+    }  # fmt: skip
+    assert "the same pixels are in a.dcm, labelled as patient A" in by_path["b.dcm"]["detail"]
+    assert by_path["b.dcm"]["duplicate_of"] == "a.dcm"
+    assert "two patients" in by_path["b.dcm"]["detail"]
+    assert sorted(e.record.path for e in result.splits["train"]) == [
+        "c.dcm", "flat_a.dcm", "flat_b.dcm"
+    ]  # fmt: skip
+
+
 def test_a_conflict_excludes_every_copy_of_the_image(tmp_path):
     # a and b are the same file (b a duplicate of a); c repeats it with another label.
     by_path, result = _conflicts(

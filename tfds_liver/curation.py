@@ -8,8 +8,9 @@ Every input file ends in exactly one status, written to ``curation_report.json``
                  repeats. A multi-frame file that repeats only some images is ``written`` with
                  the new ones, and lists the others under ``duplicate_slices``;
 * ``conflict``   the same image carries different labels (in one label sheet, across sheets, or
-                 across duplicate copies), or one SOP Instance UID is labelled as two patients:
-                 every copy is excluded;
+                 across duplicate copies), or one image (a SOP Instance UID, or identical pixels
+                 that are not one flat value) is labelled as two patients: every copy is excluded,
+                 as one of the two patients is wrong and the image could land in two splits;
 * ``unlabelled`` decodes, but no label row names it;
 * ``skipped``    cannot be used, with the decoder's reason code (``not_dicom``, ``not_image``, ...).
 
@@ -372,9 +373,10 @@ def curate_decoded(
 
     entries: dict[str, dict[str, Any]] = {}
     # Image ids → the file that holds the kept copy: ("sop", SOP UID/frame) and
-    # ("pixels", patient, hash); and ("sop", ...) → the patient it was labelled with.
+    # ("pixels", patient, hash). Owner ids → (patient, file) of the first copy: ("sop", ...) and
+    # ("pixels", hash) of a slice that is not one flat value (blank frames repeat across patients).
     kept_by_image: dict[tuple, str] = {}
-    patient_of_sop: dict[tuple, str] = {}
+    owner: dict[tuple, tuple[str, str]] = {}
     copies: dict[str, list[str]] = collections.defaultdict(list)  # kept file → its duplicates
     file_label: dict[str, _Label] = {}
     kept_slices: dict[str, list[SliceRecord]] = {}
@@ -428,25 +430,35 @@ def curate_decoded(
             + [("pixels", label.patient_id, s.pixel_hash)]
             for s in d.slices
         ]
+        owner_ids = [
+            ([("sop", s.image_id)] if s.image_id.split("/")[0] else [])
+            + ([("pixels", s.pixel_hash)] if s.image.min() != s.image.max() else [])
+            for s in d.slices
+        ]
         problem = None
-        for s, ids in zip(d.slices, slice_ids, strict=True):
+        for s, ids, owned in zip(d.slices, slice_ids, owner_ids, strict=True):
             earlier = next((kept_by_image[i] for i in ids if i in kept_by_image), None)
-            other_patient = next(
+            other = next(
                 (
-                    patient_of_sop[i]
-                    for i in ids
-                    if patient_of_sop.get(i, label.patient_id) != label.patient_id
+                    (*owner[i], i[0])
+                    for i in owned
+                    if owner.get(i, (label.patient_id,))[0] != label.patient_id
                 ),
                 None,
             )
-            if any(i in conflicted_images for i in ids):
+            if any(i in conflicted_images for i in ids + owned):
                 problem = (f"{s.image_id or 'a slice'}: the same image as a conflicting file", None)
-            elif other_patient is not None:
-                first = next(kept_by_image[i] for i in ids if i in patient_of_sop)
+            elif other is not None:
+                other_patient, first, kind = other
+                what = (
+                    f"SOP Instance UID {s.image_id} is also in"
+                    if kind == "sop"
+                    else f"slice {s.index}: the same pixels are in"
+                )
                 problem = (
-                    f"SOP Instance UID {s.image_id} is also in {display_path(first)}, labelled "
-                    f"as patient {other_patient}, here as patient {label.patient_id}: one image "
-                    "cannot belong to two patients (a mixed-up export or label sheet)",
+                    f"{what} {display_path(first)}, labelled as patient {other_patient}, here as "
+                    f"patient {label.patient_id}: one image cannot belong to two patients "
+                    "(a mixed-up export or label sheet)",
                     first,
                 )
             elif earlier is not None and file_label[earlier].label != label.label:
@@ -461,14 +473,15 @@ def curate_decoded(
                 break
         if problem:
             detail, earlier = problem
-            conflicted_images.update(i for ids in slice_ids for i in ids)
+            conflicted_images.update(i for ids in slice_ids + owner_ids for i in ids)
             exclude(d.path, detail, earlier)
             if earlier is not None and earlier in kept_slices:
                 conflicted_images.update(i for i, f in kept_by_image.items() if f == earlier)
+                conflicted_images.update(i for i, (_, f) in owner.items() if f == earlier)
                 exclude(earlier, f"same image as {display_path(d.path)}, which conflicts with it")
             continue
         new, repeated = [], []
-        for s, ids in zip(d.slices, slice_ids, strict=True):
+        for s, ids, owned in zip(d.slices, slice_ids, owner_ids, strict=True):
             earlier = next((kept_by_image[i] for i in ids if i in kept_by_image), None)
             if earlier is not None:
                 repeated.append((s, earlier))
@@ -476,8 +489,8 @@ def curate_decoded(
             new.append(s)
             for i in ids:
                 kept_by_image[i] = d.path
-                if i[0] == "sop":
-                    patient_of_sop[i] = label.patient_id
+            for i in owned:
+                owner[i] = (label.patient_id, d.path)
         if not new:
             first = repeated[0][1]
             entry.update(status="duplicate", duplicate_of=display_path(first))

@@ -96,7 +96,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         "one SOP Instance UID labelled as two patients is a conflict; folder links followed.",
         "1.3.0": "Report entries carry clipped_pixels (values outside int16 after rescaling); "
         "Pixel Padding found beyond Bits Stored; native pixels that begin like an item tag decode; "
-        "a rescale that overflows float32 is decode_failed.",
+        "a rescale that overflows float32 is decode_failed; identical pixels labelled as two "
+        "patients are a conflict.",
     }
     MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_INSTRUCTIONS
     BUILDER_CONFIGS = [
