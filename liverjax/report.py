@@ -574,6 +574,21 @@ def _dataset_section(result: Mapping[str, Any], curation: Mapping[str, Any] | No
     reasons = curation.get("skipped_by_reason") or {}
     if reasons:
         text += " Skipped: " + ", ".join(f"{v} {k}" for k, v in reasons.items()) + "."
+    warnings = []
+    if curation.get("files_not_ct"):
+        kinds = ", ".join(
+            f"{n} {m or 'without Modality'}" for m, n in curation["files_not_ct"].items()
+        )
+        warnings.append(
+            f"{sum(curation['files_not_ct'].values())} decoded input files are not CT ({kinds}):"
+            " their values are not Hounsfield units."
+        )
+    if curation.get("files_with_clipped_pixels"):
+        warnings.append(
+            f"{curation['files_with_clipped_pixels']} input files had pixel values outside int16,"
+            " clipped to it (not Hounsfield units?)."
+        )
+    warn = "".join(f'<p class="warn">{_e(w)}</p>' for w in warnings)
     split_rows = [
         [
             name,
@@ -600,7 +615,7 @@ def _dataset_section(result: Mapping[str, Any], curation: Mapping[str, Any] | No
         + "."
     )
     return (
-        f'<section id="dataset"><h2>Dataset</h2>{head}<p>{_e(text)}</p>'
+        f'<section id="dataset"><h2>Dataset</h2>{head}<p>{_e(text)}</p>{warn}'
         + _table(
             ["Split", "Patients", "Slices", "Lesion slices", "Normal slices", "Lesion fraction"],
             split_rows,

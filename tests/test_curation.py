@@ -390,3 +390,36 @@ def test_pixels_beyond_int16_are_counted_in_the_report(tmp_path, caplog):
     assert "steep.dcm" in caplog.text and "clipped" in caplog.text
     steep = next(e for e in result.splits["train"] if e.patient_id == "P2")
     assert steep.features()["image"].max() == 32767
+
+
+def test_files_that_are_not_ct_are_reported(tmp_path, caplog):
+    """MR or a file without Modality decodes, but its values are not HU: each is named."""
+    d = tmp_path / "m"
+    for seed, (name, modality) in enumerate(
+        (("ct.dcm", "CT"), ("mr.dcm", "MR"), ("none.dcm", None))
+    ):
+        write_ct(d / name, image(seed), patient=name)
+        ds = pydicom.dcmread(d / name)
+        if modality is None:
+            del ds.Modality
+        else:
+            ds.Modality = modality
+        ds.save_as(d / name)
+    write_sheet(
+        d / "labels.csv",
+        [{"patient_id": n, "label": 0, "path": n} for n in ("ct.dcm", "mr.dcm", "none.dcm")],
+    )
+    result = curation.curate(d, image_size=8, split=curation.SplitSpec(0, 0, 0), workers=1)
+    entries = {e["path"]: e for e in result.report["files"]}
+    assert "modality" not in entries["ct.dcm"]
+    assert (entries["mr.dcm"]["modality"], entries["none.dcm"]["modality"]) == ("MR", "")
+    assert {entries[n]["status"] for n in ("ct.dcm", "mr.dcm", "none.dcm")} == {"written"}
+    assert result.report["files_not_ct"] == {"": 1, "MR": 1}
+    assert "2 decoded files are not CT (1 without Modality, 1 MR" in curation.summarize(
+        result.report
+    )
+    with caplog.at_level("WARNING"):
+        curation.log_summary(result.report)
+    assert "mr.dcm: Modality MR, not CT" in caplog.text
+    assert "none.dcm: no Modality, not CT" in caplog.text
+    assert "ct.dcm" not in caplog.text

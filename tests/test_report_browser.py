@@ -116,6 +116,8 @@ def page(tmp_path_factory):
         "files_total": 80,
         "counts": {"written": 78, "duplicate": 1, "skipped": 1},
         "skipped_by_reason": {"not_dicom": 1},
+        "files_with_clipped_pixels": 1,
+        "files_not_ct": {"": 1, "MR": 2},
         "splits": {"test": {"patients": 12, "slices": 72, "lesion": 20, "normal": 52}},
     }
     result = {
@@ -178,6 +180,17 @@ def test_page_is_self_contained(page):
     assert all(s.startswith("data:image/png;base64,") for s in sources)
     assert not re.search(r'(src|href)="(https?:|//|file:)', text)
     assert "<script" not in text
+
+
+def test_dataset_section_warns_of_values_that_are_not_hounsfield_units(page):
+    text = page[0].read_text()
+    dataset = text[text.index('<section id="dataset">') :]
+    dataset = dataset[: dataset.index("</section>")]
+    assert (
+        '<p class="warn">3 decoded input files are not CT (1 without Modality, 2 MR): their '
+        "values are not Hounsfield units.</p>" in dataset
+    )
+    assert "1 input files had pixel values outside int16" in dataset
 
 
 def test_chromium_renders_table_and_images(page, tmp_path):

@@ -39,6 +39,7 @@ from tfds_liver import labels as labels_lib
 LABEL_SHEET = "labels.csv"
 INT16 = np.iinfo(np.int16)
 STATUSES = ("written", "duplicate", "conflict", "unlabelled", "skipped")
+CT = "CT"  # the modality whose values are Hounsfield units; others are reported
 SPLITS = ("train", "validation", "test")
 
 
@@ -126,6 +127,7 @@ class _Decoded:
     reason: str | None = None
     detail: str | None = None
     clipped: int = 0  # pixels outside int16's range, clipped to it (not HU: MR, PET, bad rescale)
+    modality: str = ""  # the file's Modality ("" when it has none)
 
 
 def display_path(path: str) -> str:
@@ -204,7 +206,13 @@ def decode_file(manual_dir: str, rel_path: str, image_size: int) -> _Decoded:
                 index=index,
             )
         )
-    return _Decoded(rel_path, slices=tuple(records), sop_uid=slices[0].sop_uid, clipped=clipped)
+    return _Decoded(
+        rel_path,
+        slices=tuple(records),
+        sop_uid=slices[0].sop_uid,
+        clipped=clipped,
+        modality=slices[0].modality,
+    )
 
 
 def decode_all(
@@ -409,6 +417,8 @@ def curate_decoded(
                 entry["labelled_by"] = [r.where for r in rows]
             continue
         entry["slices"] = len(d.slices)
+        if d.modality != CT:
+            entry["modality"] = d.modality
         if d.clipped:
             entry["clipped_pixels"] = d.clipped
         if not rows:
@@ -576,6 +586,7 @@ def _report(
             "patient_ids": sorted({e.patient_id for e in examples}),
         }
     folders = collections.Counter(source_of(f) for f in files)
+    not_ct = collections.Counter(e["modality"] for e in entries.values() if "modality" in e)
     sources = collections.Counter(e.source for v in splits.values() for e in v)
     return {
         "input": name,
@@ -590,6 +601,7 @@ def _report(
         "counts": {s: counts.get(s, 0) for s in STATUSES},
         "skipped_by_reason": dict(sorted(reasons.items())),
         "files_with_clipped_pixels": sum(1 for e in entries.values() if e.get("clipped_pixels")),
+        "files_not_ct": dict(sorted(not_ct.items())),
         "splits": split_summary,
         "files": [entries[f] for f in files],
     }
@@ -617,6 +629,12 @@ def summarize(report: dict[str, Any]) -> str:
             f"{report['files_with_clipped_pixels']} files have pixels outside int16 "
             "(clipped; not Hounsfield units?)"
         )
+    if report.get("files_not_ct"):
+        lines.append(
+            f"{sum(report['files_not_ct'].values())} decoded files are not CT ("
+            + ", ".join(f"{n} {m or 'without Modality'}" for m, n in report["files_not_ct"].items())
+            + "; their values are not Hounsfield units)"
+        )
     for name, s in report["splits"].items():
         lines.append(
             f"{name}: {s['patients']} patients, {s['slices']} slices "
@@ -637,6 +655,13 @@ def log_summary(report: dict[str, Any], logger: logging.Logger | None = None) ->
             e.get("reason", "") or e.get("detail", ""),
         )
     for e in report["files"]:
+        if "modality" in e:
+            logger.warning(
+                "curation: %s: %s, not CT: its values are not Hounsfield units (%s)",
+                e["path"],
+                f"Modality {e['modality']}" if e["modality"] else "no Modality",
+                e["status"],
+            )
         if e.get("clipped_pixels"):
             logger.warning(
                 "curation: %s: %d pixels outside int16 [%d, %d] were clipped to it "

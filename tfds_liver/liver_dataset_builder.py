@@ -94,7 +94,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         "1.2.0": "Examples keyed by file and slice (files without SOP Instance UIDs build); "
         "Pixel Padding takes the frame's darkest other value; duplicates found slice by slice; "
         "one SOP Instance UID labelled as two patients is a conflict; folder links followed.",
-        "1.3.0": "Report entries carry clipped_pixels (values outside int16 after rescaling); "
+        "1.3.0": "Report entries carry clipped_pixels (values outside int16 after rescaling) "
+        "and modality (when not CT); "
         "Pixel Padding found beyond Bits Stored; native pixels that begin like an item tag decode; "
         "a rescale that overflows float32 is decode_failed; identical pixels labelled as two "
         "patients are a conflict.",
