@@ -575,6 +575,18 @@ def _dataset_section(result: Mapping[str, Any], curation: Mapping[str, Any] | No
     if reasons:
         text += " Skipped: " + ", ".join(f"{v} {k}" for k, v in reasons.items()) + "."
     warnings = []
+    across = [
+        x
+        for x in curation.get("dicom_patient_ids_labelled_as_several_patients") or ()
+        if len(x["splits"]) > 1
+    ]
+    if across:
+        warnings.append(
+            f"{len(across)} DICOM PatientIDs are labelled as several patients that are in "
+            "different splits (e.g. "
+            + ", ".join(f"{x['dicom_patient_id']}: {', '.join(x['splits'])}" for x in across[:3])
+            + "): if they are one person, the splits share a patient."
+        )
     if curation.get("files_not_ct"):
         kinds = ", ".join(
             f"{n} {m or 'without Modality'}" for m, n in curation["files_not_ct"].items()

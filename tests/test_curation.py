@@ -423,3 +423,34 @@ def test_files_that_are_not_ct_are_reported(tmp_path, caplog):
     assert "mr.dcm: Modality MR, not CT" in caplog.text
     assert "none.dcm: no Modality, not CT" in caplog.text
     assert "ct.dcm" not in caplog.text
+
+
+def test_one_dicom_patient_under_several_sheet_patients_is_reported(tmp_path, caplog):
+    """A sheet that gives one person's studies two patient_ids can split that person across
+    splits: the report names the DICOM PatientID, the sheet's patients and their splits."""
+    d = tmp_path / "m"
+    rows = []
+    for i in range(12):
+        dicom_patient = "SAME" if i < 2 else f"D{i}"
+        write_ct(d / f"{i}.dcm", image(100 + i), patient=dicom_patient)
+        rows.append({"patient_id": f"S{i}", "label": i % 2, "path": f"{i}.dcm"})
+    write_ct(d / "anon.dcm", image(99), patient="")  # no PatientID: nothing to compare
+    rows.append({"patient_id": "S0", "label": 0, "path": "anon.dcm"})
+    write_sheet(d / "labels.csv", rows)
+    spec = curation.SplitSpec(validation=0.0, test=0.5, seed=1)  # seed 1: S0 test, S1 train
+    result = curation.curate(d, image_size=8, split=spec, workers=1)
+    (several,) = result.report["dicom_patient_ids_labelled_as_several_patients"]
+    split_of = {p: name for name, s in result.report["splits"].items() for p in s["patient_ids"]}
+    assert (split_of["S0"], split_of["S1"]) == ("test", "train")
+    assert several == {
+        "dicom_patient_id": "SAME",
+        "patient_ids": ["S0", "S1"],
+        "splits": ["test", "train"],
+    }
+    assert (
+        "1 DICOM PatientIDs are labelled as several patients (1 of them in more than one split"
+        in curation.summarize(result.report)
+    )
+    with caplog.at_level("WARNING"):
+        curation.log_summary(result.report)
+    assert "DICOM PatientID 'SAME' is labelled as 2 patients (S0, S1)" in caplog.text

@@ -118,6 +118,10 @@ def page(tmp_path_factory):
         "skipped_by_reason": {"not_dicom": 1},
         "files_with_clipped_pixels": 1,
         "files_not_ct": {"": 1, "MR": 2},
+        "dicom_patient_ids_labelled_as_several_patients": [
+            {"dicom_patient_id": "X1", "patient_ids": ["A", "B"], "splits": ["test", "train"]},
+            {"dicom_patient_id": "X2", "patient_ids": ["C", "D"], "splits": ["train"]},
+        ],
         "splits": {"test": {"patients": 12, "slices": 72, "lesion": 20, "normal": 52}},
     }
     result = {
@@ -191,6 +195,10 @@ def test_dataset_section_warns_of_values_that_are_not_hounsfield_units(page):
         "values are not Hounsfield units.</p>" in dataset
     )
     assert "1 input files had pixel values outside int16" in dataset
+    assert (
+        "1 DICOM PatientIDs are labelled as several patients that are in different splits "
+        "(e.g. X1: test, train)" in dataset
+    )
 
 
 def test_chromium_renders_table_and_images(page, tmp_path):

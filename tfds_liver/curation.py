@@ -585,6 +585,25 @@ def _report(
             "normal": len(labels) - int(sum(labels)),
             "patient_ids": sorted({e.patient_id for e in examples}),
         }
+    # A DICOM PatientID under several of the sheet's patients: the sheet may have split one person
+    # (ids per study, a typo), who can then be in two splits. Reported, not acted on: anonymisers
+    # may also write one placeholder PatientID into every file.
+    sheet_patients: dict[str, dict[str, set[str]]] = collections.defaultdict(
+        lambda: collections.defaultdict(set)
+    )
+    for split_name, examples in splits.items():
+        for e in examples:
+            if e.record.patient_id.strip():
+                sheet_patients[e.record.patient_id][e.patient_id].add(split_name)
+    several = [
+        {
+            "dicom_patient_id": dicom_id,
+            "patient_ids": sorted(by_sheet),
+            "splits": sorted(set().union(*by_sheet.values())),
+        }
+        for dicom_id, by_sheet in sorted(sheet_patients.items())
+        if len(by_sheet) > 1
+    ]
     folders = collections.Counter(source_of(f) for f in files)
     not_ct = collections.Counter(e["modality"] for e in entries.values() if "modality" in e)
     sources = collections.Counter(e.source for v in splits.values() for e in v)
@@ -602,6 +621,7 @@ def _report(
         "skipped_by_reason": dict(sorted(reasons.items())),
         "files_with_clipped_pixels": sum(1 for e in entries.values() if e.get("clipped_pixels")),
         "files_not_ct": dict(sorted(not_ct.items())),
+        "dicom_patient_ids_labelled_as_several_patients": several,
         "splits": split_summary,
         "files": [entries[f] for f in files],
     }
@@ -629,6 +649,13 @@ def summarize(report: dict[str, Any]) -> str:
             f"{report['files_with_clipped_pixels']} files have pixels outside int16 "
             "(clipped; not Hounsfield units?)"
         )
+    several = report.get("dicom_patient_ids_labelled_as_several_patients")
+    if several:
+        lines.append(
+            f"{len(several)} DICOM PatientIDs are labelled as several patients "
+            f"({sum(len(x['splits']) > 1 for x in several)} of them in more than one split: "
+            "one person in two splits?)"
+        )
     if report.get("files_not_ct"):
         lines.append(
             f"{sum(report['files_not_ct'].values())} decoded files are not CT ("
@@ -653,6 +680,15 @@ def log_summary(report: dict[str, Any], logger: logging.Logger | None = None) ->
             e["path"],
             e["status"],
             e.get("reason", "") or e.get("detail", ""),
+        )
+    for x in report.get("dicom_patient_ids_labelled_as_several_patients", ()):
+        logger.warning(
+            "curation: DICOM PatientID %r is labelled as %d patients (%s) in splits %s: if they "
+            "are one person, give their rows one patient_id",
+            x["dicom_patient_id"],
+            len(x["patient_ids"]),
+            ", ".join(x["patient_ids"][:5]) + (", ..." if len(x["patient_ids"]) > 5 else ""),
+            ", ".join(x["splits"]),
         )
     for e in report["files"]:
         if "modality" in e:

@@ -95,7 +95,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         "Pixel Padding takes the frame's darkest other value; duplicates found slice by slice; "
         "one SOP Instance UID labelled as two patients is a conflict; folder links followed.",
         "1.3.0": "Report entries carry clipped_pixels (values outside int16 after rescaling) "
-        "and modality (when not CT); "
+        "and modality (when not CT); DICOM PatientIDs labelled as several patients are listed; "
         "Pixel Padding found beyond Bits Stored; native pixels that begin like an item tag decode; "
         "a rescale that overflows float32 is decode_failed; identical pixels labelled as two "
         "patients are a conflict.",
