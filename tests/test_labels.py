@@ -163,7 +163,8 @@ FILE_ERRORS = [
     (b"patient_id;label;path\nP1;lesion;a.dcm\n", 1, "", "comma-separated"),
     (b"patient_id,label,path\nP1,l\xe9sion,a.dcm\n", 2, "", "not UTF-8"),
     (b'patient_id,label,path\nP1,lesion,"a.dcm\nP2,normal,b.dcm\n', 2, "", "quotes"),
-    (b"patient_id,label,path,\nP1,lesion,a.dcm,\n", 1, "", "header column 4 has no name"),
+    (b"patient_id,,label,path\nP1,,lesion,a.dcm\n", 1, "", "header column 2 has no name"),
+    (b"patient_id,label,path,,\nP1,lesion,a.dcm,,x\n", 2, "", "column 5, which has no name"),
 ]
 
 
@@ -172,6 +173,16 @@ def test_file_level_errors(tmp_path, content, line, column, words):
     errors = errors_of(write_csv(tmp_path, content))
     assert [(r, c) for r, c, _ in errors] == [(line, column)], errors
     assert words in errors[0][2]
+
+
+def test_empty_trailing_columns_of_a_spreadsheet_are_accepted(tmp_path):
+    # Excel writes ",," for cells once touched; a row may also stop before them.
+    text = "patient_id,label,path,,\nP1,lesion,a.dcm,,\nP2,normal,b.dcm\n,,,,\n"
+    rows = labels.read_labels(write_csv(tmp_path, text))
+    assert [(r.row, r.patient_id, r.label, r.path) for r in rows] == [
+        (2, "P1", 1, "a.dcm"),
+        (3, "P2", 0, "b.dcm"),
+    ]
 
 
 def test_header_errors_name_the_column(tmp_path):

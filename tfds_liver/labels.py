@@ -233,6 +233,15 @@ def _validate_values(line: int, values: Mapping[str, str]) -> tuple[LabelRow | N
 # Reading
 
 
+def _named_width(header: list[str]) -> int:
+    """The header's columns up to its last named one. Unnamed columns after it are what
+    spreadsheets write for cells once touched (",,"): accepted while every row leaves them empty."""
+    named = len(header)
+    while named and not header[named - 1].strip():
+        named -= 1
+    return named
+
+
 def _header_errors(cells: list[str], line: int) -> tuple[dict[str, int], list, bool]:
     """Map known column -> index; returns (columns, errors, rows_checkable)."""
     errors = []
@@ -250,7 +259,7 @@ def _header_errors(cells: list[str], line: int) -> tuple[dict[str, int], list, b
         return {}, [(line, "", msg)], False
     columns: dict[str, int] = {}
     duplicated = False
-    for index, name in enumerate(names):
+    for index, name in enumerate(names[: _named_width(cells)]):
         if not name:
             errors.append((line, "", f"header column {index + 1} has no name; name or remove it"))
         elif name in columns:
@@ -350,12 +359,24 @@ def _parse_text_rows(text: str) -> tuple[list[LabelRow], list]:
             continue  # blank line
         if header is None:
             header, header_line = record, start
+            named = _named_width(header)
             columns, header_problems, checkable = _header_errors(record, start)
             errors.extend(header_problems)
             if not checkable:
                 return [], errors
             continue
-        if len(record) != len(header):
+        extra = [i + 1 for i, cell in enumerate(record) if i >= named and cell.strip()]
+        if extra and len(record) == len(header):
+            errors.append(
+                (
+                    start,
+                    "",
+                    f"has a value in column {extra[0]}, which has no name in the header (line "
+                    f"{header_line}); name the column or move the value",
+                )
+            )
+            continue
+        if len(record) != len(header) and not (named <= len(record) < len(header)):
             errors.append(
                 (
                     start,
