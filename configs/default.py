@@ -86,7 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Multi-process: jax.distributed.initialize() (see liverjax.parallel).
     config.distributed = ml_collections.ConfigDict()
-    config.distributed.enabled = "auto"  # True | False | 'auto' (detect SLURM, MPI, TPU, ...)
+    config.distributed.enabled = "auto"  # True | False | "auto" (detect SLURM, MPI, TPU, ...)
     config.distributed.coordinator_address = ml_collections.FieldReference(None, field_type=str)
     config.distributed.num_processes = ml_collections.FieldReference(None, field_type=int)
     config.distributed.process_id = ml_collections.FieldReference(None, field_type=int)

@@ -51,18 +51,27 @@ def _cluster_detected() -> str | None:
     return None
 
 
+def _enabled(value: Any) -> bool | str:
+    """config.distributed.enabled as True, False or 'auto'. The config field holds a string (its
+    default is 'auto'), so `--config.distributed.enabled=True` arrives as 'True'."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in ("true", "1", "false", "0", "auto"):
+        return {"true": True, "1": True, "false": False, "0": False}.get(word, "auto")
+    raise ValueError(
+        f"config.distributed.enabled = {value!r}: use True, False or 'auto' "
+        "(initialize when a multi-process launch is detected)"
+    )
+
+
 def initialize_distributed(dist: ml_collections.ConfigDict) -> bool:
     """Start `jax.distributed` if `dist.enabled` is True, or 'auto' and a cluster is detected.
 
     Returns whether this process is part of a multi-process run. Must run before anything
     touches the devices (jax.devices(), jit, ...).
     """
-    enabled = dist.enabled
-    if enabled not in (True, False, "auto"):
-        raise ValueError(
-            f"config.distributed.enabled = {enabled!r}: use True, False or 'auto' "
-            "(initialize when a multi-process launch is detected)"
-        )
+    enabled = _enabled(dist.enabled)
     explicit = dist.coordinator_address is not None
     if enabled == "auto":
         hint = _cluster_detected()

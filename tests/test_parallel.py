@@ -103,3 +103,19 @@ def test_global_batch_is_split_over_the_data_axis():
     assert batch.shape == (16, 2, 1, 1)
     assert [s.data.shape[0] for s in batch.addressable_shards] == [2] * 8
     np.testing.assert_array_equal(np.asarray(batch), local["image"])
+
+
+@pytest.mark.parametrize("value", ["False", "false", "0"])
+def test_distributed_can_be_switched_off_inside_a_cluster_allocation(monkeypatch, value):
+    # `--config.distributed.enabled=False` arrives as the string 'False' (the field's default is
+    # 'auto'); inside a SLURM allocation of 4 tasks, 'auto' would start jax.distributed.
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    from configs import default
+
+    dist = default.get_config().distributed
+    dist.enabled = value
+    assert parallel.initialize_distributed(dist) is False
+    assert not jax.distributed.is_initialized()
+    dist.enabled = "yes"
+    with pytest.raises(ValueError, match="use True, False or 'auto'"):
+        parallel.initialize_distributed(dist)
