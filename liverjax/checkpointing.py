@@ -28,6 +28,7 @@ import grain
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from liverjax import metrics as liver_metrics
 from liverjax import topology
 
 logger = logging.getLogger("liverjax")
@@ -120,12 +121,13 @@ class Checkpointer:
         )
 
     def _metric_value(self, metrics: Mapping[str, Any]) -> tuple[float, int]:
-        """Ranking key of a checkpoint: its validation metric, then the earlier step on ties.
-
-        No metric, or NaN (the AUC of a validation set with one class), ranks last.
+        """Ranking key of a checkpoint: its validation metric (negated where lower is better),
+        then the earlier step on ties. No metric, or NaN (the AUC of one class), ranks last.
         """
-        value = float(metrics.get(self.best_metric, math.nan))
-        return (-math.inf if math.isnan(value) else value, -int(metrics.get("step", 0)))
+        value = liver_metrics.higher_is_better(
+            self.best_metric, metrics.get(self.best_metric, math.nan)
+        )
+        return (value, -int(metrics.get("step", 0)))
 
     @property
     def directory(self) -> str:
@@ -141,10 +143,13 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def best_step(self) -> int | None:
-        """The kept checkpoint with the highest validation metric, or None if none has metrics."""
+        """The kept checkpoint with the best validation metric, or None if none has a finite one
+        (no evaluation yet, or NaN throughout: the AUC of a validation split of one class)."""
         metrics = {s: self._manager.metrics(s) or {} for s in self.all_steps()}
         scored = [(self._metric_value(m), s) for s, m in metrics.items() if self.best_metric in m]
-        return max(scored)[1] if scored else None
+        if not scored or max(scored)[0][0] == -math.inf:
+            return None
+        return max(scored)[1]
 
     def save(
         self,

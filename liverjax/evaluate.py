@@ -429,8 +429,8 @@ def resolve_checkpoint(ckpt: checkpointing.Checkpointer, which: str) -> tuple[in
         best = ckpt.best_step()
         if best is None:
             return available[-1], (
-                "the latest checkpoint (asked for the best, but no kept checkpoint has "
-                "validation metrics)"
+                f"the latest checkpoint (asked for the best, but no kept checkpoint has a "
+                f"finite validation {ckpt.best_metric})"
             )
         return best, f"the best kept checkpoint by validation {ckpt.best_metric}"
     if not which.isdigit():

@@ -57,9 +57,15 @@ class LoggingWriter:
 
 
 class TensorBoardWriter:
-    """Writes scalars and hparams to a TensorBoard event file in `logdir`."""
+    """Writes scalars and hparams to a TensorBoard event file in `logdir`.
 
-    def __init__(self, logdir: str | os.PathLike):
+    `resumed_at`: the step a resumed run restarts from. Events of an earlier process past that
+    step (written after its last checkpoint, before it was killed) are replayed now, so the new
+    file starts with a SessionLog START at the next step, which tells TensorBoard to drop them
+    (as `tf.summary` writers do after a restart).
+    """
+
+    def __init__(self, logdir: str | os.PathLike, *, resumed_at: int = 0):
         os.makedirs(logdir, exist_ok=True)
         # The file name TensorBoard looks for: events.out.tfevents.<time>.<host>.<pid>.<id>
         name = (
@@ -68,6 +74,11 @@ class TensorBoardWriter:
         )
         self._writer = RecordWriter(open(os.path.join(logdir, name), "wb"))
         self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+        if resumed_at > 0:
+            start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+            self._write(
+                event_pb2.Event(wall_time=time.time(), step=resumed_at + 1, session_log=start)
+            )
         self.flush()
 
     def _write(self, event: event_pb2.Event) -> None:
@@ -130,10 +141,11 @@ class MultiWriter:
 
 
 def create_default_writer(
-    logdir: str | os.PathLike | None, *, just_logging: bool = False
+    logdir: str | os.PathLike | None, *, just_logging: bool = False, resumed_at: int = 0
 ) -> MultiWriter:
-    """Log lines, plus TensorBoard events in `logdir` unless `just_logging` (processes > 0)."""
+    """Log lines, plus TensorBoard events in `logdir` unless `just_logging` (processes > 0);
+    `resumed_at`: see TensorBoardWriter."""
     writers: list[MetricWriter] = [LoggingWriter()]
     if logdir is not None and not just_logging:
-        writers.append(TensorBoardWriter(logdir))
+        writers.append(TensorBoardWriter(logdir, resumed_at=resumed_at))
     return MultiWriter(writers)

@@ -25,6 +25,7 @@ patient in a bootstrap resample), so the bootstrap and the plain functions share
 """
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -63,8 +64,19 @@ METRIC_NAMES = (
     "brier",
     "ece",
 )
+# Of METRIC_NAMES, those where lower is better (errors of the probabilities); the rest: higher.
+LOWER_IS_BETTER = frozenset({"brier", "ece"})
 COUNT_NAMES = ("n", "prevalence", "tp", "fp", "tn", "fn")
 AGGREGATIONS = ("max", "mean")
+
+
+def higher_is_better(name: str, value: float) -> float:
+    """`value` of metric `name` turned so that higher is better (negated for brier and ece);
+    NaN (an AUC of one class) becomes -inf, the worst."""
+    value = float(value)
+    if math.isnan(value):
+        return -math.inf
+    return -value if name in LOWER_IS_BETTER else value
 
 
 # --------------------------------------------------------------------------- input checks

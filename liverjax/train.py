@@ -103,15 +103,17 @@ class EarlyStopping:
 
     patience: int
     min_delta: float = 0.0
-    best: float = -math.inf
+    best: float = math.nan  # the best value so far of `metric`, in its own units
     best_step: int = -1
     bad_evals: int = 0
     start_step: int = 0
+    metric: str = "roc_auc"  # brier and ece improve downwards (metrics.LOWER_IS_BETTER)
 
     def update(self, value: float, step: int) -> bool:
-        """Record one validation value (higher is better); returns whether it improved."""
-        if not math.isnan(value) and value > self.best + self.min_delta:
-            self.best, self.best_step, self.bad_evals = value, step, 0
+        """Record one validation value of `metric`; returns whether it improved."""
+        better = liver_metrics.higher_is_better
+        if better(self.metric, value) > better(self.metric, self.best) + self.min_delta:
+            self.best, self.best_step, self.bad_evals = float(value), step, 0
             return True
         if step >= self.start_step:
             self.bad_evals += 1
@@ -603,6 +605,12 @@ def train_and_evaluate(
                     f"split {config.dataset.train_split!r} has no lesion record: cannot derive "
                     "config.imbalance.pos_weight; set it, or use imbalance.method='none'"
                 )
+            elif n_neg == 0:
+                raise ValueError(
+                    f"split {config.dataset.train_split!r} has no normal record: "
+                    "config.imbalance.pos_weight would be 0 and the model would learn nothing; "
+                    "set it, or use imbalance.method='none'"
+                )
             else:
                 pos_weight = n_neg / n_pos
         logger.info(
@@ -629,22 +637,51 @@ def train_and_evaluate(
     )
     start_step = round(config.early_stopping.start_epoch * steps_per_epoch)
     early = EarlyStopping(
-        config.early_stopping.patience, config.early_stopping.min_delta, start_step=start_step
+        config.early_stopping.patience,
+        config.early_stopping.min_delta,
+        start_step=start_step,
+        metric=config.best_metric,
     )
     validation: dict[str, float] = {}
     stop_reason = None
     if ckpt.latest_step() is not None:
         state, meta = ckpt.restore(steps.abstract_state, train_iter)
-        # The counts come from the checkpoint; patience and the start from today's config.
-        early = dataclasses.replace(
-            EarlyStopping(**meta["early_stopping"]),
-            patience=early.patience,
-            min_delta=early.min_delta,
-            start_step=start_step,
-        )
         validation = meta.get("validation", {})
-        # An early-stopped run stays stopped; a finished one goes on if the config asks for more.
-        stop_reason = "early_stopping" if meta.get("stop_reason") == "early_stopping" else None
+        saved = {"metric": "roc_auc"} | meta["early_stopping"]  # runs before 'metric' was saved
+        if saved["metric"] == config.best_metric:
+            # The counts come from the checkpoint; patience and the start from today's config.
+            early = dataclasses.replace(
+                EarlyStopping(**saved),
+                patience=early.patience,
+                min_delta=early.min_delta,
+                start_step=start_step,
+            )
+        else:
+            logger.warning(
+                "best_metric is now %s (was %s): early stopping counts from here",
+                config.best_metric,
+                saved["metric"],
+            )
+        # An early-stopped run stays stopped while today's patience has run out too; a finished
+        # one goes on if the config asks for more steps.
+        if meta.get("stop_reason") == "early_stopping":
+            if early.should_stop:
+                stop_reason = "early_stopping"
+                logger.info(
+                    "this run stopped early at step %d (no %s improvement in %d evaluations); "
+                    "raise config.early_stopping.patience (0: off) to train on, or use a new "
+                    "workdir",
+                    int(state.step),
+                    config.best_metric,
+                    early.bad_evals,
+                )
+            else:
+                logger.info(
+                    "this run stopped early at step %d; training on, as "
+                    "config.early_stopping.patience is now %d",
+                    int(state.step),
+                    early.patience,
+                )
         logger.info("resumed from %s at step %d", ckpt.directory, int(state.step))
     else:
         state = steps.init()
@@ -654,9 +691,12 @@ def train_and_evaluate(
     if start >= total_steps:
         stop_reason = stop_reason or "done"
 
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    if start == 0:
-        writer.write_hparams(_flatten(json.loads(config.to_json_best_effort())))
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0, resumed_at=start
+    )
+    # Every start: a run killed before its first flush has none, and the config may have changed.
+    writer.write_hparams(_flatten(json.loads(config.to_json_best_effort())))
+    writer.flush()
     progress = _Progress(total_steps, start, config.batch_size, steps_per_epoch)
     schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
     pending: list[tuple[int, jax.Array, jax.Array]] = []  # (step, loss, finite) not yet checked
@@ -679,6 +719,7 @@ def train_and_evaluate(
                     scalars = {f"train/{k}": float(v) for k, v in train_metrics.compute().items()}
                     scalars["train/learning_rate"] = float(schedule(step - 1))
                     writer.write_scalars(step, scalars | progress(step))
+                    writer.flush()  # on disk now: a kill -9 loses nothing logged
                     train_metrics = None
                 evaluated = False
                 if step % eval_every == 0 or last:
@@ -687,6 +728,7 @@ def train_and_evaluate(
                     writer.write_scalars(
                         step, {f"validation/{k}": v for k, v in validation.items()}
                     )
+                    writer.flush()
                     early.update(validation[config.best_metric], step)
                     evaluated = True
                     if early.should_stop:

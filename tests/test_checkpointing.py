@@ -5,6 +5,7 @@ import logging
 import os
 import signal
 import textwrap
+import time
 
 import grain
 import jax
@@ -74,6 +75,40 @@ def test_sigterm_saves_exits_and_resume_is_bit_identical(data_dir, tmp_path, uni
     _assert_identical(resumed.state, uninterrupted)
 
 
+def test_main_on_sigterm_saves_skips_the_final_evaluation_and_exits_143(
+    data_dir, tmp_path, tmp_path_factory
+):
+    """`python -m liverjax.main` preempted: the grace period goes to the save, not to evaluating a
+    half-trained model, and the scheduler sees the run did not finish."""
+    from liverjax import main
+
+    argv = [
+        "liverjax.main",
+        "--config=configs/test.py",
+        f"--workdir={tmp_path}",
+        f"--config.dataset.data_dir={data_dir}",
+        "--config.num_train_steps=100000",
+        "--config.final_eval_split=test",
+    ]
+    code = f"import runpy, sys; sys.argv = {argv!r}; runpy.run_module('liverjax.main', "
+    code += "run_name='__main__')"
+    env = runs.child_env(runs.compilation_cache(tmp_path_factory), devices=8)
+    log = tmp_path / "main.log"
+    child = runs.start_python(code, env, log)
+    deadline = time.monotonic() + 240
+    while "[4] " not in log.read_text() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # until step 4 is logged: training is under way
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=240) == main.PREEMPTED_EXIT_CODE == 143, log.read_text()[-3000:]
+    assert "final evaluation skipped" in log.read_text()
+    assert not (tmp_path / "report").exists()
+    ckpt = checkpointing.Checkpointer(
+        tmp_path / train.CHECKPOINT_DIR, keep=3, keep_best=1, best_metric="roc_auc"
+    )
+    assert 4 <= ckpt.latest_step() < 100000
+    ckpt.close()
+
+
 def test_sigkill_between_checkpoints_replays_from_last_and_is_bit_identical(
     data_dir, tmp_path, tmp_path_factory, uninterrupted
 ):
@@ -103,15 +138,47 @@ def test_sigkill_between_checkpoints_replays_from_last_and_is_bit_identical(
     last = ckpt.latest_step()
     ckpt.close()
     assert last in (5, 6)  # 6 if its asynchronous save finished before the kill
+    # What the killed process logged is on disk (flushed as written), up to its last log step.
+    assert [s for s, _ in runs.read_scalars(tmp_path)["train/loss"]] == [2, 4, 6, 8]
 
     resumed = train.train_and_evaluate(config, str(tmp_path))
     assert resumed.step == STEPS
     _assert_identical(resumed.state, uninterrupted)
+    # TensorBoard shows each step once: the replayed steps' events of the killed process are
+    # dropped (the resumed file starts with a SessionLog START), the earlier ones kept.
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
+    assert [e.step for e in events.Scalars("validation/roc_auc")] == [6, 12]
 
 
 def _iterator(length: int = 40) -> grain.DatasetIterator:
     ds = grain.MapDataset.range(length).seed(1).shuffle().repeat().batch(4)
     return iter(ds.to_iter_dataset())
+
+
+@pytest.mark.parametrize(
+    "metric, values, best",
+    [
+        ("brier", {2: 0.30, 4: 0.20, 6: 0.25, 8: 0.40}, 4),  # lower is better
+        ("ece", {2: 0.10, 4: 0.05, 6: 0.05, 8: 0.20}, 4),  # a tie: the earlier
+        ("roc_auc", {2: 0.6, 4: 0.8, 6: 0.7, 8: 0.5}, 4),
+        ("roc_auc", {2: float("nan"), 4: float("nan")}, None),  # one-class validation throughout
+    ],
+)
+def test_best_checkpoint_follows_the_metric_direction(tmp_path, metric, values, best):
+    state = {"w": np.zeros(2, np.float32)}
+    ckpt = checkpointing.Checkpointer(tmp_path, keep=1, keep_best=1, best_metric=metric)
+    it = _iterator()
+    for step, value in values.items():
+        ckpt.save(step, state, it, {"step": step}, metrics={metric: value})
+    ckpt.wait()
+    assert ckpt.best_step() == best
+    if best is not None:  # the best is the one retention keeps, beside the latest
+        assert ckpt.all_steps() == sorted({best, max(values)})
+    ckpt.close()
 
 
 def test_keeps_latest_and_best_and_restores_iterator(tmp_path):

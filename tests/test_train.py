@@ -95,6 +95,11 @@ def test_early_stopping_stops_and_stays_stopped_on_resume(data_dir, tmp_path):
     again = train.train_and_evaluate(config, str(tmp_path))
     assert again.stop_reason == "early_stopping" and again.step == 18
     assert again.traces["train_step"] == 0
+    # Today's config decides: with early stopping off, the run trains on to its end.
+    config.early_stopping.patience = 0
+    config.num_epochs = 4
+    more = train.train_and_evaluate(config, str(tmp_path))
+    assert (more.stop_reason, more.step) == ("done", 24)
 
 
 @pytest.mark.parametrize(
@@ -132,6 +137,15 @@ def test_early_stopping_counts_evaluations_without_improvement():
     assert (early.best, early.best_step) == (0.80, 30)
     assert train.EarlyStopping(**early.to_dict()) == early
     assert not train.EarlyStopping(patience=0).should_stop
+
+
+def test_early_stopping_on_a_metric_where_lower_is_better():
+    early = train.EarlyStopping(patience=2, min_delta=0.01, metric="brier")
+    assert early.update(0.30, 10)
+    assert early.update(0.20, 20)
+    assert not early.update(0.195, 30)  # within min_delta
+    assert not early.update(0.40, 40) and early.should_stop
+    assert (early.best, early.best_step) == (0.20, 20)
 
 
 def test_early_stopping_uses_no_patience_before_its_start():
