@@ -411,10 +411,13 @@ def youden_threshold(labels: ArrayLike, probs: ArrayLike) -> float:
     """
     y, p = check_inputs(labels, probs)
     _class_counts_or_raise(y, "a Youden threshold", need_negatives=True)
-    fpr, tpr, thresholds = roc_curve(y, p)
-    # argmax returns the first maximum; thresholds decrease, so the first is the highest.
-    j = tpr[1:] - fpr[1:]
-    return float(thresholds[1:][int(np.argmax(j))])
+    r = _rank(y, p)
+    tps, fps = (c[0] for c in _cumulative(r, np.ones((1, r.p.size))))
+    # J x positives x negatives, in counts: exact, so equal J values tie exactly (as rates,
+    # tpr - fpr rounds differently at each threshold). argmax returns the first maximum, and
+    # thresholds decrease, so the first is the highest.
+    j = tps * fps[-1] - fps * tps[-1]
+    return float(r.thresholds[int(np.argmax(j))])
 
 
 def threshold_for_sensitivity(labels: ArrayLike, probs: ArrayLike, target: float) -> float:

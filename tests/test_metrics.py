@@ -171,10 +171,36 @@ def test_youden_threshold_hand_cases() -> None:
     # J: 0.8 -> 0.5, 0.4 -> 0, 0.35 -> 0.5, 0.1 -> 0: tie between 0.8 and 0.35, highest wins.
     assert metrics.youden_threshold(y, p) == 0.8
     y, p = [1, 1, 0, 1, 0, 0], [0.9, 0.7, 0.6, 0.55, 0.3, 0.2]
-    # J at 0.55 = 1 - 1/3 is the unique best.
-    assert metrics.youden_threshold(y, p) == 0.55
+    # J at 0.7 = 2/3 - 0 ties J at 0.55 = 1 - 1/3 (as floats the latter rounds higher).
+    assert metrics.youden_threshold(y, p) == 0.7
+    y, p = [1, 0, 1, 1, 0, 0], [0.9, 0.8, 0.7, 0.6, 0.3, 0.2]
+    # J: 1/3, 0, 1/3, 2/3, 1/3, 0: 0.6 is the unique best.
+    assert metrics.youden_threshold(y, p) == 0.6
     # No skill at all: every J is 0, the highest threshold is returned.
     assert metrics.youden_threshold([1, 0, 1, 0], [0.9, 0.9, 0.2, 0.2]) == 0.9
+    # J = 1/3 at 0.9, 0.7 and 0.3; as rates, 1 - 2/3 rounds above 1/3 - 0: the tie holds in counts.
+    y, p = [1, 0, 1, 0, 1, 0], [0.9, 0.8, 0.7, 0.6, 0.3, 0.2]
+    assert metrics.youden_threshold(y, p) == 0.9
+
+
+def test_youden_threshold_matches_exact_fractions_on_random_ties() -> None:
+    from fractions import Fraction
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(4, 30))
+        y = rng.integers(0, 2, n)
+        if y.min() == y.max():
+            continue
+        p = rng.integers(0, 8, n) / 8  # few distinct values: many ties
+        pos, neg = int(y.sum()), int(n - y.sum())
+        candidates = sorted(set(p.tolist()), reverse=True)
+        j = [
+            Fraction(int(((p >= t) & (y == 1)).sum()), pos)
+            - Fraction(int(((p >= t) & (y == 0)).sum()), neg)
+            for t in candidates
+        ]
+        assert metrics.youden_threshold(y, p) == candidates[j.index(max(j))]
 
 
 def test_threshold_for_sensitivity_hand_cases() -> None:
