@@ -48,9 +48,11 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "warmup_cosine")
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
-# Config keys (and key prefixes) whose change makes existing checkpoints unloadable: they set the
-# shapes of the parameters or the structure of the optimizer state.
-RESUME_MUST_MATCH = ("model.", "image_size", "optimizer.name")
+# Config keys (and key prefixes) that may not change while a workdir holds checkpoints: they set
+# the shapes of the parameters or the structure of the optimizer state (the checkpoints would not
+# load), or what the network's inputs mean (the HU window: evaluation and export read the
+# workdir's config.json, and would feed an older checkpoint inputs it was not trained on).
+RESUME_MUST_MATCH = ("model.", "image_size", "optimizer.name", "preprocess.")
 INIT_PRNG = "rbg"  # PRNG implementation of parameter initialization (see make_steps)
 
 
@@ -246,8 +248,9 @@ def save_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
         if fatal:
             lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in fatal.items())
             raise ValueError(
-                f"{workdir} holds checkpoints of a different network or optimizer ({lines}): "
-                f"they cannot be resumed with this config. Use a new --workdir, or the old values"
+                f"{workdir} holds checkpoints of a different network, preprocessing or optimizer "
+                f"({lines}): they cannot be resumed with this config. Use a new --workdir, or "
+                "the old values"
             )
         if changed:
             lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
@@ -259,7 +262,11 @@ def save_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
             )
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        path.write_text(config.to_json_best_effort(indent=2) + "\n")
+        # Whole or not at all: other processes read it, and a kill mid-write would leave a
+        # truncated file that blocks the next resume.
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(config.to_json_best_effort(indent=2) + "\n")
+        partial.replace(path)
 
 
 # --------------------------------------------------------------------------- optimizer and loss

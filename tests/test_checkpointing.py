@@ -223,6 +223,13 @@ def test_resume_refuses_a_different_network_and_warns_on_other_changes(data_dir,
         train.save_config(wider, tmp_path)
     with pytest.raises(ValueError, match=r"optimizer\.name: 'adam' -> 'sgd'"):
         train.save_config(runs.make_config(data_dir, **{"optimizer.name": "sgd"}), tmp_path)
+    # Evaluation and export of the older checkpoints would window their inputs differently.
+    with pytest.raises(
+        ValueError, match=r"preprocessing .*preprocess\.window_center: 40\.0 -> 300"
+    ):
+        train.save_config(
+            runs.make_config(data_dir, **{"preprocess.window_center": 300.0}), tmp_path
+        )
 
     slower = runs.make_config(data_dir, num_train_steps=2, **{"optimizer.learning_rate": 1e-3})
     with caplog.at_level("WARNING", logger="liverjax"):
