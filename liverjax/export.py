@@ -579,8 +579,14 @@ def export_workdir(
     max_parity_examples: int = MAX_PARITY_EXAMPLES,
     model_name: str = MODEL_NAME,
     with_tflite: bool = True,
+    allow_other_checkpoint_threshold: bool = False,
 ) -> ExportResult:
-    """Restores checkpoint `checkpoint` of the run in `workdir` and exports it (the CLI)."""
+    """Restores checkpoint `checkpoint` of the run in `workdir` and exports it (the CLI).
+
+    The threshold comes from W/operating_point.json; one chosen for another checkpoint is an
+    error unless `allow_other_checkpoint_threshold` (then a warning): the served labels would
+    use a cut-off that was never validated for this model.
+    """
     from liverjax import evaluate  # training's restore path; loaded only when exporting a run
 
     config = evaluate.load_config(workdir)
@@ -591,12 +597,17 @@ def export_workdir(
     if source != "default":
         chosen_for = json.loads(pathlib.Path(source).read_text()).get("checkpoint_step")
         if chosen_for is not None and chosen_for != restored.step:
-            warnings.warn(
+            message = (
                 f"{source} was chosen for checkpoint step {chosen_for}, but step "
                 f"{restored.step} is exported ({restored.note}); rerun the evaluation with "
-                f"--checkpoint {restored.step} to get its own threshold",
-                stacklevel=2,
+                f"--checkpoint {restored.step} to get its own threshold"
             )
+            if not allow_other_checkpoint_threshold:
+                raise ValueError(
+                    f"{message}, export --checkpoint {chosen_for}, or pass "
+                    "--allow_other_checkpoint_threshold"
+                )
+            warnings.warn(message, stacklevel=2)
     images, labels = read_parity_records(config, split, max_parity_examples)
     return export_model(
         restored.model,
@@ -637,6 +648,11 @@ def main(argv: Sequence[str] | None = None) -> ExportResult:
         default=True,
         help="also write the TFLite files (default); --no-tflite: the SavedModel only",
     )
+    parser.add_argument(
+        "--allow_other_checkpoint_threshold",
+        action="store_true",
+        help="export although operating_point.json was chosen for another checkpoint (warns)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     checkpointing.quiet_orbax_logs()
@@ -650,6 +666,7 @@ def main(argv: Sequence[str] | None = None) -> ExportResult:
             max_parity_examples=args.max_parity_examples,
             model_name=args.model_name,
             with_tflite=args.tflite,
+            allow_other_checkpoint_threshold=args.allow_other_checkpoint_threshold,
         )
     except (ParityError, FileNotFoundError, ValueError) as e:
         sys.exit(f"export failed: {e}")

@@ -12,6 +12,7 @@ import functools
 import json
 import pathlib
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -292,6 +293,22 @@ def test_quantized_variants_lose_little_auc(exported):
         metrics.roc_auc(labels[:n], probs["float32"][:n])
     )
     assert quantized["roc_auc"]["float32"] > 0.6  # a model that ranks: the check means something
+
+
+def test_a_threshold_chosen_for_another_checkpoint_is_refused(exported, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(pathlib.Path(exported["out_dir"]).parent / "run", workdir)
+    other = exported["step"] - 1
+    (workdir / evaluate.OPERATING_POINT_FILE).write_text(
+        json.dumps({"threshold": THRESHOLD, "checkpoint_step": other})
+    )
+    with pytest.raises(SystemExit) as failed:
+        export.main(["--workdir", str(workdir), "--out", str(tmp_path / "e"), "--checkpoint",
+                     "latest", "--split", PARITY_SPLIT, "--no-tflite"])  # fmt: skip
+    message = str(failed.value.code)
+    assert f"was chosen for checkpoint step {other}, but step {exported['step']}" in message
+    assert "--allow_other_checkpoint_threshold" in message
+    assert not (tmp_path / "e").exists()  # nothing published
 
 
 def test_quantization_check_raises_on_auc_loss():
