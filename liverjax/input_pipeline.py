@@ -26,6 +26,7 @@ import grain
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import flags
 
 # Records read at once when scanning a split's labels.
 _LABEL_SCAN_CHUNK = 256
@@ -128,6 +129,10 @@ def _to_iter(ds: grain.MapDataset, input_config: ml_collections.ConfigDict) -> g
         )
     )
     if input_config.num_workers > 0:
+        # grain's workers read absl flags (their defaults will do); outside an absl app (a
+        # notebook, a script calling train_and_evaluate) nothing has parsed them.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=input_config.num_workers,

@@ -128,3 +128,26 @@ def test_balanced_sampling_alternates_classes(data_dir, train_source):
     assert drawn.mean() == 0.5  # half lesion, although the split is not balanced
     with pytest.raises(ValueError, match="needs the labels"):
         input_pipeline.train_dataset(train_source, config, global_batch_size=BATCH)
+
+
+def test_worker_processes_run_outside_an_absl_app(data_dir, tmp_path, tmp_path_factory):
+    """train_and_evaluate from a script or notebook (no absl app has parsed flags) with grain
+    worker processes, which read absl flags."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "from configs import test\n"
+        "from liverjax import train\n"
+        "if __name__ == '__main__':  # grain's workers start by spawning\n"
+        "    config = test.get_config()\n"
+        f"    config.dataset.data_dir = {str(data_dir)!r}\n"
+        "    config.input.num_workers = 1\n"
+        "    config.num_train_steps = 2\n"
+        f"    print('STEPS', train.train_and_evaluate(config, {str(tmp_path / 'w')!r}).step)\n"
+    )
+    env = runs.child_env(runs.compilation_cache(tmp_path_factory), devices=8)
+    log = tmp_path / "run.log"
+    child = runs.start_python(
+        f"import runpy; runpy.run_path({str(script)!r}, run_name='__main__')", env, log
+    )
+    assert child.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert "STEPS 2" in log.read_text()
