@@ -10,7 +10,8 @@
 # --config.distributed.{coordinator_address,num_processes,process_id} set explicitly, logs to
 # $WORKDIR/process_i.log (overwritten at each launch), and the script waits for all of them: it
 # exits 0 only if every process did; when one fails, it stops the others and prints its log's
-# end. Launching again with the same WORKDIR resumes from the latest checkpoint.
+# end. Processes preempted by SIGTERM save and exit 143; so does the script then, if none failed.
+# Launching again with the same WORKDIR resumes from the latest checkpoint.
 #
 # Settings, as environment variables:
 #   WORKDIR               required: checkpoints, config.json, TensorBoard events, process logs
@@ -54,6 +55,8 @@ echo "started $num_processes processes (coordinator 127.0.0.1:${port}); logs: $w
 # Seconds a process gets to exit after SIGTERM, once another failed, before SIGKILL.
 stop_grace=10
 status=0
+preempted=0
+preempted_code=143  # liverjax.main after SIGTERM: checkpoint saved, run not finished
 while ((${#process_of_pid[@]} > 0)); do
   sleep 1
   for pid in "${!process_of_pid[@]}"; do
@@ -64,6 +67,10 @@ while ((${#process_of_pid[@]} > 0)); do
     wait "$pid" || code=$?
     i="${process_of_pid[$pid]}"
     unset "process_of_pid[$pid]"
+    if ((code == preempted_code)); then
+      preempted=1
+      continue
+    fi
     if ((code == 0 || status != 0)); then
       continue
     fi
@@ -87,6 +94,10 @@ while ((${#process_of_pid[@]} > 0)); do
     done
   done
 done
+if ((status == 0 && preempted == 1)); then
+  echo "preempted: the checkpoint is saved; launch again with WORKDIR=$workdir to resume"
+  exit "$preempted_code"
+fi
 if ((status == 0)); then
   echo "all $num_processes processes finished"
 fi

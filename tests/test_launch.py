@@ -47,9 +47,9 @@ def _multiprocess(workdir, data_dir, steps: int, env) -> subprocess.Popen:
     )
 
 
-def _finish(child: subprocess.Popen) -> str:
+def _finish(child: subprocess.Popen, code: int = 0) -> str:
     out, _ = child.communicate(timeout=600)
-    assert child.returncode == 0, out[-3000:]
+    assert child.returncode == code, out[-3000:]
     return out
 
 
@@ -142,7 +142,8 @@ def test_sigterm_to_every_process_saves_one_checkpoint_and_stops(
     data_dir, tmp_path, tmp_path_factory
 ):
     """What a cluster's preemption does (SIGTERM to every process of the job): JAX's preemption
-    service makes all processes agree on one step, save it and exit 0."""
+    service makes all processes agree on one step, save it and exit 143 (the run is not finished;
+    the launcher passes that on)."""
     workdir = tmp_path / "run"
     child = _multiprocess(workdir, data_dir, 100_000, _env(tmp_path_factory, 1))
     logs = [workdir / f"process_{i}.log" for i in range(2)]
@@ -154,7 +155,8 @@ def test_sigterm_to_every_process_saves_one_checkpoint_and_stops(
     assert len(pids) == 2, pids
     for pid in pids:
         os.kill(pid, signal.SIGTERM)
-    _finish(child)
+    out = _finish(child, code=143)
+    assert "preempted: the checkpoint is saved" in out
 
     stopped = re.compile(r"stopped at step (\d+) \((\w+)\)")
     stops = {stopped.search(log.read_text(errors="replace")).groups() for log in logs}
@@ -194,6 +196,8 @@ def test_kubernetes_job_wires_coordinator_index_and_count():
     assert service["kind"] == "Service" and service["spec"]["clusterIP"] == "None"
     spec = job["spec"]
     assert job["kind"] == "Job" and spec["completionMode"] == "Indexed"
+    (rule,) = spec["podFailurePolicy"]["rules"]  # preempted pods (exit 143) run again, resume
+    assert rule["action"] == "Ignore" and rule["onExitCodes"]["values"] == [143]
     pod = spec["template"]["spec"]
     assert pod["subdomain"] == service["metadata"]["name"]
     container = pod["containers"][0]
