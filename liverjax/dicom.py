@@ -132,6 +132,8 @@ _J2K_STARTS = (b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  ")  # codestream SOC+S
 _J2K_SIZ_OFFSET = 8  # SOC (2), SIZ marker (2), Lsiz (2), Rsiz (2), then Xsiz, Ysiz, XOsiz, YOsiz
 _RLE_HEADER_BYTES = 64  # RLE Lossless: 64-byte header = segment count + 15 offsets (PS3.5 G.3)
 _RLE_MAX_SEGMENTS = 15
+# `resample` pads an image longer than this times its width in two steps, never as a square.
+_MAX_ASPECT = 2
 
 
 class DicomError(ValueError):
@@ -240,6 +242,12 @@ def resample(image: np.ndarray, size: int) -> np.ndarray:
     factor, the same weights as `jax.image.resize(..., "linear", antialias=True)`), done as two
     small matrix products. When the padded side already equals `size` the padded image is
     returned unchanged (exact identity for a square input of that size).
+
+    An image more than twice as long as it is wide is never padded in memory (a 1 x 16000 strip
+    would make a 16000 x 16000 square): its long side, which needs no padding, is resized first,
+    then the short side is padded with what a row of the minimum resizes to and resized. That is
+    the same linear map, equal to float32 rounding; images within 2:1 (every CT slice) take the
+    square path, so their output does not depend on this.
     """
     if image.ndim != 2 or min(image.shape) == 0:
         raise ValueError(f"resample needs a non-empty 2-D image, got shape {image.shape}")
@@ -247,6 +255,8 @@ def resample(image: np.ndarray, size: int) -> np.ndarray:
         raise ValueError(f"resample size must be >= 1, got {size}")
     rows, cols = image.shape
     side = max(rows, cols)
+    if side != size and side > _MAX_ASPECT * min(rows, cols):
+        return _resample_long_side_first(np.asarray(image, dtype=np.float32), size)
     square = np.array(image, dtype=np.float32)  # a copy: the result never aliases the input
     if rows != cols:
         top, left = (side - rows) // 2, (side - cols) // 2
@@ -262,6 +272,22 @@ def resample(image: np.ndarray, size: int) -> np.ndarray:
     # weight it (a dense (size, side) matrix product would do ~side/band times more work).
     out = np.einsum("ok,okc->oc", rows_w, square[rows_idx])
     return np.einsum("ok,rok->ro", rows_w, out[:, rows_idx])
+
+
+def _resample_long_side_first(image: np.ndarray, size: int) -> np.ndarray:
+    """`resample` of a long, narrow image without its padded square: memory ~ side x size."""
+    if image.shape[0] > image.shape[1]:  # tall: resize the transpose, which is wide
+        return np.ascontiguousarray(_resample_long_side_first(image.T, size).T)
+    rows, side = image.shape
+    index, weights = _band(side, size)
+    # The columns: no padding there. Then the (side, size) rows, padded with the minimum's row.
+    narrow = np.einsum("ok,rok->ro", weights, image[:, index])
+    fill = np.einsum("ok,ok->o", weights, np.full(weights.shape, image.min(), np.float32))
+    top = (side - rows) // 2
+    padded = np.empty((side, size), np.float32)
+    padded[:] = fill
+    padded[top : top + rows] = narrow
+    return np.einsum("ok,okc->oc", weights, padded[index])
 
 
 def resampled_spacing(

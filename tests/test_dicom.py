@@ -6,6 +6,7 @@ import json
 import logging
 import pathlib
 import pickle
+import tracemalloc
 from unittest import mock
 
 import jax
@@ -705,6 +706,48 @@ def test_resample_matches_jax_antialiased_linear_resize(shape, size):
     square = dicom.resample(image, max(shape))
     want = jax.image.resize(jnp.asarray(square), (size, size), "linear", antialias=True)
     np.testing.assert_allclose(dicom.resample(image, size), np.asarray(want), atol=1e-2)
+
+
+def _padded(image: np.ndarray) -> np.ndarray:
+    """The image centred in its square, filled with its minimum (what resample pads to)."""
+    rows, cols = image.shape
+    side = max(rows, cols)
+    top, left = (side - rows) // 2, (side - cols) // 2
+    pad = ((top, side - rows - top), (left, side - cols - left))
+    return np.pad(image, pad, constant_values=image.min())
+
+
+@pytest.mark.parametrize("shape", [(512, 400), (400, 512), (48, 64), (300, 150), (150, 300)])
+def test_resample_within_two_to_one_is_the_padded_square_exactly(shape):
+    image = np.random.default_rng(3).normal(size=shape).astype(np.float32) * 300 - 500
+    for size in (64, 128, 600):
+        np.testing.assert_array_equal(
+            dicom.resample(image, size), dicom.resample(_padded(image), size)
+        )
+
+
+@pytest.mark.parametrize("shape", [(1, 50), (50, 1), (3, 40), (40, 3), (7, 301), (301, 64)])
+@pytest.mark.parametrize("size", [1, 16, 33, 120])
+def test_resample_long_narrow_images_equal_the_padded_square(shape, size):
+    image = np.random.default_rng(4).normal(size=shape).astype(np.float32) * 300 - 500
+    got = dicom.resample(image, size)
+    assert got.shape == (size, size) and got.dtype == np.float32
+    # the same linear map in another order: equal to float32 rounding of values ~1000
+    np.testing.assert_allclose(got, dicom.resample(_padded(image), size), rtol=0, atol=4e-3)
+
+
+@pytest.mark.parametrize("shape", [(1, 8000), (8000, 1)])
+def test_resample_of_a_long_strip_never_builds_its_square(shape):
+    image = np.random.default_rng(5).normal(size=shape).astype(np.float32)
+    dicom.resample(image, 64)  # the kernel band is cached; measure the resample itself
+    tracemalloc.start()
+    try:
+        out = dicom.resample(image, 64)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.shape == (64, 64)
+    assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB; the 8000² square alone is 244 MiB"
 
 
 def test_resample_antialiases_and_keeps_constants():
