@@ -62,6 +62,7 @@ import io
 import os
 import struct
 import warnings
+import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any, BinaryIO
 
@@ -71,6 +72,8 @@ from pydicom import uid as dicom_uid
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments, parse_basic_offsets
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
 
 REASONS = (
@@ -132,6 +135,9 @@ _J2K_STARTS = (b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  ")  # codestream SOC+S
 _J2K_SIZ_OFFSET = 8  # SOC (2), SIZ marker (2), Lsiz (2), Rsiz (2), then Xsiz, Ysiz, XOsiz, YOsiz
 _RLE_HEADER_BYTES = 64  # RLE Lossless: 64-byte header = segment count + 15 offsets (PS3.5 G.3)
 _RLE_MAX_SEGMENTS = 15
+# A Deflated dataset is inflated at most this far to find its header (`declared_size`).
+DEFLATED_HEADER_BYTES = 16 * 2**20
+_INFLATE_CHUNK_BYTES = 2**20
 # `resample` pads an image longer than this times its width in two steps, never as a square.
 _MAX_ASPECT = 2
 
@@ -227,6 +233,114 @@ def read_dicom(
             raise
         # a Rust plugin (pyo3) panicked on malformed data; pydicom does not catch it either
         raise DicomError(path, "decode_failed", f"the pixel-data plugin crashed: {e}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class DeclaredSize:
+    """What a file's header says its pixel data is (`declared_size`)."""
+
+    rows: int
+    columns: int
+    frames: int
+    samples: int
+    bits_allocated: int
+
+    @property
+    def pixels(self) -> int:
+        return self.rows * self.columns * self.frames
+
+    @property
+    def pixel_bytes(self) -> int:
+        return self.pixels * self.samples * -(-self.bits_allocated // 8)
+
+
+def declared_size(source: bytes, *, name: str | None = None) -> DeclaredSize | None:
+    """Rows, Columns, NumberOfFrames (1 when absent) etc. from the header alone, without reading,
+    decoding or inflating the pixel data: a cheap check before `read_dicom` (a server refusing
+    images too large to decode). None when the header does not say (no Rows/Columns, or it does
+    not parse): `read_dicom` then tells what is wrong. A Deflated dataset is inflated only as far
+    as DEFLATED_HEADER_BYTES; a DicomError if its Rows and Columns are not within them.
+    """
+    path = name if name is not None else _display_name(source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            deflated = _deflated_data(source)
+            if deflated is None:
+                return _declared(dcmread(io.BytesIO(source), force=True, stop_before_pixels=True))
+        except Exception:  # noqa: BLE001 - read_dicom tells what is wrong with the file
+            return None
+        # Inflate 64 KiB, then 4x more until the header is all there (or the limit is reached).
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        head, tail, want = b"", deflated, _INFLATE_CHUNK_BYTES // 16
+        while True:
+            chunk = inflater.decompress(tail, want - len(head))
+            head, tail = head + chunk, inflater.unconsumed_tail
+            try:
+                ds = read_dataset(DicomBytesIO(head), False, True, stop_when=_at_pixels)
+                size = _declared(ds) if "BitsAllocated" in ds else None
+            except Exception:  # noqa: BLE001 - cut inside an element: inflate more
+                size = None
+            done = inflater.eof or not (chunk or tail)
+            if size is not None or want >= DEFLATED_HEADER_BYTES or done:
+                break
+            want *= 4
+    if size is None:
+        raise DicomError(
+            path,
+            "decode_failed",
+            "no Rows and Columns in the first 16 MiB of the deflated dataset; it cannot be read",
+        )
+    return size
+
+
+def inflated_size(source: bytes, limit: int) -> int | None:
+    """The size of a Deflated file's dataset once inflated, counted in 1 MiB pieces that are never
+    kept and only until it passes `limit` (a small file can inflate to gigabytes, which pydicom
+    holds at once); None for any other file, whose data is no larger than the file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            deflated = _deflated_data(source)
+        except Exception:  # noqa: BLE001 - read_dicom tells what is wrong with the file
+            return None
+    if deflated is None:
+        return None
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated, tail = 0, deflated
+    while not inflater.eof and inflated <= limit:
+        chunk = inflater.decompress(tail, _INFLATE_CHUNK_BYTES)
+        tail = inflater.unconsumed_tail
+        if not chunk and not tail:
+            break  # the deflated data ends without its end marker: read_dicom reports it
+        inflated += len(chunk)
+    return inflated
+
+
+def _deflated_data(source: bytes) -> bytes | None:
+    """The deflated dataset after the file meta of a Deflated Explicit VR Little Endian file."""
+    fp = io.BytesIO(source)
+    if read_preamble(fp, True) is None:  # no file meta: pydicom guesses an uncompressed syntax
+        return None
+    meta = _read_file_meta_info(fp)
+    if meta.get("TransferSyntaxUID") != dicom_uid.DeflatedExplicitVRLittleEndian:
+        return None
+    return source[fp.tell() :]
+
+
+def _at_pixels(tag: int, vr: str | None, length: int) -> bool:
+    return tag in _PIXEL_TAGS
+
+
+def _declared(ds: Dataset) -> DeclaredSize | None:
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return DeclaredSize(rows, columns, frames, samples, bits)
 
 
 def to_int16(image: np.ndarray) -> np.ndarray:

@@ -6,7 +6,9 @@ import json
 import logging
 import pathlib
 import pickle
+import struct
 import tracemalloc
+import zlib
 from unittest import mock
 
 import jax
@@ -16,10 +18,13 @@ import pydicom
 import pytest
 from pydicom.data import data_manager, get_testdata_files
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     EnhancedCTImageStorage,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -674,6 +679,78 @@ def test_supported_transfer_syntaxes_cover_the_required_codecs():
     assert table["Explicit VR Little Endian"] == "pydicom"
     assert "gdcm" in table["JPEG-LS Lossless Image Compression"]
     assert "pylibjpeg" in table["JPEG 2000 Image Compression"]
+
+
+# ------------------------------------------------------------------ the header's declared size
+
+
+def deflated_dicom(rows: int, columns: int, pixel_bytes: int) -> bytes:
+    """A Deflated CT file of rows x columns int16 whose Pixel Data is `pixel_bytes` zeros, deflated
+    as it is written (a 16384² frame of zeros deflates to ~0.5 MB, never held inflated here)."""
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, generate_uid(), "CT"
+    ds.PatientID = "deflated"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, columns, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    out = DicomBytesIO()
+    out.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(out, meta)
+    dataset = DicomBytesIO()
+    dataset.is_little_endian, dataset.is_implicit_VR = True, False
+    write_dataset(dataset, ds)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    pixel_header = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, pixel_bytes)
+    out.write(deflate.compress(dataset.getvalue() + pixel_header))
+    zeros = bytes(2**22)
+    for start in range(0, pixel_bytes, len(zeros)):
+        out.write(deflate.compress(zeros[: pixel_bytes - start]))
+    out.write(deflate.flush())
+    return out.getvalue()
+
+
+def test_declared_size_agrees_with_the_decoder_on_the_corpus():
+    checked = deflated = 0
+    for rel in CORPUS:
+        data = (CORPUS_ROOT / rel).read_bytes()
+        try:
+            slices = dicom.read_dicom(data, name=rel)
+        except dicom.DicomError:
+            continue
+        size = dicom.declared_size(data, name=rel)
+        assert (size.rows, size.columns) == slices[0].image.shape, rel
+        assert size.frames == len(slices), rel
+        inflated = dicom.inflated_size(data, 2**30)
+        if inflated is not None:
+            deflated += 1
+            assert inflated >= size.pixel_bytes, rel
+        checked += 1
+    assert checked > 80 and deflated >= 1
+
+
+def test_declared_size_of_a_deflated_file_inflates_only_its_header():
+    side = 16384
+    data = deflated_dicom(side, side, side * side * 2)
+    assert len(data) < 2**20
+    tracemalloc.start()
+    try:
+        size = dicom.declared_size(data, name="big.dcm")
+        counted = dicom.inflated_size(data, 2**20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (size.rows, size.columns, size.frames, size.pixel_bytes) == (side, side, 1, 2 * side**2)
+    assert 2**20 < counted <= 2**21  # counted just past the limit, not to 512 MiB
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MiB"
+    # a small one the decoder reads; an uncompressed file has nothing to inflate
+    small = deflated_dicom(4, 6, 48)
+    assert dicom.inflated_size(small, 2**20) > 48
+    assert dicom.read_dicom(small)[0].image.shape == (4, 6)
+    assert dicom.inflated_size((CORPUS_ROOT / "CT_small.dcm").read_bytes(), 2**20) is None
 
 
 # ------------------------------------------------------------------ to_int16, resample
