@@ -32,8 +32,9 @@ Requests that arrive together are batched into one model call (up to `--max_batc
 a batch is what queued while the previous call ran, plus what arrives within `--batch_timeout_ms`).
 
 Every error is JSON `{"error": "..."}`: 400 for a bad request (the message says what was wrong and
-where), 404 for an unknown model, version or path, 413 for a body over `--max_body_bytes`,
-415 for an upload that is not DICOM or multipart, 503 while no version is loaded.
+where), 404 for an unknown model, version or path, 413 for a body over `--max_body_bytes` or a
+DICOM file over `--max_pixels` (refused from its header, before its pixels are decoded), 415 for
+an upload that is not DICOM or multipart, 503 while no version is loaded.
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ DEFAULTS = {
     "batch_timeout_ms": 0.0,
     "max_body_bytes": 64 * 2**20,  # a few uncompressed 512² CT slices, or one JSON image
     "max_files": 64,  # DICOM files in one multipart upload
+    # pixels in one DICOM file (rows x columns x frames), and in the square its longest side pads
+    # to: 4096² x 4 is a 16-frame 2048² object, and its decoding takes ~1 GB
+    "max_pixels": 4096 * 4096 * 4,
     "poll_seconds": 1.0,  # TF Serving's default --file_system_poll_wait_seconds
 }
 
@@ -486,14 +490,54 @@ def parse_predict(body: bytes, size: int) -> tuple[np.ndarray, str]:
     return _as_images(inputs, "inputs", size, batched=True), "columnar"
 
 
-def decode_dicom(data: bytes, name: str, size: int) -> list[tuple[dicom.DicomSlice, np.ndarray]]:
+def decode_dicom(
+    data: bytes, name: str, size: int, max_pixels: int | None = None
+) -> list[tuple[dicom.DicomSlice, np.ndarray]]:
     """Decodes one DICOM file and resamples each slice exactly as the dataset builder does.
 
     Returns (slice, int16 HU image (size, size)) pairs: `dicom.read_dicom`, then
     `dicom.to_int16(dicom.resample(image, size))`, the steps of `tfds_liver.curation.decode_file`.
+    With `max_pixels`, a file whose header declares more pixels than that (see `check_size`) is
+    refused before its pixel data is read, decoded or inflated.
     """
+    if max_pixels is not None:
+        check_size(data, name, max_pixels)
     slices = dicom.read_dicom(data, name=name)
     return [(s, dicom.to_int16(dicom.resample(s.image, size))) for s in slices]
+
+
+def check_size(data: bytes, name: str, max_pixels: int) -> None:
+    """RequestError 413 for a file over `max_pixels` (rows x columns x frames, or the square its
+    longest side pads to in `dicom.resample`) by its header, or a Deflated one that inflates to
+    more than its pixels and DEFLATED_HEADER_BYTES. A header that does not say passes, for
+    `read_dicom` to explain."""
+    declared = dicom.declared_size(data, name=name)
+    if declared is None:
+        return
+    rows, columns, frames = declared.rows, declared.columns, declared.frames
+    shape = f"{rows}×{columns} pixels" + (f" × {frames} frames" if frames != 1 else "")
+    limit = f"the server's limit of {max_pixels} pixels (--max_pixels)"
+    if declared.pixels > max_pixels:
+        raise RequestError(
+            f"{name}: {shape} = {declared.pixels} pixels, over {limit}", 413, file=name
+        )
+    side = max(rows, columns)
+    if side * side > max_pixels:
+        raise RequestError(
+            f"{name}: {shape}: the longest side, {side}, is resized as a {side}×{side} square, "
+            f"over {limit}",
+            413,
+            file=name,
+        )
+    most = declared.pixel_bytes + dicom.DEFLATED_HEADER_BYTES
+    inflated = dicom.inflated_size(data, most)
+    if inflated is not None and inflated > most:
+        raise RequestError(
+            f"{name}: the deflated dataset inflates to more than {most} bytes: {shape} "
+            f"({declared.pixel_bytes} bytes) and {dicom.DEFLATED_HEADER_BYTES} bytes besides",
+            413,
+            file=name,
+        )
 
 
 def _ids(s: dicom.DicomSlice) -> dict[str, Any]:
@@ -575,6 +619,7 @@ class ServerOptions:
     batch_timeout_ms: float = DEFAULTS["batch_timeout_ms"]
     max_body_bytes: int = DEFAULTS["max_body_bytes"]
     max_files: int = DEFAULTS["max_files"]
+    max_pixels: int = DEFAULTS["max_pixels"]
     poll_seconds: float = DEFAULTS["poll_seconds"]
     threads: int = max(2, os.cpu_count() or 1)
 
@@ -661,7 +706,9 @@ def create_app(options: ServerOptions) -> Starlette:
 
         async def decode(name: str, data: bytes) -> list[tuple[str, dicom.DicomSlice, np.ndarray]]:
             try:
-                slices = await in_pool(decode_dicom, data, name, servable.input_size)
+                slices = await in_pool(
+                    decode_dicom, data, name, servable.input_size, options.max_pixels
+                )
             except dicom.DicomError as e:
                 raise RequestError(
                     f"{name}: {e.reason}: {e.detail}", 400, file=name, reason=e.reason
@@ -842,6 +889,13 @@ def main(argv: list[str] | None = None) -> None:
         "--max_files", type=int, default=DEFAULTS["max_files"], help="DICOM files per upload"
     )
     parser.add_argument(
+        "--max_pixels",
+        type=int,
+        default=DEFAULTS["max_pixels"],
+        help="a DICOM file with more pixels (rows x columns x frames, or longest side squared) "
+        "gets 413 before it is decoded",
+    )
+    parser.add_argument(
         "--file_system_poll_wait_seconds",
         type=float,
         default=DEFAULTS["poll_seconds"],
@@ -849,7 +903,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--log_level", default="info")
     args = parser.parse_args(argv)
-    for flag in ("max_batch_size", "max_body_bytes", "max_files"):
+    for flag in ("max_batch_size", "max_body_bytes", "max_files", "max_pixels"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
     if args.batch_timeout_ms < 0 or args.file_system_poll_wait_seconds <= 0:
@@ -863,6 +917,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_timeout_ms=args.batch_timeout_ms,
         max_body_bytes=args.max_body_bytes,
         max_files=args.max_files,
+        max_pixels=args.max_pixels,
         poll_seconds=args.file_system_poll_wait_seconds,
     )
     started = time.monotonic()

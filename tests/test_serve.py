@@ -18,6 +18,7 @@ import pydicom
 import pytest
 import tensorflow_datasets as tfds
 import training_runs
+from test_dicom import deflated_dicom
 from test_export import (
     DATASET,
     THRESHOLD,
@@ -298,6 +299,56 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(client, records, dicom_
     with pytest.raises(ServerError) as e:
         client.classify_dicom([b"not dicom"], names=["x.dcm"])
     assert e.value.status == 400 and "x.dcm: not_dicom" in e.value.message
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident memory in bytes (VmHWM)."""
+    status = pathlib.Path(f"/proc/{pid}/status").read_text()
+    [line] = [line for line in status.splitlines() if line.startswith("VmHWM:")]
+    return int(line.split()[1]) * 1024
+
+
+def _strip(path: pathlib.Path, rows: int, columns: int) -> bytes:
+    """The DICOM file at `path` with rows x columns pixels (a 1 x 16000 strip is 33 KB)."""
+    ds = pydicom.dcmread(path)
+    dtype = ds.pixel_array.dtype
+    ds.Rows, ds.Columns = rows, columns
+    ds.PixelData = np.zeros((rows, columns), dtype).tobytes()
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_dicom_over_max_pixels_is_refused_from_its_header(server, client, records, dicom_files):
+    """Small bodies that decode to gigabytes get 413 before their pixels are decoded or inflated;
+    the server's peak memory does not grow by what they would take."""
+    path = dicom_files[records["sop_uid"][0]]
+    want = client.classify_dicom([path])[0]["probability"]
+    classify = "/v1/models/liver:classify_dicom"
+    dcm = {"Content-Type": "application/dicom"}
+    flag = f"over the server's limit of {serve.DEFAULTS['max_pixels']} pixels (--max_pixels)"
+    side = 16384
+    cases = [
+        ("strip.dcm", _strip(path, 1, 16000), ("1×16000 pixels: the longest side, 16000", flag)),
+        ("zeros.dcm", deflated_dicom(side, side, side * side * 2), (f"= {side**2} pixels", flag)),
+        ("bomb.dcm", deflated_dicom(64, 64, 2**26), ("deflated dataset inflates to more than",)),
+    ]
+    before = _peak_rss(server.process.pid)
+    for name, body, messages in cases:
+        assert len(body) < MAX_BODY
+        status, answer = client.request("POST", f"{classify}?filename={name}", body, dcm)
+        assert status == 413 and answer["file"] == name, (name, answer)
+        for message in messages:
+            assert message in answer["error"], answer
+    grown = _peak_rss(server.process.pid) - before
+    assert grown < 256 * 2**20, f"peak memory grew by {grown / 2**20:.0f} MiB"
+    # a Deflated file of an ordinary size is read as before
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    status, answer = client.request("POST", classify, out.getvalue(), dcm)
+    assert status == 200 and answer["results"][0]["probability"] == pytest.approx(want, abs=1e-6)
 
 
 def test_load_16_clients_no_errors_and_batches(server, records, dicom_files, exported):
