@@ -229,10 +229,21 @@ class Servable:
 
 def versions(base_path: str | os.PathLike) -> list[int]:
     """The integer version directories under `base_path`, ascending (none if it does not exist)."""
+    return sorted(version_dirs(base_path))
+
+
+def version_dirs(base_path: str | os.PathLike) -> dict[int, pathlib.Path]:
+    """Version → its directory under `base_path`, named as it is (TF Serving serves `003` as 3;
+    of `3` and `003` both there, `3` is taken)."""
     path = pathlib.Path(base_path)
     if not path.is_dir():
-        return []
-    return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and _VERSION_RE.match(p.name))
+        return {}
+    dirs = sorted(
+        (p for p in path.iterdir() if p.is_dir() and _VERSION_RE.match(p.name)),
+        key=lambda p: (int(p.name), p.name != str(int(p.name)), p.name),
+        reverse=True,
+    )
+    return {int(p.name): p for p in dirs}
 
 
 def _fingerprint(path: pathlib.Path) -> tuple:
@@ -263,10 +274,9 @@ class ModelManager:
 
     def refresh(self) -> None:
         """Serves the newest version that loads; keeps the current one if none newer does."""
-        for version in reversed(versions(self.base_path)):
+        for version, path in sorted(version_dirs(self.base_path).items(), reverse=True):
             if self.current is not None and version == self.current.version:
                 return
-            path = self.base_path / str(version)
             files = _fingerprint(path)
             if version in self.failed and self.failed[version][0] == files:
                 continue

@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             base = export_fresh_model(args.config, args.records_size, tmp / "export")
         from liverjax import serve
 
-        version_dir = base / str(serve.versions(base)[-1])
+        version_dir = max(serve.version_dirs(base).items())[1]
         data = bench_dicom(tmp / "dicom").read_bytes()
         bare = bare_call(version_dir, data)
         report: dict[str, Any] = {"dicom": f"{BENCH_DICOM_SIZE}x{BENCH_DICOM_SIZE}"}

@@ -351,6 +351,25 @@ def test_dicom_over_max_pixels_is_refused_from_its_header(server, client, record
     assert status == 200 and answer["results"][0]["probability"] == pytest.approx(want, abs=1e-6)
 
 
+def test_zero_padded_version_directories(exported, tmp_path):
+    """TF Serving serves E/liver/003 as version 3: so does this server (the directory as named)."""
+    base = tmp_path / "liver"
+    shutil.copytree(exported["version_dir"], base / "003")
+    (base / "0010").mkdir()  # a newer version that does not load
+    assert serve.versions(base) == [3, 10]
+    assert serve.version_dirs(base) == {3: base / "003", 10: base / "0010"}
+    manager = serve.ModelManager("liver", base, max_batch=1, poll_seconds=1)
+    manager.refresh()
+    assert manager.current.version == 3 and manager.current.path == base / "003"
+    assert manager.get("3") is manager.current
+    assert [(s["version"], s["state"]) for s in manager.status()] == [
+        ("3", "AVAILABLE"),
+        ("10", "END"),
+    ]
+    (base / "3").mkdir()  # 3 and 003 both: "3" is the one
+    assert serve.version_dirs(base)[3] == base / "3"
+
+
 def test_load_16_clients_no_errors_and_batches(server, records, dicom_files, exported):
     images = records["image"].astype(np.float32)
     want = jax_outputs(exported["model"], images)["probability"]
