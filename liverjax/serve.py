@@ -269,6 +269,7 @@ class ModelManager:
         self.current: Servable | None = None
         # version → (its files when it failed to load, why); retried once its files change
         self.failed: dict[int, tuple[tuple, str]] = {}
+        self._failed_lock = threading.Lock()  # the poller writes `failed` while requests read it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -285,9 +286,11 @@ class ModelManager:
                 servable = Servable.load(path, version=version, max_batch=self.max_batch)
             except Exception as e:  # noqa: BLE001 - keep serving the previous version, report why
                 log.error("could not load %s version %d: %s", self.name, version, e)
-                self.failed[version] = (files, str(e))
+                with self._failed_lock:
+                    self.failed[version] = (files, str(e))
                 continue
-            self.failed.pop(version, None)
+            with self._failed_lock:
+                self.failed.pop(version, None)
             self.current = servable
             log.info("serving %s version %d", self.name, version)
             return
@@ -333,9 +336,12 @@ class ModelManager:
     def status(self) -> list[dict[str, Any]]:
         """TF Serving's model_version_status list."""
         out = []
-        if self.current is not None:
-            out.append(_version_status(self.current.version, "AVAILABLE"))
-        for version, (_, why) in sorted(self.failed.items(), reverse=True):
+        current = self.current
+        if current is not None:
+            out.append(_version_status(current.version, "AVAILABLE"))
+        with self._failed_lock:
+            failed = list(self.failed.items())
+        for version, (_, why) in sorted(failed, reverse=True):
             out.append(_version_status(version, "END", "UNKNOWN", why))
         return out
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -368,6 +370,23 @@ def test_zero_padded_version_directories(exported, tmp_path):
     ]
     (base / "3").mkdir()  # 3 and 003 both: "3" is the one
     assert serve.version_dirs(base)[3] == base / "3"
+
+
+def test_status_while_the_poller_records_failed_versions(tmp_path, caplog):
+    """status() reads the failed versions while the poller thread adds them."""
+    base = tmp_path / "liver"
+    for version in range(1, 3001):
+        (base / str(version)).mkdir(parents=True)
+    manager = serve.ModelManager("liver", base, max_batch=1, poll_seconds=1)
+    caplog.set_level(logging.CRITICAL, logger="liverjax.serve")
+    poller = threading.Thread(target=manager.refresh)  # each of the 3000 fails to load
+    poller.start()
+    try:
+        while poller.is_alive():
+            manager.status()
+    finally:
+        poller.join()
+    assert len(manager.status()) == 3000
 
 
 def test_load_16_clients_no_errors_and_batches(server, records, dicom_files, exported):
