@@ -472,6 +472,10 @@ def parse_predict(body: bytes, size: int) -> tuple[np.ndarray, str]:
         request = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(f"malformed JSON: {e}") from None
+    except RecursionError:
+        raise RequestError(
+            "malformed JSON: nested too deeply; an image is [height, width, 1] lists of numbers"
+        ) from None
     if not isinstance(request, dict):
         raise RequestError('the body must be a JSON object with "instances" or "inputs"')
     signature = request.get("signature_name", SIGNATURE)
@@ -603,6 +607,33 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class InternalError:
+    """ASGI middleware: an exception nothing else handled is logged with its traceback and
+    answered 500 with JSON {"error": ...} (if no answer has started), like every other error."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as e:  # noqa: BLE001 - the JSON error contract holds for bugs too
+            log.exception("%s %s failed", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            message = f"internal error ({type(e).__name__}); the server log has the traceback"
+            await JSONResponse({"error": message}, 500)(scope, receive, send)
 
 
 class CountResponses:
@@ -858,6 +889,7 @@ def create_app(options: ServerOptions) -> Starlette:
         ],
         middleware=[
             Middleware(CountResponses, counter=stats.responses),
+            Middleware(InternalError),
             Middleware(BodyLimit, max_bytes=options.max_body_bytes),
         ],
         exception_handlers={RequestError: request_error, HTTPException: http_error},

@@ -4,6 +4,7 @@ blocked, the session's export, DICOM files of the synthetic set, and the stdlib 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -192,9 +193,11 @@ def _bad_requests(size: int, dicom_path: pathlib.Path):
     classify = "/v1/models/liver:classify_dicom"
     dcm = {"Content-Type": "application/dicom"}
     body, content_type = multipart([("a.dcm", dicom_path.read_bytes()), ("b.txt", b"hello")])
+    deep = b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     return [
         ("malformed JSON", "POST", predict, b'{"instances": [1,', {}, 400, "malformed JSON"),
         ("empty body", "POST", predict, b"", {}, 400, "empty body"),
+        ("deeply nested JSON", "POST", predict, deep, {}, 400, "malformed JSON: nested too deeply"),
         ("neither key", "POST", predict, b'{"foo": 1}', {}, 400, "unknown keys ['foo']"),
         (
             "wrong shape",
@@ -351,6 +354,36 @@ def test_dicom_over_max_pixels_is_refused_from_its_header(server, client, record
     ds.save_as(out, enforce_file_format=True)
     status, answer = client.request("POST", classify, out.getvalue(), dcm)
     assert status == 200 and answer["results"][0]["probability"] == pytest.approx(want, abs=1e-6)
+
+
+def test_an_unexpected_exception_is_a_json_500_with_a_logged_traceback(caplog):
+    """The catch-all of the application (the server's own routes raise only what they handle)."""
+
+    async def broken(scope, receive, send):
+        raise ZeroDivisionError("a bug")
+
+    async def answer() -> list[dict]:
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": "/x", "headers": []}
+        await serve.InternalError(broken)(scope, receive, send)
+        return sent
+
+    with caplog.at_level(logging.ERROR, logger="liverjax.serve"):
+        start, body = asyncio.run(answer())
+    assert start["status"] == 500
+    assert (b"content-type", b"application/json") in start["headers"]
+    assert json.loads(body["body"]) == {
+        "error": "internal error (ZeroDivisionError); the server log has the traceback"
+    }
+    [record] = caplog.records
+    assert record.getMessage() == "GET /x failed" and record.exc_info[0] is ZeroDivisionError
 
 
 def test_zero_padded_version_directories(exported, tmp_path):
