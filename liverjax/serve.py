@@ -825,7 +825,7 @@ def create_app(options: ServerOptions) -> Starlette:
         name, version, verb = match["name"], match["version"], match["verb"]
         if name != manager.name:
             raise RequestError(f"unknown model {name!r}; this server serves {manager.name!r}", 404)
-        if request.method == "GET":
+        if request.method in ("GET", "HEAD"):  # Starlette answers HEAD without the body
             if verb:
                 raise RequestError(f":{verb} needs POST", 405)
             if match["metadata"]:

@@ -356,6 +356,15 @@ def test_dicom_over_max_pixels_is_refused_from_its_header(server, client, record
     assert status == 200 and answer["results"][0]["probability"] == pytest.approx(want, abs=1e-6)
 
 
+def test_head_is_get_without_a_body(client):
+    for path in ("/v1/models/liver", "/v1/models/liver/versions/1", "/v1/models/liver/metadata"):
+        assert client.request("GET", path)[0] == 200
+        assert client.request("HEAD", path) == (200, None), path
+    assert client.request("HEAD", "/v1/models/liver/versions/9") == (404, None)
+    assert client.request("HEAD", "/v1/models/liver:predict") == (405, None)
+    assert client.request("HEAD", "/healthz") == (200, None)
+
+
 def test_an_unexpected_exception_is_a_json_500_with_a_logged_traceback(caplog):
     """The catch-all of the application (the server's own routes raise only what they handle)."""
 
