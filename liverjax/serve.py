@@ -60,6 +60,7 @@ import jax
 import numpy as np
 import threadpoolctl
 import uvicorn
+from python_multipart.multipart import parse_options_header
 from starlette.applications import Starlette
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
@@ -728,14 +729,21 @@ def create_app(options: ServerOptions) -> Starlette:
         content_type = request.headers.get("content-type", "application/dicom")
         media = content_type.split(";")[0].strip().lower()
         if media == "multipart/form-data":
+            body = await request.body()  # the form parses this copy (bounded by --max_body_bytes)
+            files = []
             try:
-                form = await request.form(max_files=options.max_files)
+                async with request.form(max_files=options.max_files) as form:
+                    for field, value in form.multi_items():
+                        if isinstance(value, UploadFile):
+                            files.append((value.filename or field, await value.read()))
             except HTTPException as e:
                 raise RequestError(f"multipart body: {e.detail}", e.status_code) from None
-            files = []
-            for field, value in form.multi_items():
-                if isinstance(value, UploadFile):
-                    files.append((value.filename or field, await value.read()))
+            boundary = parse_options_header(content_type)[1].get(b"boundary", b"")
+            if b"--" + boundary + b"--" not in body:
+                raise RequestError(
+                    f"multipart body: truncated, no closing boundary after {len(body)} bytes; "
+                    f"send the whole body"
+                )
             if not files:
                 raise RequestError("multipart body holds no file parts; attach DICOM files")
             return files

@@ -193,6 +193,7 @@ def _bad_requests(size: int, dicom_path: pathlib.Path):
     classify = "/v1/models/liver:classify_dicom"
     dcm = {"Content-Type": "application/dicom"}
     body, content_type = multipart([("a.dcm", dicom_path.read_bytes()), ("b.txt", b"hello")])
+    one, one_type = multipart([("a.dcm", dicom_path.read_bytes())])
     deep = b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     return [
         ("malformed JSON", "POST", predict, b'{"instances": [1,', {}, 400, "malformed JSON"),
@@ -265,6 +266,15 @@ def _bad_requests(size: int, dicom_path: pathlib.Path):
             {"Content-Type": content_type},
             400,
             "b.txt: not_dicom",
+        ),
+        (
+            "truncated multipart",
+            "POST",
+            classify,
+            one[: len(one) // 2],
+            {"Content-Type": one_type},
+            400,
+            "multipart body: truncated, no closing boundary",
         ),
         (
             "wrong content type",
