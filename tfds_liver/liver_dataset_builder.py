@@ -98,7 +98,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         "and modality (when not CT); DICOM PatientIDs labelled as several patients are listed; "
         "Pixel Padding found beyond Bits Stored; native pixels that begin like an item tag decode; "
         "a rescale that overflows float32 is decode_failed; identical pixels labelled as two "
-        "patients are a conflict.",
+        "patients are a conflict; images longer than 2:1 are resampled long side first.",
     }
     MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_INSTRUCTIONS
     BUILDER_CONFIGS = [
