@@ -164,6 +164,25 @@ def test_splits_are_disjoint_by_patient_and_stratified(tmp_path):
     assert {k: {e.patient_id for e in v} for k, v in other.splits.items()} != patients
 
 
+@pytest.mark.parametrize("n", [20, 100, 1000])
+def test_adding_or_relabelling_a_patient_moves_few_others(n):
+    """A rebuild after new exports arrive must not move patients an older model trained on into
+    validation or test: each patient's place depends on its own id."""
+    spec = curation.SplitSpec(0.15, 0.15, 0)
+    has_lesion = {f"P{i:04d}": i % 3 == 0 for i in range(n)}
+    before = curation.split_patients(has_lesion, spec)
+
+    def moved(after):
+        return sorted(p for p in before if p in after and after[p] != before[p])
+
+    added = curation.split_patients(has_lesion | {"NEW": False}, spec)
+    assert len(moved(added)) <= 2, moved(added)  # at most one per cut of the stratum
+    removed = curation.split_patients({p: v for p, v in has_lesion.items() if p != "P0001"}, spec)
+    assert len(moved(removed)) <= 2, moved(removed)
+    relabelled = curation.split_patients(has_lesion | {"P0001": True}, spec)
+    assert len([p for p in moved(relabelled) if p != "P0001"]) <= 4  # both strata change
+
+
 def test_records_keep_hounsfield_units(tmp_path):
     d = tmp_path / "m"
     hu = image(5)
@@ -454,3 +473,63 @@ def test_one_dicom_patient_under_several_sheet_patients_is_reported(tmp_path, ca
     with caplog.at_level("WARNING"):
         curation.log_summary(result.report)
     assert "DICOM PatientID 'SAME' is labelled as 2 patients (S0, S1)" in caplog.text
+
+
+def test_rows_that_name_one_file_must_agree_and_their_conflict_excludes_every_copy(tmp_path):
+    d = tmp_path / "m"
+    write_ct(d / "s/a.dcm", image(1), patient="P1")  # two rows: same label, two patients
+    write_ct(d / "s/b.dcm", image(2), patient="P2")  # two rows: lesion and normal
+    (d / "s/z.dcm").write_bytes((d / "s/b.dcm").read_bytes())  # copies of b, one row each:
+    (d / "s/0.dcm").write_bytes((d / "s/b.dcm").read_bytes())  # kept before b is met, and after
+    write_ct(d / "s/c.dcm", image(3), patient="P3")  # two rows that agree
+    write_ct(d / "s/e.dcm", image(4), patient="P4")  # two rows, two sources
+    write_sheet(
+        d / "labels.csv",
+        [
+            {"patient_id": "P1", "label": "normal", "path": "s/a.dcm"},
+            {"patient_id": "P2", "label": "normal", "path": "s/b.dcm"},
+            {"patient_id": "P2", "label": "lesion", "path": "s/z.dcm"},
+            {"patient_id": "P2", "label": "lesion", "path": "s/0.dcm"},
+            {"patient_id": "P3", "label": "normal", "path": "s/c.dcm"},
+            {"patient_id": "P4", "label": "normal", "path": "s/e.dcm", "source": "x"},
+        ],
+    )
+    write_sheet(
+        d / "s/labels.csv",
+        [
+            {"patient_id": "P9", "label": "normal", "path": "a.dcm"},
+            {"patient_id": "P2", "label": "lesion", "path": "b.dcm"},
+            {"patient_id": "P3", "label": "normal", "path": "c.dcm"},
+            {"patient_id": "P4", "label": "normal", "path": "e.dcm", "source": "y"},
+        ],
+    )
+    result = curation.curate(d, image_size=8, split=curation.SplitSpec(0, 0, 0), workers=1)
+    by_path = {e["path"]: e for e in result.report["files"]}
+    status = {p: e["status"] for p, e in by_path.items() if p.endswith(".dcm")}
+    assert status == {
+        "s/0.dcm": "conflict", "s/a.dcm": "conflict", "s/b.dcm": "conflict",
+        "s/z.dcm": "conflict", "s/c.dcm": "written", "s/e.dcm": "conflict",
+    }  # fmt: skip
+    assert "whose label rows disagree" in by_path["s/0.dcm"]["detail"]
+    assert "disagree on patient_id" in by_path["s/a.dcm"]["detail"]
+    assert "P1" in by_path["s/a.dcm"]["detail"] and "P9" in by_path["s/a.dcm"]["detail"]
+    assert "disagree on label" in by_path["s/b.dcm"]["detail"]
+    assert "same image as a conflicting file" in by_path["s/z.dcm"]["detail"]
+    assert "disagree on source" in by_path["s/e.dcm"]["detail"]
+    assert by_path["s/c.dcm"]["labelled_by"] == "labels.csv:6, s/labels.csv:4"
+    assert [e.record.path for e in result.splits["train"]] == ["s/c.dcm"]
+
+
+def test_names_in_another_unicode_form_match_and_a_mis_cased_sheet_is_named(tmp_path):
+    d = tmp_path / "m"
+    decomposed = "Mu\u0308ller"  # how macOS stores "Müller": u + combining diaeresis (NFD)
+    write_ct(d / decomposed / "a.dcm", image(1), patient="P1")
+    write_ct(d / "site" / "b.dcm", image(2), patient="P2")
+    write_sheet(d / "labels.csv", [{"patient_id": "P1", "label": 0, "path": "M\u00fcller"}])
+    write_sheet(d / "site" / "Labels.csv", [{"patient_id": "P2", "label": 0, "path": "b.dcm"}])
+    result = curation.curate(d, image_size=8, split=curation.SplitSpec(0, 0, 0), workers=1)
+    by_path = {e["path"]: e for e in result.report["files"]}
+    assert by_path[f"{decomposed}/a.dcm"]["status"] == "written"
+    assert not result.report["label_rows_without_image"]
+    sheet = by_path["site/Labels.csv"]
+    assert sheet["status"] == "skipped" and "must be named labels.csv" in sheet["detail"]

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import pathlib
+import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -260,6 +261,8 @@ def _match_labels(
             by_sop[d.sop_uid].append(d.path)
     n_rows = 0
     lower: dict[str, str] | None = None  # built for the first row that matches nothing
+    under: dict[str, list[str]] | None = None  # folder -> its files, built for the first folder
+    nfc: dict[str, list[str]] | None = None  # the same, for file and folder names in NFC
     for sheet in sheets:
         base = pathlib.PurePosixPath(sheet).parent
         for row in labels_lib.read_labels(manual_dir / sheet):
@@ -271,8 +274,15 @@ def _match_labels(
                 if target in file_set:
                     matched = [target]
                 else:
-                    prefix = target + "/"
-                    matched = [f for f in files if f.startswith(prefix)]
+                    if under is None:
+                        under = _files_by_folder(files)
+                    matched = under.get(target, [])
+                if not matched:
+                    # A name typed in one Unicode form and stored in another (macOS writes
+                    # decomposed accents, NFD): the same name to a reader, other bytes.
+                    if nfc is None:
+                        nfc = _files_by_nfc_name(files)
+                    matched = nfc.get(_nfc(target), [])
                 why = "path does not exist under the manual dir"
                 if not matched:
                     if lower is None:
@@ -297,6 +307,30 @@ def _match_labels(
     return by_file, unmatched, n_rows
 
 
+def _files_by_folder(files: Sequence[str]) -> dict[str, list[str]]:
+    """{folder: every file at any depth below it}, in the order of `files`."""
+    index: dict[str, list[str]] = collections.defaultdict(list)
+    for f in files:
+        parts = f.split("/")
+        for n in range(1, len(parts)):
+            index["/".join(parts[:n])].append(f)
+    return index
+
+
+def _nfc(path: str) -> str:
+    return unicodedata.normalize("NFC", path)
+
+
+def _files_by_nfc_name(files: Sequence[str]) -> dict[str, list[str]]:
+    """{NFC form of a file or folder path: the files it names}."""
+    index: dict[str, list[str]] = collections.defaultdict(list)
+    for f in files:
+        index[_nfc(f)].append(f)
+    for folder, below in _files_by_folder(files).items():
+        index[_nfc(folder)].extend(below)
+    return index
+
+
 def _by_lower_case(files: Sequence[str]) -> dict[str, str]:
     """{lower-case path: path} of every file and every folder above one."""
     index = {}
@@ -309,12 +343,19 @@ def _by_lower_case(files: Sequence[str]) -> dict[str, str]:
 
 
 def split_patients(patient_has_lesion: dict[str, bool], spec: SplitSpec) -> dict[str, str]:
-    """Assigns each patient to a split, stratified by whether the patient has any lesion."""
-    rng = np.random.default_rng(spec.seed)
+    """Assigns each patient to a split, stratified by whether the patient has any lesion.
+
+    Within a stratum, patients are ordered by a hash of (seed, patient id) and cut by counts:
+    each patient's place depends on its id alone, so adding, removing or relabelling a patient
+    moves at most about one other patient across each cut (a shuffle of the whole list would
+    reshuffle everyone, and a rebuilt dataset would test on patients an older model trained on).
+    """
     assignment: dict[str, str] = {}
     for stratum in (False, True):
-        patients = sorted(p for p, has in patient_has_lesion.items() if has == stratum)
-        patients = [patients[i] for i in rng.permutation(len(patients))]
+        patients = sorted(
+            (p for p, has in patient_has_lesion.items() if has == stratum),
+            key=lambda p: (_patient_hash(spec.seed, p), p),
+        )
         n = len(patients)
         n_test = round(n * spec.test)
         n_val = round(n * spec.validation)
@@ -328,6 +369,26 @@ def split_patients(patient_has_lesion: dict[str, bool], spec: SplitSpec) -> dict
                 "test" if i < n_test else "validation" if i < n_test + n_val else "train"
             )
     return assignment
+
+
+def _rows_disagree(rows: Sequence[_Label]) -> str | None:
+    """Why the label rows that name one file disagree (label, patient or source), or None."""
+    for field, show in (
+        ("label", lambda r: labels_lib.LABEL_NAMES[r.label]),
+        ("patient_id", lambda r: r.patient_id),
+        ("source", lambda r: r.source),
+    ):
+        values = {getattr(r, field) for r in rows} - ({None} if field == "source" else set())
+        if len(values) > 1:
+            return f"label rows disagree on {field}: " + ", ".join(
+                f"{r.where}={show(r)}" for r in rows if getattr(r, field) is not None
+            )
+    return None
+
+
+def _patient_hash(seed: int, patient_id: str) -> bytes:
+    text = f"{seed}\0{patient_id}".encode("utf-8", "surrogateescape")
+    return hashlib.sha256(text).digest()
 
 
 def curate(
@@ -408,10 +469,16 @@ def curate_decoded(
         entries[d.path] = entry
         if d.reason is not None:
             entry.update(status="skipped", reason=d.reason, detail=d.detail)
-            if pathlib.PurePosixPath(d.path).name == LABEL_SHEET:
+            file_name = pathlib.PurePosixPath(d.path).name
+            if file_name == LABEL_SHEET:
                 entry["detail"] = (
                     f"a {LABEL_SHEET} deeper than one folder below the manual dir is not read; "
                     f"move its rows to the manual dir's or a top-level folder's {LABEL_SHEET}"
+                )
+            elif file_name.lower() == LABEL_SHEET:
+                entry["detail"] = (
+                    f"named {file_name}: a label sheet must be named {LABEL_SHEET} (lower case) "
+                    "to be read; rename it"
                 )
             if rows:
                 entry["labelled_by"] = [r.where for r in rows]
@@ -424,25 +491,35 @@ def curate_decoded(
         if not rows:
             entry.update(status="unlabelled")
             continue
-        if len({r.label for r in rows}) > 1:
-            entry.update(
-                status="conflict",
-                detail="label rows disagree: "
-                + ", ".join(f"{r.where}={labels_lib.LABEL_NAMES[r.label]}" for r in rows),
-            )
-            continue
-        label = rows[0]
-        entry["labelled_by"] = label.where
         # Each slice on its own: a multi-frame file may repeat some images and add others. A
         # file without a SOP Instance UID has no id to compare: only its pixels identify it.
-        slice_ids = [
-            ([("sop", s.image_id)] if s.image_id.split("/")[0] else [])
-            + [("pixels", label.patient_id, s.pixel_hash)]
-            for s in d.slices
-        ]
         owner_ids = [
             ([("sop", s.image_id)] if s.image_id.split("/")[0] else [])
             + ([("pixels", s.pixel_hash)] if s.image.min() != s.image.max() else [])
+            for s in d.slices
+        ]
+        disagreement = _rows_disagree(rows)
+        if disagreement:
+            # The file and every copy of it (kept before, or met later) are excluded.
+            ids = {i for owned in owner_ids for i in owned} | {
+                ("pixels", r.patient_id, s.pixel_hash) for r in rows for s in d.slices
+            }
+            conflicted_images.update(ids)
+            exclude(d.path, disagreement)
+            holders = {kept_by_image[i] for i in ids if i in kept_by_image}
+            holders |= {owner[i][1] for i in ids if i in owner}
+            for held in sorted(holders & kept_slices.keys()):
+                conflicted_images.update(i for i, f in kept_by_image.items() if f == held)
+                conflicted_images.update(i for i, (_, f) in owner.items() if f == held)
+                exclude(held, f"same image as {display_path(d.path)}, whose label rows disagree")
+            continue
+        label = dataclasses.replace(
+            rows[0], source=next((r.source for r in rows if r.source), None)
+        )
+        entry["labelled_by"] = ", ".join(r.where for r in rows)
+        slice_ids = [
+            ([("sop", s.image_id)] if s.image_id.split("/")[0] else [])
+            + [("pixels", label.patient_id, s.pixel_hash)]
             for s in d.slices
         ]
         problem = None

@@ -98,7 +98,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         "and modality (when not CT); DICOM PatientIDs labelled as several patients are listed; "
         "Pixel Padding found beyond Bits Stored; native pixels that begin like an item tag decode; "
         "a rescale that overflows float32 is decode_failed; identical pixels labelled as two "
-        "patients are a conflict; images longer than 2:1 are resampled long side first.",
+        "patients are a conflict; images longer than 2:1 are resampled long side first; label rows "
+        "of one file must agree on patient and source; splits by a hash of the patient id (other "
+        "splits than 1.2.0; stable when patients are added).",
     }
     MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_INSTRUCTIONS
     BUILDER_CONFIGS = [
