@@ -26,6 +26,11 @@
   the file has them, before the bits above Bits Stored are masked off.
 * Float Pixel Data with NaN or infinite values is an error (`decode_failed`), not zeros; so is a
   rescale whose values overflow float32 (a huge slope or intercept), not 32767 after `to_int16`.
+* `read_dicom(..., keep_stored=True)` also keeps each frame's stored values in `stored`: the
+  decoded pixel array as the decoder returns it (integers as in the file, bits above Bits Stored
+  masked off; floats for Float Pixel Data; RGB samples for colour, palette indices for PALETTE
+  COLOR), before MONOCHROME1 reflection, modality transform and padding replacement. For data
+  whose values are codes rather than intensities (segmentation masks stored as images).
 
 A multi-frame object gives one slice per frame (NumberOfFrames, 1 when absent: bytes beyond them
 are ignored, never read as more frames), `frame` = 0, 1, ... and `image_id` =
@@ -181,6 +186,8 @@ class DicomSlice:
     rescale_intercept: float
     transfer_syntax: str
     referenced_sop_uids: tuple[str, ...]
+    # The frame's stored values, only with read_dicom(keep_stored=True); see the module docstring.
+    stored: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     @property
     def image_id(self) -> str:
@@ -188,10 +195,10 @@ class DicomSlice:
         return self.sop_uid if self.frame is None else f"{self.sop_uid}/{self.frame}"
 
     def metadata(self) -> dict[str, Any]:
-        """Every field except the image, plus image_id, as JSON-ready values (tuples -> lists)."""
+        """Every field except the pixels (image, stored), plus image_id, as JSON-ready values."""
         out: dict[str, Any] = {"image_id": self.image_id}
         for field in dataclasses.fields(self):
-            if field.name != "image":
+            if field.name not in ("image", "stored"):
                 value = getattr(self, field.name)
                 out[field.name] = list(value) if isinstance(value, tuple) else value
         return out
@@ -213,9 +220,15 @@ def supported_transfer_syntaxes() -> dict[str, str]:
 
 
 def read_dicom(
-    source: str | os.PathLike | bytes | BinaryIO, *, name: str | None = None
+    source: str | os.PathLike | bytes | BinaryIO,
+    *,
+    name: str | None = None,
+    keep_stored: bool = False,
 ) -> list[DicomSlice]:
-    """Decode a DICOM file (path, bytes or binary file object) into one DicomSlice per frame."""
+    """Decode a DICOM file (path, bytes or binary file object) into one DicomSlice per frame.
+
+    keep_stored: also set each slice's `stored` to the frame's stored values (module docstring).
+    """
     path = name if name is not None else _display_name(source)
     try:
         # pydicom logs every warning to the "pydicom" logger as well; the duplicate Python warnings
@@ -223,7 +236,7 @@ def read_dicom(
         with warnings.catch_warnings(record=True) as caught, _open(source, path) as fp:
             warnings.simplefilter("always")
             ds, ts = _read_dataset(fp, path, caught)
-            return _decode(ds, ts, path)
+            return _decode(ds, ts, path, keep_stored)
     except DicomError:
         raise
     except Exception as e:  # anything pydicom or a plugin raises on a bad file: one error type
@@ -820,7 +833,9 @@ def _check_frame_size(ds: Dataset, ts: dicom_uid.UID, path: str) -> None:
 # ----------------------------------------------------------------------------- decoding
 
 
-def _decode(ds: Dataset, ts: dicom_uid.UID, path: str) -> list[DicomSlice]:
+def _decode(
+    ds: Dataset, ts: dicom_uid.UID, path: str, keep_stored: bool = False
+) -> list[DicomSlice]:
     """Decode the pixel data and build one DicomSlice per frame."""
     _check_frame_size(ds, ts, path)
     frames, props = _pixels(ds, ts, path)
@@ -863,6 +878,7 @@ def _decode(ds: Dataset, ts: dicom_uid.UID, path: str) -> list[DicomSlice]:
             image=images[i],
             **common,
             **_frame_metadata(ds, i, n_frames, rescales[i], reflections[i]),
+            stored=frames[i] if keep_stored else None,
         )
         for i in range(n_frames)
     ]

@@ -658,7 +658,7 @@ def test_metadata_is_json_ready():
     (s,) = dicom.read_dicom(to_bytes(make_ds(STORED)))
     meta = s.metadata()
     assert json.loads(json.dumps(meta)) == meta
-    fields = {f.name for f in s.__dataclass_fields__.values()} - {"image"}
+    fields = {f.name for f in s.__dataclass_fields__.values()} - {"image", "stored"}
     assert set(meta) == fields | {"image_id"}
     assert meta["pixel_spacing"] == [0.75, 0.8] and meta["image_id"] == s.sop_uid
 
@@ -997,6 +997,23 @@ def test_pixel_padding_of_the_other_sign_is_read_in_the_pixels_sign():
     ds.add_new("PixelPaddingValue", "SS", -2000)  # the bits of 63536, written as signed
     (s,) = dicom.read_dicom(to_bytes(ds))
     np.testing.assert_array_equal(s.image, [[-24, -24], [40, -24]])
+
+
+def test_keep_stored_gives_the_stored_values_before_padding_and_rescale():
+    stored = np.array([[0, 0], [1, 2]], np.uint16)  # a label map with a CT header's padding tag
+    ds = make_ds(stored, PixelPaddingValue=0, PhotometricInterpretation="MONOCHROME1")
+    (s,) = dicom.read_dicom(to_bytes(ds), keep_stored=True)
+    assert s.image[0, 0] != -1024  # padding replaced (and reflected): the image hides the zeros
+    np.testing.assert_array_equal(s.stored, stored)
+    assert s.stored.dtype == np.uint16
+    frames = np.stack([np.zeros((2, 2), np.int16), np.array([[0, 5], [-6, 7]], np.int16)])
+    blank, other = dicom.read_dicom(
+        to_bytes(make_ds(frames, NumberOfFrames=2, PixelPaddingValue=0)), keep_stored=True
+    )
+    np.testing.assert_array_equal(blank.stored, frames[0])
+    np.testing.assert_array_equal(other.stored, frames[1])
+    (plain,) = dicom.read_dicom(to_bytes(ds))
+    assert plain.stored is None  # only when asked for: the pipeline keeps one array per slice
 
 
 def test_a_frame_of_padding_alone_is_air_in_ct():
