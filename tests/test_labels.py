@@ -396,6 +396,35 @@ def test_position_rule_rounds_and_undoes_ct_rescale(series):
     assert labels_by_file(result) == EXPECTED
 
 
+def test_pixel_padding_in_a_mask_header_is_not_a_set_pixel(series):
+    # A mask written over a copied CT header: Modality CT, stored values as HU (intercept 0) and
+    # PixelPaddingValue 0. The decoder replaces padding by the darkest other value, or by -1024 HU
+    # on a slice of padding alone; a mask pixel is set by its stored value, so the background
+    # stays background and each slice keeps its own count.
+    directory = series / "lesion"
+    write_mask_series(directory, LESION_PIXELS, rule="position", series=3)
+    for file in directory.iterdir():
+        ds = pydicom.dcmread(file)
+        ds.Modality, ds.RescaleIntercept, ds.RescaleSlope = "CT", 0, 1
+        ds.add_new("PixelPaddingValue", "SS", 0)  # the pixels are signed
+        ds.save_as(file)
+    result = labels.labels_from_masks(
+        series / "p1" / "ct",
+        [directory],
+        patient_id="P1",
+        relative_to=series,
+        min_lesion_pixels=4,
+    )
+    assert labels_by_file(result) == {
+        "p1/ct/slice_0.dcm": "normal",
+        "p1/ct/slice_1.dcm": "normal",
+        "p1/ct/slice_3.dcm": "lesion",
+        "p1/ct/slice_4.dcm": "lesion",
+        "p1/ct/slice_5.dcm": "normal",
+    }
+    assert result.left_out == (("p1/ct/slice_2.dcm", "lesion mask below --min-lesion-pixels 4"),)
+
+
 def test_organ_mask_and_second_lesion_mask(series):
     write_mask_series(series / "lesion_a", LESION_PIXELS, rule="sop_reference", series=2)
     write_mask_series(series / "lesion_b", (0, 0, 0, 0, 0, 9), rule="position", series=3)
@@ -512,6 +541,21 @@ def test_segmentation_object_as_mask_is_an_error(series):
             series / "p1" / "ct", [series / "lesion"], patient_id="P1", relative_to=series
         )
     assert "slice_0.dcm" in str(info.value) and "not_image" in str(info.value)
+
+
+def test_colour_mask_is_an_error(series):
+    write_mask_series(series / "lesion", LESION_PIXELS, rule="file_name", series=2)
+    rgb = series / "lesion" / "slice_3.dcm"
+    ds = pydicom.dcmread(rgb)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.zeros((SIZE, SIZE, 3), np.uint8).tobytes()
+    ds.save_as(rgb)
+    with pytest.raises(labels.MaskError, match="colour") as info:
+        labels.labels_from_masks(
+            series / "p1" / "ct", [series / "lesion"], patient_id="P1", relative_to=series
+        )
+    assert "slice_3.dcm" in str(info.value) and "grayscale" in str(info.value)
 
 
 def test_unmatched_mask_slice_is_an_error(series):

@@ -19,7 +19,8 @@ problem in the file is collected and raised as one :class:`LabelError` that name
 from-masks ...`` writes one from lesion (and organ) mask series, see :func:`labels_from_masks`:
 an image is ``lesion`` when any lesion mask has at least ``--min-lesion-pixels`` set pixels on it,
 ``normal`` when no lesion mask has any and the organ mask (if given) is set on it, and left out
-otherwise (each reason counted). A mask pixel is set when its stored value is non-zero. Mask slices
+otherwise (each reason counted). A mask pixel is set when its stored value (as in the file, before
+any rescale; Pixel Padding tags are ignored) is non-zero. Mask slices
 are matched to image slices by the first rule that every slice supports: SOPInstanceUID reference,
 ImagePositionPatient (to 0.01 mm), InstanceNumber, file name; a mask slice that then matches no
 image, or a different rows x columns, is an error. DICOM SEG objects are not read.
@@ -527,7 +528,9 @@ class _Slice:
     dicom: object  # liverjax.dicom.DicomSlice
 
 
-def _load_series(directory: pathlib.Path, role: str) -> tuple[list[_Slice], list[tuple]]:
+def _load_series(
+    directory: pathlib.Path, role: str, keep_stored: bool = False
+) -> tuple[list[_Slice], list[tuple]]:
     """Decode every file under directory; returns (slices, [(file, DicomError)] not decoded)."""
     from liverjax import dicom
 
@@ -537,7 +540,7 @@ def _load_series(directory: pathlib.Path, role: str) -> tuple[list[_Slice], list
     for file in sorted(p for p in directory.rglob("*") if p.is_file()):
         name = file.relative_to(directory).as_posix()
         try:
-            decoded = dicom.read_dicom(file)
+            decoded = dicom.read_dicom(file, keep_stored=keep_stored)
         except dicom.DicomError as e:
             failed.append((file, e))
             continue
@@ -549,7 +552,7 @@ def _load_series(directory: pathlib.Path, role: str) -> tuple[list[_Slice], list
 
 def _load_masks(directory: pathlib.Path, role: str) -> tuple[list[_Slice], list[str]]:
     """Decode a mask series; returns (slices, names of files that are not DICOM)."""
-    slices, failed = _load_series(directory, role)
+    slices, failed = _load_series(directory, role, keep_stored=True)
     ignored = []
     for file, error in failed:
         if error.reason in _SKIPPABLE_MASK_FILES:
@@ -565,6 +568,11 @@ def _load_masks(directory: pathlib.Path, role: str) -> tuple[list[_Slice], list[
         if s.dicom.photometric == "MONOCHROME1":
             raise MaskError(
                 f"{role} mask {s.file}: is MONOCHROME1 (inverted); store masks as MONOCHROME2"
+            )
+        if s.dicom.stored.ndim != 2:  # (rows, columns, samples): RGB
+            raise MaskError(
+                f"{role} mask {s.file}: is colour ({s.dicom.photometric}); store masks as "
+                "grayscale, one stored value per pixel"
             )
     return slices, ignored
 
@@ -663,10 +671,10 @@ def _shape(s: _Slice) -> str:
 
 
 def _set_pixels(s: _Slice) -> int:
-    """Number of mask pixels whose stored value is non-zero (the decoder's rescale undone)."""
-    # The decoder maps stored s to s * slope + intercept, so stored 0 decodes to the intercept.
-    background = np.float32(s.dicom.rescale_intercept)
-    return int(np.count_nonzero(s.dicom.image != background))
+    """Number of mask pixels whose stored value is non-zero."""
+    # Stored values, not the decoded image: the decoder rescales them and replaces Pixel Padding
+    # (a CT header copied onto a mask often declares 0 as padding) by another value.
+    return int(np.count_nonzero(s.dicom.stored))
 
 
 def _match_masks(
