@@ -462,6 +462,42 @@ def test_organ_mask_and_second_lesion_mask(series):
     assert result.left_out == (("p1/ct/slice_0.dcm", "no organ-mask slice for the image"),)
 
 
+def test_image_slices_without_a_lesion_mask_slice_are_left_out(series):
+    # A lesion mask exported only for the slices that show a lesion (2, 3, 4).
+    write_mask_series(series / "lesion", LESION_PIXELS, rule="sop_reference", series=2)
+    for i in (0, 1, 5):
+        (series / "lesion" / f"mask_{SLICES - 1 - i}.dcm").unlink()
+    images = series / "p1" / "ct"
+    result = labels.labels_from_masks(
+        images, [series / "lesion"], patient_id="P1", relative_to=series
+    )
+    assert labels_by_file(result) == {
+        "p1/ct/slice_2.dcm": "lesion",
+        "p1/ct/slice_3.dcm": "lesion",
+        "p1/ct/slice_4.dcm": "lesion",
+    }
+    assert result.left_out == tuple(
+        (f"p1/ct/slice_{i}.dcm", "no lesion-mask slice for the image") for i in (0, 1, 5)
+    )
+    assert "3 mask slices onto 3 of 6 image slices" in result.summary()
+    # Masks that store only the slices with a lesion: the others are normal when asked for.
+    result = labels.labels_from_masks(
+        images, [series / "lesion"], patient_id="P1", relative_to=series, uncovered_as_normal=True
+    )
+    assert labels_by_file(result) == EXPECTED and result.left_out == ()
+    # Several lesion masks: a slice is normal only where every one of them has a slice.
+    write_mask_series(series / "full", (0,) * SLICES, rule="position", series=3)
+    result = labels.labels_from_masks(
+        images, [series / "full", series / "lesion"], patient_id="P1", relative_to=series
+    )
+    assert labels_by_file(result) == {
+        "p1/ct/slice_2.dcm": "lesion",
+        "p1/ct/slice_3.dcm": "lesion",
+        "p1/ct/slice_4.dcm": "lesion",
+    }
+    assert result.left_out_counts() == {"a lesion mask has no slice for the image": 3}
+
+
 def test_min_lesion_pixels_leaves_small_lesions_out(series):
     write_mask_series(series / "lesion", LESION_PIXELS, rule="instance_number", series=2)
     (series / "lesion" / "README.txt").write_text("liver lesion masks")  # ignored and said so

@@ -18,8 +18,10 @@ problem in the file is collected and raised as one :class:`LabelError` that name
 ``python -m tfds_liver.labels check labels.csv`` validates a file; ``python -m tfds_liver.labels
 from-masks ...`` writes one from lesion (and organ) mask series, see :func:`labels_from_masks`:
 an image is ``lesion`` when any lesion mask has at least ``--min-lesion-pixels`` set pixels on it,
-``normal`` when no lesion mask has any and the organ mask (if given) is set on it, and left out
-otherwise (each reason counted). A mask pixel is set when its stored value (as in the file, before
+``normal`` when every lesion mask has a slice for it with none and the organ mask (if given) is set
+on it, and left out otherwise (each reason counted): a lesion mask without a slice for an image does
+not say that it is normal, unless ``--uncovered-as-normal`` (masks that store only the slices with a
+lesion). A mask pixel is set when its stored value (as in the file, before
 any rescale; Pixel Padding tags are ignored) is non-zero. Mask slices
 are matched to image slices by the first rule that every slice supports: SOPInstanceUID reference,
 ImagePositionPatient (to 0.01 mm), InstanceNumber, file name; a mask slice that then matches no
@@ -474,15 +476,17 @@ class MaskMatch:
     role: str  # "lesion" or "organ"
     rule: str  # one of MATCH_RULES
     mask_slices: int
-    images_covered: int  # image slices that have a mask slice (the others count as empty)
+    images_covered: int  # image slices that have a mask slice
     rules_not_used: tuple[str, ...]  # "rule: why" for each earlier rule that did not apply
     ignored_files: tuple[str, ...] = ()  # files in the folder that are not DICOM (or empty)
+    image_slices: int = 0  # image slices in the series (covered or not)
 
     def describe(self) -> str:
         """Lines for people: which rule matched, how much it covered, why not earlier rules."""
         lines = [
             f"{self.role} mask {self.mask_dir}: matched by {RULE_NAMES[self.rule]}; "
-            f"{self.mask_slices} mask slices onto {self.images_covered} image slices"
+            f"{self.mask_slices} mask slices onto {self.images_covered} of {self.image_slices} "
+            "image slices"
         ]
         lines += [f"  not by {why}" for why in self.rules_not_used]
         if self.ignored_files:
@@ -694,19 +698,35 @@ def _match_masks(
     _check_geometry(pairs, images, masks, where)
     counts = [_set_pixels(masks[pairs[n]]) if n in pairs else None for n in range(len(images))]
     match = MaskMatch(
-        str(directory), role, rule, len(masks), len(pairs), tuple(not_used), tuple(ignored)
+        str(directory),
+        role,
+        rule,
+        len(masks),
+        len(pairs),
+        tuple(not_used),
+        tuple(ignored),
+        image_slices=len(images),
     )
     return match, counts
 
 
 def _slice_label(
-    lesion_counts: list[int], organ_count: int | None, has_organ: bool, min_pixels: int
+    lesion_counts: list[int | None],
+    organ_count: int | None,
+    has_organ: bool,
+    min_pixels: int,
+    uncovered_as_normal: bool,
 ) -> tuple[int | None, str]:
-    """(label, '') for a slice, or (None, why it is left out)."""
-    if max(lesion_counts) >= min_pixels:
+    """(label, '') for a slice, or (None, why it is left out); a count of None: no mask slice."""
+    counted = [c for c in lesion_counts if c is not None]
+    if counted and max(counted) >= min_pixels:
         return 1, ""
-    if max(lesion_counts) > 0:
+    if counted and max(counted) > 0:
         return None, f"lesion mask below --min-lesion-pixels {min_pixels}"
+    if len(counted) < len(lesion_counts) and not uncovered_as_normal:
+        if not counted:
+            return None, "no lesion-mask slice for the image"
+        return None, "a lesion mask has no slice for the image"
     if not has_organ:
         return 0, ""
     if organ_count is None:
@@ -724,8 +744,13 @@ def labels_from_masks(
     relative_to: str | os.PathLike,
     organ_mask: str | os.PathLike | None = None,
     min_lesion_pixels: int = 1,
+    uncovered_as_normal: bool = False,
 ) -> MaskLabels:
-    """Label each image file of a series from lesion (and organ) mask series."""
+    """Label each image file of a series from lesion (and organ) mask series.
+
+    uncovered_as_normal: an image slice that a lesion mask has no slice for counts as empty in that
+    mask (for masks that store only the slices with a lesion), instead of being left out.
+    """
     if min_lesion_pixels < 1:
         raise ValueError(f"min_lesion_pixels must be at least 1, got {min_lesion_pixels}")
     if not lesion_masks:
@@ -737,7 +762,7 @@ def labels_from_masks(
     for directory in lesion_masks:
         match, counts = _match_masks(image_slices, pathlib.Path(directory), "lesion")
         matches.append(match)
-        lesion_counts.append([c or 0 for c in counts])
+        lesion_counts.append(counts)
     organ_counts: list[int | None] = [None] * len(image_slices)
     if organ_mask is not None:
         match, organ_counts = _match_masks(image_slices, pathlib.Path(organ_mask), "organ")
@@ -759,6 +784,7 @@ def labels_from_masks(
             organ_counts[n],
             organ_mask is not None,
             min_lesion_pixels,
+            uncovered_as_normal,
         )
         per_file.setdefault(s.file, []).append(outcome)
     rows, left_out = [], []
@@ -814,6 +840,7 @@ def _from_masks(args: argparse.Namespace) -> int:
         relative_to=args.relative_to if args.relative_to is not None else out.parent,
         organ_mask=args.organ_mask,
         min_lesion_pixels=args.min_lesion_pixels,
+        uncovered_as_normal=args.uncovered_as_normal,
     )
     print(result.summary())
     if not result.rows:
@@ -857,6 +884,12 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=1,
         help="a slice is lesion when a lesion mask has at least this many pixels on it",
+    )
+    masks.add_argument(
+        "--uncovered-as-normal",
+        action="store_true",
+        help="an image slice that a lesion mask has no slice for counts as empty in it (masks "
+        "that store only the slices with a lesion); by default such slices are left out",
     )
     masks.add_argument("--out", default="labels.csv", help="labels.csv to write")
     masks.add_argument(
