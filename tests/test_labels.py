@@ -498,6 +498,86 @@ def test_image_slices_without_a_lesion_mask_slice_are_left_out(series):
     assert result.left_out_counts() == {"a lesion mask has no slice for the image": 3}
 
 
+def write_label_map(directory: pathlib.Path) -> None:
+    """A LiTS-style label map, one slice per image: 0 background, 1 liver, 2 tumour."""
+    for i in range(SLICES):
+        stored = np.zeros((SIZE, SIZE), np.int16)
+        if ORGAN_ON[i]:
+            stored[20:50, 10:40] = 1
+        stored[mask_pixels(LESION_PIXELS[i]) > 0] = 2
+        write_dicom(
+            directory / f"slice_{i}.dcm",
+            stored,
+            sop_uid=uid(7, i),
+            series_uid=uid(7),
+            modality="OT",
+        )
+
+
+def test_label_map_needs_the_values_that_count(series):
+    write_label_map(series / "map")
+    images, label_map = series / "p1" / "ct", series / "map"
+    with pytest.raises(labels.MaskError) as info:
+        labels.labels_from_masks(images, [label_map], patient_id="P1", relative_to=series)
+    message = str(info.value)
+    assert "slice_2.dcm" in message and "1, 2" in message and "--lesion-values" in message
+    with pytest.raises(labels.MaskError, match="--organ-values"):
+        labels.labels_from_masks(
+            images,
+            [label_map],
+            patient_id="P1",
+            relative_to=series,
+            organ_mask=label_map,
+            lesion_values=(2,),
+        )
+    result = labels.labels_from_masks(
+        images,
+        [label_map],
+        patient_id="P1",
+        relative_to=series,
+        organ_mask=label_map,
+        lesion_values=(2,),
+        organ_values=(1, 2),  # tumour is inside the liver
+    )
+    assert labels_by_file(result) == {
+        "p1/ct/slice_1.dcm": "normal",
+        "p1/ct/slice_2.dcm": "lesion",
+        "p1/ct/slice_3.dcm": "lesion",
+        "p1/ct/slice_4.dcm": "lesion",
+    }
+    assert result.left_out_counts() == {"organ mask empty on the image": 2}
+    summary = result.summary()
+    assert "stored values 1, 2; counting 2 as set" in summary
+    assert "stored values 1, 2; counting 1, 2 as set" in summary
+    with pytest.raises(ValueError, match="background"):
+        labels.labels_from_masks(
+            images, [label_map], patient_id="P1", relative_to=series, lesion_values=(0, 2)
+        )
+
+
+def test_mask_slices_of_different_values_need_the_values_too(series):
+    write_mask_series(series / "lesion", LESION_PIXELS, rule="file_name", series=2)
+    other = series / "lesion" / "slice_3.dcm"
+    ds = pydicom.dcmread(other)
+    ds.PixelData = (mask_pixels(LESION_PIXELS[3]) // 255 * 3).astype("<i2").tobytes()
+    ds.save_as(other)
+    with pytest.raises(labels.MaskError) as info:
+        labels.labels_from_masks(
+            series / "p1" / "ct", [series / "lesion"], patient_id="P1", relative_to=series
+        )
+    message = str(info.value)
+    assert "different stored values: 255 in " in message and "slice_2.dcm; 3 in " in message
+    assert "slice_3.dcm" in message
+    result = labels.labels_from_masks(
+        series / "p1" / "ct",
+        [series / "lesion"],
+        patient_id="P1",
+        relative_to=series,
+        lesion_values=(255,),
+    )
+    assert labels_by_file(result)["p1/ct/slice_3.dcm"] == "normal"  # only 255 counts
+
+
 def test_min_lesion_pixels_leaves_small_lesions_out(series):
     write_mask_series(series / "lesion", LESION_PIXELS, rule="instance_number", series=2)
     (series / "lesion" / "README.txt").write_text("liver lesion masks")  # ignored and said so

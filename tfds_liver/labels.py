@@ -21,11 +21,13 @@ an image is ``lesion`` when any lesion mask has at least ``--min-lesion-pixels``
 ``normal`` when every lesion mask has a slice for it with none and the organ mask (if given) is set
 on it, and left out otherwise (each reason counted): a lesion mask without a slice for an image does
 not say that it is normal, unless ``--uncovered-as-normal`` (masks that store only the slices with a
-lesion). A mask pixel is set when its stored value (as in the file, before
-any rescale; Pixel Padding tags are ignored) is non-zero. Mask slices
-are matched to image slices by the first rule that every slice supports: SOPInstanceUID reference,
-ImagePositionPatient (to 0.01 mm), InstanceNumber, file name; a mask slice that then matches no
-image, or a different rows x columns, is an error. DICOM SEG objects are not read.
+lesion). A mask pixel is set when its stored value (as in the file, before any rescale; Pixel
+Padding tags are ignored) is non-zero, or with ``--lesion-values`` / ``--organ-values`` one of the
+values given (label maps such as LiTS: 1 liver, 2 tumour); a mask series holding several non-zero
+values without such a list is an error. Mask slices are matched to image slices by the first rule
+that every slice supports: SOPInstanceUID reference, ImagePositionPatient (to 0.01 mm),
+InstanceNumber, file name; a mask slice that then matches no image, or a different rows x columns,
+is an error. DICOM SEG objects are not read.
 """
 
 from __future__ import annotations
@@ -461,6 +463,7 @@ RULE_NAMES = {
 }
 POSITION_DECIMALS = 2  # ImagePositionPatient is compared after rounding to 0.01 mm
 MAX_LISTED_MISMATCHES = 5  # a MaskError lists this many unmatched slices, then counts the rest
+MAX_LISTED_VALUES = 10  # stored values of a mask listed in a message, then counted
 _SKIPPABLE_MASK_FILES = ("empty", "not_dicom")  # e.g. a README or .DS_Store next to the masks
 
 
@@ -480,6 +483,8 @@ class MaskMatch:
     rules_not_used: tuple[str, ...]  # "rule: why" for each earlier rule that did not apply
     ignored_files: tuple[str, ...] = ()  # files in the folder that are not DICOM (or empty)
     image_slices: int = 0  # image slices in the series (covered or not)
+    values_found: tuple[float, ...] = ()  # the distinct non-zero stored values in the mask
+    set_values: tuple[float, ...] | None = None  # the stored values counted as set; None: non-zero
 
     def describe(self) -> str:
         """Lines for people: which rule matched, how much it covered, why not earlier rules."""
@@ -488,6 +493,11 @@ class MaskMatch:
             f"{self.mask_slices} mask slices onto {self.images_covered} of {self.image_slices} "
             "image slices"
         ]
+        counting = "non-zero" if self.set_values is None else _format_values(self.set_values)
+        lines.append(
+            f"  stored values {_format_values(self.values_found) or 'none but 0'}; "
+            f"counting {counting} as set"
+        )
         lines += [f"  not by {why}" for why in self.rules_not_used]
         if self.ignored_files:
             lines.append(
@@ -674,19 +684,56 @@ def _shape(s: _Slice) -> str:
     return f"{rows} rows x {cols} columns"
 
 
-def _set_pixels(s: _Slice) -> int:
-    """Number of mask pixels whose stored value is non-zero."""
+def _format_values(values: Sequence[float]) -> str:
+    shown = [str(int(v)) if float(v).is_integer() else f"{v:g}" for v in values]
+    more = len(values) - MAX_LISTED_VALUES
+    return ", ".join(shown[:MAX_LISTED_VALUES]) + (
+        f" ... ({len(values)} values)" if more > 0 else ""
+    )
+
+
+def _values_found(masks: list[_Slice], where: str, option: str, given: bool) -> tuple[float, ...]:
+    """The distinct non-zero stored values of a mask series; several without `given`: MaskError."""
+    per_slice = [v[v != 0].tolist() for v in (np.unique(m.dicom.stored) for m in masks)]
+    found = tuple(sorted(set().union(*per_slice)))
+    if len(found) <= 1 or given:
+        return found
+    several = [(m, v) for m, v in zip(masks, per_slice, strict=True) if len(v) > 1]
+    if several:
+        mask, values = several[0]
+        detail = f"mask {mask.file} holds the stored values {_format_values(values)}"
+    else:  # one value per slice, but not the same one
+        first: dict[float, pathlib.Path] = {}
+        for m, v in zip(masks, per_slice, strict=True):
+            if v:
+                first.setdefault(v[0], m.file)
+        detail = "its slices hold different stored values: " + "; ".join(
+            f"{_format_values([v])} in {file}"
+            for v, file in list(first.items())[:MAX_LISTED_MISMATCHES]
+        )
+    raise MaskError(
+        f"{where}: {detail} (the series: {_format_values(found)}); a label map with several values "
+        f"needs {option} V [V ...] naming the stored values that count as set, e.g. for LiTS "
+        "(1 liver, 2 tumour) --lesion-values 2 --organ-values 1 2"
+    )
+
+
+def _set_pixels(s: _Slice, values: tuple[float, ...] | None) -> int:
+    """Number of mask pixels whose stored value is non-zero, or one of values."""
     # Stored values, not the decoded image: the decoder rescales them and replaces Pixel Padding
     # (a CT header copied onto a mask often declares 0 as padding) by another value.
-    return int(np.count_nonzero(s.dicom.stored))
+    if values is None:
+        return int(np.count_nonzero(s.dicom.stored))
+    return int(np.count_nonzero(np.isin(s.dicom.stored, values)))
 
 
 def _match_masks(
-    images: list[_Slice], directory: pathlib.Path, role: str
+    images: list[_Slice], directory: pathlib.Path, role: str, values: tuple[float, ...] | None
 ) -> tuple[MaskMatch, list[int | None]]:
     """Match one mask series; returns the match and each image's set-pixel count (None: no mask)."""
     masks, ignored = _load_masks(directory, role)
     where = f"{role} mask {directory}"
+    found = _values_found(masks, where, f"--{role}-values", values is not None)
     not_used = []
     for rule in MATCH_RULES:
         why = _why_not(rule, images, masks)
@@ -696,7 +743,9 @@ def _match_masks(
         pairs = _pair(rule, images, masks, where)
         break
     _check_geometry(pairs, images, masks, where)
-    counts = [_set_pixels(masks[pairs[n]]) if n in pairs else None for n in range(len(images))]
+    counts = [
+        _set_pixels(masks[pairs[n]], values) if n in pairs else None for n in range(len(images))
+    ]
     match = MaskMatch(
         str(directory),
         role,
@@ -706,6 +755,8 @@ def _match_masks(
         tuple(not_used),
         tuple(ignored),
         image_slices=len(images),
+        values_found=found,
+        set_values=values,
     )
     return match, counts
 
@@ -736,6 +787,19 @@ def _slice_label(
     return 0, ""
 
 
+def _set_values(values: Sequence[float] | None, role: str) -> tuple[float, ...] | None:
+    if values is None:
+        return None
+    out = tuple(sorted(set(values)))
+    if not out:
+        raise ValueError(f"{role}_values is empty; give the stored values that count as set")
+    if 0 in out:
+        raise ValueError(
+            f"{role}_values contains 0, the background of a mask; give the values that count as set"
+        )
+    return out
+
+
 def labels_from_masks(
     images: str | os.PathLike,
     lesion_masks: Sequence[str | os.PathLike],
@@ -745,12 +809,17 @@ def labels_from_masks(
     organ_mask: str | os.PathLike | None = None,
     min_lesion_pixels: int = 1,
     uncovered_as_normal: bool = False,
+    lesion_values: Sequence[float] | None = None,
+    organ_values: Sequence[float] | None = None,
 ) -> MaskLabels:
     """Label each image file of a series from lesion (and organ) mask series.
 
     uncovered_as_normal: an image slice that a lesion mask has no slice for counts as empty in that
     mask (for masks that store only the slices with a lesion), instead of being left out.
+    lesion_values, organ_values: the stored values that count as set in the lesion masks and in
+    the organ mask (label maps); None: any non-zero value, and a mask with several is an error.
     """
+    lesion_set, organ_set = _set_values(lesion_values, "lesion"), _set_values(organ_values, "organ")
     if min_lesion_pixels < 1:
         raise ValueError(f"min_lesion_pixels must be at least 1, got {min_lesion_pixels}")
     if not lesion_masks:
@@ -760,12 +829,14 @@ def labels_from_masks(
     image_slices, failed = _load_series(images_dir, "images")
     matches, lesion_counts = [], []
     for directory in lesion_masks:
-        match, counts = _match_masks(image_slices, pathlib.Path(directory), "lesion")
+        match, counts = _match_masks(image_slices, pathlib.Path(directory), "lesion", lesion_set)
         matches.append(match)
         lesion_counts.append(counts)
     organ_counts: list[int | None] = [None] * len(image_slices)
     if organ_mask is not None:
-        match, organ_counts = _match_masks(image_slices, pathlib.Path(organ_mask), "organ")
+        match, organ_counts = _match_masks(
+            image_slices, pathlib.Path(organ_mask), "organ", organ_set
+        )
         matches.append(match)
 
     def relative(file: pathlib.Path) -> str:
@@ -841,6 +912,8 @@ def _from_masks(args: argparse.Namespace) -> int:
         organ_mask=args.organ_mask,
         min_lesion_pixels=args.min_lesion_pixels,
         uncovered_as_normal=args.uncovered_as_normal,
+        lesion_values=args.lesion_values,
+        organ_values=args.organ_values,
     )
     print(result.summary())
     if not result.rows:
@@ -849,6 +922,16 @@ def _from_masks(args: argparse.Namespace) -> int:
     write_labels(result.rows, out)
     print(f"wrote {out}")
     return 0
+
+
+def _mask_value(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"is not a number: {text!r}") from None
+    if value == 0:
+        raise argparse.ArgumentTypeError("0 is a mask's background; give the values that are set")
+    return int(value) if value.is_integer() else value
 
 
 def _positive_int(text: str) -> int:
@@ -877,6 +960,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     masks.add_argument(
         "--organ-mask", help="folder of an organ mask series: slices without organ are left out"
+    )
+    masks.add_argument(
+        "--lesion-values",
+        type=_mask_value,
+        nargs="+",
+        help="stored values that count as lesion in the lesion masks (label maps; default: any "
+        "non-zero value, and a mask holding several is an error)",
+    )
+    masks.add_argument(
+        "--organ-values",
+        type=_mask_value,
+        nargs="+",
+        help="stored values that count as organ in the organ mask (default: any non-zero value)",
     )
     masks.add_argument("--patient-id", required=True, help="patient_id written on every row")
     masks.add_argument(
