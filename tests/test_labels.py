@@ -1,6 +1,7 @@
 """labels.csv validation and writing, and labels from mask series (on real DICOM written here)."""
 
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -749,6 +750,57 @@ def test_cli_from_masks_then_check(series):
     assert done.returncode == 0, done.stderr
     assert "5 rows, 1 patients; 3 normal, 2 lesion" in done.stdout
     assert "do not exist" not in done.stdout
+
+
+def test_cli_refuses_an_existing_out_unless_append_or_overwrite(series):
+    shutil.copytree(series / "p1", series / "p2")
+    write_mask_series(series / "lesion", LESION_PIXELS, rule="position", series=2)
+    out = series / "labels.csv"
+
+    def from_masks(patient: str, *flags: str) -> subprocess.CompletedProcess:
+        return run_cli(
+            "from-masks",
+            "--images",
+            series / patient.lower() / "ct",
+            "--lesion-masks",
+            series / "lesion",
+            "--lesion-values",
+            "255",
+            "--patient-id",
+            patient,
+            "--out",
+            out,
+            *flags,
+        )
+
+    def rows() -> list[tuple[str, str]]:
+        return [(r.patient_id, r.path) for r in labels.read_labels(out)]
+
+    assert from_masks("P1").returncode == 0
+    first = out.read_bytes()
+    done = from_masks("P2")
+    assert done.returncode == 2
+    assert "exists" in done.stderr and "--append" in done.stderr and "--overwrite" in done.stderr
+    assert out.read_bytes() == first
+    done = from_masks("P2", "--append")
+    assert done.returncode == 0, done.stderr
+    assert rows() == [("P1", f"p1/ct/slice_{i}.dcm") for i in range(SLICES)] + [
+        ("P2", f"p2/ct/slice_{i}.dcm") for i in range(SLICES)
+    ]
+    both = out.read_bytes()
+    done = from_masks("P2", "--append")  # the same images again
+    assert done.returncode == 2
+    assert "p2/ct/slice_0.dcm" in done.stderr and "twice" in done.stderr
+    assert out.read_bytes() == both
+    assert from_masks("P2", "--append", "--overwrite").returncode == 2  # one or the other
+    done = from_masks("P2", "--overwrite")
+    assert done.returncode == 0, done.stderr
+    assert rows() == [("P2", f"p2/ct/slice_{i}.dcm") for i in range(SLICES)]
+    # Columns of the user's own are not written back: --append would drop them.
+    out.write_text("patient_id,label,path,x_note\nP9,normal,p9/a.dcm,checked\n")
+    done = from_masks("P1", "--append")
+    assert done.returncode == 2 and "x_note" in done.stderr
+    assert "checked" in out.read_text()
 
 
 def test_cli_check_reports_errors_with_exit_code_2(tmp_path):

@@ -904,6 +904,14 @@ def _check(args: argparse.Namespace) -> int:
 
 def _from_masks(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.out)
+    if out.exists() and not (args.append or args.overwrite):
+        print(
+            f"error: {out} exists; give --append to add these rows to it (one run per patient) "
+            "or --overwrite to replace it",
+            file=sys.stderr,
+        )
+        return 2
+    kept = _rows_to_append_to(out) if args.append and out.exists() else []
     result = labels_from_masks(
         args.images,
         args.lesion_masks,
@@ -919,9 +927,42 @@ def _from_masks(args: argparse.Namespace) -> int:
     if not result.rows:
         print(f"error: no image could be labelled; {out} not written", file=sys.stderr)
         return 2
-    write_labels(result.rows, out)
-    print(f"wrote {out}")
+    listed = {row.path: row for row in kept if row.path is not None}
+    twice = [
+        (listed[row.path].row, "path", f"{row.path} is here already; --append would list it twice")
+        for row in result.rows
+        if row.path in listed
+    ]
+    if twice:
+        raise LabelError(out, twice)
+    write_labels([*kept, *result.rows], out)
+    added = f" ({len(kept)} rows kept, {len(result.rows)} added)" if args.append else ""
+    print(f"wrote {out}{added}")
     return 0
+
+
+def _rows_to_append_to(out: pathlib.Path) -> list[LabelRow]:
+    """The rows of an existing labels.csv for --append; LabelError if rewriting it loses data."""
+    rows = read_labels(out)
+    header = next(
+        record
+        for record in csv.reader(io.StringIO(out.read_text("utf-8-sig"), newline=""))
+        if any(cell.strip() for cell in record)
+    )
+    own = [c.strip() for c in header if c.strip().lower().startswith(USER_COLUMN_PREFIX)]
+    if own:
+        raise LabelError(
+            out,
+            [
+                (
+                    1,
+                    own[0],
+                    f"--append rewrites the file, and columns of your own ({', '.join(own)}) are "
+                    "not written back; write to a new file and merge the two yourself",
+                )
+            ],
+        )
+    return rows
 
 
 def _mask_value(text: str) -> float:
@@ -988,6 +1029,13 @@ def _parser() -> argparse.ArgumentParser:
         "that store only the slices with a lesion); by default such slices are left out",
     )
     masks.add_argument("--out", default="labels.csv", help="labels.csv to write")
+    existing = masks.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--append",
+        action="store_true",
+        help="--out may exist: keep its rows and add these (a path in both is an error)",
+    )
+    existing.add_argument("--overwrite", action="store_true", help="--out may exist: replace it")
     masks.add_argument(
         "--relative-to", help="folder the written paths are relative to (default: --out's folder)"
     )
