@@ -263,6 +263,21 @@ def operating_points(
 # --------------------------------------------------------------------------- metrics
 
 
+def _bootstrap(settings, groups, labels, probs, threshold: float) -> metrics.BootstrapIntervals:
+    """Patient-bootstrap intervals of every metric, with the evaluation's settings."""
+    return metrics.bootstrap_ci(
+        groups,
+        labels,
+        probs,
+        metrics.METRIC_NAMES,
+        n_resamples=settings.bootstrap_resamples,
+        seed=settings.bootstrap_seed,
+        alpha=1.0 - settings.confidence,
+        threshold=threshold,
+        n_bins=settings.calibration_bins,
+    )
+
+
 def assess(
     predictions: Predictions,
     points: Mapping[str, Mapping[str, Any]],
@@ -733,18 +748,3 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
-
-
-def _bootstrap(settings, groups, labels, probs, threshold: float) -> metrics.BootstrapIntervals:
-    """Patient-bootstrap intervals of every metric, with the evaluation's settings."""
-    return metrics.bootstrap_ci(
-        groups,
-        labels,
-        probs,
-        metrics.METRIC_NAMES,
-        n_resamples=settings.bootstrap_resamples,
-        seed=settings.bootstrap_seed,
-        alpha=1.0 - settings.confidence,
-        threshold=threshold,
-        n_bins=settings.calibration_bins,
-    )

@@ -238,6 +238,27 @@ def test_report_files(run):
     assert f"checkpoint step {result['checkpoint']['step']}" in page
 
 
+def test_the_command_line_runs_as_a_script(run, tmp_path, tmp_path_factory):
+    """`python -m liverjax.evaluate` as users type it (a module run as a script sees only what is
+    defined above its __main__ block)."""
+    import shutil
+    import subprocess
+    import sys
+
+    workdir = tmp_path / "run"
+    shutil.copytree(run[0], workdir)
+    shutil.rmtree(workdir / evaluate.REPORT_DIR)
+    env = training_runs.child_env(training_runs.compilation_cache(tmp_path_factory), devices=8)
+    done = subprocess.run(
+        [sys.executable, "-m", "liverjax.evaluate", "--workdir", str(workdir), "--split", "test"],
+        cwd=training_runs.REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "slice ROC AUC" in done.stdout
+    assert (workdir / evaluate.REPORT_DIR / report.HTML_FILE).is_file()
+    assert (workdir / evaluate.OPERATING_POINT_FILE).is_file()
+
+
 def test_checkpoint_and_workdir_errors(run, tmp_path):
     workdir, config, _ = run
     steps = _checkpointer(workdir, config).all_steps()
