@@ -592,13 +592,13 @@ def _dataset_section(result: Mapping[str, Any], curation: Mapping[str, Any] | No
             f"{n} {m or 'without Modality'}" for m, n in curation["files_not_ct"].items()
         )
         warnings.append(
-            f"{sum(curation['files_not_ct'].values())} decoded input files are not CT ({kinds}):"
+            f"{sum(curation['files_not_ct'].values())} written input files are not CT ({kinds}):"
             " their values are not Hounsfield units."
         )
     if curation.get("files_with_clipped_pixels"):
         warnings.append(
-            f"{curation['files_with_clipped_pixels']} input files had pixel values outside int16,"
-            " clipped to it (not Hounsfield units?)."
+            f"{curation['files_with_clipped_pixels']} written input files had pixel values "
+            "outside int16, clipped to it (not Hounsfield units?)."
         )
     warn = "".join(f'<p class="warn">{_e(w)}</p>' for w in warnings)
     split_rows = [

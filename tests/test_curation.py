@@ -403,7 +403,7 @@ def test_pixels_beyond_int16_are_counted_in_the_report(tmp_path, caplog):
     assert entries["steep.dcm"]["clipped_pixels"] == SIZE * SIZE
     assert entries["steep.dcm"]["status"] == "written"
     assert result.report["files_with_clipped_pixels"] == 1
-    assert "1 files have pixels outside int16" in curation.summarize(result.report)
+    assert "1 written files have pixels outside int16" in curation.summarize(result.report)
     with caplog.at_level("WARNING"):
         curation.log_summary(result.report)
     assert "steep.dcm" in caplog.text and "clipped" in caplog.text
@@ -412,10 +412,11 @@ def test_pixels_beyond_int16_are_counted_in_the_report(tmp_path, caplog):
 
 
 def test_files_that_are_not_ct_are_reported(tmp_path, caplog):
-    """MR or a file without Modality decodes, but its values are not HU: each is named."""
+    """MR or a file without Modality decodes, but its values are not HU: each is named, and the
+    written ones are counted and warned about (an unlabelled mask series is not)."""
     d = tmp_path / "m"
     for seed, (name, modality) in enumerate(
-        (("ct.dcm", "CT"), ("mr.dcm", "MR"), ("none.dcm", None))
+        (("ct.dcm", "CT"), ("mr.dcm", "MR"), ("none.dcm", None), ("mask.dcm", "OT"))
     ):
         write_ct(d / name, image(seed), patient=name)
         ds = pydicom.dcmread(d / name)
@@ -433,15 +434,17 @@ def test_files_that_are_not_ct_are_reported(tmp_path, caplog):
     assert "modality" not in entries["ct.dcm"]
     assert (entries["mr.dcm"]["modality"], entries["none.dcm"]["modality"]) == ("MR", "")
     assert {entries[n]["status"] for n in ("ct.dcm", "mr.dcm", "none.dcm")} == {"written"}
+    assert (entries["mask.dcm"]["status"], entries["mask.dcm"]["modality"]) == ("unlabelled", "OT")
     assert result.report["files_not_ct"] == {"": 1, "MR": 1}
-    assert "2 decoded files are not CT (1 without Modality, 1 MR" in curation.summarize(
+    assert "2 written files are not CT (1 without Modality, 1 MR" in curation.summarize(
         result.report
     )
     with caplog.at_level("WARNING"):
         curation.log_summary(result.report)
     assert "mr.dcm: Modality MR, not CT" in caplog.text
     assert "none.dcm: no Modality, not CT" in caplog.text
-    assert "ct.dcm" not in caplog.text
+    assert "ct.dcm" not in caplog.text and "mask.dcm" not in caplog.text
+    assert result.report["input"] == "m"  # the manual dir's name
 
 
 def test_one_dicom_patient_under_several_sheet_patients_is_reported(tmp_path, caplog):

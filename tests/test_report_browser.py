@@ -191,10 +191,10 @@ def test_dataset_section_warns_of_values_that_are_not_hounsfield_units(page):
     dataset = text[text.index('<section id="dataset">') :]
     dataset = dataset[: dataset.index("</section>")]
     assert (
-        '<p class="warn">3 decoded input files are not CT (1 without Modality, 2 MR): their '
+        '<p class="warn">3 written input files are not CT (1 without Modality, 2 MR): their '
         "values are not Hounsfield units.</p>" in dataset
     )
-    assert "1 input files had pixel values outside int16" in dataset
+    assert "1 written input files had pixel values outside int16" in dataset
     assert (
         "1 DICOM PatientIDs are labelled as several patients that are in different splits "
         "(e.g. X1: test, train)" in dataset

@@ -653,9 +653,9 @@ def _report(
     if sum(counts.values()) != len(files) or len(entries) != len(files):
         raise AssertionError(f"curation lost files: {len(files)} in, {sum(counts.values())} out")
     split_summary = {}
-    for name, examples in splits.items():
+    for split_name, examples in splits.items():
         labels = [e.label for e in examples]
-        split_summary[name] = {
+        split_summary[split_name] = {
             "patients": len({e.patient_id for e in examples}),
             "slices": len(examples),
             "lesion": int(sum(labels)),
@@ -682,7 +682,9 @@ def _report(
         if len(by_sheet) > 1
     ]
     folders = collections.Counter(source_of(f) for f in files)
-    not_ct = collections.Counter(e["modality"] for e in entries.values() if "modality" in e)
+    # What reaches the records: other files (mask series, unlabelled scouts) are named per entry.
+    written = [e for e in entries.values() if e["status"] == "written"]
+    not_ct = collections.Counter(e["modality"] for e in written if "modality" in e)
     sources = collections.Counter(e.source for v in splits.values() for e in v)
     return {
         "input": name,
@@ -696,7 +698,7 @@ def _report(
         "files_total": len(files),
         "counts": {s: counts.get(s, 0) for s in STATUSES},
         "skipped_by_reason": dict(sorted(reasons.items())),
-        "files_with_clipped_pixels": sum(1 for e in entries.values() if e.get("clipped_pixels")),
+        "files_with_clipped_pixels": sum(1 for e in written if e.get("clipped_pixels")),
         "files_not_ct": dict(sorted(not_ct.items())),
         "dicom_patient_ids_labelled_as_several_patients": several,
         "splits": split_summary,
@@ -723,7 +725,7 @@ def summarize(report: dict[str, Any]) -> str:
         lines.append(f"{len(report['label_rows_without_image'])} label rows match no image")
     if report.get("files_with_clipped_pixels"):
         lines.append(
-            f"{report['files_with_clipped_pixels']} files have pixels outside int16 "
+            f"{report['files_with_clipped_pixels']} written files have pixels outside int16 "
             "(clipped; not Hounsfield units?)"
         )
     several = report.get("dicom_patient_ids_labelled_as_several_patients")
@@ -735,7 +737,7 @@ def summarize(report: dict[str, Any]) -> str:
         )
     if report.get("files_not_ct"):
         lines.append(
-            f"{sum(report['files_not_ct'].values())} decoded files are not CT ("
+            f"{sum(report['files_not_ct'].values())} written files are not CT ("
             + ", ".join(f"{n} {m or 'without Modality'}" for m, n in report["files_not_ct"].items())
             + "; their values are not Hounsfield units)"
         )
@@ -768,6 +770,8 @@ def log_summary(report: dict[str, Any], logger: logging.Logger | None = None) ->
             ", ".join(x["splits"]),
         )
     for e in report["files"]:
+        if e["status"] != "written":
+            continue  # nothing of it is in the records
         if "modality" in e:
             logger.warning(
                 "curation: %s: %s, not CT: its values are not Hounsfield units (%s)",
