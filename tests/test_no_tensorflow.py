@@ -39,6 +39,8 @@ def test_training_command_runs_without_importing_tensorflow(tmp_path, tmp_path_f
     output = log.read_text()
     assert output_ok, output[-3000:]
     assert "TF_MODULES []" in output, output[-3000:]
+    # The records were decoded in worker processes started without fork() (JAX runs threads).
+    assert "os.fork() was called" not in output, output[-3000:]
 
     # It built the records, then trained: 3 steps, the --config.x override in the saved config,
     # a checkpoint, TensorBoard events.

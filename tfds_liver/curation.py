@@ -26,8 +26,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import pathlib
+import sys
 import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -225,7 +227,13 @@ def decode_all(
     if workers == 1 or len(rel_paths) < 2:
         return [decode_file(args[0], p, image_size) for p in rel_paths]
     chunk = max(1, len(rel_paths) // (workers * 8))
-    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+    # A process that runs JAX's threads (the demo builds its records on first use) must not
+    # fork(): a child can inherit a lock another thread held, and hang. A fresh interpreter
+    # (forkserver) costs a second at start; without JAX loaded, fork is safe and quicker.
+    context = None
+    if "jax" in sys.modules and "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
         return list(
             pool.map(
                 decode_file,
