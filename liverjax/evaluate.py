@@ -718,7 +718,10 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line: evaluate a trained run and write its report."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m liverjax.evaluate",
+        description=__doc__.splitlines()[0],
+    )
     parser.add_argument("--workdir", required=True, help="the training run's folder")
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
     parser.add_argument(

@@ -60,7 +60,10 @@ def build(manual_dir: pathlib.Path, data_dir: pathlib.Path, workers: int) -> flo
 
 def main(argv: list[str] | None = None) -> dict:
     """Runs the benchmark and prints a JSON line of figures."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tfds_liver.benchmark",
+        description=__doc__.splitlines()[0],
+    )
     parser.add_argument("--patients", type=int, default=8)
     parser.add_argument("--slices", type=int, default=16)
     parser.add_argument("--size", type=int, default=512)
