@@ -822,3 +822,26 @@ def test_cli_check_reports_errors_with_exit_code_2(tmp_path):
     assert done.returncode == 2
     assert "is not a folder" in done.stderr
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_check_warns_of_rows_that_name_the_same_files_and_disagree(tmp_path):
+    text = (
+        "patient_id,label,path,sop_instance_uid,source\n"
+        "P1,normal,series1,,\n"  # a folder row
+        "P2,normal,series1/a.dcm,,\n"  # a file in it, another patient
+        "P1,lesion,series1/b.dcm,,\n"  # another label
+        "P1,normal,series1/c.dcm,,siteA\n"  # a source where the folder row has none: agrees
+        "P1,normal,series10/d.dcm,,\n"  # not in series1
+        "P3,normal,,1.2.3,x\n"
+        "P3,normal,,1.2.3,y\n"  # one SOP UID, two sources
+    )
+    path = write_csv(tmp_path, text)
+    clashes = labels.disagreeing_rows(labels.read_labels(path))
+    assert clashes == [
+        "lines 2 and 3 (series1, series1/a.dcm): patient_id",
+        "lines 2 and 4 (series1, series1/b.dcm): label",
+        "lines 7 and 8 (1.2.3, 1.2.3): source",
+    ]
+    done = run_cli("check", path)
+    assert done.returncode == 0
+    assert "warning: 3 pairs of rows name the same files but disagree" in done.stdout

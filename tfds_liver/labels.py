@@ -899,7 +899,47 @@ def _check(args: argparse.Namespace) -> int:
             f"warning: {len(missing)} paths do not exist under {manual_dir}, e.g. line "
             f"{missing[0].row}: {missing[0].path}"
         )
+    clashes = disagreeing_rows(rows)
+    if clashes:
+        print(
+            f"warning: {len(clashes)} pairs of rows name the same files but disagree; the build "
+            "makes those files conflicts (excluded), e.g. " + "; ".join(clashes[:3])
+        )
     return 0
+
+
+def disagreeing_rows(rows: Sequence[LabelRow]) -> list[str]:
+    """Pairs of rows of one sheet that name the same files (one path, a folder and a path in it,
+    or one SOP Instance UID) with another label, patient_id or source, described."""
+    first: dict[tuple[str, str], LabelRow] = {}
+    for row in rows:
+        key = (
+            ("path", row.path.strip("/")) if row.path is not None else ("sop", row.sop_instance_uid)
+        )
+        first.setdefault(key, row)
+    out = []
+    for row in rows:
+        if row.path is None:
+            candidates = [first[("sop", row.sop_instance_uid)]]
+        else:
+            parts = row.path.strip("/").split("/")
+            candidates = [
+                first[key]
+                for n in range(1, len(parts) + 1)
+                if (key := ("path", "/".join(parts[:n]))) in first
+            ]
+        for other in candidates:
+            if other is row:
+                continue
+            fields = [f for f in ("label", "patient_id") if getattr(other, f) != getattr(row, f)]
+            if other.source and row.source and other.source != row.source:  # unset: no opinion
+                fields.append("source")
+            if fields:
+                out.append(
+                    f"lines {other.row} and {row.row} ({other.path or other.sop_instance_uid}, "
+                    f"{row.path or row.sop_instance_uid}): {', '.join(fields)}"
+                )
+    return out
 
 
 def _from_masks(args: argparse.Namespace) -> int:
