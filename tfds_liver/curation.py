@@ -381,17 +381,17 @@ def split_patients(patient_has_lesion: dict[str, bool], spec: SplitSpec) -> dict
 
 def _rows_disagree(rows: Sequence[_Label]) -> str | None:
     """Why the label rows that name one file disagree (label, patient or source), or None."""
-    for field, show in (
-        ("label", lambda r: labels_lib.LABEL_NAMES[r.label]),
-        ("patient_id", lambda r: r.patient_id),
-        ("source", lambda r: r.source),
-    ):
-        values = {getattr(r, field) for r in rows} - ({None} if field == "source" else set())
-        if len(values) > 1:
-            return f"label rows disagree on {field}: " + ", ".join(
-                f"{r.where}={show(r)}" for r in rows if getattr(r, field) is not None
-            )
-    return None
+    fields = labels_lib.disagreeing_fields(rows)
+    if not fields:
+        return None
+    field = fields[0]
+
+    def show(r: _Label) -> str:
+        return labels_lib.LABEL_NAMES[r.label] if field == "label" else getattr(r, field)
+
+    return f"label rows disagree on {field}: " + ", ".join(
+        f"{r.where}={show(r)}" for r in rows if getattr(r, field) is not None
+    )
 
 
 def _patient_hash(seed: int, patient_id: str) -> bytes:

@@ -908,6 +908,17 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def disagreeing_fields(rows: Iterable[object]) -> list[str]:
+    """Of label, patient_id and source, those on which rows that name the same files disagree
+    (an unset source has no opinion): the build makes such files conflicts."""
+    rows = list(rows)
+    return [
+        field
+        for field in ("label", "patient_id", "source")
+        if len({getattr(r, field) for r in rows} - {None}) > 1
+    ]
+
+
 def disagreeing_rows(rows: Sequence[LabelRow]) -> list[str]:
     """Pairs of rows of one sheet that name the same files (one path, a folder and a path in it,
     or one SOP Instance UID) with another label, patient_id or source, described."""
@@ -931,9 +942,7 @@ def disagreeing_rows(rows: Sequence[LabelRow]) -> list[str]:
         for other in candidates:
             if other is row:
                 continue
-            fields = [f for f in ("label", "patient_id") if getattr(other, f) != getattr(row, f)]
-            if other.source and row.source and other.source != row.source:  # unset: no opinion
-                fields.append("source")
+            fields = disagreeing_fields((other, row))
             if fields:
                 out.append(
                     f"lines {other.row} and {row.row} ({other.path or other.sop_instance_uid}, "
