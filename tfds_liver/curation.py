@@ -289,7 +289,7 @@ def _match_labels(
                     # A name typed in one Unicode form and stored in another (macOS writes
                     # decomposed accents, NFD): the same name to a reader, other bytes.
                     if nfc is None:
-                        nfc = _files_by_nfc_name(files)
+                        nfc = _files_by_nfc_name(files, under or _files_by_folder(files))
                     matched = nfc.get(_nfc(target), [])
                 why = "path does not exist under the manual dir"
                 if not matched:
@@ -329,12 +329,14 @@ def _nfc(path: str) -> str:
     return unicodedata.normalize("NFC", path)
 
 
-def _files_by_nfc_name(files: Sequence[str]) -> dict[str, list[str]]:
-    """{NFC form of a file or folder path: the files it names}."""
+def _files_by_nfc_name(
+    files: Sequence[str], by_folder: dict[str, list[str]]
+) -> dict[str, list[str]]:
+    """{NFC form of a file or folder path: the files it names}; by_folder: _files_by_folder's."""
     index: dict[str, list[str]] = collections.defaultdict(list)
     for f in files:
         index[_nfc(f)].append(f)
-    for folder, below in _files_by_folder(files).items():
+    for folder, below in by_folder.items():
         index[_nfc(folder)].extend(below)
     return index
 
@@ -471,6 +473,12 @@ def curate_decoded(
         for copy in copies.pop(path, []):
             exclude(copy, f"a copy of {display_path(path)}, whose copies conflict", path)
 
+    def exclude_kept(path: str, detail: str) -> None:
+        """Excludes a file kept earlier, and makes its images conflicting for later copies."""
+        conflicted_images.update(i for i, f in kept_by_image.items() if f == path)
+        conflicted_images.update(i for i, (_, f) in owner.items() if f == path)
+        exclude(path, detail)
+
     for d in decoded:
         rows = labels_by_file.get(d.path, [])
         entry: dict[str, Any] = {"path": display_path(d.path)}
@@ -517,9 +525,9 @@ def curate_decoded(
             holders = {kept_by_image[i] for i in ids if i in kept_by_image}
             holders |= {owner[i][1] for i in ids if i in owner}
             for held in sorted(holders & kept_slices.keys()):
-                conflicted_images.update(i for i, f in kept_by_image.items() if f == held)
-                conflicted_images.update(i for i, (_, f) in owner.items() if f == held)
-                exclude(held, f"same image as {display_path(d.path)}, whose label rows disagree")
+                exclude_kept(
+                    held, f"same image as {display_path(d.path)}, whose label rows disagree"
+                )
             continue
         label = dataclasses.replace(
             rows[0], source=next((r.source for r in rows if r.source), None)
@@ -571,9 +579,9 @@ def curate_decoded(
             conflicted_images.update(i for ids in slice_ids + owner_ids for i in ids)
             exclude(d.path, detail, earlier)
             if earlier is not None and earlier in kept_slices:
-                conflicted_images.update(i for i, f in kept_by_image.items() if f == earlier)
-                conflicted_images.update(i for i, (_, f) in owner.items() if f == earlier)
-                exclude(earlier, f"same image as {display_path(d.path)}, which conflicts with it")
+                exclude_kept(
+                    earlier, f"same image as {display_path(d.path)}, which conflicts with it"
+                )
             continue
         new, repeated = [], []
         for s, ids, owned in zip(d.slices, slice_ids, owner_ids, strict=True):
