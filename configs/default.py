@@ -71,7 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.best_metric = "roc_auc"  # validation metric (higher is better) for best/early stopping
     config.early_stopping = ml_collections.ConfigDict()
     config.early_stopping.patience = 10  # evaluations without improvement before stopping; 0 = off
-    config.early_stopping.min_delta = 0.0
+    config.early_stopping.min_delta = 0.0  # a smaller step up resets no patience (still "best")
     config.early_stopping.start_epoch = 0.0  # evaluations before this epoch use no patience
 
     config.checkpoint = ml_collections.ConfigDict()

@@ -98,6 +98,12 @@ class NonFiniteLossError(FloatingPointError):
 class EarlyStopping:
     """Stops after `patience` evaluations without an improvement of more than `min_delta`.
 
+    Two values are kept. `best`/`best_step` is the best value seen, ranked exactly as the
+    checkpointer ranks checkpoints (earlier step on ties), so "best at step N" in the log is the
+    checkpoint `evaluate --checkpoint best` loads. `reference` is the last value that beat its
+    predecessor by more than `min_delta`; patience counts from it (Keras' rule), so a run that
+    creeps up by less than `min_delta` per evaluation still stops.
+
     Evaluations before `start_step` still record the best value but do not use up patience
     (Keras' `start_from_epoch`): a model that sits at chance for a while before it learns is
     not stopped during that plateau.
@@ -110,16 +116,27 @@ class EarlyStopping:
     bad_evals: int = 0
     start_step: int = 0
     metric: str = "roc_auc"  # brier and ece improve downwards (metrics.LOWER_IS_BETTER)
+    reference: float = math.nan  # the last improvement by more than min_delta
 
     def update(self, value: float, step: int) -> bool:
-        """Record one validation value of `metric`; returns whether it improved."""
+        """Record one validation value of `metric`; returns whether it improved on
+        `reference` by more than `min_delta` (which resets patience)."""
         better = liver_metrics.higher_is_better
-        if better(self.metric, value) > better(self.metric, self.best) + self.min_delta:
-            self.best, self.best_step, self.bad_evals = float(value), step, 0
+        if better(self.metric, value) > better(self.metric, self.best):
+            self.best, self.best_step = float(value), step
+        if better(self.metric, value) > better(self.metric, self.reference) + self.min_delta:
+            self.reference, self.bad_evals = float(value), 0
             return True
         if step >= self.start_step:
             self.bad_evals += 1
         return False
+
+    @classmethod
+    def from_dict(cls, saved: Mapping[str, Any]) -> "EarlyStopping":
+        """The state `to_dict` wrote; checkpoints from before `metric` and `reference` were
+        saved get roc_auc and their `best` (which was then the reference too)."""
+        saved = {"metric": "roc_auc", "reference": saved.get("best", math.nan)} | dict(saved)
+        return cls(**saved)
 
     @property
     def should_stop(self) -> bool:
@@ -654,11 +671,11 @@ def train_and_evaluate(
     if ckpt.latest_step() is not None:
         state, meta = ckpt.restore(steps.abstract_state, train_iter)
         validation = meta.get("validation", {})
-        saved = {"metric": "roc_auc"} | meta["early_stopping"]  # runs before 'metric' was saved
-        if saved["metric"] == config.best_metric:
+        saved = EarlyStopping.from_dict(meta["early_stopping"])
+        if saved.metric == config.best_metric:
             # The counts come from the checkpoint; patience and the start from today's config.
             early = dataclasses.replace(
-                EarlyStopping(**saved),
+                saved,
                 patience=early.patience,
                 min_delta=early.min_delta,
                 start_step=start_step,
@@ -667,7 +684,7 @@ def train_and_evaluate(
             logger.warning(
                 "best_metric is now %s (was %s): early stopping counts from here",
                 config.best_metric,
-                saved["metric"],
+                saved.metric,
             )
         # An early-stopped run stays stopped while today's patience has run out too; a finished
         # one goes on if the config asks for more steps.

@@ -89,8 +89,13 @@ def test_early_stopping_stops_and_stays_stopped_on_resume(data_dir, tmp_path):
     )
     summary = train.train_and_evaluate(config, str(tmp_path))
     assert summary.stop_reason == "early_stopping"
-    assert summary.step == 3 * 6  # evaluations at steps 6 (best), 12 and 18 (patience 2)
-    assert summary.best_step == 6
+    assert summary.step == 3 * 6  # evaluations at steps 6 (the reference), 12 and 18 (patience 2)
+    # The best reported is the best checkpoint, whatever min_delta says about patience.
+    ckpt = checkpointing.Checkpointer(
+        tmp_path / train.CHECKPOINT_DIR, keep=3, keep_best=1, best_metric="roc_auc"
+    )
+    assert summary.best_step == ckpt.best_step()
+    ckpt.close()
 
     again = train.train_and_evaluate(config, str(tmp_path))
     assert again.stop_reason == "early_stopping" and again.step == 18
@@ -135,17 +140,38 @@ def test_early_stopping_counts_evaluations_without_improvement():
     assert not early.update(math.nan, 40)  # one-class validation: AUC NaN, not an improvement
     assert not early.update(0.75, 50) and early.should_stop
     assert (early.best, early.best_step) == (0.80, 30)
-    assert train.EarlyStopping(**early.to_dict()) == early
+    assert train.EarlyStopping.from_dict(early.to_dict()) == early
     assert not train.EarlyStopping(patience=0).should_stop
+
+
+def test_early_stopping_best_is_the_best_seen_and_patience_counts_from_min_delta():
+    # Creeping up by less than min_delta: patience runs out, yet the best is the last value,
+    # as the checkpointer ranks it (so the log names the checkpoint evaluate loads).
+    early = train.EarlyStopping(patience=2, min_delta=0.01)
+    assert early.update(0.700, 10)
+    assert not early.update(0.705, 20)
+    assert not early.update(0.709, 30) and early.should_stop
+    assert (early.best, early.best_step, early.reference) == (0.709, 30, 0.700)
+    # Ties keep the earlier step, like the checkpointer's (value, -step) key.
+    early.update(0.709, 40)
+    assert early.best_step == 30
+
+
+def test_early_stopping_state_from_older_checkpoints():
+    # Saved before 'metric' and 'reference' were: best was the patience reference then.
+    old = {"patience": 3, "min_delta": 0.0, "best": 0.8, "best_step": 12, "bad_evals": 1}
+    old |= {"start_step": 0}
+    early = train.EarlyStopping.from_dict(old)
+    assert (early.metric, early.reference, early.best) == ("roc_auc", 0.8, 0.8)
 
 
 def test_early_stopping_on_a_metric_where_lower_is_better():
     early = train.EarlyStopping(patience=2, min_delta=0.01, metric="brier")
     assert early.update(0.30, 10)
     assert early.update(0.20, 20)
-    assert not early.update(0.195, 30)  # within min_delta
+    assert not early.update(0.195, 30)  # within min_delta: the best, but patience runs on
     assert not early.update(0.40, 40) and early.should_stop
-    assert (early.best, early.best_step) == (0.20, 20)
+    assert (early.best, early.best_step, early.reference) == (0.195, 30, 0.20)
 
 
 def test_early_stopping_uses_no_patience_before_its_start():
