@@ -66,8 +66,25 @@ def ensure_built(dataset: ml_collections.ConfigDict) -> None:
 
 
 def open_source(dataset: ml_collections.ConfigDict, split: str) -> Sequence[dict[str, Any]]:
-    """Random-access records of one split (ArrayRecord through tfds, without tensorflow)."""
-    _dataset_builder(dataset)  # registers the builder before tfds looks the name up
+    """Random-access records of one split (ArrayRecord through tfds, without tensorflow).
+
+    `split` may be any tfds split expression ('train[:80%]', 'train+validation'). A split that
+    the build left out (the plain build writes no empty split) and one with no records (Beam
+    writes empty ones; a slice may select none) get the same error, naming the built splits.
+    """
+    builder = _dataset_builder(dataset)  # also registers the builder before tfds looks it up
+    where = f"dataset {dataset.name!r} in data_dir={builder.data_dir_root}"
+    counts = ", ".join(f"{k} {v.num_examples}" for k, v in builder.info.splits.items())
+    hint = (
+        f"its splits: {counts or 'none'}. {builder.data_dir}/curation_report.json says why a "
+        "split came out empty (too few patients for the split fractions, or files excluded)"
+    )
+    try:
+        n = builder.info.splits[split].num_examples
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{where}: no split {split!r} ({e}); {hint}") from e
+    if n == 0:
+        raise ValueError(f"{where}: split {split!r} has no records; {hint}")
     return tfds.data_source(dataset.name, split=split, data_dir=dataset.data_dir)
 
 

@@ -151,3 +151,20 @@ def test_worker_processes_run_outside_an_absl_app(data_dir, tmp_path, tmp_path_f
     )
     assert child.wait(timeout=300) == 0, log.read_text()[-3000:]
     assert "STEPS 2" in log.read_text()
+
+
+@pytest.mark.parametrize(
+    "split, message",
+    [
+        ("tset", r"no split 'tset' \(Unknown split"),
+        # What a Beam build's empty split, or a slice selecting none, gives.
+        ("validation[5:5]", "split 'validation\\[5:5\\]' has no records"),
+    ],
+)
+def test_a_missing_or_empty_split_names_the_built_splits(config, split, message):
+    with pytest.raises(ValueError, match=message) as e:
+        input_pipeline.open_source(config.dataset, split)
+    assert "its splits: train 48, validation 12, test 12" in str(e.value)
+    assert "curation_report.json" in str(e.value)
+    # Split expressions still open.
+    assert len(input_pipeline.open_source(config.dataset, "train[:10%]+test")) == 5 + 12
