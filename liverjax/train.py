@@ -78,6 +78,25 @@ class TrainMetrics(clu_metrics.Collection):
     accuracy: clu_metrics.Average.from_output("correct")
 
 
+def _window_to_json(window: TrainMetrics | None) -> dict[str, Any] | None:
+    """The train metrics merged since the last log step, as JSON for the checkpoint: a resumed
+    run logs the same averages at its next log step as an uninterrupted one (bit for bit)."""
+    if window is None:
+        return None
+    state = flax.serialization.to_state_dict(window)
+    return jax.tree.map(lambda x: np.asarray(x).item(), state)
+
+
+def _window_from_json(saved: Mapping[str, Any] | None) -> TrainMetrics | None:
+    """`_window_to_json`'s output back as TrainMetrics, in the dtypes the train step makes."""
+    if saved is None:
+        return None
+    empty = TrainMetrics.empty()
+    template = flax.serialization.to_state_dict(empty)
+    state = jax.tree.map(lambda t, v: jnp.asarray(v, jnp.asarray(t).dtype), template, dict(saved))
+    return flax.serialization.from_state_dict(empty, state)
+
+
 @flax.struct.dataclass
 class EvalMetrics(clu_metrics.Collection):
     """Returned by every validation step: mean loss and all labels/probabilities (masked)."""
@@ -668,9 +687,11 @@ def train_and_evaluate(
     )
     validation: dict[str, float] = {}
     stop_reason = None
+    window = None
     if ckpt.latest_step() is not None:
         state, meta = ckpt.restore(steps.abstract_state, train_iter)
         validation = meta.get("validation", {})
+        window = _window_from_json(meta.get("train_window"))
         saved = EarlyStopping.from_dict(meta["early_stopping"])
         if saved.metric == config.best_metric:
             # The counts come from the checkpoint; patience and the start from today's config.
@@ -724,7 +745,8 @@ def train_and_evaluate(
     progress = _Progress(total_steps, start, config.batch_size, steps_per_epoch)
     schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
     pending: list[tuple[int, jax.Array, jax.Array]] = []  # (step, loss, finite) not yet checked
-    train_metrics: TrainMetrics | None = None
+    # Merged since the last log step (resumed with the checkpoint: see _window_to_json).
+    train_metrics: TrainMetrics | None = window
     step = start
     try:
         with _PreemptionNotice() as preemption:
@@ -781,6 +803,7 @@ def train_and_evaluate(
                         "early_stopping": early.to_dict(),
                         "validation": validation,
                         "stop_reason": stop_reason,
+                        "train_window": _window_to_json(train_metrics),
                     }
                     ckpt.save(
                         step,

@@ -19,12 +19,21 @@ STEPS = 12  # two epochs of synthetic_small at batch 8; checkpoints every 5 step
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(data_dir, tmp_path_factory):
-    """Parameters and optimizer state after STEPS steps without interruption."""
+def uninterrupted_workdir(data_dir, tmp_path_factory):
+    """(workdir, parameters and optimizer state) after STEPS steps without interruption."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
     summary = train.train_and_evaluate(runs.make_config(data_dir), str(workdir))
     assert summary.step == STEPS and summary.stop_reason == "done"
-    return runs.host_tree(summary.state)
+    return workdir, runs.host_tree(summary.state)
+
+
+def _tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    """What TensorBoard shows: each tag's (step, value), replayed steps' old events dropped."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(str(logdir))
+    events.Reload()
+    return {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"]}
 
 
 def _assert_identical(state: train.TrainState, reference: dict[str, np.ndarray]) -> None:
@@ -56,23 +65,28 @@ def test_relative_workdir_trains_and_checkpoints_there(data_dir, tmp_path, monke
     ckpt.close()
 
 
-def test_sigterm_saves_exits_and_resume_is_bit_identical(data_dir, tmp_path, uninterrupted):
+def test_sigterm_saves_exits_and_resume_is_bit_identical(data_dir, tmp_path, uninterrupted_workdir):
     config = runs.make_config(data_dir)
     before = signal.getsignal(signal.SIGTERM)
-    stopped = train.train_and_evaluate(config, str(tmp_path), hooks=[_signal_at(4, signal.SIGTERM)])
-    # The step in flight finished, was saved (4 is neither a save interval nor an epoch end),
-    # and the run returned normally.
-    assert (stopped.step, stopped.stop_reason) == (4, "preempted")
+    stopped = train.train_and_evaluate(config, str(tmp_path), hooks=[_signal_at(3, signal.SIGTERM)])
+    # The step in flight finished, was saved (3 is neither a save interval, an epoch end nor a
+    # log step), and the run returned normally.
+    assert (stopped.step, stopped.stop_reason) == (3, "preempted")
     ckpt = checkpointing.Checkpointer(
         tmp_path / train.CHECKPOINT_DIR, keep=3, keep_best=1, best_metric="roc_auc"
     )
-    assert ckpt.all_steps() == [4]
+    assert ckpt.all_steps() == [3]
     ckpt.close()
     assert signal.getsignal(signal.SIGTERM) == before  # the run's handler is removed again
 
     resumed = train.train_and_evaluate(config, str(tmp_path))
     assert (resumed.step, resumed.stop_reason) == (STEPS, "done")
-    _assert_identical(resumed.state, uninterrupted)
+    reference_dir, reference = uninterrupted_workdir
+    _assert_identical(resumed.state, reference)
+    # The logged training averages too: step 4's covers steps 3 and 4, as without the stop.
+    got, want = _tensorboard_scalars(tmp_path), _tensorboard_scalars(reference_dir)
+    for tag in ("train/loss", "train/accuracy", "validation/roc_auc"):
+        assert got[tag] == want[tag], tag
 
 
 def test_main_on_sigterm_saves_skips_the_final_evaluation_and_exits_143(
@@ -109,7 +123,7 @@ def test_main_on_sigterm_saves_skips_the_final_evaluation_and_exits_143(
 
 
 def test_sigkill_between_checkpoints_replays_from_last_and_is_bit_identical(
-    data_dir, tmp_path, tmp_path_factory, uninterrupted
+    data_dir, tmp_path, tmp_path_factory, uninterrupted_workdir
 ):
     config = runs.make_config(data_dir)
     # A child process trains and is killed with SIGKILL at step 9: after the checkpoints of
@@ -142,15 +156,17 @@ def test_sigkill_between_checkpoints_replays_from_last_and_is_bit_identical(
 
     resumed = train.train_and_evaluate(config, str(tmp_path))
     assert resumed.step == STEPS
-    _assert_identical(resumed.state, uninterrupted)
+    reference_dir, reference = uninterrupted_workdir
+    _assert_identical(resumed.state, reference)
     # TensorBoard shows each step once: the replayed steps' events of the killed process are
-    # dropped (the resumed file starts with a SessionLog START), the earlier ones kept.
-    from tensorboard.backend.event_processing import event_accumulator
-
-    events = event_accumulator.EventAccumulator(str(tmp_path))
-    events.Reload()
-    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
-    assert [e.step for e in events.Scalars("validation/roc_auc")] == [6, 12]
+    # dropped (the resumed file starts with a SessionLog START), the earlier ones kept. The
+    # values are the uninterrupted run's (from step 5: its window holds step 5, saved).
+    scalars = _tensorboard_scalars(tmp_path)
+    assert [s for s, _ in scalars["train/loss"]] == [2, 4, 6, 8, 10, 12]
+    assert [s for s, _ in scalars["validation/roc_auc"]] == [6, 12]
+    want = _tensorboard_scalars(reference_dir)
+    for tag in ("train/loss", "train/accuracy", "validation/roc_auc"):
+        assert scalars[tag] == want[tag], tag
 
 
 def _iterator(length: int = 40) -> grain.DatasetIterator:
