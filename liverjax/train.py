@@ -53,6 +53,8 @@ CHECKPOINT_DIR = "checkpoints"
 # load), or what the network's inputs mean (the HU window: evaluation and export read the
 # workdir's config.json, and would feed an older checkpoint inputs it was not trained on).
 RESUME_MUST_MATCH = ("model.", "image_size", "optimizer.name", "preprocess.")
+# ...except these, which change neither (dropout rate; compute dtype: parameters stay float32).
+RESUME_MAY_CHANGE = ("model.dropout", "model.dtype")
 INIT_PRNG = "rbg"  # PRNG implementation of parameter initialization (see make_steps)
 
 
@@ -280,6 +282,7 @@ def save_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
             k: v
             for k, v in changed.items()
             if any(k == m or k.startswith(m) for m in RESUME_MUST_MATCH)
+            and k not in RESUME_MAY_CHANGE
         }
         if fatal:
             lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in fatal.items())

@@ -253,6 +253,16 @@ def test_resume_refuses_a_different_network_and_warns_on_other_changes(data_dir,
     assert json.loads((tmp_path / train.CONFIG_FILE).read_text())["optimizer"]["learning_rate"] == (
         1e-3
     )
+    # Dropout and the compute dtype change no shape: the run resumes (with the usual warning).
+    other = {"model.dropout": 0.3, "model.dtype": "bfloat16", "optimizer.learning_rate": 1e-3}
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="liverjax"):
+        more = train.train_and_evaluate(
+            runs.make_config(data_dir, num_train_steps=4, **other), str(tmp_path)
+        )
+    assert more.step == 4 and more.traces["train_step"] == 1
+    assert "model.dropout: 0.1 -> 0.3" in caplog.text
+    assert "model.dtype: 'float32' -> 'bfloat16'" in caplog.text
 
 
 @pytest.fixture
