@@ -64,6 +64,7 @@ import contextlib
 import dataclasses
 import functools
 import io
+import math
 import os
 import struct
 import warnings
@@ -174,7 +175,7 @@ class DicomSlice:
     sop_class_uid: str
     frame: int | None
     modality: str
-    pixel_spacing: tuple[float, float] | None
+    pixel_spacing: tuple[float, float] | None  # (row, column) mm; None: absent or not > 0
     image_position: tuple[float, float, float] | None
     slice_position: float | None
     instance_number: int | None
@@ -1151,9 +1152,9 @@ def _frame_metadata(
     ds: Dataset, frame: int, n_frames: int, rescale: tuple[float, float], reflection: float | None
 ) -> dict[str, Any]:
     """Fields that may differ per frame (enhanced multi-frame functional groups, dose grids)."""
-    spacing = _floats(_frame_strings(ds, frame, "PixelMeasuresSequence", "PixelSpacing"), 2)
+    spacing = _spacing(_frame_strings(ds, frame, "PixelMeasuresSequence", "PixelSpacing"))
     if spacing is None:  # projection radiographs give the spacing at the detector only
-        spacing = _floats(_strings(ds, "ImagerPixelSpacing"), 2)
+        spacing = _spacing(_strings(ds, "ImagerPixelSpacing"))
     position = _floats(
         _frame_strings(ds, frame, "PlanePositionSequence", "ImagePositionPatient"), 3
     )
@@ -1330,6 +1331,15 @@ def _float(values: list[str] | None, strict: bool = False) -> float | None:
 def _int(values: list[str] | None) -> int | None:
     number = _float(values)
     return int(number) if number is not None and np.isfinite(number) else None
+
+
+def _spacing(values: list[str] | None) -> tuple[float, float] | None:
+    """(row, column) spacing in mm, or None if absent or not two positive finite numbers
+    (`0\\0` and `nan` are written by some exporters for "unknown")."""
+    spacing = _floats(values, 2)
+    if spacing is None or not all(math.isfinite(v) and v > 0 for v in spacing):
+        return None
+    return spacing
 
 
 def _floats(values: list[str] | None, count: int) -> tuple[float, ...] | None:

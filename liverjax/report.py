@@ -600,6 +600,16 @@ def _dataset_section(result: Mapping[str, Any], curation: Mapping[str, Any] | No
             f"{curation['files_with_clipped_pixels']} written input files had pixel values "
             "outside int16, clipped to it (not Hounsfield units?)."
         )
+    if curation.get("files_with_non_square_pixels"):
+        warnings.append(
+            f"{curation['files_with_non_square_pixels']} written input files have non-square "
+            "pixels: resampled as square, their anatomy is stretched along one axis."
+        )
+    if curation.get("files_without_pixel_spacing"):
+        warnings.append(
+            f"{curation['files_without_pixel_spacing']} written input files have no pixel "
+            "spacing: their physical scale is unknown."
+        )
     warn = "".join(f'<p class="warn">{_e(w)}</p>' for w in warnings)
     split_rows = [
         [
@@ -609,6 +619,7 @@ def _dataset_section(result: Mapping[str, Any], curation: Mapping[str, Any] | No
             s.get("lesion"),
             s.get("normal"),
             _fmt(s["lesion"] / s["slices"]) if s.get("slices") else "n/a",
+            _spacing_cell(s.get("pixel_spacing_mm")),
         ]
         for name, s in (curation.get("splits") or {}).items()
     ]
@@ -629,12 +640,34 @@ def _dataset_section(result: Mapping[str, Any], curation: Mapping[str, Any] | No
     return (
         f'<section id="dataset"><h2>Dataset</h2>{head}<p>{_e(text)}</p>{warn}'
         + _table(
-            ["Split", "Patients", "Slices", "Lesion slices", "Normal slices", "Lesion fraction"],
+            [
+                "Split",
+                "Patients",
+                "Slices",
+                "Lesion slices",
+                "Normal slices",
+                "Lesion fraction",
+                "Pixel spacing, mm (median, range)",
+            ],
             split_rows,
             "splits",
         )
         + f"<p>{_e(split_text)}</p></section>"
     )
+
+
+def _spacing_cell(spacing: Mapping[str, Any] | None) -> str:
+    """'0.78 (0.7–0.98)' from a split's pixel_spacing_mm (older reports have none)."""
+    if not spacing:
+        return "n/a"
+    text = (
+        f"{spacing['median']:.3g} ({spacing['min']:.3g}–{spacing['max']:.3g})"
+        if "median" in spacing
+        else "none"
+    )
+    if spacing.get("missing"):
+        text += f", {spacing['missing']} without"
+    return text
 
 
 def _provenance_section(result: Mapping[str, Any]) -> str:

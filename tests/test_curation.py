@@ -536,3 +536,42 @@ def test_names_in_another_unicode_form_match_and_a_mis_cased_sheet_is_named(tmp_
     assert not result.report["label_rows_without_image"]
     sheet = by_path["site/Labels.csv"]
     assert sheet["status"] == "skipped" and "must be named labels.csv" in sheet["detail"]
+
+
+def test_pixel_spacing_is_checked_and_summarised_per_split(tmp_path, caplog):
+    """Non-square pixels (stretched by the square resample) and files without a usable spacing
+    (absent, or `0\\0` as some exporters write for "unknown") are named and counted; each
+    split's spacing after the resample is summarised."""
+    d = tmp_path / "m"
+    spacings = {"square.dcm": [0.5, 0.5], "wide.dcm": [0.5, 1.0], "none.dcm": None}
+    spacings["zero.dcm"] = [0, 0]
+    for seed, (name, spacing) in enumerate(spacings.items()):
+        write_ct(d / name, image(seed), patient=name)
+        ds = pydicom.dcmread(d / name)
+        if spacing is None:
+            del ds.PixelSpacing
+        else:
+            ds.PixelSpacing = spacing
+        ds.save_as(d / name)
+    write_sheet(d / "labels.csv", [{"patient_id": n, "label": 0, "path": n} for n in spacings])
+    result = curation.curate(d, image_size=8, split=curation.SplitSpec(0, 0, 0), workers=1)
+    entries = {e["path"]: e for e in result.report["files"]}
+    assert entries["wide.dcm"]["non_square_pixels_mm"] == [0.5, 1.0]
+    assert entries["none.dcm"]["no_pixel_spacing"] and entries["zero.dcm"]["no_pixel_spacing"]
+    assert not {"non_square_pixels_mm", "no_pixel_spacing"} & set(entries["square.dcm"])
+    assert result.report["files_with_non_square_pixels"] == 1
+    assert result.report["files_without_pixel_spacing"] == 2
+    # 16 pixels resampled to 8: twice the spacing; the coarser axis of wide.dcm counts.
+    assert result.report["splits"]["train"]["pixel_spacing_mm"] == {
+        "missing": 2,
+        "min": 1.0,
+        "median": 1.5,
+        "max": 2.0,
+    }
+    summary = curation.summarize(result.report)
+    assert "1 written files have non-square pixels" in summary
+    assert "2 written files have no pixel spacing" in summary
+    with caplog.at_level("WARNING"):
+        curation.log_summary(result.report)
+    assert "wide.dcm: pixels are 0.5 x 1 mm (row x column), not square" in caplog.text
+    assert "square.dcm: pixels" not in caplog.text

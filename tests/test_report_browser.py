@@ -122,7 +122,18 @@ def page(tmp_path_factory):
             {"dicom_patient_id": "X1", "patient_ids": ["A", "B"], "splits": ["test", "train"]},
             {"dicom_patient_id": "X2", "patient_ids": ["C", "D"], "splits": ["train"]},
         ],
-        "splits": {"test": {"patients": 12, "slices": 72, "lesion": 20, "normal": 52}},
+        "files_with_non_square_pixels": 2,
+        "files_without_pixel_spacing": 1,
+        "splits": {
+            "train": {"patients": 40, "slices": 240, "lesion": 70, "normal": 170},
+            "test": {
+                "patients": 12,
+                "slices": 72,
+                "lesion": 20,
+                "normal": 52,
+                "pixel_spacing_mm": {"missing": 1, "min": 0.5, "median": 0.78125, "max": 1.5},
+            },
+        },
     }
     result = {
         "split": "test",
@@ -195,6 +206,14 @@ def test_dataset_section_warns_of_values_that_are_not_hounsfield_units(page):
         "values are not Hounsfield units.</p>" in dataset
     )
     assert "1 written input files had pixel values outside int16" in dataset
+    assert "2 written input files have non-square pixels" in dataset
+    assert "1 written input files have no pixel spacing" in dataset
+    tables = _Tables("splits")
+    tables.feed(dataset)
+    spacing = {row[0]: row[-1] for row in tables.rows}
+    assert spacing["Split"] == "Pixel spacing, mm (median, range)"
+    assert spacing["test"] == "0.781 (0.5–1.5), 1 without"
+    assert spacing["train"] == "n/a"  # a report from before the spacing was summarised
     assert (
         "1 DICOM PatientIDs are labelled as several patients that are in different splits "
         "(e.g. X1: test, train)" in dataset

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import multiprocessing
 import os
 import pathlib
@@ -131,6 +132,10 @@ class _Decoded:
     detail: str | None = None
     clipped: int = 0  # pixels outside int16's range, clipped to it (not HU: MR, PET, bad rescale)
     modality: str = ""  # the file's Modality ("" when it has none)
+    no_spacing: bool = False  # a slice has no Pixel Spacing (nor Imager Pixel Spacing)
+    # The first (row, column) spacing in mm that is not square: the resample treats pixels as
+    # square, so such an image is stretched along one axis.
+    non_square: tuple[float, float] | None = None
 
 
 def display_path(path: str) -> str:
@@ -187,7 +192,12 @@ def decode_file(manual_dir: str, rel_path: str, image_size: int) -> _Decoded:
         return _Decoded(rel_path, reason=e.reason, detail=e.detail)
     records = []
     clipped = 0
+    no_spacing, non_square = False, None
     for index, s in enumerate(slices):
+        if s.pixel_spacing is None:
+            no_spacing = True
+        elif non_square is None and not is_square(s.pixel_spacing):
+            non_square = (float(s.pixel_spacing[0]), float(s.pixel_spacing[1]))
         resampled = dicom.resample(s.image, image_size)
         clipped += int(
             np.count_nonzero((resampled < INT16.min - 0.5) | (resampled > INT16.max + 0.5))
@@ -215,7 +225,34 @@ def decode_file(manual_dir: str, rel_path: str, image_size: int) -> _Decoded:
         sop_uid=slices[0].sop_uid,
         clipped=clipped,
         modality=slices[0].modality,
+        no_spacing=no_spacing,
+        non_square=non_square,
     )
+
+
+SQUARE_TOLERANCE = 0.01  # row and column spacing within 1% of each other count as square
+
+
+def is_square(spacing: Sequence[float]) -> bool:
+    """Whether (row, column) pixel spacing is square to within SQUARE_TOLERANCE."""
+    row, col = float(spacing[0]), float(spacing[1])
+    return abs(row - col) <= SQUARE_TOLERANCE * max(abs(row), abs(col))
+
+
+def spacing_summary(spacings: Iterable[tuple[float, float]]) -> dict[str, Any]:
+    """min/median/max of the coarser of row and column spacing (mm) of written slices, and how
+    many have none. The records' spacing is after the resample to image_size: what the network
+    sees, so a split scanned with another field of view stands out."""
+    coarse = [max(r, c) for r, c in spacings]
+    finite = np.asarray([x for x in coarse if math.isfinite(x)], np.float64)
+    summary: dict[str, Any] = {"missing": len(coarse) - len(finite)}
+    if len(finite):
+        summary |= {
+            "min": round(float(finite.min()), 4),
+            "median": round(float(np.median(finite)), 4),
+            "max": round(float(finite.max()), 4),
+        }
+    return summary
 
 
 def decode_all(
@@ -504,6 +541,10 @@ def curate_decoded(
             entry["modality"] = d.modality
         if d.clipped:
             entry["clipped_pixels"] = d.clipped
+        if d.no_spacing:
+            entry["no_pixel_spacing"] = True
+        if d.non_square is not None:
+            entry["non_square_pixels_mm"] = list(d.non_square)
         if not rows:
             entry.update(status="unlabelled")
             continue
@@ -676,6 +717,7 @@ def _report(
             "slices": len(examples),
             "lesion": int(sum(labels)),
             "normal": len(labels) - int(sum(labels)),
+            "pixel_spacing_mm": spacing_summary(e.record.pixel_spacing for e in examples),
             "patient_ids": sorted({e.patient_id for e in examples}),
         }
     # A DICOM PatientID under several of the sheet's patients: the sheet may have split one person
@@ -716,6 +758,8 @@ def _report(
         "skipped_by_reason": dict(sorted(reasons.items())),
         "files_with_clipped_pixels": sum(1 for e in written if e.get("clipped_pixels")),
         "files_not_ct": dict(sorted(not_ct.items())),
+        "files_without_pixel_spacing": sum(1 for e in written if e.get("no_pixel_spacing")),
+        "files_with_non_square_pixels": sum(1 for e in written if "non_square_pixels_mm" in e),
         "dicom_patient_ids_labelled_as_several_patients": several,
         "splits": split_summary,
         "files": [entries[f] for f in files],
@@ -757,6 +801,13 @@ def summarize(report: dict[str, Any]) -> str:
             + ", ".join(f"{n} {m or 'without Modality'}" for m, n in report["files_not_ct"].items())
             + "; their values are not Hounsfield units)"
         )
+    if report.get("files_with_non_square_pixels"):
+        lines.append(
+            f"{report['files_with_non_square_pixels']} written files have non-square pixels "
+            "(resampled as square: stretched along one axis)"
+        )
+    if report.get("files_without_pixel_spacing"):
+        lines.append(f"{report['files_without_pixel_spacing']} written files have no pixel spacing")
     for name, s in report["splits"].items():
         lines.append(
             f"{name}: {s['patients']} patients, {s['slices']} slices "
@@ -803,6 +854,15 @@ def log_summary(report: dict[str, Any], logger: logging.Logger | None = None) ->
                 e["clipped_pixels"],
                 INT16.min,
                 INT16.max,
+            )
+        if "non_square_pixels_mm" in e:
+            row, col = e["non_square_pixels_mm"]
+            logger.warning(
+                "curation: %s: pixels are %g x %g mm (row x column), not square; the resample "
+                "to a square image treats them as square, so the anatomy is stretched",
+                e["path"],
+                row,
+                col,
             )
 
 

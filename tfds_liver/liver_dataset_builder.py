@@ -86,7 +86,7 @@ class LiverConfig(tfds.core.BuilderConfig):
 class Builder(tfds.core.GeneratorBasedBuilder):
     """DatasetBuilder for the `liver` dataset."""
 
-    VERSION = tfds.core.Version("1.3.0")
+    VERSION = tfds.core.Version("1.3.1")
     RELEASE_NOTES = {
         "1.0.0": "First release: synthetic and manual configs, curation report.",
         "1.1.0": "Images stored as raw int16 bytes (not PNG); synthetic: 384 patients, "
@@ -101,6 +101,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         "patients are a conflict; images longer than 2:1 are resampled long side first; label rows "
         "of one file must agree on patient and source; splits by a hash of the patient id (other "
         "splits than 1.2.0; stable when patients are added).",
+        "1.3.1": "pixel_spacing is NaN (was 0 or negative as written) when a file's is not two "
+        "positive numbers; the report names non-square pixels and files without a spacing, and "
+        "summarises each split's pixel spacing.",
     }
     MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_INSTRUCTIONS
     BUILDER_CONFIGS = [
