@@ -48,6 +48,16 @@ def image(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(-200, 200, (SIZE, SIZE)).astype(np.int16)
 
 
+def _set_tag(path: pathlib.Path, keyword: str, value) -> None:
+    """Rewrites the file with `keyword` set to `value` (None: the tag removed)."""
+    ds = pydicom.dcmread(path)
+    if value is None:
+        delattr(ds, keyword)
+    else:
+        setattr(ds, keyword, value)
+    ds.save_as(path)
+
+
 def write_sheet(path: pathlib.Path, rows: list[dict]) -> None:
     labels.write_labels(rows, path)
 
@@ -419,12 +429,7 @@ def test_files_that_are_not_ct_are_reported(tmp_path, caplog):
         (("ct.dcm", "CT"), ("mr.dcm", "MR"), ("none.dcm", None), ("mask.dcm", "OT"))
     ):
         write_ct(d / name, image(seed), patient=name)
-        ds = pydicom.dcmread(d / name)
-        if modality is None:
-            del ds.Modality
-        else:
-            ds.Modality = modality
-        ds.save_as(d / name)
+        _set_tag(d / name, "Modality", modality)
     write_sheet(
         d / "labels.csv",
         [{"patient_id": n, "label": 0, "path": n} for n in ("ct.dcm", "mr.dcm", "none.dcm")],
@@ -547,12 +552,7 @@ def test_pixel_spacing_is_checked_and_summarised_per_split(tmp_path, caplog):
     spacings["zero.dcm"] = [0, 0]
     for seed, (name, spacing) in enumerate(spacings.items()):
         write_ct(d / name, image(seed), patient=name)
-        ds = pydicom.dcmread(d / name)
-        if spacing is None:
-            del ds.PixelSpacing
-        else:
-            ds.PixelSpacing = spacing
-        ds.save_as(d / name)
+        _set_tag(d / name, "PixelSpacing", spacing)
     write_sheet(d / "labels.csv", [{"patient_id": n, "label": 0, "path": n} for n in spacings])
     result = curation.curate(d, image_size=8, split=curation.SplitSpec(0, 0, 0), workers=1)
     entries = {e["path"]: e for e in result.report["files"]}
