@@ -186,8 +186,12 @@ class Servable:
         version: int,
         max_batch: int = DEFAULTS["max_batch_size"],
         warmup: bool = True,
+        device: jax.Device | None = None,
     ) -> Servable:
-        """Loads a version directory written by `liverjax.export`; warmup compiles every bucket."""
+        """Loads a version directory written by `liverjax.export`; warmup compiles every bucket.
+
+        It runs where its parameters are: on `device`, else JAX's default device.
+        """
         path = pathlib.Path(path)
         assets = path / ASSETS_EXTRA
         metadata_path = assets / METADATA_FILE
@@ -198,7 +202,7 @@ class Servable:
                 bytearray((assets / module["stablehlo"]).read_bytes())
             )
             with np.load(assets / module["params"]) as npz:
-                params = [jax.device_put(npz[k]) for k in sorted(npz.files)]
+                params = [jax.device_put(npz[k], device) for k in sorted(npz.files)]
         except Exception as e:  # noqa: BLE001 - garbage can fail deserialization in any way
             raise RuntimeError(
                 f"{path}: not a liverjax export ({type(e).__name__}: {e}); export with "

@@ -200,6 +200,11 @@ def test_parity_on_test_records(exported, records, signature, tf):
     out = pathlib.Path(exported["out_dir"])
     tflite = export.run_tflite((out / "liver.tflite").read_bytes(), images)
     module = serve.Servable.load(exported["version_dir"], version=1, max_batch=4).predict(images)
+    # Loaded onto a device of one's choosing (the export's own check loads it on the CPU).
+    device = jax.devices()[-1]
+    other = serve.Servable.load(exported["version_dir"], version=1, max_batch=4, device=device)
+    assert {p.devices().pop() for p in other._params} == {device}
+    np.testing.assert_array_equal(other.predict(images)["logit"], module["logit"])
     for got in (saved, tflite, module):
         for name in ("probability", "logit"):
             np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-5)
