@@ -11,7 +11,7 @@
         assets.extra/liverjax.stablehlo + params.npz
                                        the same StableHLO module (jax.export) and its weights: what
                                        `liverjax.serve` runs, so serving needs no tensorflow
-    E/liver.tflite                     float32, fixed batch 1
+    E/liver.tflite                     float32, fixed batch 1 (named after --model_name)
     E/liver_fp16.tflite                float16 weights
     E/liver_int8.tflite                dynamic-range int8 weights
 
@@ -74,7 +74,15 @@ MODEL_NAME = "liver"
 STABLEHLO_FILE = "liverjax.stablehlo"
 PARAMS_FILE = "params.npz"
 METADATA_FORMAT = 1
-TFLITE_FILES = {"float32": "liver.tflite", "fp16": "liver_fp16.tflite", "int8": "liver_int8.tflite"}
+TFLITE_SUFFIXES = {"float32": "", "fp16": "_fp16", "int8": "_int8"}
+
+
+def tflite_files(model_name: str) -> dict[str, str]:
+    """The TFLite file names of each variant, after the model: liver.tflite, liver_fp16.tflite..."""
+    return {variant: f"{model_name}{suffix}.tflite" for variant, suffix in TFLITE_SUFFIXES.items()}
+
+
+TFLITE_FILES = tflite_files(MODEL_NAME)
 # The SavedModel and the serving module are lowered for CPU and CUDA, so the same version runs on
 # a CPU or a GPU TF Serving; TFLite is lowered for CPU only (the converter wants one platform).
 PLATFORMS = ("cpu", "cuda")
@@ -338,7 +346,7 @@ def _tflite_models(fn, params, size: int, module) -> dict[str, bytes]:
 
     concrete = serve.get_concrete_function()
     out = {}
-    for variant in TFLITE_FILES:
+    for variant in TFLITE_SUFFIXES:
         converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], module)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         if variant != "float32":
@@ -486,10 +494,14 @@ def export_model(
         metadata["tensorflow_version"] = _tf().__version__
         (assets / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
 
+        # mkdtemp made it 0700: published, it is read by servers running as other users.
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)
         version = _publish(staging, model_dir)
         tflite_paths = {}
         for name, content in tflite.items():
-            path = pathlib.Path(out_dir) / TFLITE_FILES[name]
+            path = pathlib.Path(out_dir) / tflite_files(model_name)[name]
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_bytes(content)
             os.replace(tmp, path)
@@ -501,9 +513,14 @@ def export_model(
 
 
 def _publish(staging: pathlib.Path, model_dir: pathlib.Path) -> int:
-    """Renames `staging` to the next free integer version under `model_dir`; returns it."""
+    """Renames `staging` to the next free integer version under `model_dir`; returns it.
+
+    The next version is above every all-digit name there, files included: a stray file `2`
+    would otherwise be retried for ever.
+    """
     while True:
-        version = max(serve.versions(model_dir), default=0) + 1
+        taken = [int(p.name) for p in model_dir.iterdir() if p.name.isascii() and p.name.isdigit()]
+        version = max(taken, default=0) + 1
         metadata_path = staging / ASSETS_EXTRA / METADATA_FILE
         metadata = json.loads(metadata_path.read_text())
         metadata["version"] = version

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import pathlib
 import re
 import shutil
+import stat
 
 import jax
 import numpy as np
@@ -153,6 +155,10 @@ def test_layout_is_tf_serving_and_tflite(exported):
         assert (out / name).stat().st_size > 0, name
     # nothing but the version is left in the model dir (the staging dir was renamed)
     assert sorted(p.name for p in (out / "liver").iterdir()) == ["1"]
+    # readable by a server running as another user: the umask's mode, not mkdtemp's 0700
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(version_dir.stat().st_mode) == 0o777 & ~umask
     # quantized files are smaller than the float one
     sizes = {n: (out / n).stat().st_size for n in export.TFLITE_FILES.values()}
     assert sizes["liver_int8.tflite"] < sizes["liver_fp16.tflite"] < sizes["liver.tflite"]
@@ -339,3 +345,28 @@ def test_versions_and_threshold(tmp_path):
     (tmp_path / "operating_point.json").write_text(json.dumps({"threshold": 1.5}))
     with pytest.raises(ValueError, match="operating_point.json: threshold = 1.5"):
         export.read_threshold(tmp_path)
+
+
+def test_publish_takes_the_next_version_above_any_numbered_entry(tmp_path):
+    """A stray file named like a version is skipped, not retried for ever."""
+    model_dir = tmp_path / "liver"
+    (model_dir / "1").mkdir(parents=True)
+    (model_dir / "2").write_text("not a version")
+    (model_dir / "notes").mkdir()
+    staging = model_dir / ".staging-x"
+    (staging / export.ASSETS_EXTRA).mkdir(parents=True)
+    (staging / export.ASSETS_EXTRA / export.METADATA_FILE).write_text("{}")
+    assert export._publish(staging, model_dir) == 3
+    metadata = json.loads(
+        (model_dir / "3" / export.ASSETS_EXTRA / export.METADATA_FILE).read_text()
+    )
+    assert metadata["version"] == 3
+
+
+def test_tflite_files_are_named_after_the_model():
+    assert export.tflite_files("kidney") == {
+        "float32": "kidney.tflite",
+        "fp16": "kidney_fp16.tflite",
+        "int8": "kidney_int8.tflite",
+    }
+    assert export.TFLITE_FILES == export.tflite_files(export.MODEL_NAME)
