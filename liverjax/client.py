@@ -105,6 +105,11 @@ class Client:
                 if attempt:
                     raise
                 continue
+            except BaseException:
+                # A timeout, a refused connection, an interrupt: the connection is mid-request
+                # (a later request would raise CannotSendRequest, or read this one's late answer).
+                self.close()
+                raise
             if response.getheader("connection", "").lower() == "close":
                 self.close()
             try:
@@ -163,6 +168,8 @@ class Client:
         names: Sequence[str] | None = None,
     ) -> list[dict[str, Any]]:
         """One result per image (probability, class at the exported threshold, DICOM ids)."""
+        if not files:
+            raise ValueError("classify_dicom: no files given")
         payloads = []
         for i, f in enumerate(files):
             if isinstance(f, bytes):
@@ -225,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
                 answer = client.metadata(args.version)
         except ServerError as e:
             sys.exit(f"{args.url}: {e}")
+        except (OSError, http.client.HTTPException) as e:  # refused, timed out, unreadable file
+            sys.exit(f"{args.url}: {type(e).__name__}: {e}")
     json.dump(answer, sys.stdout, indent=2)
     print()
 

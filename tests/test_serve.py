@@ -544,3 +544,43 @@ def test_tfserving_launcher_serves_the_export(exported, tmp_path):
         ["bash", str(script), str(tmp_path)], env=env, capture_output=True, text=True
     )
     assert missing.returncode == 2 and "export first" in missing.stderr
+
+
+def test_client_recovers_after_a_timeout_and_a_refused_connection():
+    """A client that timed out (or found no server yet) is usable again: a retry loop while a
+    server starts must not fail for ever on a connection stuck mid-request."""
+    import http.server
+
+    answered = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            if not answered.is_set():
+                answered.set()
+                time.sleep(1.5)  # slower than the client's timeout
+            body = json.dumps({"model_version_status": []}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    port = training_runs.free_port()
+    with Client(f"http://127.0.0.1:{port}", timeout=0.5) as client:
+        with pytest.raises(ConnectionRefusedError):
+            client.status()  # nothing listens yet
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+        thread.start()
+        try:
+            with pytest.raises(TimeoutError):
+                client.status()
+            assert client.status() == {"model_version_status": []}
+        finally:
+            httpd.shutdown()
+            httpd.server_close()
+    with pytest.raises(ValueError, match="no files given"):
+        Client("http://127.0.0.1:1").classify_dicom([])
