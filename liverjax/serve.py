@@ -65,7 +65,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
@@ -279,8 +279,13 @@ class ModelManager:
         self._thread: threading.Thread | None = None
 
     def refresh(self) -> None:
-        """Serves the newest version that loads; keeps the current one if none newer does."""
-        for version, path in sorted(version_dirs(self.base_path).items(), reverse=True):
+        """Serves the newest version that loads; keeps the current one if none newer does.
+        A version that failed to load and whose directory is gone leaves the status."""
+        dirs = version_dirs(self.base_path)
+        with self._failed_lock:
+            for version in [v for v in self.failed if v not in dirs]:
+                del self.failed[version]
+        for version, path in sorted(dirs.items(), reverse=True):
             if self.current is not None and version == self.current.version:
                 return
             files = _fingerprint(path)
@@ -439,6 +444,16 @@ class Batcher:
 # ----------------------------------------------------------------------------- request parsing
 
 
+def _object_contents(array: np.ndarray) -> str:
+    """What a rectangular JSON array that numpy holds as objects has in it besides numbers."""
+    for x in array.flat:
+        if x is None:
+            return "null"
+        if isinstance(x, bool) or not isinstance(x, int | float):
+            return f"{type(x).__name__} values"
+    return "an integer too large for int64"
+
+
 def _as_images(value: Any, where: str, size: int, *, batched: bool) -> np.ndarray:
     """A JSON tensor → float32 (N, size, size, 1), or RequestError naming what is wrong."""
     want = f"[{'batch, ' if batched else ''}{size}, {size}, 1]"
@@ -452,6 +467,8 @@ def _as_images(value: Any, where: str, size: int, *, batched: bool) -> np.ndarra
         kind = {"b": "booleans", "U": "strings", "O": "a ragged or mixed array"}.get(
             array.dtype.kind, str(array.dtype)
         )
+        if array.dtype == object:
+            kind = _object_contents(array)
         raise RequestError(f"{where}: expected numbers (float32 Hounsfield units), got {kind}")
     if not batched:
         array = array[None]
@@ -633,6 +650,13 @@ class InternalError:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            # Gone mid-upload (a timeout, a cancelled push): no one to answer, not a server error.
+            log.warning(
+                "%s %s: the client disconnected before its request was read (not answered)",
+                scope.get("method"),
+                scope.get("path"),
+            )
         except Exception as e:  # noqa: BLE001 - the JSON error contract holds for bugs too
             log.exception("%s %s failed", scope.get("method"), scope.get("path"))
             if started:
@@ -844,7 +868,9 @@ def create_app(options: ServerOptions) -> Starlette:
                 return metadata(manager.get(version))
             status = manager.status()
             if version is not None:
-                status = [s for s in status if s["version"] == version]
+                if not _VERSION_RE.match(version):
+                    raise RequestError(f"version {version!r} is not an integer", 400)
+                status = [s for s in status if int(s["version"]) == int(version)]
                 if not status:
                     raise RequestError(f"version {version} of model {name!r} is not loaded", 404)
             if not status:

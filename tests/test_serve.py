@@ -227,6 +227,17 @@ def _bad_requests(size: int, dicom_path: pathlib.Path):
             400,
             "not a rectangular array",
         ),
+        ("null", "POST", predict, b'{"inputs": {"image": null}}', {}, 400, "got null"),
+        (
+            "integer beyond int64",
+            "POST",
+            predict,
+            b'{"instances": [[[[100000000000000000000000]]]]}',
+            {},
+            400,
+            "got an integer too large for int64",
+        ),
+        ("version not an integer", "GET", "/v1/models/liver/versions/x", None, {}, 400, "'x'"),
         (
             "NaN",
             "POST",
@@ -518,6 +529,13 @@ def test_picks_up_a_new_version_and_never_a_failed_one(server, client, records):
     assert [(s["version"], s["state"]) for s in status] == [("2", "AVAILABLE"), ("3", "END")]
     assert "not a liverjax export" in status[1]["status"]["error_message"]
     np.testing.assert_array_equal(client.predict(images)["probability"], got["probability"])
+    # Its directory removed, it leaves the status.
+    shutil.rmtree(server.base / "3")
+    deadline = time.monotonic() + NEW_VERSION_TIMEOUT_S
+    while len(status := client.status()["model_version_status"]) > 1:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.2)
+    assert [(s["version"], s["state"]) for s in status] == [("2", "AVAILABLE")]
 
 
 def test_tfserving_launcher_serves_the_export(exported, tmp_path):
@@ -559,11 +577,14 @@ def test_client_recovers_after_a_timeout_and_a_refused_connection():
                 answered.set()
                 time.sleep(1.5)  # slower than the client's timeout
             body = json.dumps({"model_version_status": []}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the timed-out client is gone
 
         def log_message(self, *args):
             pass
@@ -584,3 +605,30 @@ def test_client_recovers_after_a_timeout_and_a_refused_connection():
             httpd.server_close()
     with pytest.raises(ValueError, match="no files given"):
         Client("http://127.0.0.1:1").classify_dicom([])
+
+
+def test_status_takes_zero_padded_versions_like_the_other_routes(client):
+    version = client.status()["model_version_status"][0]["version"]  # 2 after the test above
+    status, answer = client.request("GET", f"/v1/models/liver/versions/00{version}")
+    assert status == 200 and answer["model_version_status"][0]["version"] == version
+    assert client.request("GET", f"/v1/models/liver/versions/00{version}/metadata")[0] == 200
+
+
+def test_a_client_gone_mid_upload_is_no_server_error(server, client):
+    """An upload cut off (timeout, cancelled push) is logged as such, not as a 500 with a
+    traceback: monitoring would count server errors that never happened."""
+    import socket
+
+    before = client.request("GET", "/statsz")[1]["responses"]
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(
+            b"POST /v1/models/liver:predict HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n" + b"[" * 1000
+        )
+    deadline = time.monotonic() + 30
+    while "the client disconnected" not in server.log():
+        assert time.monotonic() < deadline, server.log()[-3000:]
+        time.sleep(0.1)
+    after = client.request("GET", "/statsz")[1]["responses"]
+    assert after.get("500") == before.get("500"), (before, after)
+    assert "ClientDisconnect" not in server.log()
