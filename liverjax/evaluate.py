@@ -121,9 +121,9 @@ def eval_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     if not 0.0 < s.confidence < 1.0:
         raise ValueError(f"config.eval.confidence = {s.confidence!r}: must be in (0, 1), e.g. 0.95")
     for key in ("bootstrap_resamples", "calibration_bins"):
-        if not isinstance(s[key], int) or s[key] < 1:
+        if not isinstance(s[key], int) or isinstance(s[key], bool) or s[key] < 1:
             raise ValueError(f"config.eval.{key} = {s[key]!r}: must be a positive int")
-    if not isinstance(s.worst_cases, int) or s.worst_cases < 0:
+    if not isinstance(s.worst_cases, int) or isinstance(s.worst_cases, bool) or s.worst_cases < 0:
         raise ValueError(f"config.eval.worst_cases = {s.worst_cases!r}: must be an int >= 0")
     return settings
 

@@ -171,7 +171,11 @@ def read_threshold(workdir: str | os.PathLike) -> tuple[float, str]:
             f'{path}: expected a JSON object with a "threshold" number ({e}); '
             f"rerun the evaluation or fix the file"
         ) from e
-    if not isinstance(threshold, int | float) or not 0.0 <= threshold <= 1.0:
+    if (
+        not isinstance(threshold, int | float)
+        or isinstance(threshold, bool)
+        or not 0.0 <= threshold <= 1.0
+    ):
         raise ValueError(f"{path}: threshold = {threshold!r} is not a probability in [0, 1]")
     return float(threshold), str(path)
 

@@ -765,7 +765,10 @@ def create_app(options: ServerOptions) -> Starlette:
                         if isinstance(value, UploadFile):
                             files.append((value.filename or field, await value.read()))
             except HTTPException as e:
-                raise RequestError(f"multipart body: {e.detail}", e.status_code) from None
+                detail = e.detail
+                if "Too many files" in detail:
+                    detail += " (the server's --max_files); send the files in several requests"
+                raise RequestError(f"multipart body: {detail}", e.status_code) from None
             boundary = parse_options_header(content_type)[1].get(b"boundary", b"")
             if b"--" + boundary + b"--" not in body:
                 raise RequestError(

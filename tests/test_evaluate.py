@@ -272,6 +272,10 @@ def test_checkpoint_and_workdir_errors(run, tmp_path):
     bad.eval = {"bootstrap_samples": 10}
     with pytest.raises(ValueError, match="unknown keys \\['bootstrap_samples'\\]"):
         evaluate.eval_settings(bad)
+    for key in ("bootstrap_resamples", "calibration_bins", "worst_cases"):
+        bad.eval = {key: True}  # a bool is an int to Python, not a count
+        with pytest.raises(ValueError, match=f"config.eval.{key} = True"):
+            evaluate.eval_settings(bad)
 
 
 def _preds(labels, probs, patients) -> evaluate.Predictions:

@@ -345,6 +345,9 @@ def test_versions_and_threshold(tmp_path):
     (tmp_path / "operating_point.json").write_text(json.dumps({"threshold": 1.5}))
     with pytest.raises(ValueError, match="operating_point.json: threshold = 1.5"):
         export.read_threshold(tmp_path)
+    (tmp_path / "operating_point.json").write_text(json.dumps({"threshold": True}))
+    with pytest.raises(ValueError, match="operating_point.json: threshold = True"):
+        export.read_threshold(tmp_path)
 
 
 def test_publish_takes_the_next_version_above_any_numbered_entry(tmp_path):

@@ -195,7 +195,19 @@ def _bad_requests(size: int, dicom_path: pathlib.Path):
     body, content_type = multipart([("a.dcm", dicom_path.read_bytes()), ("b.txt", b"hello")])
     one, one_type = multipart([("a.dcm", dicom_path.read_bytes())])
     deep = b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    many, many_type = multipart(
+        [(f"{i}.dcm", b"x") for i in range(serve.DEFAULTS["max_files"] + 1)]
+    )
     return [
+        (
+            "too many files",
+            "POST",
+            classify,
+            many,
+            {"Content-Type": many_type},
+            400,
+            "Too many files. Maximum number of files is 64. (the server's --max_files)",
+        ),
         ("malformed JSON", "POST", predict, b'{"instances": [1,', {}, 400, "malformed JSON"),
         ("empty body", "POST", predict, b"", {}, 400, "empty body"),
         ("deeply nested JSON", "POST", predict, deep, {}, 400, "malformed JSON: nested too deeply"),
