@@ -2,7 +2,8 @@
 
 `write_report(out_dir, result, level_data, cases, curation)` writes roc.png, pr.png,
 calibration.png, confusion.png and report.html into `out_dir`. `result` is what
-`liverjax.evaluate.evaluate` returns (the content of metrics.json); every number on the page comes
+`liverjax.evaluate.evaluate` returns (metrics.json holds it with NaN written as null, which these
+functions do not take back: undefined values must be float NaN); every number on the page comes
 from it or from `liverjax.metrics` curves. The page embeds its images as data URIs and has no
 script and no external resource, so it can be mailed or archived as one file.
 """
