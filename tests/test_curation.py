@@ -1,6 +1,7 @@
 """Curation: every file accounted for, duplicates and conflicts found, splits by patient."""
 
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -575,3 +576,40 @@ def test_pixel_spacing_is_checked_and_summarised_per_split(tmp_path, caplog):
         curation.log_summary(result.report)
     assert "wide.dcm: pixels are 0.5 x 1 mm (row x column), not square" in caplog.text
     assert "square.dcm: pixels" not in caplog.text
+
+
+def test_a_folder_linked_into_the_tree_keeps_its_own_path(tmp_path, caplog):
+    """A link that sorts first (`_all -> siteA`, an export's "all series" view) does not rename
+    siteA's files: rows written with the real path match, and the link is named as skipped."""
+    d = tmp_path / "m"
+    write_ct(d / "siteA/p1/0.dcm", image(1), patient="P1")
+    (d / "_all").symlink_to(d / "siteA")
+    write_sheet(d / "labels.csv", [{"patient_id": "P1", "label": 0, "path": "siteA/p1"}])
+    with caplog.at_level("WARNING"):
+        files, _ = curation.find_files(d)
+    assert files == ["siteA/p1/0.dcm"]
+    assert "the folder _all is siteA, read at that path" in caplog.text
+    result = curation.curate(d, image_size=8, split=curation.SplitSpec(0, 0, 0), workers=1)
+    assert result.report["counts"]["written"] == 1
+    assert result.report["label_rows_without_image"] == []
+
+
+def test_a_folder_that_cannot_be_listed_is_an_error_naming_it(tmp_path, monkeypatch):
+    """Its files cannot be accounted for. (The tests may run as root, who reads any folder, so
+    listing it fails the way it does for a user without permission.)"""
+    d = tmp_path / "m"
+    write_ct(d / "p1/0.dcm", image(1), patient="P1")
+    write_ct(d / "p2/0.dcm", image(2), patient="P2")
+    write_sheet(d / "labels.csv", [{"patient_id": "P1", "label": 0, "path": "p1"}])
+    scandir = os.scandir
+
+    def no_permission(path="."):
+        if os.fspath(path) == os.fspath(d / "p2"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", no_permission)
+    with pytest.raises(
+        PermissionError, match=r"1 folders cannot be listed \(p2: Permission denied\)"
+    ):
+        curation.curate(d, image_size=8, split=curation.SplitSpec(0, 0, 0), workers=1)

@@ -157,30 +157,48 @@ def source_of(rel_path: str) -> str:
 def find_files(manual_dir: pathlib.Path) -> tuple[list[str], list[str]]:
     """All files under the manual dir at any depth, split into (input files, label sheets).
 
-    Symbolic links to folders are followed (hospital exports often link series in); a folder
-    reached twice (a link loop, or two links to one folder) is read once, at its first path.
+    Symbolic links to folders are followed (hospital exports often link series in). A folder
+    reached twice is read once: at its own path when it is in the tree (a link `_all -> siteA`
+    does not rename siteA's files, whatever sorts first), else at the first link to it. A folder
+    that cannot be listed is an error naming it: its files could not be accounted for.
     """
-    files, sheets = [], []
+    unreadable: list[OSError] = []
+    # Where each folder of the tree is without following links: read there, links or not.
     seen: dict[str, str] = {}
-    for root, dirs, names in os.walk(manual_dir, followlinks=True):
+    for root, _, _ in os.walk(manual_dir, onerror=unreadable.append):
+        seen.setdefault(os.path.realpath(root), root)
+    unreadable.clear()  # the walk below meets them again
+    files, sheets = [], []
+    for root, dirs, names in os.walk(manual_dir, followlinks=True, onerror=unreadable.append):
         seen.setdefault(os.path.realpath(root), root)
         dirs.sort()
         for d in list(dirs):
-            real = os.path.realpath(os.path.join(root, d))
-            if real in seen:
+            path = os.path.join(root, d)
+            real = os.path.realpath(path)
+            owner = seen.setdefault(real, path)
+            if owner != path:
                 dirs.remove(d)
                 logging.getLogger(__name__).warning(
-                    "%s: the folder %s is read already, as %s; not read again",
+                    "%s: the folder %s is %s, read at that path; not read again",
                     manual_dir,
-                    os.path.relpath(os.path.join(root, d), manual_dir),
-                    os.path.relpath(seen[real], manual_dir),
+                    os.path.relpath(path, manual_dir),
+                    os.path.relpath(owner, manual_dir),
                 )
-            else:
-                seen[real] = os.path.join(root, d)
         for name in sorted(names):
             rel = (pathlib.Path(root) / name).relative_to(manual_dir).as_posix()
             depth = rel.count("/")
             (sheets if name == LABEL_SHEET and depth <= 1 else files).append(rel)
+    if unreadable:
+        shown = "; ".join(
+            f"{os.path.relpath(e.filename, manual_dir) if e.filename else '?'}: {e.strerror or e}"
+            for e in unreadable[:5]
+        )
+        more = f" (and {len(unreadable) - 5} more)" if len(unreadable) > 5 else ""
+        raise PermissionError(
+            f"{manual_dir}: {len(unreadable)} folders cannot be listed ({shown}{more}); their "
+            "files could not be accounted for. Give this user read and execute permission on "
+            "them, or move them out of the manual dir"
+        )
     return files, sheets
 
 
