@@ -75,7 +75,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from pydicom import dcmread
 from pydicom import uid as dicom_uid
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments, parse_basic_offsets
 from pydicom.filebase import DicomBytesIO
@@ -1281,7 +1281,16 @@ _TAGS = {
 }
 # Value representations stored as backslash-separated ASCII text (PS3.5 6.2): parsed from the raw
 # bytes here, which is several times faster than pydicom's general value conversion.
-_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "SH", "TM", "UI", None})
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "SH", "TM", "UI"})
+
+
+@functools.cache
+def _dictionary_vr(tag: int) -> str | None:
+    """The VR the DICOM dictionary gives `tag` (None for a tag it does not know)."""
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return None
 
 
 def _strings(ds: Dataset, keyword: str) -> list[str] | None:
@@ -1290,7 +1299,10 @@ def _strings(ds: Dataset, keyword: str) -> list[str] | None:
     if elem is None:
         return None
     value = elem.value
-    if isinstance(value, bytes) and elem.VR in _ASCII_VRS and value.isascii():
+    # A raw element of an Implicit VR file has VR None: its dictionary VR tells whether it is
+    # text (a binary Pixel Padding Value 0 is b"\x00\x00", which would read as "absent").
+    vr = elem.VR if elem.VR is not None else _dictionary_vr(_TAGS[keyword])
+    if isinstance(value, bytes) and vr in _ASCII_VRS and value.isascii():
         parts = [part.strip(" \x00") for part in value.decode("ascii").split("\\")]
     else:  # already converted, another VR, or non-ASCII text: let pydicom decode it
         value = _get(ds, keyword)

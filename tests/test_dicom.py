@@ -991,6 +991,18 @@ def test_pixel_padding_beyond_bits_stored_is_found_in_the_cells(little):
     np.testing.assert_array_equal(s.image, [[40, 76], [40, 40]])
 
 
+@pytest.mark.parametrize("padding", [0, 1, 63536])
+def test_pixel_padding_in_implicit_vr_is_read_as_a_number(padding):
+    """Implicit VR gives raw elements no VR: Pixel Padding Value 0 (bytes 00 00) and 1 are not
+    text (they once read as "absent" and as "\x01"), in Explicit VR or not."""
+    stored = np.array([[padding, 1100], [1064, padding]], np.uint16)
+    want = [[40, 76], [40, 40]]
+    for implicit in (False, True):
+        ds = make_ds(stored, PixelPaddingValue=padding)
+        (s,) = dicom.read_dicom(to_bytes(ds, implicit=implicit))
+        np.testing.assert_array_equal(s.image, want, err_msg=f"implicit={implicit}")
+
+
 def test_pixel_padding_of_the_other_sign_is_read_in_the_pixels_sign():
     stored = np.array([[63536, 1000], [1064, 63536]], np.uint16)
     ds = make_ds(stored)
