@@ -521,11 +521,12 @@ def test_rows_that_name_one_file_must_agree_and_their_conflict_excludes_every_co
     }  # fmt: skip
     assert "whose label rows disagree" in by_path["s/0.dcm"]["detail"]
     assert "disagree on patient_id" in by_path["s/a.dcm"]["detail"]
+    assert len(by_path["s/a.dcm"]["labelled_by"]) == 2  # the rows that disagree, both named
     assert "P1" in by_path["s/a.dcm"]["detail"] and "P9" in by_path["s/a.dcm"]["detail"]
     assert "disagree on label" in by_path["s/b.dcm"]["detail"]
     assert "same image as a conflicting file" in by_path["s/z.dcm"]["detail"]
     assert "disagree on source" in by_path["s/e.dcm"]["detail"]
-    assert by_path["s/c.dcm"]["labelled_by"] == "labels.csv:6, s/labels.csv:4"
+    assert by_path["s/c.dcm"]["labelled_by"] == ["labels.csv:6", "s/labels.csv:4"]
     assert [e.record.path for e in result.splits["train"]] == ["s/c.dcm"]
 
 

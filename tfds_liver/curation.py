@@ -566,6 +566,7 @@ def curate_decoded(
         if not rows:
             entry.update(status="unlabelled")
             continue
+        entry["labelled_by"] = [r.where for r in rows]  # every row naming it, also in a conflict
         # Each slice on its own: a multi-frame file may repeat some images and add others. A
         # file without a SOP Instance UID has no id to compare: only its pixels identify it.
         owner_ids = [
@@ -591,7 +592,6 @@ def curate_decoded(
         label = dataclasses.replace(
             rows[0], source=next((r.source for r in rows if r.source), None)
         )
-        entry["labelled_by"] = ", ".join(r.where for r in rows)
         slice_ids = [
             ([("sop", s.image_id)] if s.image_id.split("/")[0] else [])
             + [("pixels", label.patient_id, s.pixel_hash)]

@@ -103,7 +103,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         "splits than 1.2.0; stable when patients are added).",
         "1.3.1": "pixel_spacing is NaN (was 0 or negative as written) when a file's is not two "
         "positive numbers; the report names non-square pixels and files without a spacing, and "
-        "summarises each split's pixel spacing.",
+        "summarises each split's pixel spacing; labelled_by is always a list (was a joined string "
+        "on written files) and is on conflicts too; folders linked into the tree keep their own "
+        "path; an unlistable folder is an error; Implicit VR Pixel Padding Value 0 or 1 is found.",
     }
     MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_INSTRUCTIONS
     BUILDER_CONFIGS = [
