@@ -231,7 +231,13 @@ def test_bad_label_sheet_is_an_error_naming_the_row(tmp_path):
 
 def test_missing_label_sheet_is_a_clear_error(tmp_path):
     write_ct(tmp_path / "a.dcm", image(1))
-    with pytest.raises(FileNotFoundError, match="labels.csv"):
+    with pytest.raises(FileNotFoundError, match="no labels.csv in") as e:
+        curation.curate(tmp_path, image_size=8, split=curation.SplitSpec(0, 0, 0))
+    assert "found" not in str(e.value)
+    # Sheets that are there but not read are named: mis-cased, or too deep.
+    write_sheet(tmp_path / "Labels.csv", [{"patient_id": "P1", "label": 0, "path": "a.dcm"}])
+    write_sheet(tmp_path / "s/p1/labels.csv", [{"patient_id": "P1", "label": 0, "path": "x"}])
+    with pytest.raises(FileNotFoundError, match="found Labels.csv, s/p1/labels.csv: a sheet is"):
         curation.curate(tmp_path, image_size=8, split=curation.SplitSpec(0, 0, 0))
 
 

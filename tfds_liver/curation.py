@@ -482,9 +482,20 @@ def scan(manual_dir: pathlib.Path) -> tuple[list[str], list[str]]:
         raise FileNotFoundError(f"manual dir {manual_dir} does not exist or is not a folder")
     files, sheets = find_files(manual_dir)
     if not sheets:
+        # Sheets that are there but not read: mis-cased (macOS and Windows do not mind), or deeper.
+        near = [f for f in files if pathlib.PurePosixPath(f).name.lower() == LABEL_SHEET]
+        hint = ""
+        if near:
+            shown = ", ".join(display_path(f) for f in near[:3]) + (
+                ", ..." if len(near) > 3 else ""
+            )
+            hint = (
+                f"; found {shown}: a sheet is read only when named {LABEL_SHEET} (lower case), in "
+                "the manual dir or a top-level folder of it"
+            )
         raise FileNotFoundError(
-            f"no {LABEL_SHEET} in {manual_dir} (nor in its top-level folders): see the dataset's "
-            "manual download instructions for its columns"
+            f"no {LABEL_SHEET} in {manual_dir} (nor in its top-level folders){hint}: see the "
+            "dataset's manual download instructions for its columns"
         )
     return files, sheets
 
