@@ -221,6 +221,19 @@ def test_per_source_label_sheets_are_merged(tmp_path):
     assert {e.record.source for e in result.splits["train"]} == {"A", "B"}
 
 
+def test_a_folder_sheet_row_written_from_the_manual_dir_is_explained(tmp_path):
+    """A row of A/labels.csv is relative to A/: `A/x.dcm` there names A/A/x.dcm."""
+    d = tmp_path / "m"
+    write_ct(d / "A" / "x.dcm", image(1), patient="A1")
+    write_sheet(d / "A" / "labels.csv", [{"patient_id": "A1", "label": 0, "path": "A/x.dcm"}])
+    result = curation.curate(d, image_size=8, split=curation.SplitSpec(0, 0, 0), workers=1)
+    [row] = result.report["label_rows_without_image"]
+    assert row["why"] == (
+        "path does not exist as A/A/x.dcm (relative to A/); A/x.dcm exists relative to the "
+        "manual dir: paths in A/labels.csv are relative to its folder"
+    )
+
+
 def test_bad_label_sheet_is_an_error_naming_the_row(tmp_path):
     d = tmp_path / "m"
     write_ct(d / "a.dcm", image(1))

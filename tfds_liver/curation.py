@@ -347,10 +347,18 @@ def _match_labels(
                         nfc = _files_by_nfc_name(files, under or _files_by_folder(files))
                     matched = nfc.get(_nfc(target), [])
                 why = "path does not exist under the manual dir"
+                if str(base) != ".":
+                    why = f"path does not exist as {display_path(target)} (relative to {base}/)"
                 if not matched:
                     if lower is None:
                         lower = _by_lower_case(files)
-                    if target.lower() in lower:
+                    plain = row.path.rstrip("/")
+                    if str(base) != "." and (plain in file_set or plain in under):
+                        why += (
+                            f"; {display_path(plain)} exists relative to the manual dir: paths "
+                            f"in {sheet} are relative to its folder"
+                        )
+                    elif target.lower() in lower:
                         why += f"; {display_path(lower[target.lower()])} differs only in case"
             else:
                 matched = by_sop.get(row.sop_instance_uid, [])
