@@ -19,7 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Liver window: parenchyma ~60 HU, the synthetic set's lesions 25-80 HU away from it.
     config.preprocess.window_center = 60.0
     config.preprocess.window_width = 200.0
-    # Geometric jitter only: blur, sharpening and noise hide the smallest lesions.
+    # Geometric jitter, brightness and contrast only: blur, sharpening, noise and gamma hide the
+    # smallest lesions.
     for name in ("blur", "sharpen", "noise", "gamma"):
         config.augment[name].prob = 0.0
     config.optimizer.name = "adam"

@@ -216,8 +216,27 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _fail("optimizer.weight_decay", opt.weight_decay, "must be >= 0", "e.g. 1e-4, or 0")
     if opt.grad_clip_norm < 0:
         _fail("optimizer.grad_clip_norm", opt.grad_clip_norm, "must be >= 0", "0 turns it off")
-    if config.schedule.name not in SCHEDULES:
-        _fail("schedule.name", config.schedule.name, "unknown schedule", f"use one of {SCHEDULES}")
+    schedule = config.schedule
+    if schedule.name not in SCHEDULES:
+        _fail("schedule.name", schedule.name, "unknown schedule", f"use one of {SCHEDULES}")
+    if not schedule.warmup_epochs >= 0:
+        _fail("schedule.warmup_epochs", schedule.warmup_epochs, "must be >= 0", "0 = no warmup")
+    if not 0 <= schedule.end_fraction <= 1:
+        _fail(
+            "schedule.end_fraction",
+            schedule.end_fraction,
+            "must be in [0, 1] (a negative rate ascends the loss)",
+            "0 decays to zero",
+        )
+    if schedule.name == "constant":
+        for key in ("warmup_epochs", "end_fraction"):
+            if schedule[key]:
+                _fail(
+                    f"schedule.{key}",
+                    schedule[key],
+                    "is used by schedule.name='warmup_cosine' only, and the schedule is 'constant'",
+                    "set --config.schedule.name=warmup_cosine, or leave it 0",
+                )
     if config.imbalance.method not in input_pipeline.IMBALANCE_METHODS:
         _fail(
             "imbalance.method",
@@ -227,6 +246,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.imbalance.pos_weight < 0:
         _fail("imbalance.pos_weight", config.imbalance.pos_weight, "must be >= 0", "0 = automatic")
+    if config.imbalance.pos_weight and config.imbalance.method != "pos_weight":
+        _fail(
+            "imbalance.pos_weight",
+            config.imbalance.pos_weight,
+            f"is used by imbalance.method='pos_weight' only, and the method is "
+            f"{config.imbalance.method!r}",
+            "set --config.imbalance.method=pos_weight, or leave it 0",
+        )
     for key in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint.every_steps"):
         value = config[key] if "." not in key else config.checkpoint.every_steps
         if not isinstance(value, int) or value < 1:
@@ -244,6 +271,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.early_stopping.patience < 0:
         _fail("early_stopping.patience", config.early_stopping.patience, "must be >= 0", "0 = off")
+    if not config.early_stopping.min_delta >= 0:
+        _fail(
+            "early_stopping.min_delta",
+            config.early_stopping.min_delta,
+            "must be >= 0 (a negative one lets a worse value reset patience)",
+            "0 = any improvement counts",
+        )
+    if not isinstance(config.checkpoint.keep, int) or config.checkpoint.keep < 1:
+        _fail("checkpoint.keep", config.checkpoint.keep, "must keep at least the latest", "e.g. 3")
+    if not isinstance(config.checkpoint.keep_best, int) or config.checkpoint.keep_best < 0:
+        _fail("checkpoint.keep_best", config.checkpoint.keep_best, "must be >= 0", "e.g. 1")
     if not config.early_stopping.start_epoch >= 0:
         _fail(
             "early_stopping.start_epoch",
@@ -638,6 +676,15 @@ def train_and_evaluate(
     if total_steps <= 0:
         total_steps = config.num_epochs * steps_per_epoch
     eval_every = config.eval_every_steps or steps_per_epoch
+    warmup_steps = round(config.schedule.warmup_epochs * steps_per_epoch)
+    if config.schedule.name == "warmup_cosine" and warmup_steps >= total_steps:
+        _fail(
+            "schedule.warmup_epochs",
+            config.schedule.warmup_epochs,
+            f"the warmup ({warmup_steps} steps) is as long as the run ({total_steps} steps): "
+            "the rate would never reach optimizer.learning_rate nor decay",
+            "use a shorter warmup",
+        )
 
     labels, pos_weight = None, 1.0
     if config.imbalance.method != "none":

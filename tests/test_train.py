@@ -122,6 +122,22 @@ def test_early_stopping_stops_and_stays_stopped_on_resume(data_dir, tmp_path):
         ({"distributed.enabled": "yes"}, "config.distributed.enabled = 'yes'"),
         ({"augment.rotate.prob": 1.5}, "config.augment.rotate.prob = 1.5: must be in [0, 1]"),
         ({"early_stopping.start_epoch": -1.0}, "config.early_stopping.start_epoch = -1.0"),
+        ({"early_stopping.min_delta": -0.1}, "config.early_stopping.min_delta = -0.1: must be"),
+        ({"imbalance.pos_weight": 3.0}, "config.imbalance.pos_weight = 3.0: is used by"),
+        ({"schedule.warmup_epochs": 2.0}, "config.schedule.warmup_epochs = 2.0: is used by"),
+        (
+            {"schedule.name": "warmup_cosine", "schedule.end_fraction": -0.5},
+            "config.schedule.end_fraction = -0.5: must be in [0, 1]",
+        ),
+        (
+            {"schedule.name": "warmup_cosine", "schedule.warmup_epochs": -1.0},
+            "config.schedule.warmup_epochs = -1.0: must be >= 0",
+        ),
+        (
+            {"schedule.name": "warmup_cosine", "schedule.warmup_epochs": 2.0},
+            "config.schedule.warmup_epochs = 2.0: the warmup (12 steps) is as long as the run",
+        ),
+        ({"checkpoint.keep": 0}, "config.checkpoint.keep = 0: must keep at least the latest"),
     ],
 )
 def test_config_errors_name_the_key(data_dir, tmp_path, overrides, message):
