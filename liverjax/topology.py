@@ -10,7 +10,8 @@ process reads its rows of the same global batches (`input_pipeline.train_dataset
 in the stream of *global* batches, the same in every file and independent of the process count.
 `DataIteratorHandler` therefore restores:
 
-1. the file of this process, when the process count is unchanged (grain's own behaviour);
+1. the file of this process, when the process count is unchanged (grain's own behaviour) and
+   this iterator accepts it (else 3);
 2. otherwise, when all saved files hold the same state and this iterator accepts it, that state:
    the run resumes exactly where it stopped (logged as a warning naming both counts);
 3. otherwise (files that disagree, or a state this pipeline cannot take, e.g. after changing
@@ -89,28 +90,34 @@ def restore_iterator(directory: epath.PathLike, iterator: grain.DatasetIterator)
     directory = epath.Path(directory)
     index, count = jax.process_index(), jax.process_count()
     own = directory / f"process_{index}-of-{count}.json"
+    rejected = (KeyError, ValueError, TypeError, IndexError)
     if own.exists():
-        iterator.set_state(json.loads(own.read_text()))
-        return
-    saved_count, states = saved_states(directory)
-    distinct = {json.dumps(s, sort_keys=True) for s in states.values()}
-    if len(distinct) == 1:
-        state = states[0]
+        saved_count = count
         try:
-            iterator.set_state(state)
-        except (KeyError, ValueError, TypeError, IndexError) as e:
-            reason = f"this pipeline does not accept the saved state ({type(e).__name__}: {e})"
-        else:
-            logger.warning(
-                "data iterator saved by %d process(es), restored in %d: all saved the same "
-                "position in the global batch stream (%s), so the data resumes exactly",
-                saved_count,
-                count,
-                json.dumps(state),
-            )
+            iterator.set_state(json.loads(own.read_text()))
             return
+        except rejected as e:  # the same processes, another pipeline (config.input.num_workers)
+            reason = f"this pipeline does not accept the saved state ({type(e).__name__}: {e})"
     else:
-        reason = f"the {saved_count} processes saved different positions"
+        saved_count, states = saved_states(directory)
+        distinct = {json.dumps(s, sort_keys=True) for s in states.values()}
+        if len(distinct) == 1:
+            state = states[0]
+            try:
+                iterator.set_state(state)
+            except rejected as e:
+                reason = f"this pipeline does not accept the saved state ({type(e).__name__}: {e})"
+            else:
+                logger.warning(
+                    "data iterator saved by %d process(es), restored in %d: all saved the same "
+                    "position in the global batch stream (%s), so the data resumes exactly",
+                    saved_count,
+                    count,
+                    json.dumps(state),
+                )
+                return
+        else:
+            reason = f"the {saved_count} processes saved different positions"
     step = _checkpoint_step(directory)
     continue_from_step(iterator, step)
     logger.warning(

@@ -151,6 +151,17 @@ def test_iterator_that_cannot_be_placed_exactly_continues_from_the_step(data_dir
     assert _position(it) == 5
     assert "does not accept the saved state" in caplog.text
 
+    # The same process count, another pipeline (config.input.num_workers changed): the same
+    # fallback, not grain's KeyError.
+    caplog.clear()
+    same = tmp_path / "9" / "data"
+    _write_states(same, [workers_state])
+    it = _iterator(source, config)
+    with caplog.at_level(logging.WARNING, logger="liverjax"):
+        topology.restore_iterator(same, it)
+    assert _position(it) == 9
+    assert "saved by 1 process(es) cannot be restored exactly in 1" in caplog.text
+
 
 def test_incomplete_or_mixed_iterator_states_are_errors(tmp_path):
     missing = tmp_path / "a" / "3" / "data"
