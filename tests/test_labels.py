@@ -845,3 +845,17 @@ def test_check_warns_of_rows_that_name_the_same_files_and_disagree(tmp_path):
     done = run_cli("check", path)
     assert done.returncode == 0
     assert "warning: 3 pairs of rows name the same files but disagree" in done.stdout
+
+
+def test_check_finds_paths_as_the_build_does(tmp_path):
+    """A name typed in NFC for a folder stored in NFD (macOS) exists, as the build matches it;
+    a wrong-case name does not (the build would leave it unmatched on any file system)."""
+    folder = tmp_path / "Mu\u0308ller"
+    folder.mkdir()
+    (folder / "a.dcm").write_bytes(b"x")
+    text = "patient_id,label,path\nP1,normal,M\u00fcller\nP2,normal,m\u00fcller/a.dcm\n"
+    done = run_cli("check", write_csv(tmp_path, text))
+    assert done.returncode == 0, done.stderr
+    assert "warning: 1 paths do not exist" in done.stdout and "line 3" in done.stdout
+    done = run_cli("check", tmp_path / "missing.csv")
+    assert done.returncode == 2 and done.stderr.startswith("error: ")

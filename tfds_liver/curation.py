@@ -317,15 +317,13 @@ def _match_labels(
     """Maps each input file to the label rows that name it; returns unmatched rows and row count."""
     by_file: dict[str, list[_Label]] = collections.defaultdict(list)
     unmatched: list[dict[str, Any]] = []
-    file_set = set(files)
     by_sop: dict[str, list[str]] = collections.defaultdict(list)
     for d in decoded:
         if d.sop_uid:
             by_sop[d.sop_uid].append(d.path)
     n_rows = 0
     lower: dict[str, str] | None = None  # built for the first row that matches nothing
-    under: dict[str, list[str]] | None = None  # folder -> its files, built for the first folder
-    nfc: dict[str, list[str]] | None = None  # the same, for file and folder names in NFC
+    index = PathIndex(files)
     for sheet in sheets:
         base = pathlib.PurePosixPath(sheet).parent
         for row in labels_lib.read_labels(manual_dir / sheet):
@@ -334,18 +332,7 @@ def _match_labels(
             if row.path is not None:
                 target = (base / row.path).as_posix() if str(base) != "." else row.path
                 target = target.rstrip("/")
-                if target in file_set:
-                    matched = [target]
-                else:
-                    if under is None:
-                        under = _files_by_folder(files)
-                    matched = under.get(target, [])
-                if not matched:
-                    # A name typed in one Unicode form and stored in another (macOS writes
-                    # decomposed accents, NFD): the same name to a reader, other bytes.
-                    if nfc is None:
-                        nfc = _files_by_nfc_name(files, under or _files_by_folder(files))
-                    matched = nfc.get(_nfc(target), [])
+                matched = index.files(target)
                 why = "path does not exist under the manual dir"
                 if str(base) != ".":
                     why = f"path does not exist as {display_path(target)} (relative to {base}/)"
@@ -353,7 +340,7 @@ def _match_labels(
                     if lower is None:
                         lower = _by_lower_case(files)
                     plain = row.path.rstrip("/")
-                    if str(base) != "." and (plain in file_set or plain in under):
+                    if str(base) != "." and index.files(plain):
                         why += (
                             f"; {display_path(plain)} exists relative to the manual dir: paths "
                             f"in {sheet} are relative to its folder"
@@ -376,6 +363,33 @@ def _match_labels(
             for f in matched:
                 by_file[f].append(label)
     return by_file, unmatched, n_rows
+
+
+class PathIndex:
+    """What a label row's path names among the manual dir's files: the file itself, or every
+    file below a folder, by the exact name or else by its Unicode NFC form (macOS writes
+    decomposed accents, NFD: the same name to a reader, other bytes). The build's matching and
+    `labels check` use it, so they agree on which paths exist. Indexes are built on first use.
+    """
+
+    def __init__(self, files: Sequence[str]):
+        self._files = files
+        self._set = set(files)
+        self._under: dict[str, list[str]] | None = None
+        self._nfc: dict[str, list[str]] | None = None
+
+    def files(self, path: str) -> list[str]:
+        """The files `path` (relative to the manual dir, no trailing slash) names; [] if none."""
+        if path in self._set:
+            return [path]
+        if self._under is None:
+            self._under = _files_by_folder(self._files)
+        matched = self._under.get(path, [])
+        if not matched:
+            if self._nfc is None:
+                self._nfc = _files_by_nfc_name(self._files, self._under)
+            matched = self._nfc.get(_nfc(path), [])
+        return matched
 
 
 def _files_by_folder(files: Sequence[str]) -> dict[str, list[str]]:

@@ -893,7 +893,10 @@ def _check(args: argparse.Namespace) -> int:
         + ", ".join(f"{counts[name]} {name}" for name in LABEL_NAMES)
         + f"; {len(by_path)} by path, {len(rows) - len(by_path)} by sop_instance_uid"
     )
-    missing = [row for row in by_path if not (manual_dir / row.path).exists()]
+    from tfds_liver import curation  # the build's own file list and path matching
+
+    index = curation.PathIndex(curation.find_files(manual_dir)[0])
+    missing = [row for row in by_path if not index.files(row.path.rstrip("/"))]
     if missing:
         print(
             f"warning: {len(missing)} paths do not exist under {manual_dir}, e.g. line "
@@ -1099,7 +1102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = _check if args.command == "check" else _from_masks
     try:
         return run(args)
-    except (LabelError, MaskError, dicom.DicomError) as e:
+    except (LabelError, MaskError, dicom.DicomError, OSError) as e:  # OSError: missing, unreadable
         print(f"error: {e}", file=sys.stderr)
         return 2
 
