@@ -378,6 +378,26 @@ def test_from_masks_matches_by_each_rule(series, rule):
     assert labels.RULE_NAMES[rule] in result.summary()
 
 
+def test_a_reference_copied_to_the_localizer_falls_back_to_position(series):
+    """Mask slices written over the CT header keep its reference to the scout: no reference
+    names an image of the series, so the SOP rule does not apply and position matches."""
+    directory = series / "masks" / "lesion"
+    write_mask_series(directory, LESION_PIXELS, rule="position", series=2)
+    for file in directory.iterdir():
+        ds = pydicom.dcmread(file)
+        item = Dataset()
+        item.ReferencedSOPClassUID = CTImageStorage
+        item.ReferencedSOPInstanceUID = uid(9, 9)  # the localizer, not in --images
+        ds.ReferencedImageSequence = [item]
+        ds.save_as(file)
+    result = labels.labels_from_masks(
+        series / "p1" / "ct", [directory], patient_id="P1", relative_to=series
+    )
+    assert result.matches[0].rule == "position"
+    assert labels_by_file(result) == EXPECTED
+    assert "references an image of the series" in str(result.matches[0].rules_not_used)
+
+
 def test_position_rule_rounds_and_undoes_ct_rescale(series):
     # CT masks: stored 0 decodes to -1024 HU, which must still count as "not set".
     directory = series / "lesion"

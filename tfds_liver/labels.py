@@ -623,6 +623,12 @@ def _why_not(rule: str, images: list[_Slice], masks: list[_Slice]) -> str:
         uids = [i.dicom.sop_uid for i in images]
         if len(set(uids)) < len(uids):
             return "the images are multi-frame: a SOP reference does not name the frame"
+        if not any(u in set(uids) for m in masks for u in m.dicom.referenced_sop_uids):
+            # A header copied from the CT keeps its reference to the localizer (scout).
+            return (
+                f"none of the {len(masks)} mask slices references an image of the series "
+                "(a reference copied from the CT header, e.g. to the localizer?)"
+            )
         return ""
     image_keys = [_rule_key(rule, i) for i in images]
     mask_keys = [_rule_key(rule, m) for m in masks]
