@@ -3,6 +3,9 @@
 import json
 import os
 import pathlib
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pydicom
@@ -633,3 +636,38 @@ def test_a_folder_that_cannot_be_listed_is_an_error_naming_it(tmp_path, monkeypa
         PermissionError, match=r"1 folders cannot be listed \(p2: Permission denied\)"
     ):
         curation.curate(d, image_size=8, split=curation.SplitSpec(0, 0, 0), workers=1)
+
+
+def test_a_file_that_crashes_the_decoder_process_is_decode_failed(tmp_path):
+    """A fault in a native decoder kills its worker process: the file is named decode_failed
+    and every other file is still decoded. (Run in a fresh interpreter without JAX, whose
+    pool forks: the crash is a real SIGSEGV of the worker, on one file.)"""
+    d = tmp_path / "m"
+    for i in range(6):
+        write_ct(d / f"{i}.dcm", image(i), patient=f"P{i}")
+    code = textwrap.dedent(
+        f"""
+        import os, pathlib, signal, sys
+        from tfds_liver import curation
+        decode = curation.decode_file
+        def crashing(manual_dir, rel_path, image_size):
+            if rel_path == "3.dcm":
+                os.kill(os.getpid(), signal.SIGSEGV)
+            return decode(manual_dir, rel_path, image_size)
+        curation.decode_file = crashing
+        files = [f"{{i}}.dcm" for i in range(6)]
+        out = curation.decode_all(pathlib.Path({str(d)!r}), files, 8, workers=2)
+        assert "jax" not in sys.modules
+        for r in out:
+            print(r.path, r.reason, r.detail if r.reason else len(r.slices))
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == [f"{i}.dcm" for i in range(6)]
+    assert lines[3].startswith("3.dcm decode_failed the decoder process crashed on this file")
+    assert all(line.endswith(" None 1") for i, line in enumerate(lines) if i != 3)
+    assert "decoding those one at a time" in run.stderr

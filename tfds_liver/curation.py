@@ -288,16 +288,54 @@ def decode_all(
     context = None
     if "jax" in sys.modules and "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        return list(
-            pool.map(
+    done: list[_Decoded] = []
+    try:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            for result in pool.map(
                 decode_file,
                 [args[0]] * len(rel_paths),
                 rel_paths,
                 [image_size] * len(rel_paths),
                 chunksize=chunk,
-            )
+            ):
+                done.append(result)
+        return done
+    except concurrent.futures.BrokenExecutor:
+        rest = rel_paths[len(done) :]
+        logging.getLogger(__name__).warning(
+            "a decoder process died (a crash in a native decoder?) with %d of %d files left; "
+            "decoding those one at a time to name the file(s) that crash it",
+            len(rest),
+            len(rel_paths),
         )
+    return done + _decode_isolated(args[0], rest, image_size, context)
+
+
+def _decode_isolated(
+    manual_dir: str, rel_paths: Sequence[str], image_size: int, context: Any
+) -> list[_Decoded]:
+    """Decodes files one at a time in a worker process; a file that kills it is decode_failed
+    (the build goes on, as for any other file that does not decode)."""
+    results: list[_Decoded] = []
+    pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=context)
+    try:
+        for path in rel_paths:
+            try:
+                results.append(pool.submit(decode_file, manual_dir, path, image_size).result())
+            except concurrent.futures.BrokenExecutor:
+                results.append(
+                    _Decoded(
+                        path,
+                        reason="decode_failed",
+                        detail="the decoder process crashed on this file (a fault in a native "
+                        "decoder: a corrupt or unusual compressed stream?)",
+                    )
+                )
+                pool.shutdown(wait=False)
+                pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=context)
+    finally:
+        pool.shutdown()
+    return results
 
 
 @dataclasses.dataclass(frozen=True)
