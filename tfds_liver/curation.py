@@ -273,11 +273,20 @@ def spacing_summary(spacings: Iterable[tuple[float, float]]) -> dict[str, Any]:
     return summary
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a container's or `taskset`'s limit, where os.cpu_count
+    counts the whole machine's)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def decode_all(
     manual_dir: pathlib.Path, rel_paths: Sequence[str], image_size: int, workers: int | None
 ) -> list[_Decoded]:
     """Decodes files in a process pool, in input order; workers=1 decodes in this process."""
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cpus()
     args = (str(manual_dir), image_size)
     if workers == 1 or len(rel_paths) < 2:
         return [decode_file(args[0], p, image_size) for p in rel_paths]

@@ -58,7 +58,7 @@ class LiverConfig(tfds.core.BuilderConfig):
     validation_fraction: float = 0.15
     test_fraction: float = 0.15
     split_seed: int = 0
-    workers: int = 0  # decoding processes; 0 = one per core
+    workers: int = 0  # decoding processes; 0 = one per CPU this process may use
     phantom_patients: int = 0  # > 0: generate this many phantom patients instead of a manual dir
     phantom_slices: int = 16
     phantom_size: int = 512
