@@ -107,10 +107,14 @@ def messy_dir(tmp_path):
     return d
 
 
-def test_every_file_is_accounted_for(messy_dir):
+def test_every_file_is_accounted_for(messy_dir, caplog):
     result = curation.curate(
         messy_dir, image_size=8, split=curation.SplitSpec(0.2, 0.2, 0), workers=2
     )
+    with caplog.at_level("WARNING"):
+        curation.log_summary(result.report)
+    assert "labels.csv line 19 (siteB/missing.dcm) matches no image: path does not" in caplog.text
+    assert "1 decoded files are named by no label row" in caplog.text
     report = json.loads(json.dumps(result.report))  # JSON-serialisable
     by_path = {e["path"]: e for e in report["files"]}
     files, _ = curation.find_files(messy_dir)

@@ -914,8 +914,12 @@ def summarize(report: dict[str, Any]) -> str:
     return "; ".join(lines)
 
 
+MAX_LOGGED_ROWS = 20  # unmatched label rows logged one by one; the report lists them all
+
+
 def log_summary(report: dict[str, Any], logger: logging.Logger | None = None) -> None:
-    """Logs the summary at INFO and every skipped/conflicting file at WARNING."""
+    """Logs the summary at INFO; every skipped/conflicting file, the first label rows that match
+    no image (typos?) and the count of unlabelled files at WARNING."""
     logger = logger or logging.getLogger(__name__)
     logger.info("curation: %s", summarize(report))
     for e in _problem_entries(report["files"]):
@@ -924,6 +928,29 @@ def log_summary(report: dict[str, Any], logger: logging.Logger | None = None) ->
             e["path"],
             e["status"],
             e.get("reason", "") or e.get("detail", ""),
+        )
+    unmatched = report["label_rows_without_image"]
+    for row in unmatched[:MAX_LOGGED_ROWS]:
+        logger.warning(
+            "curation: %s line %d (%s) matches no image: %s",
+            row["sheet"],
+            row["row"],
+            row["path"] if row["path"] is not None else row["sop_instance_uid"],
+            row["why"],
+        )
+    if len(unmatched) > MAX_LOGGED_ROWS:
+        logger.warning(
+            "curation: and %d more label rows match no image (label_rows_without_image in "
+            "curation_report.json)",
+            len(unmatched) - MAX_LOGGED_ROWS,
+        )
+    unlabelled = report["counts"].get("unlabelled", 0)
+    if unlabelled:
+        logger.warning(
+            "curation: %d decoded files are named by no label row and are not in the records "
+            '(status "unlabelled" in curation_report.json: mask series, localizers, or rows '
+            "missing from the sheet?)",
+            unlabelled,
         )
     for x in report.get("dicom_patient_ids_labelled_as_several_patients", ()):
         logger.warning(
