@@ -1348,6 +1348,8 @@ def _int(values: list[str] | None) -> int | None:
 def _spacing(values: list[str] | None) -> tuple[float, float] | None:
     """(row, column) spacing in mm, or None if absent or not two positive finite numbers
     (`0\\0` and `nan` are written by some exporters for "unknown")."""
+    while values and not values[-1]:  # `0.7\\0.7\\`: a trailing separator some writers add
+        values = values[:-1]
     spacing = _floats(values, 2)
     if spacing is None or not all(math.isfinite(v) and v > 0 for v in spacing):
         return None

@@ -1048,3 +1048,24 @@ def test_pixel_padding_that_no_pixel_can_hold_is_an_error():
             PixelPaddingValue=4000,
         )
     assert info.value.reason == "decode_failed"
+
+
+@pytest.mark.parametrize(
+    "raw, want",
+    [
+        (b"0.7\\0.8\\ ", (0.7, 0.8)),  # a trailing separator some writers add
+        (b"0\\0 ", None),  # "unknown"
+        (b"-0.7\\0.7 ", None),
+        (b"nan\\nan ", None),
+        (b"0.7 ", None),  # one value
+    ],
+)
+def test_pixel_spacing_is_two_positive_numbers_or_none(raw, want):
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    ds = make_ds(STORED)
+    tag = Tag(0x00280030)
+    ds[tag] = RawDataElement(tag, "DS", len(raw), raw, 0, False, True)
+    (s,) = dicom.read_dicom(to_bytes(ds))
+    assert s.pixel_spacing == want
