@@ -55,6 +55,8 @@ CHECKPOINT_DIR = "checkpoints"
 RESUME_MUST_MATCH = ("model.", "image_size", "optimizer.name", "preprocess.")
 # ...except these, which change neither (dropout rate; compute dtype: parameters stay float32).
 RESUME_MAY_CHANGE = ("model.dropout", "model.dtype")
+# Keys that define the stream of global batches the saved data position counts in.
+DATA_STREAM_KEYS = ("batch_size", "imbalance.method", "seed", "dataset.train_split")
 INIT_PRNG = "rbg"  # PRNG implementation of parameter initialization (see make_steps)
 
 
@@ -336,6 +338,14 @@ def save_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
                 "uninterrupted one with either config",
                 workdir,
                 lines,
+            )
+        stream = [k for k in DATA_STREAM_KEYS if k in changed]
+        if stream:
+            logger.warning(
+                "%s changed: the saved data position counts global batches of the old stream, "
+                "so from here the rest of the epoch is read in another order, with records "
+                "skipped or read twice (and epochs are counted in the new steps)",
+                " and ".join(stream),
             )
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
