@@ -8,7 +8,7 @@ Every field is documented where it is defined; variants (demo.py, test.py) start
 
 import ml_collections
 
-from liverjax import models, preprocess
+from liverjax import evaluate, models, preprocess
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -82,6 +82,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     # After training: evaluate the best checkpoint on this split into WORKDIR/report/ ("" = no).
     config.final_eval_split = ""
+    # Evaluation settings (threshold_rule youden | sensitivity, target_sensitivity, bootstrap,
+    # calibration bins, worst cases): liverjax.evaluate.default_eval_config documents each; the
+    # evaluation CLI overrides them with --eval KEY=VALUE.
+    config.eval = evaluate.default_eval_config()
     config.log_every_steps = 50  # train metrics, images/s and ETA
 
     # Multi-process: jax.distributed.initialize() (see liverjax.parallel).

@@ -716,6 +716,16 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
+def _parse_value(text: str) -> Any:
+    """A command-line value: an int, float or bool if it reads as one, else the string."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line: evaluate a trained run and write its report."""
     parser = argparse.ArgumentParser(
@@ -730,6 +740,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--data_dir", default=None, help="where the records are, if not where training read them"
     )
+    parser.add_argument(
+        "--eval",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config.eval setting of the run, e.g. --eval threshold_rule=sensitivity "
+        f"--eval target_sensitivity=0.95 (keys: {', '.join(default_eval_config())})",
+    )
     args = parser.parse_args(argv)
     host_memory.keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -737,6 +755,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = load_config(args.workdir)
     if args.data_dir is not None:
         config.dataset.data_dir = args.data_dir
+    overrides = dict(config.get("eval") or {})
+    for item in args.eval:
+        key, sep, text = item.partition("=")
+        if not sep:
+            parser.error(f"--eval {item!r}: write KEY=VALUE, e.g. threshold_rule=sensitivity")
+        overrides[key.strip()] = _parse_value(text.strip())
+    with config.unlocked():
+        config.eval = overrides
+    eval_settings(config)  # a bad key or value fails here, before the checkpoint is read
     result = evaluate(config, args.workdir, split=args.split, checkpoint=args.checkpoint)
     s = result["levels"]["slice"]
     lo, hi = s["ci"]["roc_auc"]

@@ -249,14 +249,23 @@ def test_the_command_line_runs_as_a_script(run, tmp_path, tmp_path_factory):
     shutil.copytree(run[0], workdir)
     shutil.rmtree(workdir / evaluate.REPORT_DIR)
     env = training_runs.child_env(training_runs.compilation_cache(tmp_path_factory), devices=8)
+    command = [sys.executable, "-m", "liverjax.evaluate", "--workdir", str(workdir)]
+    command += ["--split", "test", "--eval", "threshold_rule=sensitivity"]
     done = subprocess.run(
-        [sys.executable, "-m", "liverjax.evaluate", "--workdir", str(workdir), "--split", "test"],
+        [*command, "--eval", "target_sensitivity=1"],
         cwd=training_runs.REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "slice ROC AUC" in done.stdout
     assert (workdir / evaluate.REPORT_DIR / report.HTML_FILE).is_file()
-    assert (workdir / evaluate.OPERATING_POINT_FILE).is_file()
+    chosen = json.loads((workdir / evaluate.OPERATING_POINT_FILE).read_text())
+    assert (chosen["rule"], chosen["target_sensitivity"]) == ("sensitivity", 1)
+    # A bad setting fails before any checkpoint is read.
+    bad = subprocess.run(
+        [*command, "--eval", "bootstrap_samples=10"],
+        cwd=training_runs.REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "unknown keys ['bootstrap_samples']" in bad.stderr
 
 
 def test_checkpoint_and_workdir_errors(run, tmp_path):
