@@ -807,6 +807,7 @@ def train_and_evaluate(
     pending: list[tuple[int, jax.Array, jax.Array]] = []  # (step, loss, finite) not yet checked
     # Merged since the last log step (resumed with the checkpoint: see _window_to_json).
     train_metrics: TrainMetrics | None = window
+    warned_nan = False  # of a NaN best_metric, once
     step = start
     try:
         with _PreemptionNotice() as preemption:
@@ -835,6 +836,16 @@ def train_and_evaluate(
                         step, {f"validation/{k}": v for k, v in validation.items()}
                     )
                     writer.flush()
+                    if math.isnan(validation[config.best_metric]) and not warned_nan:
+                        warned_nan = True
+                        logger.warning(
+                            "validation %s is NaN at step %d (a validation split of one class "
+                            "has no ROC AUC): no checkpoint can be ranked best and early "
+                            "stopping cannot see improvement; rebuild the dataset with a larger "
+                            "validation fraction (its curation report says which class it has)",
+                            config.best_metric,
+                            step,
+                        )
                     early.update(validation[config.best_metric], step)
                     evaluated = True
                     if early.should_stop:

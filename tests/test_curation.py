@@ -675,3 +675,39 @@ def test_a_file_that_crashes_the_decoder_process_is_decode_failed(tmp_path):
     assert lines[3].startswith("3.dcm decode_failed the decoder process crashed on this file")
     assert all(line.endswith(" None 1") for i, line in enumerate(lines) if i != 3)
     assert "decoding those one at a time" in run.stderr
+
+
+def test_a_build_that_writes_no_image_fails_and_one_class_splits_are_warned_of(tmp_path, caplog):
+    d = tmp_path / "m"
+    write_ct(d / "src" / "001.dcm", image(1), patient="P1")
+    write_sheet(d / "labels.csv", [{"patient_id": "P1", "label": 0, "path": "SRC/001.dcm"}])
+    with pytest.raises(
+        ValueError, match=r"no image was written: 1 files \(1 unlabelled\), 1 label"
+    ):
+        _build(d, tmp_path / "data")
+    assert "src/001.dcm differs only in case" in caplog.text  # the row was warned about
+
+    # Six patients all lesion but one: validation and test get one class.
+    e = tmp_path / "e"
+    rows = []
+    for i in range(6):
+        write_ct(e / f"p{i}.dcm", image(10 + i), patient=f"P{i}")
+        rows.append({"patient_id": f"P{i}", "label": int(i > 0), "path": f"p{i}.dcm"})
+    write_sheet(e / "labels.csv", rows)
+    result = curation.curate(e, image_size=8, split=curation.SplitSpec(0.2, 0.2, 0), workers=1)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        curation.log_summary(result.report)
+    splits = result.report["splits"]
+    assert {n: (v["lesion"], v["normal"]) for n, v in splits.items()} == {
+        "train": (3, 1),  # the one normal patient: stratified into train
+        "validation": (1, 0),
+        "test": (1, 0),
+    }
+    assert "split 'validation' holds only lesion slices (1 slices, 1 patients, no normal)" in (
+        caplog.text
+    )
+    assert "evaluation cannot choose a threshold on it" in caplog.text
+    assert "split 'test' holds only lesion slices" in caplog.text
+    assert "split 'train'" not in caplog.text
+    assert '"validation_fraction": 0.3' in caplog.text

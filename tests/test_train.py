@@ -205,3 +205,13 @@ def test_bce_matches_its_definition_and_weights_positives():
     # -log(sigmoid(z)) = log1p(exp(-z)); -log(1 - sigmoid(z)) = log1p(exp(z))
     expected = np.where(y == 1, 3.0 * np.log1p(np.exp(-z)), np.log1p(np.exp(z)))
     np.testing.assert_allclose(train.bce_with_logits(logits, labels, 3.0), expected, rtol=1e-6)
+
+
+def test_a_one_class_validation_split_is_warned_of(data_dir, tmp_path, caplog):
+    """One record: its ROC AUC is NaN, so nothing can be ranked; said once, not every epoch."""
+    config = runs.make_config(data_dir, **{"dataset.eval_split": "validation[:1]"})
+    with caplog.at_level("WARNING", logger="liverjax"):
+        summary = train.train_and_evaluate(config, str(tmp_path))
+    assert summary.step == 12 and math.isnan(summary.validation["roc_auc"])
+    assert caplog.text.count("validation roc_auc is NaN at step 6") == 1
+    assert "is NaN at step 12" not in caplog.text

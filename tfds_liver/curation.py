@@ -914,6 +914,40 @@ def summarize(report: dict[str, Any]) -> str:
     return "; ".join(lines)
 
 
+def split_warnings(report: dict[str, Any]) -> list[str]:
+    """Splits that training or evaluation cannot use: empty, or of one class (validation ROC AUC
+    is then undefined and no threshold can be chosen on it), with how to rebuild."""
+    if not report["counts"].get("written"):
+        return []  # the build fails on that by itself
+    spec = report.get("split_spec") or {}
+    rebuild = (
+        "rebuild with other fractions under a new config name, e.g. tfds build --imports "
+        'tfds_liver liver --config \'{"name": "manual_v30", "validation_fraction": 0.3, '
+        '"test_fraction": 0.2}\' --manual_dir DIR --data_dir DATA (now validation '
+        f"{spec.get('validation')}, test {spec.get('test')})"
+    )
+    warnings = []
+    for name in SPLITS:
+        split = report["splits"].get(name)
+        if not split or not split["slices"]:
+            if name == "train" or spec.get(name, 0) > 0:
+                warnings.append(f"split {name!r} has no image (too few patients); {rebuild}")
+            continue
+        for kind, other in (("lesion", "normal"), ("normal", "lesion")):
+            if split[kind] == split["slices"]:
+                warnings.append(
+                    f"split {name!r} holds only {kind} slices ({split['slices']} slices, "
+                    f"{split['patients']} patients, no {other}): its ROC AUC is undefined"
+                    + (
+                        ", and evaluation cannot choose a threshold on it"
+                        if name == "validation"
+                        else ""
+                    )
+                    + f"; {rebuild}"
+                )
+    return warnings
+
+
 MAX_LOGGED_ROWS = 20  # unmatched label rows logged one by one; the report lists them all
 
 
@@ -944,6 +978,8 @@ def log_summary(report: dict[str, Any], logger: logging.Logger | None = None) ->
             "curation_report.json)",
             len(unmatched) - MAX_LOGGED_ROWS,
         )
+    for warning in split_warnings(report):
+        logger.warning("curation: %s", warning)
     unlabelled = report["counts"].get("unlabelled", 0)
     if unlabelled:
         logger.warning(

@@ -215,12 +215,21 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
 
 def _write_report(result, report_path: epath.Path) -> None:
-    """Writes curation_report.json and logs its summary."""
+    """Writes curation_report.json and logs its summary; no image written is an error (a build
+    of empty splits would only fail later, at training)."""
     from tfds_liver import curation
 
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(curation.report_json(result.report))
     curation.log_summary(result.report, logging.getLogger("tfds_liver"))
+    report = result.report
+    if not report["counts"].get("written"):
+        counts = ", ".join(f"{n} {status}" for status, n in report["counts"].items() if n)
+        raise ValueError(
+            f"no image was written: {report['files_total']} files ({counts or 'none'}), "
+            f"{len(report['label_rows_without_image'])} label rows match no image. The warnings "
+            "above name each file and row; check the sheet's paths against the files"
+        )
 
 
 class _BeamCuration:
