@@ -711,3 +711,30 @@ def test_a_build_that_writes_no_image_fails_and_one_class_splits_are_warned_of(t
     assert "split 'test' holds only lesion slices" in caplog.text
     assert "split 'train'" not in caplog.text
     assert '"validation_fraction": 0.3' in caplog.text
+
+
+def test_worker_processes_that_cannot_start_are_said_to_be_the_cause(tmp_path):
+    """A build script without a __main__ guard: each worker re-runs it and dies. That is not
+    every file crashing the decoder, and the error says what to do."""
+    d = tmp_path / "m"
+    for i in range(5):
+        write_ct(d / f"{i}.dcm", image(i), patient=f"P{i}")
+    script = tmp_path / "unguarded_build.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import multiprocessing, pathlib
+            from tfds_liver import curation
+            multiprocessing.set_start_method("spawn", force=True)  # as forkserver: a re-import
+            files = [f"{{i}}.dcm" for i in range(5)]
+            curation.decode_all(pathlib.Path({str(d)!r}), files, 8, workers=2)
+            print("decoded")
+            """
+        )
+    )
+    run = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert run.returncode != 0
+    assert "died on each of the first 3 files, one at a time" in run.stderr
+    assert '`if __name__ == "__main__":`' in run.stderr

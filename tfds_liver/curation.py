@@ -320,6 +320,13 @@ def decode_all(
     return done + _decode_isolated(args[0], rest, image_size, context)
 
 
+_CRASHED = (
+    "the decoder process crashed on this file (a fault in a native decoder: a corrupt or "
+    "unusual compressed stream?)"
+)
+_WORKER_START_PROBES = 3  # files that each kill a fresh worker: it is the worker, not the files
+
+
 def _decode_isolated(
     manual_dir: str, rel_paths: Sequence[str], image_size: int, context: Any
 ) -> list[_Decoded]:
@@ -332,12 +339,22 @@ def _decode_isolated(
             try:
                 results.append(pool.submit(decode_file, manual_dir, path, image_size).result())
             except concurrent.futures.BrokenExecutor:
+                if len(results) == _WORKER_START_PROBES - 1 and all(
+                    r.detail == _CRASHED for r in results
+                ):
+                    raise RuntimeError(
+                        f"the decoder worker process died on each of the first "
+                        f"{_WORKER_START_PROBES} files, one at a time: most likely it cannot "
+                        "start. A script that builds the dataset must keep its code under "
+                        '`if __name__ == "__main__":` (worker processes import it again). If '
+                        "the files themselves crash the decoder, the builder config's workers=1 "
+                        f"decodes in this process and stops at the first ({display_path(path)})"
+                    ) from None
                 results.append(
                     _Decoded(
                         path,
                         reason="decode_failed",
-                        detail="the decoder process crashed on this file (a fault in a native "
-                        "decoder: a corrupt or unusual compressed stream?)",
+                        detail=_CRASHED,
                     )
                 )
                 pool.shutdown(wait=False)
