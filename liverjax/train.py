@@ -55,6 +55,8 @@ CHECKPOINT_DIR = "checkpoints"
 RESUME_MUST_MATCH = ("model.", "image_size", "optimizer.name", "preprocess.")
 # ...except these, which change neither (dropout rate; compute dtype: parameters stay float32).
 RESUME_MAY_CHANGE = ("model.dropout", "model.dtype")
+# Where the processes are, not what they compute: a resume on another topology is not a change.
+TOPOLOGY_KEYS = ("distributed.",)
 # Keys that define the stream of global batches the saved data position counts in.
 DATA_STREAM_KEYS = ("batch_size", "imbalance.method", "seed", "dataset.train_split")
 INIT_PRNG = "rbg"  # PRNG implementation of parameter initialization (see make_steps)
@@ -316,7 +318,7 @@ def save_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
         changed = {
             k: (old.get(k), new.get(k))
             for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)
+            if old.get(k) != new.get(k) and not k.startswith(TOPOLOGY_KEYS)
         }
         fatal = {
             k: v

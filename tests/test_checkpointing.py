@@ -264,6 +264,13 @@ def test_resume_refuses_a_different_network_and_warns_on_other_changes(data_dir,
     assert "model.dropout: 0.1 -> 0.3" in caplog.text
     assert "model.dtype: 'float32' -> 'bfloat16'" in caplog.text
     assert "saved data position" not in caplog.text
+    # Where the processes are is not a change of the run.
+    caplog.clear()
+    moved = runs.make_config(data_dir, num_train_steps=4, **other)
+    moved.distributed.coordinator_address = "10.0.0.1:1234"
+    with caplog.at_level("WARNING", logger="liverjax"):
+        train.save_config(moved, tmp_path)
+    assert "distributed" not in caplog.text
     with caplog.at_level("WARNING", logger="liverjax"):
         train.save_config(runs.make_config(data_dir, num_train_steps=4, batch_size=16), tmp_path)
     assert "batch_size changed: the saved data position counts global batches" in caplog.text
