@@ -303,6 +303,16 @@ class ModelManager:
                 self.failed.pop(version, None)
             self.current = servable
             log.info("serving %s version %d", self.name, version)
+            exported_as = servable.metadata.get("model_name")
+            if exported_as and exported_as != self.name:
+                log.warning(
+                    "version %d was exported as model %r and is served as %r (--model_name): "
+                    "clients must ask for /v1/models/%s",
+                    version,
+                    exported_as,
+                    self.name,
+                    self.name,
+                )
             return
 
     def start(self) -> None:

@@ -447,6 +447,21 @@ def test_zero_padded_version_directories(exported, tmp_path):
     assert serve.version_dirs(base)[3] == base / "3"
 
 
+def test_a_version_exported_under_another_name_is_warned_of(exported, tmp_path, caplog):
+    base = tmp_path / "kidney"
+    shutil.copytree(exported["version_dir"], base / "1")
+    metadata_path = base / "1" / serve.ASSETS_EXTRA / serve.METADATA_FILE
+    metadata = json.loads(metadata_path.read_text())
+    metadata_path.write_text(json.dumps(metadata | {"model_name": "kidney"}))
+    with caplog.at_level(logging.WARNING, logger="liverjax.serve"):
+        serve.ModelManager("liver", base, max_batch=1, poll_seconds=1).refresh()
+    assert "exported as model 'kidney' and is served as 'liver' (--model_name)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="liverjax.serve"):
+        serve.ModelManager("kidney", base, max_batch=1, poll_seconds=1).refresh()
+    assert "exported as" not in caplog.text
+
+
 def test_status_while_the_poller_records_failed_versions(tmp_path, caplog):
     """status() reads the failed versions while the poller thread adds them."""
     base = tmp_path / "liver"
