@@ -504,7 +504,7 @@ def _read_dataset(
             path,
             "not_dicom",
             "not a DICOM file: no 'DICM' marker at byte 128 and "
-            "the data does not start with a DICOM element; remove it from the input",
+            "the data does not start with a DICOM element",
         )
     try:
         ds = dcmread(fp, force=True)

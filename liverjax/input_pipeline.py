@@ -75,16 +75,21 @@ def open_source(dataset: ml_collections.ConfigDict, split: str) -> Sequence[dict
     builder = _dataset_builder(dataset)  # also registers the builder before tfds looks it up
     where = f"dataset {dataset.name!r} in data_dir={builder.data_dir_root}"
     counts = ", ".join(f"{k} {v.num_examples}" for k, v in builder.info.splits.items())
-    hint = (
-        f"its splits: {counts or 'none'}. {builder.data_dir}/curation_report.json says why a "
-        "split came out empty (too few patients for the split fractions, or files excluded)"
+    hint = f"its splits: {counts or 'none'}"
+    why = (
+        f". {builder.data_dir}/curation_report.json says why a split came out empty (too few "
+        "patients for the split fractions, or files excluded)"
     )
     try:
         n = builder.info.splits[split].num_examples
     except (KeyError, ValueError) as e:
-        raise ValueError(f"{where}: no split {split!r} ({e}); {hint}") from e
+        # One the build makes but left out for being empty; else a typo.
+        built_name = split in ("train", "validation", "test")
+        raise ValueError(
+            f"{where}: no split {split!r} ({e}); {hint}{why if built_name else ''}"
+        ) from e
     if n == 0:
-        raise ValueError(f"{where}: split {split!r} has no records; {hint}")
+        raise ValueError(f"{where}: split {split!r} has no records; {hint}{why}")
     return tfds.data_source(dataset.name, split=split, data_dir=dataset.data_dir)
 
 
