@@ -31,7 +31,7 @@ def records(data_dir: pathlib.Path, split: str) -> dict[bytes, dict]:
 def test_beam_build_equals_plain_build(tmp_path):
     beam = pytest.importorskip("apache_beam")
     options = beam.options.pipeline_options.PipelineOptions(
-        ["--runner=DirectRunner", "--direct_num_workers=2"]
+        ["--runner=FnApiRunner", "--direct_num_workers=2"]  # not Prism, which downloads itself
     )
     plain = build(tmp_path / "plain")
     beamed = build(tmp_path / "beam", options)

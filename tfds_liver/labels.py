@@ -1078,7 +1078,8 @@ def _parser() -> argparse.ArgumentParser:
         "--min-lesion-pixels",
         type=_positive_int,
         default=1,
-        help="a slice is lesion when a lesion mask has at least this many pixels on it",
+        help="a slice is lesion when a lesion mask has at least this many pixels on it "
+        "(default %(default)s)",
     )
     masks.add_argument(
         "--uncovered-as-normal",
@@ -1086,7 +1087,9 @@ def _parser() -> argparse.ArgumentParser:
         help="an image slice that a lesion mask has no slice for counts as empty in it (masks "
         "that store only the slices with a lesion); by default such slices are left out",
     )
-    masks.add_argument("--out", default="labels.csv", help="labels.csv to write")
+    masks.add_argument(
+        "--out", default="labels.csv", help="labels.csv to write (default: ./labels.csv)"
+    )
     existing = masks.add_mutually_exclusive_group()
     existing.add_argument(
         "--append",

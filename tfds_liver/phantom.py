@@ -1043,13 +1043,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="empty or new output folder")
     parser.add_argument("--patients", type=int, required=True)
     parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="rows = columns")
-    parser.add_argument("--slices", type=int, default=DEFAULT_SLICES, help="slices per series")
+    parser.add_argument(
+        "--size", type=int, default=DEFAULT_SIZE, help="rows = columns (default %(default)s)"
+    )
+    parser.add_argument(
+        "--slices", type=int, default=DEFAULT_SLICES, help="slices per series (default %(default)s)"
+    )
     parser.add_argument(
         "--lesion-fraction",
         type=float,
         default=DEFAULT_LESION_PATIENT_FRACTION,
-        help="share of patients with lesions",
+        help="share of patients with lesions (default %(default)s)",
     )
     parser.add_argument(
         "--lesion-contrast",
@@ -1057,7 +1061,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         nargs=2,
         default=LESION_CONTRAST_HU,
         metavar=("LOW", "HIGH"),
-        help="|lesion - liver| in HU, drawn uniformly; hypo or hyper at random",
+        help="|lesion - liver| in HU, drawn uniformly, hypo or hyper at random "
+        "(default %(default)s)",
     )
     parser.add_argument(
         "--lesion-diameter",
@@ -1065,14 +1070,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         nargs=2,
         default=LESION_DIAMETER_MM,
         metavar=("LOW", "HIGH"),
-        help="lesion diameter in mm, drawn uniformly",
+        help="lesion diameter in mm, drawn uniformly (default %(default)s)",
     )
     parser.add_argument(
         "--min-lesion",
         type=float,
         default=MIN_VISIBLE_DIAMETER_MM,
         metavar="MM",
-        help="narrower lesion cross-sections are neither drawn nor labelled",
+        help="narrower lesion cross-sections are neither drawn nor labelled (default %(default)s)",
     )
     parser.add_argument(
         "--masks",
