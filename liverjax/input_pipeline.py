@@ -19,6 +19,7 @@ exactly once: the last global batch is padded, and `mask` is False on padding ro
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,6 +60,11 @@ def ensure_built(dataset: ml_collections.ConfigDict) -> None:
             logging.info("building %s in %s (first use)", dataset.name, builder.data_dir_root)
             download_config = None
             if dataset.get("manual_dir"):
+                if not os.path.isdir(dataset.manual_dir):
+                    raise FileNotFoundError(
+                        f"config.dataset.manual_dir = {dataset.manual_dir!r}: no such folder; "
+                        "give the folder that holds your DICOM files and labels.csv"
+                    )
                 download_config = tfds.download.DownloadConfig(manual_dir=dataset.manual_dir)
             builder.download_and_prepare(download_config=download_config)
     if jax.process_count() > 1:

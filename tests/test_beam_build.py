@@ -1,4 +1,4 @@
-"""The `liver` builder on Apache Beam (FnApiRunner, the local runner) writes the same examples as the plain build."""
+"""The `liver` builder on Apache Beam (FnApiRunner) writes the same examples as the plain build."""
 
 import json
 import pathlib

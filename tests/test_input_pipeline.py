@@ -169,3 +169,12 @@ def test_a_missing_or_empty_split_names_the_built_splits(config, split, message)
     assert ("curation_report.json" in str(e.value)) == (split != "tset")
     # Split expressions still open.
     assert len(input_pipeline.open_source(config.dataset, "train[:10%]+test")) == 5 + 12
+
+
+def test_a_missing_manual_dir_is_named(tmp_path):
+    dataset = runs.make_config(tmp_path / "data").dataset
+    dataset.name = "liver/manual"
+    dataset.build_if_missing = True
+    dataset.manual_dir = str(tmp_path / "no_such_folder")
+    with pytest.raises(FileNotFoundError, match="config.dataset.manual_dir = .*no_such_folder"):
+        input_pipeline.ensure_built(dataset)
