@@ -14,7 +14,7 @@ MODULES = sorted(
     p
     for package in ("liverjax", "tfds_liver")
     for p in (REPO / package).glob("*.py")
-    if "__main__" in p.read_text()
+    if "\nif __name__ ==" in p.read_text()  # a top-level guard (not a message quoting one)
 )
 
 
