@@ -179,6 +179,36 @@ def test_shell_launchers_parse_and_run_liverjax_main(name):
     assert os.access(path, os.X_OK)
 
 
+@pytest.mark.parametrize(
+    "env, want",
+    [
+        ({"SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "8"}, "0,1,2,3,4,5,6,7"),
+        ({"SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_PER_NODE": "h100:4"}, "0,1,2,3"),
+        ({"SLURM_NTASKS_PER_NODE": "8", "SLURM_GPUS_ON_NODE": "8"}, ""),  # one task per GPU
+        ({"SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "1"}, ""),
+    ],
+)
+def test_slurm_one_process_per_node_drives_every_gpu_of_it(tmp_path, env, want):
+    """JAX's SLURM detection gives a process the GPU of its SLURM_LOCALID alone; with one task
+    per node the script hands it all of the node's (srun replaced by a stub that shows them)."""
+    stub = tmp_path / "bin" / "srun"
+    stub.parent.mkdir()
+    stub.write_text(
+        '#!/usr/bin/env bash\necho "ids=${JAX_LOCAL_DEVICE_IDS:-} cpus=${SRUN_CPUS_PER_TASK:-}"\n'
+    )
+    stub.chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_LOCAL"))}
+    base |= {"PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}", "SLURM_CPUS_PER_TASK": "16"}
+    out = subprocess.run(
+        ["bash", str(LAUNCH / "slurm.sbatch"), str(tmp_path / "run")],
+        env=base | env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.strip() == f"ids={want} cpus=16"
+
+
 def test_tpu_vm_command_runs_main_on_every_worker():
     out = subprocess.run(
         ["bash", str(LAUNCH / "tpu_vm.sh"), "gs://b/run", "--config.num_epochs=3"],
