@@ -32,6 +32,7 @@ if [[ $# -gt 0 && "$1" != --* ]]; then
 fi
 python="${PYTHON:-python3}"
 mkdir -p "$out"
+out="$(cd "$out" && pwd)"  # absolute: the HLO is packed from inside the temporary folder
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 

@@ -28,8 +28,14 @@ repo_dir="${REPO_DIR:-~/liverjax}"
 config="${CONFIG:-configs/default.py}"
 python="${PYTHON:-python3}"
 
-# Quote every argument for the remote shell (they travel as one string).
-remote="cd ${repo_dir} && ${python} -m liverjax.main"
+# Quote every argument for the remote shell (they travel as one string); a leading ~/ of the
+# repository stays unquoted, so that the remote shell expands it to the remote home.
+if [[ "$repo_dir" == "~/"* ]]; then
+  remote_dir="~/$(printf '%q' "${repo_dir#\~/}")"
+else
+  remote_dir="$(printf '%q' "$repo_dir")"
+fi
+remote="cd ${remote_dir} && $(printf '%q' "$python") -m liverjax.main"
 for arg in --config "$config" --workdir "$workdir" "$@"; do
   remote+=" $(printf '%q' "$arg")"
 done

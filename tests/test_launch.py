@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -209,6 +210,20 @@ def test_slurm_one_process_per_node_drives_every_gpu_of_it(tmp_path, env, want):
     assert out.strip() == f"ids={want} cpus=16"
 
 
+def test_tpu_vm_quotes_a_repository_folder_with_spaces():
+    out = subprocess.run(
+        ["bash", str(LAUNCH / "tpu_vm.sh"), "gs://b/run"],
+        env={**os.environ, "TPU": "t", "ZONE": "z", "DRY_RUN": "1", "REPO_DIR": "~/my repo"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    argv = shlex.split(out)
+    remote = argv[argv.index("--command") + 1]
+    assert remote.startswith("cd ~/my\\ repo && python3 -m liverjax.main ")
+    assert shlex.split(remote)[:2] == ["cd", "~/my repo"]  # one argument, ~ left to expand
+
+
 def test_tpu_vm_command_runs_main_on_every_worker():
     out = subprocess.run(
         ["bash", str(LAUNCH / "tpu_vm.sh"), "gs://b/run", "--config.num_epochs=3"],
@@ -249,8 +264,9 @@ def test_gpu_benchmark_script_writes_figures_trace_and_hlo(data_dir, tmp_path, t
     env.update(PYTHON=sys.executable, SIZE="32", BATCH="8", STEPS="1", WARMUP="1", WORKERS="0")
     env["DATA_DIR"] = str(data_dir)
     done = subprocess.run(
-        ["bash", str(LAUNCH / "gpu_benchmark.sh"), str(out), "--peak_tflops=1", "--matmul_size=512"]
-        + ["--config.dataset.name=liver/synthetic_small"],
+        # OUT relative to the repository, where the script runs, as the README writes it
+        ["bash", str(LAUNCH / "gpu_benchmark.sh"), os.path.relpath(out, runs.REPO)]
+        + ["--peak_tflops=1", "--matmul_size=512", "--config.dataset.name=liver/synthetic_small"],
         cwd=runs.REPO,
         env=env,
         capture_output=True,
