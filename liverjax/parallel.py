@@ -8,8 +8,8 @@ all-reduce.
 Multi-process runs call `initialize_distributed(config.distributed)` before any other JAX call.
 `jax.distributed.initialize()` then detects SLURM, Open MPI, Kubernetes and Cloud TPU by itself,
 or takes the coordinator address, process count and process id from the config (or from
-JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID). On CPU, processes exchange data
-through gloo collectives.
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID: JAX reads the first, this module
+the other two). On CPU, processes exchange data through gloo collectives.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ DATA_AXIS = "data"
 # Environment variables that show a multi-process launch which `jax.distributed.initialize()`
 # can configure by itself, each with the value that means "more than one process", if any.
 _CLUSTER_HINTS = (
-    ("JAX_COORDINATOR_ADDRESS", None),  # explicit coordinator (launch/ scripts set it)
+    ("JAX_COORDINATOR_ADDRESS", None),  # explicit coordinator (with JAX_NUM_PROCESSES and ..._ID)
     ("SLURM_NTASKS", "count"),  # srun with several tasks
     ("OMPI_COMM_WORLD_SIZE", "count"),  # mpirun (Open MPI)
     ("TPU_WORKER_HOSTNAMES", "hosts"),  # Cloud TPU VM slice with several hosts
@@ -88,6 +88,13 @@ def initialize_distributed(dist: ml_collections.ConfigDict) -> bool:
     for key in ("coordinator_address", "num_processes", "process_id"):
         if dist.get(key) is not None:
             kwargs[key] = dist[key]
+    # JAX reads JAX_COORDINATOR_ADDRESS itself, not these two.
+    for key, variable in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+        if key not in kwargs and os.environ.get(variable):
+            value = os.environ[variable]
+            if not value.strip().isdigit():
+                raise ValueError(f"${variable} = {value!r}: not a whole number")
+            kwargs[key] = int(value)
     if dist.get("initialization_timeout"):
         kwargs["initialization_timeout"] = int(dist.initialization_timeout)
     jax.distributed.initialize(**kwargs)

@@ -119,3 +119,32 @@ def test_distributed_can_be_switched_off_inside_a_cluster_allocation(monkeypatch
     dist.enabled = "yes"
     with pytest.raises(ValueError, match="use True, False or 'auto'"):
         parallel.initialize_distributed(dist)
+
+
+def test_two_processes_from_the_jax_environment_variables(tmp_path, tmp_path_factory):
+    """JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID alone start a run of two
+    processes (JAX itself reads only the first)."""
+    port = runs.free_port()
+    code = textwrap.dedent(
+        """
+        from configs import default
+        from liverjax import parallel
+        import jax
+        assert parallel.initialize_distributed(default.get_config().distributed)
+        print("processes", jax.process_index(), jax.process_count(), jax.device_count())
+        """
+    )
+    cache = runs.compilation_cache(tmp_path_factory)
+    children = []
+    for index in range(2):
+        env = runs.child_env(cache, 1)
+        env |= {
+            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+            "JAX_NUM_PROCESSES": "2",
+            "JAX_PROCESS_ID": str(index),
+        }
+        log = tmp_path / f"p{index}.log"
+        children.append((runs.start_python(code, env, log), log))
+    for index, (child, log) in enumerate(children):
+        assert child.wait(timeout=300) == 0, log.read_text()[-3000:]
+        assert f"processes {index} 2 2" in log.read_text()
