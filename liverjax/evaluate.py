@@ -35,11 +35,11 @@ import argparse
 import csv
 import dataclasses
 import datetime
+import io
 import json
 import logging
 import math
 import os
-import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -511,14 +511,20 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_json(path: pathlib.Path, value: Any) -> None:
+def write_json(path: epath.PathLike, value: Any) -> None:
     """Strict JSON (NaN written as null), indented."""
-    path.write_text(json.dumps(_json_safe(value), indent=2, allow_nan=False) + "\n")
+    epath.Path(path).write_text(json.dumps(_json_safe(value), indent=2, allow_nan=False) + "\n")
 
 
-def write_predictions_csv(path: pathlib.Path, predictions: Predictions, threshold: float) -> None:
+def _csv_file(path: epath.PathLike):
+    """A UTF-8 text file for the csv module (newline="": it writes its own line ends), on any
+    file system epath reaches."""
+    return io.TextIOWrapper(epath.Path(path).open("wb"), encoding="utf-8", newline="")
+
+
+def write_predictions_csv(path: epath.PathLike, predictions: Predictions, threshold: float) -> None:
     """One row per image: index, ids, label, probability, predicted class, outcome."""
-    with path.open("w", newline="") as f:
+    with _csv_file(path) as f:
         w = csv.writer(f)
         w.writerow(
             [
@@ -549,14 +555,14 @@ def write_predictions_csv(path: pathlib.Path, predictions: Predictions, threshol
 
 
 def write_patients_csv(
-    path: pathlib.Path, predictions: Predictions, points: Mapping[str, Mapping[str, Any]]
+    path: epath.PathLike, predictions: Predictions, points: Mapping[str, Mapping[str, Any]]
 ) -> None:
     """One row per patient: label, slices, max and mean probability and the predicted classes."""
     groups, labels, p_max = predictions.level("patient_max")
     _, _, p_mean = predictions.level("patient_mean")
     _, counts = np.unique(predictions.ids["patient_id"], return_counts=True)
     t_max, t_mean = points["patient_max"]["threshold"], points["patient_mean"]["threshold"]
-    with path.open("w", newline="") as f:
+    with _csv_file(path) as f:
         w = csv.writer(f)
         w.writerow(
             [
@@ -669,9 +675,9 @@ def _write_outputs(
     cases: list[dict[str, Any]],
     curation: dict[str, Any] | None,
     settings: ml_collections.ConfigDict,
-) -> pathlib.Path:
+) -> epath.Path:
     """Write operating_point.json and the report folder."""
-    workdir = pathlib.Path(os.fspath(workdir))
+    workdir = epath.Path(workdir)  # a gs:// workdir too (pathlib would make it a local gs:/)
     out = workdir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     op = result["operating_point"]

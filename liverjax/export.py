@@ -62,6 +62,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from liverjax import checkpointing, metrics, preprocess, serve
@@ -156,7 +157,7 @@ def input_spec(size: int, batch: int | str) -> jax.ShapeDtypeStruct:
 
 def read_threshold(workdir: str | os.PathLike) -> tuple[float, str]:
     """(threshold, its source) from `W/operating_point.json`; 0.5 with a warning if absent."""
-    path = pathlib.Path(workdir) / OPERATING_POINT_FILE
+    path = epath.Path(workdir) / OPERATING_POINT_FILE
     if not path.exists():
         warnings.warn(
             f"{path} not found: exporting with threshold {DEFAULT_THRESHOLD}. Run the evaluation "
@@ -632,7 +633,7 @@ def export_workdir(
     restored = evaluate.restore(config, workdir, checkpoint)
     threshold, source = read_threshold(workdir)
     if source != "default":
-        chosen_for = json.loads(pathlib.Path(source).read_text()).get("checkpoint_step")
+        chosen_for = json.loads(epath.Path(source).read_text()).get("checkpoint_step")
         if chosen_for is not None and chosen_for != restored.step:
             message = (
                 f"{source} was chosen for checkpoint step {chosen_for}, but step "

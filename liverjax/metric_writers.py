@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
+from etils import epath
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.hparams import summary_v2 as hparams_summary
 from tensorboard.summary.writer.record_writer import RecordWriter
@@ -66,13 +67,14 @@ class TensorBoardWriter:
     """
 
     def __init__(self, logdir: str | os.PathLike, *, resumed_at: int = 0):
-        os.makedirs(logdir, exist_ok=True)
+        logdir = epath.Path(logdir)  # a gs:// workdir too (os.makedirs would make a local gs:)
+        logdir.mkdir(parents=True, exist_ok=True)
         # The file name TensorBoard looks for: events.out.tfevents.<time>.<host>.<pid>.<id>
         name = (
             f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
             f".{os.getpid()}.{next(_file_ids)}"
         )
-        self._writer = RecordWriter(open(os.path.join(logdir, name), "wb"))
+        self._writer = RecordWriter((logdir / name).open("wb"))
         self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
         if resumed_at > 0:
             start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)

@@ -15,7 +15,7 @@ import html
 import io
 import json
 import math
-import pathlib
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,6 +25,7 @@ matplotlib.use("Agg")  # files only, no display
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from etils import epath  # noqa: E402
 
 from liverjax import metrics  # noqa: E402
 
@@ -751,16 +752,17 @@ def render_html(
 
 
 def write_report(
-    out_dir: str | pathlib.Path,
+    out_dir: str | os.PathLike,
     result: Mapping[str, Any],
     level_data: Mapping[str, tuple[np.ndarray, np.ndarray]],
     cases: Sequence[Mapping[str, Any]],
     curation: Mapping[str, Any] | None,
     *,
     n_bins: int = metrics.DEFAULT_N_BINS,
-) -> pathlib.Path:
-    """Write the FIGURES as PNG files and the page into `out_dir`; returns the page's path."""
-    out = pathlib.Path(out_dir)
+) -> epath.Path:
+    """Write the FIGURES as PNG files and the page into `out_dir` (local, or any file system
+    epath reaches: gs://...); returns the page's path."""
+    out = epath.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figs = figures(level_data, result, n_bins)
     for name, png in figs.items():
