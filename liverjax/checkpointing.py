@@ -68,6 +68,14 @@ def quiet_orbax_logs() -> bool:
     return choice == "warning"
 
 
+def check_retention(keep: Any, keep_best: Any) -> None:
+    """Raise ValueError naming config.checkpoint.keep / keep_best when they cannot be kept."""
+    if not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"config.checkpoint.keep = {keep!r}: must keep at least the latest")
+    if not isinstance(keep_best, int) or keep_best < 0:
+        raise ValueError(f"config.checkpoint.keep_best = {keep_best!r}: must be >= 0")
+
+
 class Checkpointer:
     """Saves and restores (state, data iterator, metadata) in `directory`."""
 
@@ -80,10 +88,7 @@ class Checkpointer:
         best_metric: str,
         async_save: bool = True,
     ):
-        if keep < 1:
-            raise ValueError(f"config.checkpoint.keep = {keep}: must keep at least the latest")
-        if keep_best < 0:
-            raise ValueError(f"config.checkpoint.keep_best = {keep_best}: must be >= 0")
+        check_retention(keep, keep_best)
         self.best_metric = best_metric
         policies: list[pp.PreservationPolicy] = [pp.LatestN(n=keep)]
         if keep_best:
