@@ -282,10 +282,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "must be >= 0 (a negative one lets a worse value reset patience)",
             "0 = any improvement counts",
         )
-    if not isinstance(config.checkpoint.keep, int) or config.checkpoint.keep < 1:
-        _fail("checkpoint.keep", config.checkpoint.keep, "must keep at least the latest", "e.g. 3")
-    if not isinstance(config.checkpoint.keep_best, int) or config.checkpoint.keep_best < 0:
-        _fail("checkpoint.keep_best", config.checkpoint.keep_best, "must be >= 0", "e.g. 1")
+    checkpointing.check_retention(config.checkpoint.keep, config.checkpoint.keep_best)
     if not config.early_stopping.start_epoch >= 0:
         _fail(
             "early_stopping.start_epoch",
@@ -361,6 +358,11 @@ def save_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
 # --------------------------------------------------------------------------- optimizer and loss
 
 
+def warmup_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    """Steps of linear warmup of the warmup_cosine schedule."""
+    return round(config.schedule.warmup_epochs * steps_per_epoch)
+
+
 def learning_rate_schedule(
     config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
 ) -> optax.Schedule:
@@ -368,7 +370,7 @@ def learning_rate_schedule(
     lr = config.optimizer.learning_rate
     if config.schedule.name == "constant":
         return optax.constant_schedule(lr)
-    warmup = round(config.schedule.warmup_epochs * steps_per_epoch)
+    warmup = warmup_steps(config, steps_per_epoch)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=lr,
@@ -688,12 +690,12 @@ def train_and_evaluate(
     if total_steps <= 0:
         total_steps = config.num_epochs * steps_per_epoch
     eval_every = config.eval_every_steps or steps_per_epoch
-    warmup_steps = round(config.schedule.warmup_epochs * steps_per_epoch)
-    if config.schedule.name == "warmup_cosine" and warmup_steps >= total_steps:
+    warmup = warmup_steps(config, steps_per_epoch)
+    if config.schedule.name == "warmup_cosine" and warmup >= total_steps:
         _fail(
             "schedule.warmup_epochs",
             config.schedule.warmup_epochs,
-            f"the warmup ({warmup_steps} steps) is as long as the run ({total_steps} steps): "
+            f"the warmup ({warmup} steps) is as long as the run ({total_steps} steps): "
             "the rate would never reach optimizer.learning_rate nor decay",
             "use a shorter warmup",
         )
