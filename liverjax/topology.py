@@ -90,24 +90,21 @@ def restore_iterator(directory: epath.PathLike, iterator: grain.DatasetIterator)
     directory = epath.Path(directory)
     index, count = jax.process_index(), jax.process_count()
     own = directory / f"process_{index}-of-{count}.json"
-    rejected = (KeyError, ValueError, TypeError, IndexError)
-    if own.exists():
-        saved_count = count
-        try:
-            iterator.set_state(json.loads(own.read_text()))
-            return
-        except rejected as e:  # the same processes, another pipeline (config.input.num_workers)
-            reason = f"this pipeline does not accept the saved state ({type(e).__name__}: {e})"
+    if own.exists():  # the same processes (with another pipeline, it may not be accepted)
+        saved_count, state = count, json.loads(own.read_text())
     else:
         saved_count, states = saved_states(directory)
         distinct = {json.dumps(s, sort_keys=True) for s in states.values()}
-        if len(distinct) == 1:
-            state = states[0]
-            try:
-                iterator.set_state(state)
-            except rejected as e:
-                reason = f"this pipeline does not accept the saved state ({type(e).__name__}: {e})"
-            else:
+        state = states[0] if len(distinct) == 1 else None
+    if state is None:
+        reason = f"the {saved_count} processes saved different positions"
+    else:
+        try:
+            iterator.set_state(state)
+        except (KeyError, ValueError, TypeError, IndexError) as e:  # config.input.num_workers?
+            reason = f"this pipeline does not accept the saved state ({type(e).__name__}: {e})"
+        else:
+            if saved_count != count:
                 logger.warning(
                     "data iterator saved by %d process(es), restored in %d: all saved the same "
                     "position in the global batch stream (%s), so the data resumes exactly",
@@ -115,9 +112,7 @@ def restore_iterator(directory: epath.PathLike, iterator: grain.DatasetIterator)
                     count,
                     json.dumps(state),
                 )
-                return
-        else:
-            reason = f"the {saved_count} processes saved different positions"
+            return
     step = _checkpoint_step(directory)
     continue_from_step(iterator, step)
     logger.warning(
