@@ -162,12 +162,12 @@ def find_files(manual_dir: pathlib.Path) -> tuple[list[str], list[str]]:
     does not rename siteA's files, whatever sorts first), else at the first link to it. A folder
     that cannot be listed is an error naming it: its files could not be accounted for.
     """
-    unreadable: list[OSError] = []
     # Where each folder of the tree is without following links: read there, links or not.
+    # (This walk passes over folders it cannot list; the one below reports them.)
     seen: dict[str, str] = {}
-    for root, _, _ in os.walk(manual_dir, onerror=unreadable.append):
+    for root, _, _ in os.walk(manual_dir):
         seen.setdefault(os.path.realpath(root), root)
-    unreadable.clear()  # the walk below meets them again
+    unreadable: list[OSError] = []
     files, sheets = [], []
     for root, dirs, names in os.walk(manual_dir, followlinks=True, onerror=unreadable.append):
         seen.setdefault(os.path.realpath(root), root)
