@@ -293,7 +293,9 @@ def orbax_log_filter():
 def _save_logs(directory, caplog, state_step: int) -> list[logging.LogRecord]:
     """Records (INFO and up, any logger) of creating a Checkpointer and saving one step."""
     caplog.clear()
-    with caplog.at_level(logging.INFO):
+    # absl's own level too: TensorFlow's SavedModel writer (test_export, in this process) leaves
+    # it at WARNING after muting and restoring absl's verbosity.
+    with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="absl"):
         ckpt = checkpointing.Checkpointer(directory, keep=2, keep_best=0, best_metric="roc_auc")
         state = {"w": np.zeros((2, 3), np.float32), "step": np.int32(state_step)}
         ckpt.save(state_step, state, _iterator(), {"stop_reason": "preempted"})
