@@ -265,7 +265,9 @@ class DeclaredSize:
 
     @property
     def pixel_bytes(self) -> int:
-        return self.pixels * self.samples * -(-self.bits_allocated // 8)
+        """Bytes of native (uncompressed) Pixel Data these declare, padded to an even length."""
+        n = -(-self.pixels * self.samples * self.bits_allocated // 8)
+        return n + n % 2
 
 
 def declared_size(source: bytes, *, name: str | None = None) -> DeclaredSize | None:
@@ -678,7 +680,12 @@ def _transfer_syntax(ds: Dataset, path: str) -> dicom_uid.UID:
         if guessed is not None:
             ds.file_meta.TransferSyntaxUID = guessed  # pydicom's decoders check it
             return guessed
-        if not elem.is_undefined_length and len(elem.value) == _native_bytes(ds):
+        declared = _declared(ds) if "BitsAllocated" in ds else None
+        if (
+            not elem.is_undefined_length
+            and declared is not None
+            and len(elem.value) == declared.pixel_bytes
+        ):
             # Native pixels that happen to begin with an item tag's bytes (FE FF 00 E0: 8-bit
             # values 254 255 0 224, or 16-bit 65534 57344).
             return ts
@@ -743,22 +750,6 @@ def _item_fragment(value: bytes) -> bytes | None:
     if length in (0, _UNDEFINED_LENGTH):
         return None
     return value[first + _ELEMENT_HEADER_BYTES : first + _ELEMENT_HEADER_BYTES + length]
-
-
-def _native_bytes(ds: Dataset) -> int | None:
-    """Bytes of uncompressed pixel data the Image Pixel module declares (even-padded)."""
-    try:
-        n = (
-            int(ds.Rows)
-            * int(ds.Columns)
-            * int(ds.get("SamplesPerPixel", 1))
-            * int(ds.get("NumberOfFrames", 1) or 1)
-            * int(ds.BitsAllocated)
-        )
-    except (AttributeError, TypeError, ValueError):
-        return None
-    n = (n + 7) // 8
-    return n + n % 2
 
 
 def _sniff_codec(encapsulated: bytes) -> dicom_uid.UID | None:

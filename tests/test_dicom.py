@@ -934,6 +934,23 @@ def test_a_rescale_that_overflows_float32_is_an_error():
         dicom.read_dicom(to_bytes(big))
 
 
+@pytest.mark.parametrize(
+    ("rows", "columns", "frames", "samples", "bits", "expected"),
+    [
+        (512, 512, 1, 1, 16, 524288),
+        (3, 5, 1, 1, 8, 16),  # 15 bytes, padded to even
+        (3, 5, 1, 1, 1, 2),  # 15 bits in 2 bytes, not 15 bytes
+        (8, 8, 3, 3, 8, 576),
+        (7, 7, 1, 1, 12, 74),  # 12-bit packed: 588 bits = 73.5 bytes, 74 with padding
+    ],
+)
+def test_declared_pixel_bytes_are_the_native_pixel_data_length(
+    rows, columns, frames, samples, bits, expected
+):
+    size = dicom.DeclaredSize(rows, columns, frames, samples, bits)
+    assert size.pixel_bytes == expected
+
+
 def test_excess_pixel_bytes_are_not_read_as_more_frames():
     ds = make_ds(STORED)
     ds.PixelData = ds.PixelData + b"\x00" * STORED.nbytes  # a frame's worth of trailing bytes
