@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 
 from liverjax import metrics  # noqa: E402
+from tfds_liver import curation as curation_lib  # noqa: E402
 
 HTML_FILE = "report.html"
 FIGURES = ("roc", "pr", "calibration", "confusion")
@@ -589,29 +590,7 @@ def _dataset_section(result: Mapping[str, Any], curation: Mapping[str, Any] | No
             + ", ".join(f"{x['dicom_patient_id']}: {', '.join(x['splits'])}" for x in across[:3])
             + "): if they are one person, the splits share a patient."
         )
-    if curation.get("files_not_ct"):
-        kinds = ", ".join(
-            f"{n} {m or 'without Modality'}" for m, n in curation["files_not_ct"].items()
-        )
-        warnings.append(
-            f"{sum(curation['files_not_ct'].values())} written input files are not CT ({kinds}):"
-            " their values are not Hounsfield units."
-        )
-    if curation.get("files_with_clipped_pixels"):
-        warnings.append(
-            f"{curation['files_with_clipped_pixels']} written input files had pixel values "
-            "outside int16, clipped to it (not Hounsfield units?)."
-        )
-    if curation.get("files_with_non_square_pixels"):
-        warnings.append(
-            f"{curation['files_with_non_square_pixels']} written input files have non-square "
-            "pixels: resampled as square, their anatomy is stretched along one axis."
-        )
-    if curation.get("files_without_pixel_spacing"):
-        warnings.append(
-            f"{curation['files_without_pixel_spacing']} written input files have no pixel "
-            "spacing: their physical scale is unknown."
-        )
+    warnings.extend(curation_lib.file_warnings(curation))
     warn = "".join(f'<p class="warn">{_e(w)}</p>' for w in warnings)
     split_rows = [
         [

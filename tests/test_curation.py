@@ -440,7 +440,7 @@ def test_pixels_beyond_int16_are_counted_in_the_report(tmp_path, caplog):
     assert entries["steep.dcm"]["clipped_pixels"] == SIZE * SIZE
     assert entries["steep.dcm"]["status"] == "written"
     assert result.report["files_with_clipped_pixels"] == 1
-    assert "1 written files have pixels outside int16" in curation.summarize(result.report)
+    assert "1 written input files had pixel values outside int16" in curation.summarize(result.report)
     with caplog.at_level("WARNING"):
         curation.log_summary(result.report)
     assert "steep.dcm" in caplog.text and "clipped" in caplog.text
@@ -468,7 +468,7 @@ def test_files_that_are_not_ct_are_reported(tmp_path, caplog):
     assert {entries[n]["status"] for n in ("ct.dcm", "mr.dcm", "none.dcm")} == {"written"}
     assert (entries["mask.dcm"]["status"], entries["mask.dcm"]["modality"]) == ("unlabelled", "OT")
     assert result.report["files_not_ct"] == {"": 1, "MR": 1}
-    assert "2 written files are not CT (1 without Modality, 1 MR" in curation.summarize(
+    assert "2 written input files are not CT (1 without Modality, 1 MR" in curation.summarize(
         result.report
     )
     with caplog.at_level("WARNING"):
@@ -597,8 +597,8 @@ def test_pixel_spacing_is_checked_and_summarised_per_split(tmp_path, caplog):
         "max": 2.0,
     }
     summary = curation.summarize(result.report)
-    assert "1 written files have non-square pixels" in summary
-    assert "2 written files have no pixel spacing" in summary
+    assert "1 written input files have non-square pixels" in summary
+    assert "2 written input files have no pixel spacing" in summary
     with caplog.at_level("WARNING"):
         curation.log_summary(result.report)
     assert "wide.dcm: pixels are 0.5 x 1 mm (row x column), not square" in caplog.text

@@ -898,11 +898,6 @@ def summarize(report: dict[str, Any]) -> str:
         )
     if report["label_rows_without_image"]:
         lines.append(f"{len(report['label_rows_without_image'])} label rows match no image")
-    if report.get("files_with_clipped_pixels"):
-        lines.append(
-            f"{report['files_with_clipped_pixels']} written files have pixels outside int16 "
-            "(clipped; not Hounsfield units?)"
-        )
     several = report.get("dicom_patient_ids_labelled_as_several_patients")
     if several:
         lines.append(
@@ -910,25 +905,43 @@ def summarize(report: dict[str, Any]) -> str:
             f"({sum(len(x['splits']) > 1 for x in several)} of them in more than one split: "
             "one person in two splits?)"
         )
-    if report.get("files_not_ct"):
-        lines.append(
-            f"{sum(report['files_not_ct'].values())} written files are not CT ("
-            + ", ".join(f"{n} {m or 'without Modality'}" for m, n in report["files_not_ct"].items())
-            + "; their values are not Hounsfield units)"
-        )
-    if report.get("files_with_non_square_pixels"):
-        lines.append(
-            f"{report['files_with_non_square_pixels']} written files have non-square pixels "
-            "(resampled as square: stretched along one axis)"
-        )
-    if report.get("files_without_pixel_spacing"):
-        lines.append(f"{report['files_without_pixel_spacing']} written files have no pixel spacing")
+    lines.extend(w.rstrip(".") for w in file_warnings(report))
     for name, s in report["splits"].items():
         lines.append(
             f"{name}: {s['patients']} patients, {s['slices']} slices "
             f"({s['lesion']} lesion, {s['normal']} normal)"
         )
     return "; ".join(lines)
+
+
+def file_warnings(report: dict[str, Any]) -> list[str]:
+    """What is doubtful in the written files' values and scale, a sentence each: the build summary
+    and the evaluation report say it in the same words. Reports from before a key was counted
+    lack it and say nothing of it."""
+    warnings = []
+    not_ct = report.get("files_not_ct")
+    if not_ct:
+        kinds = ", ".join(f"{n} {m or 'without Modality'}" for m, n in not_ct.items())
+        warnings.append(
+            f"{sum(not_ct.values())} written input files are not CT ({kinds}): their values are "
+            "not Hounsfield units."
+        )
+    if report.get("files_with_clipped_pixels"):
+        warnings.append(
+            f"{report['files_with_clipped_pixels']} written input files had pixel values "
+            "outside int16, clipped to it (not Hounsfield units?)."
+        )
+    if report.get("files_with_non_square_pixels"):
+        warnings.append(
+            f"{report['files_with_non_square_pixels']} written input files have non-square "
+            "pixels: resampled as square, their anatomy is stretched along one axis."
+        )
+    if report.get("files_without_pixel_spacing"):
+        warnings.append(
+            f"{report['files_without_pixel_spacing']} written input files have no pixel "
+            "spacing: their physical scale is unknown."
+        )
+    return warnings
 
 
 def split_warnings(report: dict[str, Any]) -> list[str]:
