@@ -7,10 +7,14 @@
   1 or the intercept not an integer the rescale is done in float64 and rounded once to float32, so
   fractional slopes are exact to float32. A Modality LUT Sequence, where present instead, is
   applied with pydicom. Signed and unsigned pixels and BitsStored are handled by pydicom's decoder.
-* MONOCHROME1 (minimum = white): inverted so that, as in MONOCHROME2, higher means brighter. The
-  stored value s is reflected inside its BitsStored range, s -> lo + hi - s (unsigned: 2**bits - 1
-  - s, signed: -1 - s), before the rescale, so the values keep their range; the window centre is
-  reflected the same way. `photometric` still says MONOCHROME1.
+* MONOCHROME1 (minimum = white) in CT (Modality CT or Rescale Type HU): not inverted. The rescale
+  gives Hounsfield units whatever the Photometric Interpretation, which only says how to display
+  them; `photometric` says MONOCHROME1.
+* MONOCHROME1 otherwise (CR, DX and other values without physical units): inverted so that, as in
+  MONOCHROME2, higher means brighter. The stored value s is reflected inside its BitsStored range,
+  s -> lo + hi - s (unsigned: 2**bits - 1 - s, signed: -1 - s), before the rescale, so the values
+  keep their range; the window centre is reflected the same way. `photometric` still says
+  MONOCHROME1.
 * colour (RGB, YBR_* and PALETTE COLOR): converted to RGB by pydicom (YBR -> RGB, palette through
   `apply_color_lut`), then to one channel of ITU-R BT.601 luma (`LUMA_WEIGHTS`), with
   `color_converted=True`. No rescale is applied to colour data (the modality transform is defined
@@ -834,7 +838,7 @@ def _decode(
     photometric = str(ds.get("PhotometricInterpretation", props["photometric_interpretation"]))
     samples = int(props["samples_per_pixel"])
     n_frames = frames.shape[0]
-    monochrome1 = photometric == "MONOCHROME1"
+    monochrome1 = photometric == "MONOCHROME1" and not _in_hounsfield_units(ds)
     if samples == _COLOR_SAMPLES or photometric == "PALETTE COLOR":
         images = _luma(frames, ds, props, path)
         rescales = [(1.0, 0.0)] * n_frames
@@ -874,6 +878,13 @@ def _decode(
         )
         for i in range(n_frames)
     ]
+
+
+def _in_hounsfield_units(ds: Dataset) -> bool:
+    """Whether the modality transform gives Hounsfield units (CT, or Rescale Type HU): their
+    values mean the same whatever the Photometric Interpretation, which only says how to show
+    them (MONOCHROME1: the lowest HU white)."""
+    return _text(ds, "Modality").upper() == "CT" or _text(ds, "RescaleType").upper() == "HU"
 
 
 def _check_finite(images: np.ndarray, rescales: list[tuple[float, float]], path: str) -> None:
@@ -1252,6 +1263,7 @@ _TAGS = {
         "SOPInstanceUID",
         "SOPClassUID",
         "Modality",
+        "RescaleType",
         "InstanceNumber",
         "PixelSpacing",
         "ImagerPixelSpacing",

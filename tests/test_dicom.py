@@ -399,9 +399,25 @@ def test_monochrome1_is_reflected_in_its_bits_stored_range():
     assert s.photometric == "MONOCHROME1"
     # the window moves with the pixels: value 2010 (stored 1000) is now 2*3095+10 = 6200
     assert s.window_center == 2 * 4095 + 2 * 10 - 2010 == 2 * 3095 + 10
-    signed = make_ds(STORED, PhotometricInterpretation="MONOCHROME1", RescaleIntercept=0)
+    signed = make_ds(
+        STORED, PhotometricInterpretation="MONOCHROME1", Modality="DX", RescaleIntercept=0
+    )
     (s,) = dicom.read_dicom(to_bytes(signed))
     np.testing.assert_array_equal(s.image, -1 - STORED.astype(np.int64))
+
+
+@pytest.mark.parametrize(
+    "attrs", [{}, {"Modality": "OT", "RescaleType": "HU"}], ids=["ct", "rescale_type_hu"]
+)
+def test_monochrome1_ct_stays_in_hounsfield_units(attrs):
+    # MONOCHROME1 only says the lowest value is shown white: the rescale gives HU all the same.
+    raw = np.array([[0, 1024], [1064, 4095]], dtype=np.uint16)
+    ds = make_ds(raw, BitsStored=12, HighBit=11, PhotometricInterpretation="MONOCHROME1", **attrs)
+    (s,) = dicom.read_dicom(to_bytes(ds))
+    np.testing.assert_array_equal(s.image, [[-1024, 0], [40, 3071]])
+    np.testing.assert_array_equal(s.image, apply_modality_lut(ds.pixel_array, ds))
+    assert s.photometric == "MONOCHROME1"
+    assert s.window_center == 40  # in HU, as written
 
 
 @pytest.mark.parametrize("implicit,little", [(True, True), (False, True), (False, False)])
@@ -993,7 +1009,11 @@ def test_pixel_padding_range_and_signed_pixels():
     np.testing.assert_array_equal(s.image, [[-1500, -1500], [-1500, 40]])
     # MONOCHROME1: padding is found on the stored values, then reflected (-1 - s) like the rest.
     m1 = _padded_ct(
-        stored, RescaleIntercept=0, PixelPaddingValue=-2000, PhotometricInterpretation="MONOCHROME1"
+        stored,
+        RescaleIntercept=0,
+        PixelPaddingValue=-2000,
+        PhotometricInterpretation="MONOCHROME1",
+        Modality="DX",
     )
     np.testing.assert_array_equal(m1.image, [[-41, 1499], [1994, -41]])
 
