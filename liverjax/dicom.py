@@ -1097,7 +1097,8 @@ def _reflect_stored(frames: np.ndarray, props: dict[str, Any]) -> np.ndarray:
 
 
 def _has_modality_lut(ds: Dataset) -> bool:
-    return bool(ds.get("ModalityLUTSequence")) and "RescaleSlope" not in ds
+    """A Modality LUT Sequence and no Rescale Slope value (an empty element is no value)."""
+    return bool(ds.get("ModalityLUTSequence")) and _get(ds, "RescaleSlope") is None
 
 
 def _reflection(

@@ -359,6 +359,12 @@ def test_modality_lut_sequence_is_applied_and_reflected_for_monochrome1():
     ds.PhotometricInterpretation = "MONOCHROME1"
     (s,) = dicom.read_dicom(to_bytes(ds))
     np.testing.assert_array_equal(s.image, [[40, 30], [20, 10]])  # reflected in the LUT's range
+    # empty Rescale Slope / Intercept elements beside the sequence are no rescale: the LUT applies
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.add_new("RescaleSlope", "DS", None)
+    ds.add_new("RescaleIntercept", "DS", None)
+    (s,) = dicom.read_dicom(to_bytes(ds))
+    np.testing.assert_array_equal(s.image, [[10, 20], [30, 40]])
 
 
 def test_unsigned_bits_stored_masks_the_high_bits(caplog):
