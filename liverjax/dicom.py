@@ -36,8 +36,9 @@
   COLOR), before MONOCHROME1 reflection, modality transform and padding replacement. For data
   whose values are codes rather than intensities (segmentation masks stored as images).
 
-A multi-frame object gives one slice per frame (NumberOfFrames, 1 when absent: bytes beyond them
-are ignored, never read as more frames), `frame` = 0, 1, ... and `image_id` =
+A multi-frame object gives one slice per frame (NumberOfFrames, 1 when absent: native bytes
+beyond them that are less than a frame are ignored, a frame's worth or more is an error, never
+read as more frames), `frame` = 0, 1, ... and `image_id` =
 "<SOPInstanceUID>/<frame>"; a single frame has `frame=None` and `image_id` = the SOP Instance UID.
 Enhanced multi-frame functional groups (per-frame rescale, position, spacing, window) are read.
 A file without file meta is read with `force=True`; its transfer syntax is guessed from the
@@ -808,10 +809,12 @@ def _jpeg_header(data: bytes) -> tuple[dicom_uid.UID | None, tuple[int, int] | N
 
 def _check_frame_size(ds: Dataset, ts: dicom_uid.UID, path: str) -> None:
     """A compressed frame must be Rows x Columns: a corrupt header could make a plugin decode a
-    huge image (minutes, gigabytes) only for pydicom to reject it afterwards."""
-    if not ts.is_compressed:
-        return
+    huge image (minutes, gigabytes) only for pydicom to reject it afterwards. Native pixel data
+    must not hold a whole frame more than the header declares (`_check_native_length`)."""
     keyword = next(k for k in _PIXEL_KEYWORDS if k in ds)
+    if not ts.is_compressed:
+        _check_native_length(ds, keyword, path)
+        return
     if not ds[keyword].is_undefined_length:
         return
     _, size = _codestream_header(_first_fragment(ds[keyword].value))
@@ -824,6 +827,31 @@ def _check_frame_size(ds: Dataset, ts: dicom_uid.UID, path: str) -> None:
             f"pixels but Rows x Columns say {declared[0]}x{declared[1]}; the file "
             "is corrupt",
         )
+
+
+def _check_native_length(ds: Dataset, keyword: str, path: str) -> None:
+    """Bytes beyond the declared frames are ignored when they are less than a frame (padding);
+    a frame's worth or more means the header understates the image (a converter dropped
+    NumberOfFrames, or Rows and Columns are wrong): read as declared it would lose frames or
+    garble rows, so it is an error."""
+    elem = ds[keyword]
+    size = _declared(ds) if "BitsAllocated" in ds else None
+    if elem.is_undefined_length or size is None or not isinstance(elem.value, bytes):
+        return
+    frame_bits = size.rows * size.columns * size.samples * size.bits_allocated
+    excess_bits = 8 * len(elem.value) - size.frames * frame_bits
+    if frame_bits <= 0 or excess_bits < frame_bits:
+        return
+    held = 8 * len(elem.value) // frame_bits
+    frames = ds.get("NumberOfFrames")
+    said = f"NumberOfFrames {frames}" if frames not in (None, "") else "no NumberOfFrames (1)"
+    raise DicomError(
+        path,
+        "decode_failed",
+        f"the Pixel Data holds {len(elem.value)} bytes, {held} frames of "
+        f"{size.rows}x{size.columns} pixels, but the header says {said}; fix NumberOfFrames, "
+        "or Rows and Columns",
+    )
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -928,7 +956,8 @@ def _pixels(ds: Dataset, ts: dicom_uid.UID, path: str) -> tuple[np.ndarray, dict
         # copy anyway, and asked for a view it logs a warning for every such file.
         view = _get(ds, "BitsStored") == _get(ds, "BitsAllocated")
         # The frame count is NumberOfFrames (1 when absent): bytes beyond it are padding, not
-        # frames (pydicom would otherwise return a frame for every further Rows x Columns).
+        # frames (pydicom would otherwise return a frame for every further Rows x Columns);
+        # _check_native_length refused a whole frame more.
         arr, props = decoder.as_array(ds, view_only=view, allow_excess_frames=False)
     except ValueError as e:
         if "less than expected" in str(e):

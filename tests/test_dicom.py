@@ -975,10 +975,30 @@ def test_declared_pixel_bytes_are_the_native_pixel_data_length(
 
 def test_excess_pixel_bytes_are_not_read_as_more_frames():
     ds = make_ds(STORED)
-    ds.PixelData = ds.PixelData + b"\x00" * STORED.nbytes  # a frame's worth of trailing bytes
+    ds.PixelData = ds.PixelData + b"\x00" * (STORED.nbytes - 2)  # less than a frame: padding
     (s,) = dicom.read_dicom(to_bytes(ds))
     assert s.frame is None and s.image_id == ds.SOPInstanceUID
     np.testing.assert_array_equal(s.image, STORED.astype(np.float32) - 1024)
+
+
+@pytest.mark.parametrize("little", [True, False], ids=["little_endian", "big_endian"])
+def test_a_whole_frame_more_than_declared_is_a_wrong_header(little):
+    big = np.arange(64, dtype=np.int16).reshape(8, 8)
+    dropped = make_ds(np.stack([big] * 3))  # a 3-frame object whose NumberOfFrames was dropped
+    assert "NumberOfFrames" not in dropped
+    with pytest.raises(
+        dicom.DicomError,
+        match=r"384 bytes, 3 frames of 8x8 pixels, but the "
+        r"header says no NumberOfFrames \(1\); fix NumberOfFrames",
+    ) as info:
+        dicom.read_dicom(to_bytes(dropped, little=little))
+    assert info.value.reason == "decode_failed"
+    half = make_ds(big, Rows=4, Columns=4)  # an 8x8 image declared 4x4: 4 frames of half-rows
+    with pytest.raises(dicom.DicomError, match="4 frames of 4x4 pixels"):
+        dicom.read_dicom(to_bytes(half, little=little))
+    two = make_ds(np.stack([big] * 3), NumberOfFrames=2)
+    with pytest.raises(dicom.DicomError, match="header says NumberOfFrames 2;"):
+        dicom.read_dicom(to_bytes(two, little=little))
 
 
 def test_excess_compressed_frames_are_not_read_as_more_frames():
