@@ -674,6 +674,20 @@ def _transfer_syntax(ds: Dataset, path: str) -> dicom_uid.UID:
     keyword = next((k for k in _PIXEL_KEYWORDS if k in ds), None)
     if ts:
         ts = dicom_uid.UID(ts)
+        if not ts.is_transfer_syntax:
+            named = f"{ts.name} ({ts})" if ts.name != ts else str(ts)
+            if ts.is_private:
+                raise DicomError(
+                    path,
+                    "unsupported",
+                    f"the Transfer Syntax UID {named} is a private (vendor) syntax that no "
+                    "decoder reads; export the file in a standard transfer syntax",
+                )
+            raise DicomError(
+                path,
+                "decode_failed",
+                f"the file meta's Transfer Syntax UID {named} is not a transfer syntax; fix it",
+            )
         if keyword is None or ts.is_compressed or not _looks_encapsulated(ds, keyword):
             return ts
         # Encapsulated (compressed) pixel data under a native syntax: a converter rewrote the

@@ -877,6 +877,28 @@ def test_encapsulated_pixels_under_an_uncompressed_syntax_are_decoded_by_their_c
     assert s.transfer_syntax == pydicom.uid.RLELossless
 
 
+@pytest.mark.parametrize(
+    ("uid", "reason", "message"),
+    [
+        ("1.2.840.113619.5.2", "unsupported", r"UID 1\.2\.840\.113619\.5\.2 is a private"),
+        ("1.3.46.670589.33.1.4.1", "unsupported", "private .vendor. syntax"),
+        (CTImageStorage, "decode_failed", r"UID CT Image Storage \(1\.2\.840.*not a transfer"),
+    ],
+)
+def test_a_transfer_syntax_uid_that_is_not_one_is_named(uid, reason, message):
+    ds = make_ds(STORED)
+    ds.file_meta.TransferSyntaxUID = uid
+    # Written by hand: pydicom's writer refuses a UID that is not a transfer syntax.
+    buffer = pydicom.filebase.DicomBytesIO()
+    buffer.write(b"\x00" * 128 + b"DICM")
+    pydicom.filewriter.write_file_meta_info(buffer, ds.file_meta, enforce_standard=True)
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    pydicom.filewriter.write_dataset(buffer, ds)
+    with pytest.raises(dicom.DicomError, match=message) as info:
+        dicom.read_dicom(buffer.getvalue())
+    assert info.value.reason == reason
+
+
 def test_encapsulated_pixels_of_an_unknown_codec_under_an_uncompressed_syntax_are_an_error():
     ds = make_ds(STORED)
     ds.PixelData = pydicom.encaps.encapsulate([b"\x00\x01" * 8])  # no known signature
