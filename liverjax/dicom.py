@@ -46,7 +46,10 @@ encoding, or for compressed pixel data from the codestream signature (JPEG, JPEG
 RLE). The signature also decides when the file meta names an uncompressed syntax but the pixel
 data is encapsulated (a converter that rewrote the meta only); `transfer_syntax` then says what
 was decoded. Pixel data of exactly the uncompressed size whose first bytes only look like an item
-(no second item where the first one ends, or no known codestream) is native.
+(no second item where the first one ends, or no known codestream) is native; so is pixel data of
+exactly that size that is not encapsulated under a compressed syntax (raw pixels written over a
+compressed file, the meta left as it was). A data set in the other byte order than its file meta
+says, and a private (vendor) or wrong Transfer Syntax UID, are named as such.
 `supported_transfer_syntaxes()` lists what the installed plugins decode.
 
 Every failure is a `DicomError` (a ValueError) with `.reason`, one of `REASONS`:
@@ -542,6 +545,7 @@ def _read_dataset(
             "not a DICOM file: no 'DICM' marker at byte 128 and "
             "no DICOM identifiers (SOP/study/series UID, modality, pixel data)",
         )
+    _check_byte_order(ds, path)  # before the lengths, which read byte-swapped too
     _check_complete(ds, path, has_magic, start, end)
     _check_is_image(ds, path)
     return ds, _transfer_syntax(ds, path)
@@ -660,6 +664,28 @@ def _check_is_image(ds: Dataset, path: str) -> None:
     )
 
 
+# Groups of an image's data set (identification, patient, acquisition, relationship, image
+# pixel) and what they read as in the other byte order.
+_IMAGE_GROUPS = (0x0008, 0x0010, 0x0018, 0x0020, 0x0028)
+_SWAPPED_GROUPS = frozenset(((g & 0xFF) << 8) | (g >> 8) for g in _IMAGE_GROUPS)
+
+
+def _check_byte_order(ds: Dataset, path: str) -> None:
+    """A data set read in the wrong byte order (file meta of one endianness over a data set of
+    the other) parses as byte-swapped tags and no pixels: say so, not "no Pixel Data"."""
+    groups = {tag.group for tag in ds.keys()}
+    if groups & _SWAPPED_GROUPS and not groups & set(_IMAGE_GROUPS):
+        ts = ds.file_meta.get("TransferSyntaxUID") if ds.file_meta else None
+        said = f"the file meta says {dicom_uid.UID(ts).name}" if ts else "no file meta says it"
+        raise DicomError(
+            path,
+            "decode_failed",
+            f"the data set's byte order is not the one it was read in ({said}): its tags read "
+            "byte-swapped, e.g. (0800,1600) for SOP Class UID (0008,0016); fix the file meta's "
+            "Transfer Syntax UID",
+        )
+
+
 def _has_pixels(ds: Dataset) -> bool:
     return any(tag in ds for tag in _PIXEL_TAGS)
 
@@ -688,7 +714,11 @@ def _transfer_syntax(ds: Dataset, path: str) -> dicom_uid.UID:
                 "decode_failed",
                 f"the file meta's Transfer Syntax UID {named} is not a transfer syntax; fix it",
             )
-        if keyword is None or ts.is_compressed or not _looks_encapsulated(ds, keyword):
+        if keyword is None:
+            return ts
+        if ts.is_compressed and not _looks_encapsulated(ds, keyword):
+            return _native_under_compressed(ds, keyword, ts, path)
+        if ts.is_compressed or not _looks_encapsulated(ds, keyword):
             return ts
         # Encapsulated (compressed) pixel data under a native syntax: a converter rewrote the
         # file meta but not the pixels. Read natively it would be garbage; the codestream says
@@ -735,6 +765,28 @@ def _transfer_syntax(ds: Dataset, path: str) -> dicom_uid.UID:
             "meta with the transfer syntax",
         )
     return guessed
+
+
+def _native_under_compressed(
+    ds: Dataset, keyword: str, ts: dicom_uid.UID, path: str
+) -> dicom_uid.UID:
+    """Pixel Data that is not encapsulated under a compressed syntax: a writer stored raw pixels
+    (``PixelData = array.tobytes()``) and left the old Transfer Syntax UID. Of exactly the size
+    the header declares, they are native pixels in the data set's own encoding (Explicit VR
+    Little Endian, as every compressed syntax encodes the data set); otherwise an error."""
+    declared = _declared(ds) if "BitsAllocated" in ds else None
+    have = len(ds[keyword].value)
+    if declared is not None and have == declared.pixel_bytes:
+        ds.file_meta.TransferSyntaxUID = dicom_uid.ExplicitVRLittleEndian  # the decoders check it
+        return dicom_uid.ExplicitVRLittleEndian
+    native = f"{declared.pixel_bytes} bytes" if declared is not None else "unknown"
+    raise DicomError(
+        path,
+        "decode_failed",
+        f"the Transfer Syntax UID says {ts.name} ({ts}), compressed, but the Pixel Data is not "
+        f"encapsulated (a plain {have}-byte value; the header's uncompressed size: {native}); "
+        "fix the file meta's Transfer Syntax UID",
+    )
 
 
 _ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian: the first item of encapsulated data

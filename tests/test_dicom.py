@@ -886,17 +886,53 @@ def test_encapsulated_pixels_under_an_uncompressed_syntax_are_decoded_by_their_c
     ],
 )
 def test_a_transfer_syntax_uid_that_is_not_one_is_named(uid, reason, message):
-    ds = make_ds(STORED)
-    ds.file_meta.TransferSyntaxUID = uid
-    # Written by hand: pydicom's writer refuses a UID that is not a transfer syntax.
+    with pytest.raises(dicom.DicomError, match=message) as info:
+        dicom.read_dicom(_with_meta(make_ds(STORED), uid))  # pydicom's writer would refuse it
+    assert info.value.reason == reason
+
+
+def _with_meta(ds: Dataset, meta_syntax: str, *, little: bool = True) -> bytes:
+    """A Part 10 file whose data set is Explicit VR in the given byte order and whose file meta
+    claims `meta_syntax`, agreeing or not (pydicom's writer would make them agree)."""
+    ds.file_meta.TransferSyntaxUID = meta_syntax
     buffer = pydicom.filebase.DicomBytesIO()
     buffer.write(b"\x00" * 128 + b"DICM")
     pydicom.filewriter.write_file_meta_info(buffer, ds.file_meta, enforce_standard=True)
-    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    buffer.is_little_endian, buffer.is_implicit_VR = little, False
     pydicom.filewriter.write_dataset(buffer, ds)
-    with pytest.raises(dicom.DicomError, match=message) as info:
-        dicom.read_dicom(buffer.getvalue())
-    assert info.value.reason == reason
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("syntax", [pydicom.uid.RLELossless, pydicom.uid.JPEGLosslessSV1])
+def test_native_pixels_under_a_compressed_syntax_of_the_declared_size_are_native(syntax):
+    # raw pixels stored over a compressed file (PixelData = array.tobytes()), meta left as it was
+    ds = make_ds(STORED)
+    (s,) = dicom.read_dicom(_with_meta(ds, syntax))
+    np.testing.assert_array_equal(s.image, STORED.astype(np.float32) - 1024)
+    assert s.transfer_syntax == ExplicitVRLittleEndian  # what was decoded
+    ds = make_ds(STORED)
+    ds.PixelData = ds.PixelData[:-2]  # not the declared size: neither native nor compressed
+    with pytest.raises(
+        dicom.DicomError,
+        match=r"compressed, but the Pixel Data is not "
+        r"encapsulated \(a plain 6-byte value; the header's uncompressed size: "
+        r"8 bytes\)",
+    ) as info:
+        dicom.read_dicom(_with_meta(ds, syntax))
+    assert info.value.reason == "decode_failed"
+
+
+@pytest.mark.parametrize(
+    ("meta_syntax", "little"), [(ExplicitVRBigEndian, True), (ExplicitVRLittleEndian, False)]
+)
+def test_a_data_set_in_the_other_byte_order_is_named(meta_syntax, little):
+    with pytest.raises(
+        dicom.DicomError,
+        match=r"byte order is not the one it was read in "
+        r"\(the file meta says Explicit VR (Big|Little) Endian\)",
+    ) as info:
+        dicom.read_dicom(_with_meta(make_ds(STORED), meta_syntax, little=little))
+    assert info.value.reason == "decode_failed"
 
 
 def test_encapsulated_pixels_of_an_unknown_codec_under_an_uncompressed_syntax_are_an_error():
