@@ -86,7 +86,7 @@ class LiverConfig(tfds.core.BuilderConfig):
 class Builder(tfds.core.GeneratorBasedBuilder):
     """DatasetBuilder for the `liver` dataset."""
 
-    VERSION = tfds.core.Version("1.3.1")
+    VERSION = tfds.core.Version("1.3.2")
     RELEASE_NOTES = {
         "1.0.0": "First release: synthetic and manual configs, curation report.",
         "1.1.0": "Images stored as raw int16 bytes (not PNG); synthetic: 384 patients, "
@@ -106,6 +106,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         "summarises each split's pixel spacing; labelled_by is always a list (was a joined string "
         "on written files) and is on conflicts too; folders linked into the tree keep their own "
         "path; an unlistable folder is an error; Implicit VR Pixel Padding Value 0 or 1 is found.",
+        "1.3.2": "MONOCHROME1 CT stays in Hounsfield units (was inverted); a Modality LUT Sequence "
+        "applies beside an empty Rescale Slope; raw pixels of the declared size under a "
+        "compressed syntax decode; native Pixel Data a whole frame longer than declared, a data "
+        "set in the other byte order than its file meta and a private transfer syntax are "
+        "refused by name.",
     }
     MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_INSTRUCTIONS
     BUILDER_CONFIGS = [
