@@ -583,17 +583,14 @@ def read_parity_records(
     config: ml_collections.ConfigDict, split: str, max_examples: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(HU images (N, S, S, 1) float32, labels (N,)) of `split`: all, or a seeded subset."""
-    import tensorflow_datasets as tfds
+    from liverjax import input_pipeline
 
-    import tfds_liver  # noqa: F401 - registers the `liver` dataset
-
-    name, data_dir = config.dataset.name, config.dataset.data_dir
+    name = config.dataset.name
     try:
-        source = tfds.data_source(name, split=split, data_dir=data_dir)
-    except Exception as e:
+        source = input_pipeline.open_source(config.dataset, split)
+    except (FileNotFoundError, ValueError) as e:
         raise FileNotFoundError(
-            f"cannot read split {split!r} of {name} (data_dir={data_dir}): {e}. The parity check "
-            f"needs the records; pass --data_dir DATA or --split"
+            f"{e}. The parity check needs the records; pass --data_dir DATA or --split"
         ) from e
     indices = np.arange(len(source))
     if len(indices) > max_examples:
@@ -668,18 +665,37 @@ def export_workdir(
     )
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> ExportResult:
     """Command line: export a trained run."""
     parser = argparse.ArgumentParser(
         prog="python -m liverjax.export", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--workdir", required=True, help="the training run's folder")
-    parser.add_argument("--out", required=True, help="export root: writes OUT/liver/<version>/")
+    parser.add_argument(
+        "--out", required=True, help="export root: writes OUT/MODEL_NAME/<version>/ and the TFLite"
+    )
     parser.add_argument("--checkpoint", default="best", help="'best' (default), 'latest' or a step")
     parser.add_argument("--split", default="test", help="records for the parity check")
     parser.add_argument("--data_dir", default=None, help="where the records are, if moved")
-    parser.add_argument("--max_parity_examples", type=int, default=MAX_PARITY_EXAMPLES)
-    parser.add_argument("--model_name", default=MODEL_NAME)
+    parser.add_argument(
+        "--max_parity_examples",
+        type=_positive_int,
+        default=MAX_PARITY_EXAMPLES,
+        help=f"records of --split the exported models are checked on (a seeded subset when the "
+        f"split holds more; default {MAX_PARITY_EXAMPLES})",
+    )
+    parser.add_argument(
+        "--model_name",
+        default=MODEL_NAME,
+        help=f"the served model's name and folder (default {MODEL_NAME!r})",
+    )
     parser.add_argument(
         "--tflite",
         action=argparse.BooleanOptionalAction,

@@ -36,10 +36,61 @@ IMBALANCE_METHODS = ("none", "pos_weight", "balanced_sampling")
 
 
 def _dataset_builder(dataset: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-    """The TFDS builder of `dataset.name` in `dataset.data_dir`."""
-    import tfds_liver  # noqa: F401  (registers the `liver` builder)
+    """The TFDS builder of `dataset.name` in `dataset.data_dir`; a ValueError naming the config key
+    for a dataset or builder config that does not exist (TFDS's own lists every dataset it has)."""
+    import tfds_liver  # (registers the `liver` builder)
 
-    return tfds.builder(dataset.name, data_dir=dataset.data_dir)
+    try:
+        return tfds.builder(dataset.name, data_dir=dataset.data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(
+            f"config.dataset.name = {dataset.name!r}: no such dataset is registered; liverjax's "
+            f"is 'liver/<config>', with configs {_config_names(tfds_liver.Builder)}"
+        ) from None
+    except ValueError as e:
+        if "BuilderConfig" not in str(e):
+            raise
+        raise ValueError(
+            f"config.dataset.name = {dataset.name!r}: the builder has no such config, and none "
+            f"of that name is built in data_dir={dataset.data_dir or 'the TFDS default'}; its "
+            f"configs: {_config_names(tfds_liver.Builder)} (a JSON config of your own is found "
+            "once built: `tfds build --imports tfds_liver liver --config '{\"name\": ...}' "
+            "--data_dir DATA`)"
+        ) from None
+
+
+def _config_names(builder_class: type[tfds.core.DatasetBuilder]) -> str:
+    return ", ".join(repr(c.name) for c in builder_class.BUILDER_CONFIGS)
+
+
+def _needs_manual_dir(builder: tfds.core.DatasetBuilder) -> bool:
+    return not getattr(builder.builder_config, "phantom_patients", 0)
+
+
+def _not_built(dataset: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder) -> str:
+    """What is missing, and the other versions of the same config built there (records of an
+    older liverjax: the builder's RELEASE_NOTES say what changed)."""
+    message = (
+        f"dataset {dataset.name!r} version {builder.version} is not built in "
+        f"data_dir={builder.data_dir_root}"
+    )
+    config_dir = os.path.dirname(builder.data_dir)
+    try:
+        names = sorted(os.listdir(config_dir)) if os.path.isdir(config_dir) else []
+    except OSError:
+        names = []
+    others = [
+        n
+        for n in names
+        if n != str(builder.version)
+        and os.path.isfile(os.path.join(config_dir, n, "dataset_info.json"))
+    ]
+    if others:
+        message += (
+            f"; it holds version {', '.join(others)}, which this liverjax does not read (the "
+            f"records changed: RELEASE_NOTES of the builder): rebuild to {builder.version}"
+        )
+    return message
 
 
 def ensure_built(dataset: ml_collections.ConfigDict) -> None:
@@ -49,12 +100,26 @@ def ensure_built(dataset: ml_collections.ConfigDict) -> None:
 
     builder = _dataset_builder(dataset)
     if not builder.is_prepared():
+        build = (
+            f"`tfds build --imports tfds_liver {dataset.name.split('/')[0]} --config "
+            f"{builder.builder_config.name} --manual_dir DIR --data_dir DATA` and "
+            "--config.dataset.data_dir=DATA"
+        )
         if not dataset.build_if_missing:
             raise FileNotFoundError(
-                f"dataset {dataset.name!r} is not built in data_dir={builder.data_dir_root}; "
-                f"build it with `tfds build --imports tfds_liver {dataset.name.split('/')[0]} "
-                f"--config {builder.builder_config.name} --manual_dir DIR --data_dir DATA` and "
-                "set --config.dataset.data_dir=DATA, or set config.dataset.build_if_missing=True"
+                f"{_not_built(dataset, builder)}; build it with {build}, or set "
+                "config.dataset.build_if_missing=True"
+            )
+        default_manual = os.path.join(builder.data_dir_root, "downloads", "manual")
+        if (
+            _needs_manual_dir(builder)
+            and not dataset.get("manual_dir")
+            and not os.path.isdir(default_manual)
+        ):
+            raise FileNotFoundError(
+                f"{_not_built(dataset, builder)}, and building it needs your DICOM: set "
+                "--config.dataset.manual_dir=DIR (the folder with the DICOM files and "
+                f"labels.csv), or build it with {build}"
             )
         if jax.process_index() == 0:
             logging.info("building %s in %s (first use)", dataset.name, builder.data_dir_root)
@@ -79,6 +144,11 @@ def open_source(dataset: ml_collections.ConfigDict, split: str) -> Sequence[dict
     writes empty ones; a slice may select none) get the same error, naming the built splits.
     """
     builder = _dataset_builder(dataset)  # also registers the builder before tfds looks it up
+    if not builder.is_prepared():
+        raise FileNotFoundError(
+            f"{_not_built(dataset, builder)}; give --config.dataset.data_dir (or evaluate's "
+            "--data_dir) where the records are, or build them"
+        )
     where = f"dataset {dataset.name!r} in data_dir={builder.data_dir_root}"
     counts = ", ".join(f"{k} {v.num_examples}" for k, v in builder.info.splits.items())
     hint = f"its splits: {counts or 'none'}"

@@ -322,6 +322,26 @@ def test_a_threshold_chosen_for_another_checkpoint_is_refused(exported, tmp_path
     assert not (tmp_path / "e").exists()  # nothing published
 
 
+@pytest.mark.parametrize("count", ["0", "-1"])
+def test_max_parity_examples_must_be_positive(tmp_path, capsys, count):
+    # -1 once dropped the last record ([:-1]) and 0 said the split was empty
+    with pytest.raises(SystemExit) as failed:
+        export.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "e"),
+                     "--max_parity_examples", count])  # fmt: skip
+    assert failed.value.code == 2
+    assert f"--max_parity_examples: {count}: must be at least 1" in capsys.readouterr().err
+
+
+def test_records_of_an_unbuilt_dataset_are_named_for_the_parity_check(tmp_path):
+    config = training_runs.make_config(tmp_path / "nothing_built")
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"is not built in .*nothing_built.*The parity "
+        r"check needs the records; pass --data_dir DATA or --split",
+    ):
+        export.read_parity_records(config, "test", 8)
+
+
 def test_quantization_check_raises_on_auc_loss():
     labels = np.array([0, 0, 1, 1])
     float_probs = np.array([0.1, 0.2, 0.8, 0.9])

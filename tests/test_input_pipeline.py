@@ -178,3 +178,45 @@ def test_a_missing_manual_dir_is_named(tmp_path):
     dataset.manual_dir = str(tmp_path / "no_such_folder")
     with pytest.raises(FileNotFoundError, match="config.dataset.manual_dir = .*no_such_folder"):
         input_pipeline.ensure_built(dataset)
+
+
+def test_a_manual_build_without_a_manual_dir_says_to_set_it(tmp_path):
+    dataset = runs.make_config(tmp_path / "data").dataset
+    dataset.name, dataset.build_if_missing, dataset.manual_dir = "liver/manual", True, None
+    with pytest.raises(
+        FileNotFoundError, match=r"needs your DICOM: set --config.dataset.manual_dir"
+    ):
+        input_pipeline.ensure_built(dataset)
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").rglob("*"))
+
+
+def test_records_of_another_version_are_named(tmp_path):
+    dataset = runs.make_config(tmp_path / "data").dataset
+    dataset.build_if_missing = False
+    old = tmp_path / "data" / "liver" / "synthetic_small" / "1.0.0"
+    old.mkdir(parents=True)
+    (old / "dataset_info.json").write_text("{}")
+    (old.parent / "0.0.1").mkdir()  # not a build: no dataset_info.json
+    for call in (input_pipeline.ensure_built, lambda d: input_pipeline.open_source(d, "train")):
+        with pytest.raises(FileNotFoundError) as e:
+            call(dataset)
+        message = str(e.value)
+        assert "'liver/synthetic_small' version " in message and "is not built" in message
+        assert "it holds version 1.0.0, which this liverjax does not read" in message
+        assert "0.0.1" not in message
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("kidney/manual", r"config.dataset.name = 'kidney/manual': no such dataset is registered"),
+        ("liver/manal", r"config.dataset.name = 'liver/manal': the builder has no such config"),
+    ],
+)
+def test_an_unknown_dataset_name_is_one_short_line(tmp_path, name, message):
+    dataset = runs.make_config(tmp_path / "data").dataset
+    dataset.name = name
+    with pytest.raises(ValueError, match=message) as e:
+        input_pipeline.ensure_built(dataset)
+    assert "'synthetic', 'synthetic_small', 'manual'" in str(e.value)
+    assert len(str(e.value)) < 600  # TFDS's own lists every dataset it knows (8,000 characters)
