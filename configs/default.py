@@ -19,7 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Records: tfds.data_source(name, split, data_dir); the synthetic configs build themselves.
     config.dataset = ml_collections.ConfigDict()
     config.dataset.name = "liver/synthetic"  # or "liver/manual" (built with `tfds build`)
-    # None: the TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR).
+    # None: the TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR); so is "None" or "" (what
+    # --config.dataset.data_dir=None gives a string field).
     config.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)
     config.dataset.train_split = "train"
     config.dataset.eval_split = "validation"

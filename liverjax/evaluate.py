@@ -758,19 +758,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     host_memory.keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     checkpointing.quiet_orbax_logs()
-    config = load_config(args.workdir)
-    if args.data_dir is not None:
-        config.dataset.data_dir = args.data_dir
-    overrides = dict(config.get("eval") or {})
-    for item in args.eval:
-        key, sep, text = item.partition("=")
-        if not sep:
-            parser.error(f"--eval {item!r}: write KEY=VALUE, e.g. threshold_rule=sensitivity")
-        overrides[key.strip()] = _parse_value(text.strip())
-    with config.unlocked():
-        config.eval = overrides
-    eval_settings(config)  # a bad key or value fails here, before the checkpoint is read
-    result = evaluate(config, args.workdir, split=args.split, checkpoint=args.checkpoint)
+    with train.user_errors("evaluation"):
+        config = load_config(args.workdir)
+        if args.data_dir is not None:
+            config.dataset.data_dir = args.data_dir
+        overrides = dict(config.get("eval") or {})
+        for item in args.eval:
+            key, sep, text = item.partition("=")
+            if not sep:
+                parser.error(f"--eval {item!r}: write KEY=VALUE, e.g. threshold_rule=sensitivity")
+            overrides[key.strip()] = _parse_value(text.strip())
+        with config.unlocked():
+            config.eval = overrides
+        eval_settings(config)  # a bad key or value fails here, before the checkpoint is read
+        result = evaluate(config, args.workdir, split=args.split, checkpoint=args.checkpoint)
     s = result["levels"]["slice"]
     lo, hi = s["ci"]["roc_auc"]
     print(

@@ -41,7 +41,7 @@ def _dataset_builder(dataset: ml_collections.ConfigDict) -> tfds.core.DatasetBui
     import tfds_liver  # (registers the `liver` builder)
 
     try:
-        return tfds.builder(dataset.name, data_dir=dataset.data_dir)
+        return tfds.builder(dataset.name, data_dir=data_dir(dataset))
     except tfds.core.registered.DatasetNotFoundError:
         raise ValueError(
             f"config.dataset.name = {dataset.name!r}: no such dataset is registered; liverjax's "
@@ -52,11 +52,18 @@ def _dataset_builder(dataset: ml_collections.ConfigDict) -> tfds.core.DatasetBui
             raise
         raise ValueError(
             f"config.dataset.name = {dataset.name!r}: the builder has no such config, and none "
-            f"of that name is built in data_dir={dataset.data_dir or 'the TFDS default'}; its "
+            f"of that name is built in data_dir={data_dir(dataset) or 'the TFDS default'}; its "
             f"configs: {_config_names(tfds_liver.Builder)} (a JSON config of your own is found "
             "once built: `tfds build --imports tfds_liver liver --config '{\"name\": ...}' "
             "--data_dir DATA`)"
         ) from None
+
+
+def data_dir(dataset: ml_collections.ConfigDict) -> str | None:
+    """`dataset.data_dir`, None (the TFDS default) for "None" or "": a string field set to None
+    on the command line (--config.dataset.data_dir=None) holds the text "None"."""
+    value = dataset.get("data_dir")
+    return None if value is None or str(value).strip() in ("", "None") else value
 
 
 def _config_names(builder_class: type[tfds.core.DatasetBuilder]) -> str:
@@ -166,7 +173,7 @@ def open_source(dataset: ml_collections.ConfigDict, split: str) -> Sequence[dict
         ) from e
     if n == 0:
         raise ValueError(f"{where}: split {split!r} has no records; {hint}{why}")
-    return tfds.data_source(dataset.name, split=split, data_dir=dataset.data_dir)
+    return tfds.data_source(dataset.name, split=split, data_dir=data_dir(dataset))
 
 
 def read_labels(source: Sequence[dict[str, Any]]) -> np.ndarray:

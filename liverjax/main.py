@@ -22,6 +22,11 @@ PREEMPTED_EXIT_CODE = 128 + 15  # 128 + SIGTERM
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, config.json and TensorBoard logs.")
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
+flags.register_validator(
+    "workdir",
+    lambda value: value is None or bool(value.strip()),
+    message="--workdir is empty (an unset shell variable?): give the run's folder",
+)
 
 
 def main(argv: list[str]) -> None:
@@ -30,7 +35,9 @@ def main(argv: list[str]) -> None:
     host_memory.keep_freed_memory()  # before JAX starts: XLA:CPU's step buffers are reused
     logging.getLogger("liverjax").setLevel(logging.INFO)
     checkpointing.quiet_orbax_logs()
-    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    with train.user_errors("training"):
+        evaluate.eval_settings(FLAGS.config)  # used after training: a bad value fails now
+        summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if summary.stop_reason == "preempted":
         logging.getLogger("liverjax").warning(
             "preempted at step %d: checkpoint saved, final evaluation skipped; launch again "
@@ -41,8 +48,9 @@ def main(argv: list[str]) -> None:
         sys.exit(PREEMPTED_EXIT_CODE)
     if FLAGS.config.final_eval_split:
         # The demo's "trains, evaluates": the best checkpoint on that split → WORKDIR/report/.
-        evaluate.evaluate(FLAGS.config, FLAGS.workdir, split=FLAGS.config.final_eval_split)
+        with train.user_errors("the final evaluation"):
+            evaluate.evaluate(FLAGS.config, FLAGS.workdir, split=FLAGS.config.final_eval_split)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=train.parse_config_flags)

@@ -12,14 +12,18 @@ in the checkpoint): resumed and uninterrupted runs end with identical parameters
 """
 
 # No `from __future__ import annotations`: clu's Collection reads field annotations as classes.
+import ast
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import os
 import signal
+import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax
@@ -200,6 +204,44 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = list(value) if isinstance(value, tuple | list) else value
     return flat
+
+
+# ------------------------------------------------------------------------- command lines
+
+TRACEBACK_ENV = "LIVERJAX_TRACEBACK"  # set (to anything): user errors show their traceback
+
+
+@contextlib.contextmanager
+def user_errors(command: str) -> Iterator[None]:
+    """For a command's main: a bad config, path, split or dataset (ValueError, OSError) ends the
+    command with its message, exit status 1, without a traceback; $LIVERJAX_TRACEBACK shows it."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        sys.exit(f"{command} failed: {e} ({TRACEBACK_ENV}=1 shows where)")
+
+
+def parse_config_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (`app.run(main, flags_parser=...)`), with a --config.x=y override that
+    names no config field said in one line (ml_collections raises KeyError or AttributeError with
+    a "did you mean")."""
+    from absl import app
+
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (KeyError, AttributeError) as e:
+        detail = str(e.args[0] if e.args else e)
+        with contextlib.suppress(ValueError, SyntaxError):  # the str() of a KeyError, quoted
+            detail = str(ast.literal_eval(detail))
+        detail = detail.replace("\n", "; ")
+        given = [a for a in argv[1:] if a.startswith("--config.")]
+        sys.stderr.write(
+            f"FATAL Flags parsing error: {' '.join(given)}: a --config.* override names no "
+            f"field of the config ({detail}); the fields are in the --config file\n"
+        )
+        sys.exit(1)
 
 
 def _fail(key: str, value: Any, problem: str, fix: str) -> None:
@@ -664,11 +706,14 @@ def train_and_evaluate(
     parallel.check_batch_size(config.batch_size, mesh, "config.batch_size")
     parallel.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
     workdir_path = epath.Path(workdir)
-    save_config(config, workdir_path)
+    if workdir_path.exists() and not workdir_path.is_dir():
+        raise FileExistsError(f"--workdir {workdir} is a file, not a folder for the run")
 
     input_pipeline.ensure_built(config.dataset)
     train_source = input_pipeline.open_source(config.dataset, config.dataset.train_split)
     eval_source = input_pipeline.open_source(config.dataset, config.dataset.eval_split)
+    if config.get("final_eval_split"):  # evaluated after training: a typo fails now, not then
+        input_pipeline.open_source(config.dataset, config.final_eval_split)
     logger.info(
         "%s: %d train / %d validation records; mesh of %d devices over %d process(es)",
         config.dataset.name,
@@ -728,6 +773,8 @@ def train_and_evaluate(
             pos_weight,
         )
 
+    # Only a run that can start writes into the workdir (on resume: compares with the saved one).
+    save_config(config, workdir_path)
     tx = create_optimizer(config, steps_per_epoch, total_steps)
     steps = make_steps(config, mesh, tx, pos_weight=pos_weight)
     ckpt = checkpointing.Checkpointer(

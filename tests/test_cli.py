@@ -5,7 +5,11 @@ does not exist yet when `main()` runs, although every test that imports the modu
 """
 
 import ast
+import os
 import pathlib
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -44,3 +48,35 @@ def test_main_block_is_the_last_statement(path):
         f"{path.name}: statements after the __main__ block (line {body[guards[0]].lineno}) do "
         "not exist yet when `python -m` runs it"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--config.optimizer.lerning_rate=0.1"], r"--config.optimizer.lerning_rate=0.1: a "
+         r"--config.\* override names no field of the config \('lerning_rate'; Did you mean "
+         r"\"learning_rate\""),
+        (["--config.train.lr=0.1"], r"names no field of the config \(train\)"),
+        (["--workdir="], "--workdir is empty"),
+        (["--config.batch_size=0"], r"^training failed: config.batch_size = 0: must be a "
+         r"positive int; e.g. 32 \(LIVERJAX_TRACEBACK=1 shows where\)$"),
+        (["--config.eval.threshold_rule=sens"], r"^training failed: config.eval.threshold_rule "
+         r"= 'sens': use one of"),  # used after training, checked before it
+    ],
+    ids=["typo", "no_section", "empty_workdir", "bad_value", "bad_eval_setting"],
+)  # fmt: skip
+def test_main_says_what_is_wrong_in_one_line(tmp_path, args, message):
+    workdir = tmp_path / "run"
+    argv = ["--config", str(REPO / "configs" / "test.py"), f"--workdir={workdir}", *args]
+    # From an empty folder: an empty --workdir once trained into the current one.
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "liverjax.main", *argv],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert any(re.search(message, line) for line in lines), done.stderr[-2000:]
+    assert not workdir.exists()  # nothing written for a run that cannot start

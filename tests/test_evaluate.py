@@ -275,8 +275,13 @@ def test_checkpoint_and_workdir_errors(run, tmp_path):
         evaluate.restore(config, workdir, "99999")
     with pytest.raises(ValueError, match="'best', 'latest' or a step number"):
         evaluate.restore(config, workdir, "newest")
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(SystemExit, match=r"^evaluation failed: .*config.json.*"
+                       r"\(LIVERJAX_TRACEBACK=1 shows where\)$"):  # fmt: skip
         evaluate.main(["--workdir", str(tmp_path)])
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(train.TRACEBACK_ENV, "1")
+        with pytest.raises(FileNotFoundError, match="config.json"):
+            evaluate.main(["--workdir", str(tmp_path)])
     bad = ml_collections.ConfigDict(config.to_dict())
     bad.eval = {"bootstrap_samples": 10}
     with pytest.raises(ValueError, match="unknown keys \\['bootstrap_samples'\\]"):

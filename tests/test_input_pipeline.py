@@ -1,6 +1,7 @@
 """The grain pipeline on the synthetic_small records: order, epochs, sharding, padding, state."""
 
 import hashlib
+import os
 
 import numpy as np
 import pytest
@@ -220,3 +221,13 @@ def test_an_unknown_dataset_name_is_one_short_line(tmp_path, name, message):
         input_pipeline.ensure_built(dataset)
     assert "'synthetic', 'synthetic_small', 'manual'" in str(e.value)
     assert len(str(e.value)) < 600  # TFDS's own lists every dataset it knows (8,000 characters)
+
+
+@pytest.mark.parametrize("text", ["None", "", " "])
+def test_a_data_dir_of_none_as_text_is_the_tfds_default(tmp_path, text):
+    # --config.dataset.data_dir=None sets the string field to "None": once a folder of that name
+    dataset = runs.make_config(tmp_path).dataset
+    dataset.data_dir = text
+    assert input_pipeline.data_dir(dataset) is None
+    root = input_pipeline._dataset_builder(dataset).data_dir_root
+    assert os.path.basename(root) not in ("None", ""), root

@@ -138,14 +138,24 @@ def test_early_stopping_stops_and_stays_stopped_on_resume(data_dir, tmp_path):
             "config.schedule.warmup_epochs = 2.0: the warmup (12 steps) is as long as the run",
         ),
         ({"checkpoint.keep": 0}, "config.checkpoint.keep = 0: must keep at least the latest"),
+        ({"dataset.eval_split": "valid"}, "no split 'valid'"),
+        ({"final_eval_split": "tset"}, "no split 'tset'"),  # before training, not after it
     ],
 )
 def test_config_errors_name_the_key(data_dir, tmp_path, overrides, message):
     config = runs.make_config(data_dir, **overrides)
+    workdir = tmp_path / "run"
     with pytest.raises(ValueError, match=re.escape(message)):
-        train.train_and_evaluate(config, str(tmp_path))
-    # Nothing was trained or saved.
-    assert not (tmp_path / train.CHECKPOINT_DIR).exists()
+        train.train_and_evaluate(config, str(workdir))
+    # Nothing was trained or saved: no workdir (it once held a config.json alone).
+    assert not workdir.exists()
+
+
+def test_a_workdir_that_is_a_file_is_named(data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    workdir.write_text("")
+    with pytest.raises(FileExistsError, match=r"--workdir .*run is a file, not a folder"):
+        train.train_and_evaluate(runs.make_config(data_dir), str(workdir))
 
 
 def test_early_stopping_counts_evaluations_without_improvement():
