@@ -319,6 +319,18 @@ class ModelManager:
         """Loads what is there now, then polls in a background thread."""
         if not self.base_path.is_dir():
             log.warning("%s does not exist yet; waiting for a version to appear", self.base_path)
+        elif not version_dirs(self.base_path):
+            models = sorted(
+                p.name for p in self.base_path.iterdir() if p.is_dir() and version_dirs(p)
+            )
+            log.warning(
+                "%s holds no version folder (an integer, as the export writes); waiting for one "
+                "to appear%s",
+                self.base_path,
+                f". It holds models: give --model_base_path {self.base_path / models[0]}"
+                if models
+                else "",
+            )
         self.refresh()
 
         def poll():
@@ -953,13 +965,17 @@ def create_app(options: ServerOptions) -> Starlette:
 def main(argv: list[str] | None = None) -> None:
     """Command line: parse flags and run uvicorn."""
     parser = argparse.ArgumentParser(
-        prog="python -m liverjax.serve", description=__doc__.split("\n")[0]
+        prog="python -m liverjax.serve",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--model_base_path", required=True, help="E/liver: integer version dirs from the export"
     )
     parser.add_argument("--model_name", default=DEFAULTS["model_name"], help="name in the URLs")
-    parser.add_argument("--port", "--rest_api_port", type=int, default=DEFAULTS["port"])
+    parser.add_argument(
+        "--port", "--rest_api_port", type=int, default=DEFAULTS["port"], help="HTTP port"
+    )
     parser.add_argument(
         "--host", default=DEFAULTS["host"], help="0.0.0.0 to listen on all interfaces"
     )
@@ -967,7 +983,7 @@ def main(argv: list[str] | None = None) -> None:
         "--enable_batching",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="batch requests that arrive together into one model call (default on)",
+        help="batch requests that arrive together into one model call",
     )
     parser.add_argument(
         "--max_batch_size", type=int, default=DEFAULTS["max_batch_size"], help="images per call"
@@ -1000,7 +1016,12 @@ def main(argv: list[str] | None = None) -> None:
         default=DEFAULTS["poll_seconds"],
         help="how often to look for a new version",
     )
-    parser.add_argument("--log_level", default="info")
+    parser.add_argument(
+        "--log_level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="of the server's log and uvicorn's",
+    )
     args = parser.parse_args(argv)
     for flag in ("max_batch_size", "max_body_bytes", "max_files", "max_pixels"):
         if getattr(args, flag) < 1:

@@ -462,6 +462,18 @@ def test_a_version_exported_under_another_name_is_warned_of(exported, tmp_path, 
     assert "exported as" not in caplog.text
 
 
+def test_a_base_path_of_the_export_root_names_the_model_folder(tmp_path, caplog):
+    # --model_base_path E instead of E/liver: no version folder there, the model one below it
+    root = tmp_path / "E"
+    (root / "liver" / "1").mkdir(parents=True)
+    manager = serve.ModelManager("liver", root, max_batch=1, poll_seconds=60)
+    with caplog.at_level(logging.WARNING, logger="liverjax.serve"):
+        manager.start()
+    manager.stop()
+    assert f"{root} holds no version folder" in caplog.text
+    assert f"It holds models: give --model_base_path {root / 'liver'}" in caplog.text
+
+
 def test_status_while_the_poller_records_failed_versions(tmp_path, caplog):
     """status() reads the failed versions while the poller thread adds them."""
     base = tmp_path / "liver"
@@ -659,3 +671,11 @@ def test_a_client_gone_mid_upload_is_no_server_error(server, client):
     after = client.request("GET", "/statsz")[1]["responses"]
     assert after.get("500") == before.get("500"), (before, after)
     assert "ClientDisconnect" not in server.log()
+
+
+def test_an_unknown_log_level_is_a_usage_error(tmp_path, capsys):
+    # "warn" once loaded the model and then failed inside uvicorn
+    with pytest.raises(SystemExit) as failed:
+        serve.main(["--model_base_path", str(tmp_path), "--log_level", "warn"])
+    assert failed.value.code == 2
+    assert "invalid choice: 'warn'" in capsys.readouterr().err
