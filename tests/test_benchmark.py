@@ -11,8 +11,16 @@ from liverjax import benchmark, models
 
 def test_benchmark_measures_train_inference_and_end_to_end(data_dir, tmp_path):
     config = runs.make_config(data_dir)
+    failing = tmp_path / "ref_cnn.py"  # a reference script that fails: liverjax's figures stand
+    failing.write_text("import sys\nsys.exit('no GPU here')\n")
     figures = benchmark.run(
-        config, steps=2, warmup=1, torch_ref=None, peak=2.0, profile_dir=str(tmp_path / "trace")
+        config,
+        steps=2,
+        warmup=1,
+        torch_ref=str(failing),
+        ref_frameworks=("jax",),
+        peak=2.0,
+        profile_dir=str(tmp_path / "trace"),
     )
 
     assert figures["batch"] == config.batch_size and figures["devices"] == 8
@@ -34,7 +42,9 @@ def test_benchmark_measures_train_inference_and_end_to_end(data_dir, tmp_path):
     # The trace was written and read (XLA:CPU has no device planes: no kernels to list).
     assert figures["profile"]["trace"].startswith(str(tmp_path / "trace"))
     assert figures["profile"]["wall_ms_per_step"] > 0
-    assert "reference" not in figures and "train_over_torch" not in figures  # none asked for
+    assert "reference" not in figures and "train_over_torch" not in figures
+    assert figures["reference_error"].startswith("the reference script failed (exit 1)")
+    assert "no GPU here" in figures["reference_error"]
 
 
 def test_peak_is_the_datasheet_figure_of_known_devices_only():
