@@ -232,7 +232,11 @@ def main(argv: list[str] | None = None) -> None:
                 answer = client.metadata(args.version)
         except ServerError as e:
             sys.exit(f"{args.url}: {e}")
-        except (OSError, http.client.HTTPException) as e:  # refused, timed out, unreadable file
+        except OSError as e:
+            if e.filename is not None:  # a file to upload is missing or unreadable
+                sys.exit(f"{e.filename}: {e.strerror or e}")
+            sys.exit(f"{args.url}: {type(e).__name__}: {e}")  # refused, timed out
+        except http.client.HTTPException as e:
             sys.exit(f"{args.url}: {type(e).__name__}: {e}")
     json.dump(answer, sys.stdout, indent=2)
     print()

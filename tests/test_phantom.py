@@ -308,6 +308,9 @@ def test_cli_options_and_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # the folder is no longer empty
         phantom.main(base)
     assert exit_info.value.code == 2 and "not empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # errors name the flags given, not write_phantom's keywords
+        phantom.main([*base[:2], "--patients", "1", "--seed", "0", "--lesion-fraction", "1.5"])
+    assert "--lesion-fraction 1.5: use a value in [0, 1]" in capsys.readouterr().err
 
 
 def test_files_decode_through_the_project_decoder(written):

@@ -679,3 +679,13 @@ def test_an_unknown_log_level_is_a_usage_error(tmp_path, capsys):
         serve.main(["--model_base_path", str(tmp_path), "--log_level", "warn"])
     assert failed.value.code == 2
     assert "invalid choice: 'warn'" in capsys.readouterr().err
+
+
+def test_the_client_names_a_missing_file_not_the_server(tmp_path, capsys):
+    from liverjax import client
+
+    missing = tmp_path / "no_such.dcm"
+    url = f"http://127.0.0.1:{training_runs.free_port()}"  # nothing listens: never reached
+    with pytest.raises(SystemExit) as failed:
+        client.main(["--url", url, "classify", str(missing)])
+    assert str(failed.value.code) == f"{missing}: No such file or directory"

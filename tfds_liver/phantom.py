@@ -1099,8 +1099,24 @@ def main(argv: Sequence[str] | None = None) -> None:
             write_masks=args.masks,
         )
     except (ValueError, FileExistsError) as error:
-        parser.error(str(error))
+        message = str(error)
+        for keyword, flag in _FLAGS_OF_KEYWORDS.items():  # the flag the user gave, by its name
+            message = message.replace(f"{keyword}=", f"--{flag} ")
+        parser.error(message)
     print("wrote " + summarize(csv_path))
+
+
+# write_phantom's keyword arguments (in its errors) -> the command line's flags
+_FLAGS_OF_KEYWORDS = {
+    "lesion_patient_fraction": "lesion-fraction",
+    "lesion_contrast_hu": "lesion-contrast",
+    "lesion_diameter_mm": "lesion-diameter",
+    "min_lesion_mm": "min-lesion",
+    "patients": "patients",
+    "size": "size",
+    "slices": "slices",
+    "seed": "seed",
+}
 
 
 if __name__ == "__main__":
