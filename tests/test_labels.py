@@ -770,6 +770,11 @@ def test_cli_from_masks_then_check(series):
     assert done.returncode == 0, done.stderr
     assert "5 rows, 1 patients; 3 normal, 2 lesion" in done.stdout
     assert "do not exist" not in done.stdout
+    elsewhere = series.parent / "sheet.csv"  # a sheet kept away from the images
+    shutil.copy(out, elsewhere)
+    for flag in ("--manual-dir", "--manual_dir"):  # the second as `tfds build` spells it
+        done = run_cli("check", elsewhere, flag, series)
+        assert done.returncode == 0 and "do not exist" not in done.stdout, done.stdout
 
 
 def test_cli_refuses_an_existing_out_unless_append_or_overwrite(series):

@@ -1048,7 +1048,10 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate labels.csv and summarise it")
     check.add_argument("csv", help="the labels.csv to check")
     check.add_argument(
-        "--manual-dir", help="folder the paths are relative to (default: the csv's folder)"
+        "--manual-dir",
+        "--manual_dir",  # as `tfds build` spells it
+        dest="manual_dir",
+        help="folder the paths are relative to (default: the csv's folder)",
     )
     masks = commands.add_parser(
         "from-masks", help="write labels.csv from lesion (and organ) mask series"
