@@ -18,9 +18,14 @@ exactly once: the last global batch is padded, and `mask` is False on padding ro
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
 import os
-from collections.abc import Sequence
+import signal
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -242,9 +247,56 @@ def _to_iter(ds: grain.MapDataset, input_config: ml_collections.ConfigDict) -> g
             grain.MultiprocessingOptions(
                 num_workers=input_config.num_workers,
                 per_worker_buffer_size=input_config.prefetch_batches,
-            )
+            ),
+            worker_init_fn=_worker_init,
         )
     return it
+
+
+_PARENT_POLL_SECONDS = 1.0
+_DEFERRED_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGTERM and SIGINT held back in this thread, and delivered when the block ends, around
+    what starts grain's worker processes (an iterator's first element). The threads and
+    processes started inside inherit the blocked signals, so a signal sent to the process group
+    cannot kill a worker before `_worker_init` makes it ignore them."""
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _worker_init(worker_index: int, worker_count: int) -> None:
+    """In each grain worker process: the training process decides when its workers stop.
+
+    SIGTERM and SIGINT sent to the whole process group (a scheduler's preemption, Ctrl-C in a
+    terminal) are ignored here: the training process saves a checkpoint and then stops its
+    workers itself (grain sets a stop event, then kills). A worker exits once the process that
+    started it is gone (SIGKILLed, it cannot stop them), instead of reading records forever.
+    """
+    del worker_index, worker_count
+    for signum in _DEFERRED_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # started with them blocked: ignored from here on
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _DEFERRED_SIGNALS)
+    # The process that started this one (it may be gone already: a worker can still be starting
+    # when the training process is killed, and is then the child of another).
+    started_by = multiprocessing.parent_process()
+    parent = started_by.pid if started_by is not None else os.getppid()
+
+    def exit_with_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_POLL_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, name="exit-with-parent", daemon=True).start()
 
 
 def train_dataset(
@@ -295,7 +347,7 @@ def eval_dataset(
     config: ml_collections.ConfigDict,
     *,
     global_batch_size: int,
-) -> grain.IterDataset:
+) -> Iterable[dict[str, np.ndarray]]:
     """Every record once, in order, padded to whole global batches; 'mask' marks real rows."""
     if len(source) == 0:
         raise ValueError("cannot evaluate on an empty split")
@@ -306,4 +358,21 @@ def eval_dataset(
         pad = {k: np.zeros_like(v) for k, v in ds[0].items()}  # mask False, label 0, image 0
         ds = grain.MapDataset.concatenate([ds, grain.MapDataset.source([pad]).repeat(n_pad)])
     ds = ds.batch(global_batch_size // count)[index::count]
-    return _to_iter(ds, config.input)
+    return _StartsWithSignalsDeferred(_to_iter(ds, config.input))
+
+
+class _StartsWithSignalsDeferred:
+    """An iterable of `ds` whose first element (when grain starts its worker processes and
+    threads) is read with `signals_deferred`."""
+
+    def __init__(self, ds: Iterable[dict[str, np.ndarray]]):
+        self._ds = ds
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        it = iter(self._ds)
+        with signals_deferred():
+            first = next(it, None)
+        if first is None:
+            return
+        yield first
+        yield from it

@@ -865,7 +865,14 @@ def train_and_evaluate(
             while stop_reason is None:
                 step += 1
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                    batch = parallel.global_batch(next(train_iter), mesh)
+                    # The first batch starts grain's workers: a signal waits until they ignore it.
+                    with (
+                        input_pipeline.signals_deferred()
+                        if step == start + 1
+                        else contextlib.nullcontext()
+                    ):
+                        host_batch = next(train_iter)
+                    batch = parallel.global_batch(host_batch, mesh)
                     state, out, finite = steps.train_step(state, batch)
                 pending.append((step, out.loss.total, finite))
                 train_metrics = out if train_metrics is None else train_metrics.merge(out)

@@ -94,7 +94,9 @@ def test_main_on_sigterm_saves_skips_the_final_evaluation_and_exits_143(
 ):
     """`python -m liverjax.main` preempted: the grace period goes to the save, not to evaluating a
     half-trained model, and the scheduler sees the run did not finish (status 128 + SIGTERM;
-    liverjax.main is not imported here: its absl flags would clash with other CLIs' in-process)."""
+    liverjax.main is not imported here: its absl flags would clash with other CLIs' in-process).
+    The signal goes to the whole process group, as Slurm and a terminal send it: the grain
+    workers (validation starts new ones) leave the save to the training process."""
     argv = [
         "liverjax.main",
         "--config=configs/test.py",
@@ -102,17 +104,20 @@ def test_main_on_sigterm_saves_skips_the_final_evaluation_and_exits_143(
         f"--config.dataset.data_dir={data_dir}",
         "--config.num_train_steps=100000",
         "--config.final_eval_split=test",
+        "--config.input.num_workers=2",
+        "--config.eval_every_steps=2",
     ]
     code = f"import runpy, sys; sys.argv = {argv!r}; runpy.run_module('liverjax.main', "
     code += "run_name='__main__')"
     env = runs.child_env(runs.compilation_cache(tmp_path_factory), devices=8)
     log = tmp_path / "main.log"
-    child = runs.start_python(code, env, log)
+    child = runs.start_python(code, env, log, new_session=True)
     deadline = time.monotonic() + 240
     while "[4] " not in log.read_text() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)  # until step 4 is logged: training is under way
-    child.send_signal(signal.SIGTERM)
+    os.killpg(child.pid, signal.SIGTERM)
     assert child.wait(timeout=240) == 143, log.read_text()[-3000:]
+    assert "terminated unexpectedly" not in log.read_text()
     assert "final evaluation skipped" in log.read_text()
     assert not (tmp_path / "report").exists()
     ckpt = checkpointing.Checkpointer(

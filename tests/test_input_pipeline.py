@@ -2,6 +2,9 @@
 
 import hashlib
 import os
+import signal
+import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -231,3 +234,48 @@ def test_a_data_dir_of_none_as_text_is_the_tfds_default(tmp_path, text):
     assert input_pipeline.data_dir(dataset) is None
     root = input_pipeline._dataset_builder(dataset).data_dir_root
     assert os.path.basename(root) not in ("None", ""), root
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for a parent that does not reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_grain_workers_exit_with_a_killed_training_process(data_dir, tmp_path, tmp_path_factory):
+    # SIGKILL cannot stop the workers: once orphans, read records forever (GBs after many kills)
+    code = textwrap.dedent(
+        f"""
+        import multiprocessing, os, signal
+        from configs import test
+        from liverjax import input_pipeline
+        if __name__ == "__main__":
+            config = test.get_config()
+            config.dataset.data_dir = {str(data_dir)!r}
+            config.input.num_workers = 2
+            source = input_pipeline.open_source(config.dataset, "train")
+            it = iter(input_pipeline.train_dataset(source, config, global_batch_size=8))
+            next(it)
+            print("WORKERS", *[p.pid for p in multiprocessing.active_children()], flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    script = tmp_path / "run.py"
+    script.write_text(code)
+    env = runs.child_env(runs.compilation_cache(tmp_path_factory), devices=1)
+    log = tmp_path / "run.log"
+    child = runs.start_python(
+        f"import runpy; runpy.run_path({str(script)!r}, run_name='__main__')", env, log
+    )
+    assert child.wait(timeout=300) == -signal.SIGKILL, log.read_text()[-3000:]
+    line = next(x for x in log.read_text().splitlines() if x.startswith("WORKERS"))
+    workers = [int(p) for p in line.split()[1:]]
+    assert len(workers) == 2, line
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in workers if _alive(p)]

@@ -78,11 +78,19 @@ def child_env(cache: pathlib.Path, devices: int) -> dict[str, str]:
     return env
 
 
-def start_python(code: str, env: dict[str, str], log: pathlib.Path) -> subprocess.Popen:
-    """Run `code` in a child Python (cwd: the repository), output to `log`."""
+def start_python(
+    code: str, env: dict[str, str], log: pathlib.Path, *, new_session: bool = False
+) -> subprocess.Popen:
+    """Run `code` in a child Python (cwd: the repository), output to `log`; `new_session`: in a
+    process group of its own (what `os.killpg` signals, as a scheduler signals a job)."""
     out = open(log, "w")  # noqa: SIM115  (closed with the process by the caller's wait)
     return subprocess.Popen(
-        [sys.executable, "-c", code], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=new_session,
     )
 
 
