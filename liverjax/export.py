@@ -358,7 +358,14 @@ def _tflite_models(fn, params, size: int, module) -> dict[str, bytes]:
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
         if variant == "fp16":
             converter.target_spec.supported_types = [tf.float16]
-        out[variant] = converter.convert()
+        try:
+            out[variant] = converter.convert()
+        except Exception as e:  # TFLite's ConverterError and the like: one line, what to do
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"the TFLite converter failed on the {variant} variant ({first}); export with "
+                "--no-tflite for the SavedModel and the serving module alone"
+            ) from e
     return out
 
 
@@ -435,6 +442,14 @@ def export_model(
     """
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold = {threshold} is not a probability in [0, 1]")
+    compute = str(config.model.get("dtype", "float32"))
+    if with_tflite and compute != "float32":
+        raise ValueError(
+            f"config.model.dtype = {compute!r}: TFLite has no {compute} kernels (its converter "
+            "fails on the network's ops); export with --no-tflite (the SavedModel and the "
+            f"serving module compute in {compute}, as the network was trained and evaluated), "
+            "or train with float32 compute for a TFLite file"
+        )
     size = int(input_size or config.image_size)
     images = random_parity_images(size) if parity_images is None else parity_images
     images = np.asarray(images, np.float32)

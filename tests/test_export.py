@@ -342,6 +342,20 @@ def test_records_of_an_unbuilt_dataset_are_named_for_the_parity_check(tmp_path):
         export.read_parity_records(config, "test", 8)
 
 
+def test_a_bfloat16_network_exports_without_tflite_and_says_so_with_it(tmp_path):
+    config = make_config()
+    config.model.dtype = "bfloat16"
+    key = jax.random.key(0, impl=train.INIT_PRNG)
+    model = nnx.jit(lambda: models.create_model(config, rngs=nnx.Rngs(key)))()
+    with pytest.raises(ValueError, match=r"config.model.dtype = 'bfloat16': TFLite has no "
+                       r"bfloat16 kernels.*export with --no-tflite"):  # fmt: skip
+        export.export_model(model, config, tmp_path / "e")
+    assert not (tmp_path / "e").exists()  # refused before any work
+    result = export.export_model(model, config, tmp_path / "e", with_tflite=False)
+    assert result.parity["saved_model"]["probability"] <= export.PARITY_TOLERANCE
+    assert not list((tmp_path / "e").glob("*.tflite"))
+
+
 def test_quantization_check_raises_on_auc_loss():
     labels = np.array([0, 0, 1, 1])
     float_probs = np.array([0.1, 0.2, 0.8, 0.9])
