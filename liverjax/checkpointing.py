@@ -37,6 +37,13 @@ ORBAX_LOGS_ENV = "LIVERJAX_ORBAX_LOGS"  # "warning" (the default) or "info"
 _ORBAX_SOURCE = f"{os.sep}orbax{os.sep}"
 
 
+_ERROR_CHARS = 300  # of a restore error's first line, in CheckpointReadError
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint that exists cannot be restored (a damaged or truncated file)."""
+
+
 class _OrbaxBelowWarning(logging.Filter):
     """Drops records below WARNING logged from Orbax's source files."""
 
@@ -203,8 +210,31 @@ class Checkpointer:
         }
         if data_iterator is not None:
             items["data"] = topology.DataRestore(data_iterator)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except topology.ResumeError:
+            raise
+        except Exception as e:  # a damaged checkpoint: TensorStore's error is pages of JSON
+            raise CheckpointReadError(self._unreadable(step, e)) from e
         return restored["state"], dict(restored["meta"])
+
+    def _unreadable(self, step: int, error: Exception) -> str:
+        text = str(error).strip()
+        first = text.splitlines()[0] if text else ""
+        if len(first) > _ERROR_CHARS:
+            first = first[:_ERROR_CHARS] + "..."
+        older = [s for s in self.all_steps() if s < step]
+        what = (
+            f"move {os.path.join(self.directory, str(step))} out of the way to resume from "
+            f"checkpoint {max(older)}, the newest before it (or --checkpoint {max(older)} to "
+            "evaluate it)"
+            if older
+            else "no older checkpoint is kept: start a new --workdir"
+        )
+        return (
+            f"checkpoint {step} in {self.directory} cannot be read "
+            f"({type(error).__name__}: {first}); {what}"
+        )
 
     def reached_preemption(self, step: int) -> bool:
         """Whether all processes agreed to stop at `step` (multi-process preemption notice)."""

@@ -73,11 +73,16 @@ def _checkpoint_step(directory: epath.Path) -> int:
     return int(name)
 
 
+class ResumeError(ValueError):
+    """The saved data position cannot be taken up by this run's pipeline (the checkpoint is
+    whole: another process count or worker count)."""
+
+
 def continue_from_step(iterator: grain.DatasetIterator, step: int) -> None:
     """Move a fresh iterator to global batch `step` (its state must be a plain stream position)."""
     state = iterator.get_state()
     if set(state) != {_POSITION_KEY}:
-        raise ValueError(
+        raise ResumeError(
             f"cannot move the data iterator to step {step}: its state {sorted(state)} is not a "
             f"plain stream position. Resume with the process count and config.input.num_workers "
             "the checkpoint was written with, or start a new --workdir"

@@ -337,3 +337,26 @@ def test_orbax_info_lines_are_dropped_and_one_line_per_save_kept(
     monkeypatch.setenv(checkpointing.ORBAX_LOGS_ENV, "debug")
     with pytest.raises(ValueError, match="LIVERJAX_ORBAX_LOGS='debug'.*'warning'.*'info'"):
         checkpointing.quiet_orbax_logs()
+
+
+def test_a_damaged_checkpoint_is_named_with_the_one_to_resume_from(tmp_path):
+    ckpt = checkpointing.Checkpointer(
+        tmp_path, keep=3, keep_best=0, best_metric="roc_auc", async_save=False
+    )
+    state = {"w": np.arange(4096, dtype=np.float32)}
+    for step in (1, 2):
+        ckpt.save(step, state, _iterator(), {"stop_reason": None})
+    ckpt.wait()
+    files = sorted((tmp_path / "2" / "state").rglob("*"), key=lambda p: p.stat().st_size)
+    with open(files[-1], "r+b") as f:  # the largest file (the array data) cut short
+        f.truncate(100)
+    abstract = {"w": jax.ShapeDtypeStruct((4096,), np.float32)}
+    with pytest.raises(checkpointing.CheckpointReadError) as e:
+        ckpt.restore(abstract, _iterator())
+    message = str(e.value)
+    assert message.startswith(f"checkpoint 2 in {tmp_path} cannot be read (")
+    assert f"move {tmp_path / '2'} out of the way to resume from checkpoint 1" in message
+    assert len(message) < 1000  # TensorStore's own runs to pages
+    restored, _ = ckpt.restore(abstract, _iterator(), step=1)
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    ckpt.close()
