@@ -724,6 +724,8 @@ def main(argv: Sequence[str] | None = None) -> ExportResult:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # basicConfig does nothing once grain or Orbax (imported) gave the root logger a handler
+    logging.getLogger("liverjax").setLevel(logging.INFO)
     checkpointing.quiet_orbax_logs()
     try:
         result = export_workdir(
@@ -739,7 +741,10 @@ def main(argv: Sequence[str] | None = None) -> ExportResult:
         )
     except (ParityError, FileNotFoundError, ValueError) as e:
         sys.exit(f"export failed: {e}")
-    print(json.dumps({"version_dir": str(result.version_dir), "parity": result.parity}, indent=2))
+    metadata = json.loads((result.version_dir / ASSETS_EXTRA / METADATA_FILE).read_text())
+    summary = {"version_dir": str(result.version_dir)}
+    summary |= {k: metadata.get(k) for k in ("checkpoint_step", "threshold", "threshold_source")}
+    print(json.dumps(summary | {"parity": result.parity}, indent=2))
     return result
 
 

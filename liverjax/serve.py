@@ -1029,6 +1029,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch_timeout_ms < 0 or args.file_system_poll_wait_seconds <= 0:
         parser.error("--batch_timeout_ms must be >= 0 and --file_system_poll_wait_seconds > 0")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("liverjax").setLevel(args.log_level.upper())  # whatever imports configured
     options = ServerOptions(
         model_base_path=args.model_base_path,
         model_name=args.model_name,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import pathlib
 import re
@@ -354,6 +355,29 @@ def test_a_bfloat16_network_exports_without_tflite_and_says_so_with_it(tmp_path)
     result = export.export_model(model, config, tmp_path / "e", with_tflite=False)
     assert result.parity["saved_model"]["probability"] <= export.PARITY_TOLERANCE
     assert not list((tmp_path / "e").glob("*.tflite"))
+
+
+def test_the_command_says_which_checkpoint_and_threshold_it_exported(
+    exported, tmp_path, capsys, caplog
+):
+    workdir = tmp_path / "run"
+    shutil.copytree(pathlib.Path(exported["out_dir"]).parent / "run", workdir)
+    ours = logging.getLogger("liverjax")
+    before, ours.level = ours.level, logging.NOTSET  # as in a fresh process
+    try:
+        with caplog.at_level(logging.INFO):
+            export.main(["--workdir", str(workdir), "--out", str(tmp_path / "e"), "--checkpoint",
+                         "latest", "--split", PARITY_SPLIT, "--no-tflite"])  # fmt: skip
+        level = ours.level
+    finally:
+        ours.setLevel(before)
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["checkpoint_step"] == exported["step"]
+    assert printed["threshold"] == THRESHOLD
+    assert printed["threshold_source"] == evaluate.OPERATING_POINT_FILE
+    # INFO lines of liverjax although grain and Orbax gave the root logger its handler
+    assert level == logging.INFO
+    assert "exported liver version 1" in caplog.text
 
 
 def test_quantization_check_raises_on_auc_loss():
