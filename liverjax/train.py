@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -209,6 +210,8 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # ------------------------------------------------------------------------- command lines
 
 TRACEBACK_ENV = "LIVERJAX_TRACEBACK"  # set (to anything): user errors show their traceback
+# Where ml_collections applies a --config.a.b=v override (its errors name the field it lacks).
+_OVERRIDE_SOURCE = os.path.join("config_flags", "config_path.py")
 
 
 @contextlib.contextmanager
@@ -232,14 +235,18 @@ def parse_config_flags(argv: list[str]) -> list[str]:
     try:
         return app.parse_flags_with_usage(argv)
     except (KeyError, AttributeError) as e:
+        frames = traceback.extract_tb(e.__traceback__)
+        from_override = any(f.filename.endswith(_OVERRIDE_SOURCE) for f in frames)
+        if os.environ.get(TRACEBACK_ENV) or not from_override:  # the --config file's own error
+            raise
         detail = str(e.args[0] if e.args else e)
         with contextlib.suppress(ValueError, SyntaxError):  # the str() of a KeyError, quoted
             detail = str(ast.literal_eval(detail))
         detail = detail.replace("\n", "; ")
-        given = [a for a in argv[1:] if a.startswith("--config.")]
+        given = " ".join(a for a in argv[1:] if a.startswith("--config.")) or "--flagfile?"
         sys.stderr.write(
-            f"FATAL Flags parsing error: {' '.join(given)}: a --config.* override names no "
-            f"field of the config ({detail}); the fields are in the --config file\n"
+            f"FATAL Flags parsing error: {given}: a --config.* override names no field of the "
+            f"config ({detail}); the fields are in the --config file\n"
         )
         sys.exit(1)
 

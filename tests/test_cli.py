@@ -80,3 +80,22 @@ def test_main_says_what_is_wrong_in_one_line(tmp_path, args, message):
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
     assert any(re.search(message, line) for line in lines), done.stderr[-2000:]
     assert not workdir.exists()  # nothing written for a run that cannot start
+
+
+def test_an_error_in_the_config_file_keeps_its_traceback(tmp_path):
+    # not taken for a --config.* override naming no field: the file's own line is shown
+    config = tmp_path / "broken.py"
+    config.write_text(
+        "from configs import default\n\n\ndef get_config():\n"
+        "    config = default.get_config()\n    config.batch_size = config.optimizer.batchsize\n"
+        "    return config\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "liverjax.main", f"--config={config}", f"--workdir={tmp_path / 'w'}",
+         "--config.seed=1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "names no field" not in done.stderr
+    assert "Traceback" in done.stderr and f'"{config}", line 6' in done.stderr, done.stderr[-2000:]
