@@ -38,10 +38,13 @@ _ORBAX_SOURCE = f"{os.sep}orbax{os.sep}"
 
 
 _ERROR_CHARS = 300  # of a restore error's first line, in CheckpointReadError
+# Orbax's words for an array of another shape or dtype than the network asks for
+_MISMATCH_SIGNS = ("stored shape", "Requested shape", "not compatible with the stored")
 
 
 class CheckpointReadError(ValueError):
-    """A checkpoint that exists cannot be restored (a damaged or truncated file)."""
+    """A checkpoint that exists cannot be restored: a damaged or truncated file, or arrays of
+    another shape than the network of this config."""
 
 
 class _OrbaxBelowWarning(logging.Filter):
@@ -223,6 +226,13 @@ class Checkpointer:
         first = text.splitlines()[0] if text else ""
         if len(first) > _ERROR_CHARS:
             first = first[:_ERROR_CHARS] + "..."
+        if any(sign in text for sign in _MISMATCH_SIGNS):
+            return (
+                f"checkpoint {step} in {self.directory} holds another network than this config "
+                f"makes ({type(error).__name__}: {first}); the checkpoint is whole: restore it "
+                "with the config it was trained with (the run's config.json), or train this "
+                "one in a new --workdir"
+            )
         older = [s for s in self.all_steps() if s < step]
         what = (
             f"move {os.path.join(self.directory, str(step))} out of the way to resume from "

@@ -359,4 +359,11 @@ def test_a_damaged_checkpoint_is_named_with_the_one_to_resume_from(tmp_path):
     assert len(message) < 1000  # TensorStore's own runs to pages
     restored, _ = ckpt.restore(abstract, _iterator(), step=1)
     np.testing.assert_array_equal(restored["w"], state["w"])
+    # a whole checkpoint of another network (a changed config) is not called damaged
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # as training restores
+    other = {"w": jax.ShapeDtypeStruct((8192,), np.float32, sharding=one_device)}
+    with pytest.raises(checkpointing.CheckpointReadError) as e:
+        ckpt.restore(other, _iterator(), step=1)
+    assert "checkpoint 1 in" in str(e.value) and "holds another network" in str(e.value)
+    assert "out of the way" not in str(e.value)
     ckpt.close()
