@@ -261,6 +261,14 @@ def _fingerprint(path: pathlib.Path) -> tuple:
     return tuple(entries)
 
 
+def _holds_versions(path: pathlib.Path) -> bool:
+    """A folder with version folders in it (False for one that cannot be listed: lost+found)."""
+    try:
+        return path.is_dir() and bool(version_dirs(path))
+    except OSError:
+        return False
+
+
 class ModelManager:
     """Keeps the newest version of one model loaded; polls the base path for new ones."""
 
@@ -320,9 +328,7 @@ class ModelManager:
         if not self.base_path.is_dir():
             log.warning("%s does not exist yet; waiting for a version to appear", self.base_path)
         elif not version_dirs(self.base_path):
-            models = sorted(
-                p.name for p in self.base_path.iterdir() if p.is_dir() and version_dirs(p)
-            )
+            models = sorted(p.name for p in self.base_path.iterdir() if _holds_versions(p))
             log.warning(
                 "%s holds no version folder (an integer, as the export writes); waiting for one "
                 "to appear%s",
@@ -1019,6 +1025,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--log_level",
         default="info",
+        type=str.lower,
         choices=("critical", "error", "warning", "info", "debug"),
         help="of the server's log and uvicorn's",
     )

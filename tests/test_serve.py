@@ -474,6 +474,25 @@ def test_a_base_path_of_the_export_root_names_the_model_folder(tmp_path, caplog)
     assert f"It holds models: give --model_base_path {root / 'liver'}" in caplog.text
 
 
+def test_an_unlistable_folder_beside_the_models_is_no_crash(tmp_path, monkeypatch, caplog):
+    # a volume root with lost+found, which a server not run as root cannot list
+    root = tmp_path / "E"
+    (root / "lost+found").mkdir(parents=True)
+    listed = serve.version_dirs
+
+    def version_dirs(path):
+        if path.name == "lost+found":
+            raise PermissionError(13, "Permission denied", str(path))
+        return listed(path)
+
+    monkeypatch.setattr(serve, "version_dirs", version_dirs)
+    manager = serve.ModelManager("liver", root, max_batch=1, poll_seconds=60)
+    with caplog.at_level(logging.WARNING, logger="liverjax.serve"):
+        manager.start()  # waits for a version, as before
+    manager.stop()
+    assert f"{root} holds no version folder" in caplog.text and "It holds models" not in caplog.text
+
+
 def test_status_while_the_poller_records_failed_versions(tmp_path, caplog):
     """status() reads the failed versions while the poller thread adds them."""
     base = tmp_path / "liver"
@@ -679,6 +698,10 @@ def test_an_unknown_log_level_is_a_usage_error(tmp_path, capsys):
         serve.main(["--model_base_path", str(tmp_path), "--log_level", "warn"])
     assert failed.value.code == 2
     assert "invalid choice: 'warn'" in capsys.readouterr().err
+    # upper case is a level too (it was before the choices); the next check fails instead
+    with pytest.raises(SystemExit) as failed:
+        serve.main(["--model_base_path", str(tmp_path), "--log_level", "WARNING", "--max_files=0"])
+    assert "--max_files must be at least 1" in capsys.readouterr().err
 
 
 def test_the_client_names_a_missing_file_not_the_server(tmp_path, capsys):
