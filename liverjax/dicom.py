@@ -694,6 +694,9 @@ def _class_name(sop_class: dicom_uid.UID) -> str:
     return sop_class.name if sop_class else "DICOM (no SOP Class UID)"
 
 
+_DICOM_TRANSFER_SYNTAX_ROOT = "1.2.840.10008.1.2."  # every standard transfer syntax's UID
+
+
 def _transfer_syntax(ds: Dataset, path: str) -> dicom_uid.UID:
     """The file meta's transfer syntax, or one guessed from the encoding and pixel data."""
     ts = ds.file_meta.get("TransferSyntaxUID") if ds.file_meta else None
@@ -708,6 +711,13 @@ def _transfer_syntax(ds: Dataset, path: str) -> dicom_uid.UID:
                     "unsupported",
                     f"the Transfer Syntax UID {named} is a private (vendor) syntax that no "
                     "decoder reads; export the file in a standard transfer syntax",
+                )
+            if ts.startswith(_DICOM_TRANSFER_SYNTAX_ROOT):
+                raise DicomError(
+                    path,
+                    "unsupported",
+                    f"the Transfer Syntax UID {named} is not one the installed pydicom knows "
+                    "(a newer standard syntax?); no decoder reads it",
                 )
             raise DicomError(
                 path,
@@ -905,7 +915,7 @@ def _check_native_length(ds: Dataset, keyword: str, path: str) -> None:
     if elem.is_undefined_length or size is None or not isinstance(elem.value, bytes):
         return
     frame_bits = size.rows * size.columns * size.samples * size.bits_allocated
-    excess_bits = 8 * len(elem.value) - size.frames * frame_bits
+    excess_bits = 8 * (len(elem.value) - size.pixel_bytes)  # beyond the even-padded length
     if frame_bits <= 0 or excess_bits < frame_bits:
         return
     held = 8 * len(elem.value) // frame_bits

@@ -883,6 +883,8 @@ def test_encapsulated_pixels_under_an_uncompressed_syntax_are_decoded_by_their_c
         ("1.2.840.113619.5.2", "unsupported", r"UID 1\.2\.840\.113619\.5\.2 is a private"),
         ("1.3.46.670589.33.1.4.1", "unsupported", "private .vendor. syntax"),
         (CTImageStorage, "decode_failed", r"UID CT Image Storage \(1\.2\.840.*not a transfer"),
+        # a standard syntax newer than the installed pydicom
+        ("1.2.840.10008.1.2.99", "unsupported", r"not one the installed pydicom knows"),
     ],
 )
 def test_a_transfer_syntax_uid_that_is_not_one_is_named(uid, reason, message):
@@ -1057,6 +1059,10 @@ def test_a_whole_frame_more_than_declared_is_a_wrong_header(little):
     two = make_ds(np.stack([big] * 3), NumberOfFrames=2)
     with pytest.raises(dicom.DicomError, match="header says NumberOfFrames 2;"):
         dicom.read_dicom(to_bytes(two, little=little))
+    # a 1x1 8-bit image: its one pad byte (to an even length) is no second frame
+    tiny = make_ds(np.array([[7]], np.uint8), BitsAllocated=8, BitsStored=8, HighBit=7)
+    (s,) = dicom.read_dicom(to_bytes(tiny, little=little))
+    assert s.image.tolist() == [[7 - 1024]]
 
 
 def test_excess_compressed_frames_are_not_read_as_more_frames():
