@@ -311,6 +311,11 @@ def test_cli_options_and_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):  # errors name the flags given, not write_phantom's keywords
         phantom.main([*base[:2], "--patients", "1", "--seed", "0", "--lesion-fraction", "1.5"])
     assert "--lesion-fraction 1.5: use a value in [0, 1]" in capsys.readouterr().err
+    named = tmp_path / "seed=3"  # ... and leave paths alone
+    (named / "x").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        phantom.main(["--out", str(named), "--patients", "1", "--seed", "3"])
+    assert f"{named}" in capsys.readouterr().err
 
 
 def test_files_decode_through_the_project_decoder(written):

@@ -24,6 +24,7 @@ import dataclasses
 import datetime
 import math
 import pathlib
+import re
 import uuid
 from collections.abc import Sequence
 
@@ -1100,8 +1101,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     except (ValueError, FileExistsError) as error:
         message = str(error)
-        for keyword, flag in _FLAGS_OF_KEYWORDS.items():  # the flag the user gave, by its name
-            message = message.replace(f"{keyword}=", f"--{flag} ")
+        for keyword, flag in _FLAGS_OF_KEYWORDS.items():  # _check_args's problems, by flag
+            message = re.sub(rf"(phantom: |; ){keyword}=", rf"\1--{flag} ", message)
         parser.error(message)
     print("wrote " + summarize(csv_path))
 
