@@ -807,7 +807,8 @@ def train_and_evaluate(
     stop_reason = None
     window = None
     if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(steps.abstract_state, train_iter)
+        with input_pipeline.signals_deferred():  # the data position starts grain's workers
+            state, meta = ckpt.restore(steps.abstract_state, train_iter)
         validation = meta.get("validation", {})
         window = _window_from_json(meta.get("train_window"))
         saved = EarlyStopping.from_dict(meta["early_stopping"])
