@@ -114,6 +114,7 @@ class ExportResult:
     version_dir: pathlib.Path
     tflite: dict[str, pathlib.Path]
     parity: dict[str, Any]
+    metadata: dict[str, Any]  # what the version's assets.extra/liverjax.json holds
 
 
 def _param_leaves(model: nnx.Module) -> tuple[Callable[..., nnx.Module], list[jax.Array]]:
@@ -529,7 +530,8 @@ def export_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s version %d; parity %s", model_name, version, parity)
-    return ExportResult(version, model_dir / str(version), tflite_paths, parity)
+    metadata["version"] = version  # as _publish wrote it into the file
+    return ExportResult(version, model_dir / str(version), tflite_paths, parity, metadata)
 
 
 def _publish(staging: pathlib.Path, model_dir: pathlib.Path) -> int:
@@ -741,9 +743,9 @@ def main(argv: Sequence[str] | None = None) -> ExportResult:
         )
     except (ParityError, FileNotFoundError, ValueError) as e:
         sys.exit(f"export failed: {e}")
-    metadata = json.loads((result.version_dir / ASSETS_EXTRA / METADATA_FILE).read_text())
     summary = {"version_dir": str(result.version_dir)}
-    summary |= {k: metadata.get(k) for k in ("checkpoint_step", "threshold", "threshold_source")}
+    keys = ("checkpoint_step", "threshold", "threshold_source")
+    summary |= {k: result.metadata.get(k) for k in keys}
     print(json.dumps(summary | {"parity": result.parity}, indent=2))
     return result
 

@@ -366,12 +366,15 @@ def test_the_command_says_which_checkpoint_and_threshold_it_exported(
     before, ours.level = ours.level, logging.NOTSET  # as in a fresh process
     try:
         with caplog.at_level(logging.INFO):
-            export.main(["--workdir", str(workdir), "--out", str(tmp_path / "e"), "--checkpoint",
-                         "latest", "--split", PARITY_SPLIT, "--no-tflite"])  # fmt: skip
+            result = export.main(["--workdir", str(workdir), "--out", str(tmp_path / "e"),
+                                  "--checkpoint", "latest", "--split", PARITY_SPLIT,
+                                  "--no-tflite"])  # fmt: skip
         level = ours.level
     finally:
         ours.setLevel(before)
     printed = json.loads(capsys.readouterr().out)
+    written = result.version_dir / serve.ASSETS_EXTRA / serve.METADATA_FILE
+    assert json.loads(written.read_text()) == result.metadata  # what was printed from
     assert printed["checkpoint_step"] == exported["step"]
     assert printed["threshold"] == THRESHOLD
     assert printed["threshold_source"] == evaluate.OPERATING_POINT_FILE
