@@ -302,7 +302,7 @@ def declared_size(source: bytes, *, name: str | None = None) -> DeclaredSize | N
             head, tail = head + chunk, inflater.unconsumed_tail
             try:
                 ds = read_dataset(DicomBytesIO(head), False, True, stop_when=_at_pixels)
-                size = _declared(ds) if "BitsAllocated" in ds else None
+                size = _declared_native(ds)
             except Exception:  # noqa: BLE001 - cut inside an element: inflate more
                 size = None
             done = inflater.eof or not (chunk or tail)
@@ -354,6 +354,12 @@ def _deflated_data(source: bytes) -> bytes | None:
 
 def _at_pixels(tag: int, vr: str | None, length: int) -> bool:
     return tag in _PIXEL_TAGS
+
+
+def _declared_native(ds: Dataset) -> DeclaredSize | None:
+    """`_declared` when Bits Allocated is there, else None (`_declared` would assume 16 bits,
+    an upper bound, not the length of native pixel data or a header read to its end)."""
+    return _declared(ds) if "BitsAllocated" in ds else None
 
 
 def _declared(ds: Dataset) -> DeclaredSize | None:
@@ -739,7 +745,7 @@ def _transfer_syntax(ds: Dataset, path: str) -> dicom_uid.UID:
         if guessed is not None:
             ds.file_meta.TransferSyntaxUID = guessed  # pydicom's decoders check it
             return guessed
-        declared = _declared(ds) if "BitsAllocated" in ds else None
+        declared = _declared_native(ds)
         if (
             not elem.is_undefined_length
             and declared is not None
@@ -784,7 +790,7 @@ def _native_under_compressed(
     (``PixelData = array.tobytes()``) and left the old Transfer Syntax UID. Of exactly the size
     the header declares, they are native pixels in the data set's own encoding (Explicit VR
     Little Endian, as every compressed syntax encodes the data set); otherwise an error."""
-    declared = _declared(ds) if "BitsAllocated" in ds else None
+    declared = _declared_native(ds)
     have = len(ds[keyword].value)
     if declared is not None and have == declared.pixel_bytes:
         ds.file_meta.TransferSyntaxUID = dicom_uid.ExplicitVRLittleEndian  # the decoders check it
@@ -911,7 +917,7 @@ def _check_native_length(ds: Dataset, keyword: str, path: str) -> None:
     NumberOfFrames, or Rows and Columns are wrong): read as declared it would lose frames or
     garble rows, so it is an error."""
     elem = ds[keyword]
-    size = _declared(ds) if "BitsAllocated" in ds else None
+    size = _declared_native(ds)
     if elem.is_undefined_length or size is None or not isinstance(elem.value, bytes):
         return
     frame_bits = size.rows * size.columns * size.samples * size.bits_allocated
