@@ -52,7 +52,6 @@ import logging
 import os
 import pathlib
 import shutil
-import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -729,7 +728,9 @@ def main(argv: Sequence[str] | None = None) -> ExportResult:
     # basicConfig does nothing once grain or Orbax (imported) gave the root logger a handler
     logging.getLogger("liverjax").setLevel(logging.INFO)
     checkpointing.quiet_orbax_logs()
-    try:
+    from liverjax import train  # its user_errors; the export itself loads it for the restore
+
+    with train.user_errors("export", ParityError):
         result = export_workdir(
             args.workdir,
             args.out,
@@ -741,8 +742,6 @@ def main(argv: Sequence[str] | None = None) -> ExportResult:
             with_tflite=args.tflite,
             allow_other_checkpoint_threshold=args.allow_other_checkpoint_threshold,
         )
-    except (ParityError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"export failed: {e}")
     summary = {"version_dir": str(result.version_dir)}
     keys = ("checkpoint_step", "threshold", "threshold_source")
     summary |= {k: result.metadata.get(k) for k in keys}

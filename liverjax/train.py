@@ -215,12 +215,13 @@ _OVERRIDE_SOURCE = os.path.join("config_flags", "config_path.py")
 
 
 @contextlib.contextmanager
-def user_errors(command: str) -> Iterator[None]:
-    """For a command's main: a bad config, path, split or dataset (ValueError, OSError) ends the
-    command with its message, exit status 1, without a traceback; $LIVERJAX_TRACEBACK shows it."""
+def user_errors(command: str, *also: type[Exception]) -> Iterator[None]:
+    """For a command's main: a bad config, path, split or dataset (ValueError, OSError, and the
+    command's own error types `also`) ends the command with its message, exit status 1, without a
+    traceback; $LIVERJAX_TRACEBACK shows it."""
     try:
         yield
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, *also) as e:
         if os.environ.get(TRACEBACK_ENV):
             raise
         sys.exit(f"{command} failed: {e} ({TRACEBACK_ENV}=1 shows where)")

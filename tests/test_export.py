@@ -318,9 +318,29 @@ def test_a_threshold_chosen_for_another_checkpoint_is_refused(exported, tmp_path
         export.main(["--workdir", str(workdir), "--out", str(tmp_path / "e"), "--checkpoint",
                      "latest", "--split", PARITY_SPLIT, "--no-tflite"])  # fmt: skip
     message = str(failed.value.code)
+    assert message.startswith("export failed: ")
     assert f"was chosen for checkpoint step {other}, but step {exported['step']}" in message
     assert "--allow_other_checkpoint_threshold" in message
+    assert message.endswith(f"({train.TRACEBACK_ENV}=1 shows where)")
     assert not (tmp_path / "e").exists()  # nothing published
+
+
+def test_a_failed_parity_check_ends_the_command_in_one_line(monkeypatch):
+    # ParityError is a RuntimeError, which user_errors leaves alone unless the command names it
+    def mismatch():
+        with train.user_errors("export", export.ParityError):
+            raise export.ParityError("int8 lost 0.25 of ROC AUC")
+
+    with pytest.raises(SystemExit) as failed:
+        mismatch()
+    assert str(failed.value.code) == (
+        f"export failed: int8 lost 0.25 of ROC AUC ({train.TRACEBACK_ENV}=1 shows where)"
+    )
+    monkeypatch.setenv(train.TRACEBACK_ENV, "1")
+    with pytest.raises(export.ParityError):
+        mismatch()
+    with pytest.raises(RuntimeError), train.user_errors("export"):  # not named: a bug, traceback
+        raise RuntimeError("a bug")
 
 
 @pytest.mark.parametrize("count", ["0", "-1"])
