@@ -1,4 +1,4 @@
-"""Evaluation of a trained checkpoint: metrics with patient-bootstrap intervals, and a report.
+"""Evaluation of a trained checkpoint: metrics with patient-level confidence intervals, and a report.
 
     python -m liverjax.evaluate --workdir W --split test [--checkpoint best|latest|STEP]
 
@@ -21,8 +21,13 @@ Method (what a reader of the report needs to know):
   probabilities by their maximum / mean, and a patient is "lesion" if any slice is. Each level
   gets its own threshold, chosen on validation at that level by the same rule; when the validation
   patients hold a single class the slice threshold is used, and the report says so.
-* Uncertainty: percentile bootstrap intervals resampling patients (never slices), at every level;
-  resamples holding one class are left out (their count is reported).
+* Uncertainty, at every level, with patients as the independent units (never slices):
+  sensitivity, specificity, PPV, NPV and accuracy get Wilson score intervals on the effective
+  sample size (the slices over the Rao-Scott design effect of their clustering in patients; each
+  patient counts once at 0 % or 100 %), which stay wide on small sets where a bootstrap collapses
+  to a point. AUC, AP, F1, Brier and ECE get percentile bootstrap intervals resampling patients,
+  when each class has `eval.bootstrap_min_patients` patients; resamples holding one class are
+  left out (their count is reported). Brier and ECE are reported for slices only.
 * All numbers come from liverjax.metrics; probabilities from the same jitted `predict` as
   training's validation (liverjax.train), so preprocessing is liverjax.preprocess.
 
@@ -85,10 +90,14 @@ def default_eval_config() -> ml_collections.ConfigDict:
             # threshold whose validation sensitivity is >= target_sensitivity).
             "threshold_rule": "youden",
             "target_sensitivity": 0.9,
-            # Patient bootstrap: resamples, seed, and the two-sided interval level.
+            # The two-sided interval level, of every interval.
+            "confidence": 0.95,
+            # Patient bootstrap (intervals of AUC, AP, F1, Brier, ECE): resamples, seed, and the
+            # patients each class needs (with a lesion slice / with a normal one) for an interval
+            # at all; with fewer, the few distinct resamples make a meaningless one ("CI n/a").
             "bootstrap_resamples": 1000,
             "bootstrap_seed": 0,
-            "confidence": 0.95,
+            "bootstrap_min_patients": 5,
             # Equal-width bins of the reliability diagram and of the ECE.
             "calibration_bins": metrics.DEFAULT_N_BINS,
             # Highest-probability false positives and lowest-probability false negatives shown
@@ -120,7 +129,7 @@ def eval_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
         )
     if not 0.0 < s.confidence < 1.0:
         raise ValueError(f"config.eval.confidence = {s.confidence!r}: must be in (0, 1), e.g. 0.95")
-    for key in ("bootstrap_resamples", "calibration_bins"):
+    for key in ("bootstrap_resamples", "bootstrap_min_patients", "calibration_bins"):
         if not isinstance(s[key], int) or isinstance(s[key], bool) or s[key] < 1:
             raise ValueError(f"config.eval.{key} = {s[key]!r}: must be a positive int")
     if not isinstance(s.worst_cases, int) or isinstance(s.worst_cases, bool) or s.worst_cases < 0:
@@ -263,19 +272,59 @@ def operating_points(
 # --------------------------------------------------------------------------- metrics
 
 
-def _bootstrap(settings, groups, labels, probs, threshold: float) -> metrics.BootstrapIntervals:
-    """Patient-bootstrap intervals of every metric, with the evaluation's settings."""
-    return metrics.bootstrap_ci(
+# Metrics of probabilities, not of a decision: shown for slices only. A patient's max or mean of
+# slice probabilities ranks patients, but is no probability of the patient's label.
+CALIBRATION_NAMES = ("brier", "ece")
+
+
+def intervals(
+    settings: ml_collections.ConfigDict,
+    groups: np.ndarray,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    threshold: float,
+    names: Sequence[str] = metrics.METRIC_NAMES,
+) -> dict[str, Any]:
+    """The (1 - alpha) intervals of `names`, and how each was obtained.
+
+    Proportions (sensitivity, specificity, PPV, NPV, accuracy): Wilson score intervals with the
+    patient clustering's design effect (`metrics.proportion_intervals`). The rest (AUC, AP, F1,
+    Brier, ECE): percentile bootstrap resampling `groups` (patients), when each class has
+    `settings.bootstrap_min_patients` patients; else NaN.
+    """
+    alpha = 1.0 - settings.confidence
+    wanted = [n for n in names if n in metrics.PROPORTION_NAMES]
+    wilson = metrics.proportion_intervals(
+        groups, labels, probs, wanted, alpha=alpha, threshold=threshold
+    )
+    lesion = np.unique(groups[labels == 1]).size
+    normal = np.unique(groups[labels == 0]).size
+    enough = min(lesion, normal) >= settings.bootstrap_min_patients
+    boot = [n for n in names if n in metrics.BOOTSTRAP_NAMES]
+    ci = metrics.bootstrap_ci(
         groups,
         labels,
         probs,
-        metrics.METRIC_NAMES,
+        boot if enough else [],
         n_resamples=settings.bootstrap_resamples,
         seed=settings.bootstrap_seed,
-        alpha=1.0 - settings.confidence,
+        alpha=alpha,
         threshold=threshold,
         n_bins=settings.calibration_bins,
     )
+    bounds = {name: [w.low, w.high] for name, w in wilson.items()}
+    bounds |= {name: list(ci.get(name, (math.nan, math.nan))) for name in boot}
+    return {
+        "ci": {name: bounds[name] for name in names},
+        "ci_method": {
+            name: "wilson" if name in wilson else ("bootstrap" if enough else "too_few_patients")
+            for name in names
+        },
+        "design_effect": {name: w.design_effect for name, w in wilson.items()},
+        "ci_patients": {"with_lesion": int(lesion), "with_normal": int(normal)},
+        "ci_resamples_used": dict(ci.n_used),
+        "bootstrap_skipped_single_class": ci.n_skipped if enough else None,
+    }
 
 
 def assess(
@@ -283,26 +332,27 @@ def assess(
     points: Mapping[str, Mapping[str, Any]],
     settings: ml_collections.ConfigDict,
 ) -> dict[str, dict[str, Any]]:
-    """Per level: metrics at that level's threshold, and patient-bootstrap intervals."""
+    """Per level: metrics at that level's threshold, and their intervals (`intervals`)."""
     out: dict[str, dict[str, Any]] = {}
     patients_of_images = predictions.ids["patient_id"]
     for level in LEVELS:
         units, labels, probs = predictions.level(level)
         threshold = points[level]["threshold"]
         values = metrics.summary(labels, probs, threshold, n_bins=settings.calibration_bins)
-        # Patients are the resampling unit at every level: at slice level a drawn patient
-        # brings all of its images.
+        names = metrics.METRIC_NAMES
+        if level != "slice":
+            values = {k: v for k, v in values.items() if k not in CALIBRATION_NAMES}
+            names = tuple(n for n in names if n not in CALIBRATION_NAMES)
+        # Patients are the resampling unit (and the clusters) at every level: at slice level a
+        # drawn patient brings all of its images.
         groups = patients_of_images if level == "slice" else units
-        ci = _bootstrap(settings, groups, labels, probs, threshold)
         out[level] = {
             "unit": "image" if level == "slice" else "patient",
             "threshold": threshold,
             "threshold_source": points[level]["source"],
             "patients": int(np.unique(patients_of_images).size),
             "metrics": values,
-            "ci": {name: list(bounds) for name, bounds in ci.items()},
-            "ci_resamples_used": dict(ci.n_used),
-            "bootstrap_skipped_single_class": ci.n_skipped,
+            **intervals(settings, groups, labels, probs, threshold, names),
         }
     return out
 
@@ -310,17 +360,18 @@ def assess(
 def assess_by_source(
     predictions: Predictions, threshold: float, settings: ml_collections.ConfigDict
 ) -> dict[str, dict[str, Any]]:
-    """Slice-level metrics (patient-bootstrap intervals) of each image source (site, archive)."""
+    """Slice-level metrics and their intervals (`intervals`) of each image source (site)."""
     out: dict[str, dict[str, Any]] = {}
     for source in np.unique(predictions.ids["source"]):
         keep = predictions.ids["source"] == source
         labels, probs = predictions.labels[keep], predictions.probs[keep]
         patients = predictions.ids["patient_id"][keep]
-        ci = _bootstrap(settings, patients, labels, probs, threshold)
+        found = intervals(settings, patients, labels, probs, threshold)
         out[str(source)] = {
             "patients": int(np.unique(patients).size),
             "metrics": metrics.summary(labels, probs, threshold, n_bins=settings.calibration_bins),
-            "ci": {name: list(bounds) for name, bounds in ci.items()},
+            "ci": found["ci"],
+            "ci_method": found["ci_method"],
         }
     return out
 
@@ -405,8 +456,17 @@ def analyse(
         "bootstrap": {
             "unit": "patient",
             "method": "percentile",
+            "metrics": list(metrics.BOOTSTRAP_NAMES),
             "n_resamples": settings.bootstrap_resamples,
             "seed": settings.bootstrap_seed,
+            "min_patients_per_class": settings.bootstrap_min_patients,
+            "confidence": settings.confidence,
+        },
+        "proportion_intervals": {
+            "method": "wilson",
+            "clusters": "patient",
+            "design_effect": "rao_scott",
+            "metrics": list(metrics.PROPORTION_NAMES),
             "confidence": settings.confidence,
         },
         "eval_settings": settings.to_dict(),

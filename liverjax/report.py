@@ -87,7 +87,9 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 def _with_ci(level: Mapping[str, Any], name: str) -> str:
     """'0.912 (0.850-0.960)' from a level of the result."""
-    value = level["metrics"].get(name)
+    if name not in level["metrics"]:
+        return "\u2014"  # not computed at this level (Brier and ECE of patients)
+    value = level["metrics"][name]
     low, high = level["ci"].get(name, (None, None))
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -353,15 +355,27 @@ def _key_results(result: Mapping[str, Any]) -> str:
     )
     warnings = []
     if result["operating_point"]["same_split_as_evaluated"]:
+        chosen_on = result["operating_point"]["chosen_on"]
         warnings.append(
-            "The threshold was chosen on the split being evaluated: threshold-dependent figures "
-            "(sensitivity, specificity, PPV, NPV, F1, accuracy) are optimistic. Evaluate the "
-            "test split for unbiased figures."
+            f"The threshold was chosen on the split being evaluated ({chosen_on}), which is "
+            "also the split training validated on to choose its best checkpoint: every figure "
+            "here is optimistic (AUC, AP and calibration through the checkpoint choice, "
+            "sensitivity, specificity, PPV, NPV, F1 and accuracy through the threshold too). "
+            "Unbiased figures need a split that chose nothing: the test split."
         )
-    if d["patients"] < SMALL_PATIENT_COUNT:
+    per_class = result["levels"]["patient_max"]["ci_patients"]
+    lesion, normal = per_class["with_lesion"], per_class["with_normal"]
+    if min(lesion, normal) < SMALL_PATIENT_COUNT:
         warnings.append(
-            f"Only {d['patients']} patients: intervals are wide and patient-level figures "
-            "rest on very few cases."
+            f"Only {d['patients']} patients ({lesion} with a lesion, {normal} without): "
+            "intervals are wide, and patient-level figures rest on very few cases."
+        )
+    minimum = result["bootstrap"]["min_patients_per_class"]
+    if min(lesion, normal) < minimum:
+        warnings.append(
+            f"Fewer than {minimum} patients of a class: AUC, AP, F1, Brier and ECE have no "
+            "interval (a bootstrap of so few patients has too few distinct resamples to mean "
+            "anything); the proportions keep their Wilson intervals."
         )
     warn = "".join(f'<p class="warn">{_e(w)}</p>' for w in warnings)
     return f'<section id="summary"><h2>Key results</h2><p>{text}</p>{warn}</section>'
@@ -395,17 +409,26 @@ def _metrics_section(result: Mapping[str, Any]) -> str:
     )
     b = result["bootstrap"]
     skipped = ", ".join(
-        f"{LEVEL_TITLES[k]} {v['bootstrap_skipped_single_class']}" for k, v in levels.items()
+        f"{LEVEL_TITLES[k]} {v['bootstrap_skipped_single_class']}"
+        for k, v in levels.items()
+        if v["bootstrap_skipped_single_class"] is not None
     )
     note = (
-        f"Values are point estimates with {level}% percentile bootstrap confidence intervals "
-        f"from {b['n_resamples']} resamples of patients (seed {b['seed']}): every slice of a "
-        f"drawn patient enters the resample, so intervals reflect that slices of one patient "
-        f"are not independent. Resamples holding a single class were left out (per level: "
-        f"{skipped}); a metric undefined on a resample (e.g. PPV with no positive prediction) "
-        f"leaves that resample out of its own interval only. 'n/a': not defined on this split "
-        f"(e.g. AUC with one class). Patient (max) / (mean): a patient's lesion probability is "
-        f"the maximum / mean over their slices, and a patient has a lesion if any slice has."
+        f"Values are point estimates with {level}% confidence intervals, patients taken as the "
+        f"independent units at every level. Sensitivity, specificity, PPV, NPV and accuracy: "
+        f"Wilson score intervals on the effective sample size, the slices counted over the "
+        f"design effect of their clustering in patients (Rao-Scott; 1 at patient level); at "
+        f"0% or 100%, where the slices show no variation to estimate it from, each patient "
+        f"counts once. ROC AUC, PR AUC, F1, Brier and ECE: percentile bootstrap intervals from "
+        f"{b['n_resamples']} resamples of patients (seed {b['seed']}), every slice of a drawn "
+        f"patient entering the resample; 'CI n/a' where a class has fewer than "
+        f"{b['min_patients_per_class']} patients. Resamples holding a single class were left "
+        f"out (per level: {skipped or 'none drawn'}); a metric undefined on a resample (e.g. F1 "
+        f"with neither a lesion nor a positive prediction) leaves that resample out of its own "
+        f"interval only. 'n/a': not defined on this split (e.g. AUC with one class). "
+        f"Patient (max) / (mean): a patient's lesion score is the maximum / mean of their "
+        f"slice probabilities, and a patient has a lesion if any slice has; such a score ranks "
+        f"patients but is no probability, so Brier and ECE ('\u2014') are for slices only."
     )
     return (
         f'<section id="metrics-section"><h2>Performance on the {_e(result["split"])} split</h2>'
@@ -439,7 +462,7 @@ def _source_section(result: Mapping[str, Any]) -> str:
     else:
         text = (
             "Slice-level results per image source (the `source` of the label sheet or the "
-            "top-level folder), at the same threshold, with patient-bootstrap intervals."
+            "top-level folder), at the same threshold, with intervals as in the table above."
         )
     return (
         f'<section id="by-source"><h2>By source</h2><p>{_e(text)}</p>'

@@ -25,7 +25,13 @@ from liverjax import checkpointing, evaluate, export, metrics, models, report, s
 
 DATASET = training_runs.DATASET
 # Small evaluation settings for speed; every other one keeps its default.
-EVAL = {"bootstrap_resamples": 300, "bootstrap_seed": 3, "worst_cases": 2}
+# The test split holds 2 patients: bootstrap_min_patients 1 keeps its bootstrap intervals.
+EVAL = {
+    "bootstrap_resamples": 300,
+    "bootstrap_seed": 3,
+    "bootstrap_min_patients": 1,
+    "worst_cases": 2,
+}
 
 
 def _rngs(seed: int) -> nnx.Rngs:
@@ -178,7 +184,8 @@ def test_metrics_json_equals_metrics_and_sklearn_on_the_csv(run):
         tn,
         fn,
     )
-    # Intervals: the patient bootstrap with the configured resamples and seed.
+    # Intervals: the patient bootstrap with the configured resamples and seed, and the Wilson
+    # intervals of the proportions with patients as clusters.
     ci = metrics.bootstrap_ci(
         patients,
         labels,
@@ -187,10 +194,13 @@ def test_metrics_json_equals_metrics_and_sklearn_on_the_csv(run):
         seed=EVAL["bootstrap_seed"],
         threshold=t,
     )
+    wilson = metrics.proportion_intervals(patients, labels, probs, threshold=t)
     for name in metrics.METRIC_NAMES:
+        expected = (wilson[name].low, wilson[name].high) if name in wilson else ci[name]
         np.testing.assert_allclose(
-            [_num(v) for v in s["ci"][name]], ci[name], atol=1e-12, err_msg=name
+            [_num(v) for v in s["ci"][name]], expected, atol=1e-12, err_msg=name
         )
+        assert s["ci_method"][name] == ("wilson" if name in wilson else "bootstrap")
     assert stored["bootstrap"]["n_resamples"] == EVAL["bootstrap_resamples"]
     # Patient level: max and mean of each patient's slices.
     for level, how in (("patient_max", "max"), ("patient_mean", "mean")):
@@ -198,8 +208,16 @@ def test_metrics_json_equals_metrics_and_sklearn_on_the_csv(run):
         got = stored["levels"][level]
         assert got["metrics"]["n"] == len(set(patients))
         expected = metrics.summary(y, p, got["threshold"])
+        for name in evaluate.CALIBRATION_NAMES:  # max / mean of slices: a score, no probability
+            assert name not in got["metrics"] and name not in got["ci"]
+            del expected[name]
         for name, value in expected.items():
             assert _num(got["metrics"][name]) == pytest.approx(value, abs=1e-12, nan_ok=True), name
+        wilson = metrics.proportion_intervals(np.arange(y.size), y, p, threshold=got["threshold"])
+        for name, found in wilson.items():  # one row per patient: the plain Wilson interval
+            assert found.trials == 0 or found.design_effect == 1.0
+            bounds = [_num(v) for v in got["ci"][name]]
+            assert bounds == pytest.approx([found.low, found.high], nan_ok=True), name
     # One source in the phantom data: its subgroup is the whole split.
     assert list(stored["by_source"]) == ["phantom"]
     assert stored["by_source"]["phantom"]["metrics"] == s["metrics"]
@@ -286,10 +304,32 @@ def test_checkpoint_and_workdir_errors(run, tmp_path):
     bad.eval = {"bootstrap_samples": 10}
     with pytest.raises(ValueError, match="unknown keys \\['bootstrap_samples'\\]"):
         evaluate.eval_settings(bad)
-    for key in ("bootstrap_resamples", "calibration_bins", "worst_cases"):
+    for key in ("bootstrap_resamples", "bootstrap_min_patients", "calibration_bins", "worst_cases"):
         bad.eval = {key: True}  # a bool is an int to Python, not a count
         with pytest.raises(ValueError, match=f"config.eval.{key} = True"):
             evaluate.eval_settings(bad)
+
+
+def test_too_few_patients_of_a_class_get_no_bootstrap_interval():
+    # 4 lesion patients (2 slices each) and 6 normal ones: below the default of 5 per class the
+    # bootstrap's intervals are not given; the proportions keep their Wilson intervals.
+    settings = evaluate.default_eval_config()
+    groups = np.repeat(np.arange(10), 2)
+    labels = (groups < 4).astype(int)
+    probs = np.linspace(0.9, 0.1, 20)
+    found = evaluate.intervals(settings, groups, labels, probs, 0.5)
+    assert found["ci_patients"] == {"with_lesion": 4, "with_normal": 6}
+    for name in metrics.BOOTSTRAP_NAMES:
+        assert np.isnan(found["ci"][name]).all() and found["ci_method"][name] == "too_few_patients"
+    for name in metrics.PROPORTION_NAMES:
+        low, high = found["ci"][name]
+        assert 0 <= low < high <= 1 and found["ci_method"][name] == "wilson", name
+    assert found["bootstrap_skipped_single_class"] is None
+    settings.bootstrap_min_patients = 4
+    found = evaluate.intervals(settings, groups, labels, probs, 0.5)
+    assert found["ci_method"]["roc_auc"] == "bootstrap"
+    low, high = found["ci"]["roc_auc"]
+    assert low < metrics.roc_auc(labels, probs) <= high
 
 
 def _preds(labels, probs, patients) -> evaluate.Predictions:

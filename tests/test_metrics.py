@@ -482,3 +482,85 @@ def test_clu_metric_with_probs_and_errors() -> None:
         metrics.BinaryOutputs.from_model_output(labels=y)
     with pytest.raises(ValueError, match="unknown metric"):
         metrics.binary_metric("auc")
+
+
+# --------------------------------------------------------------------------- proportions
+
+
+@pytest.mark.parametrize(
+    ("p", "n", "expected"),
+    # Wilson score intervals at 95 % (Newcombe 1998, Table I: 0/10, 10/10; 8/10 by hand)
+    [(0.0, 10, (0.0, 0.2775)), (1.0, 10, (0.7225, 1.0)), (0.8, 10, (0.4902, 0.9433))],
+)
+def test_wilson_interval_known_values(p, n, expected) -> None:
+    assert metrics.wilson_interval(p, n) == pytest.approx(expected, abs=5e-5)
+    assert np.isnan(metrics.wilson_interval(0.5, 0)).all()
+
+
+def test_a_proportion_of_one_gets_a_wilson_interval_not_a_point() -> None:
+    # 20 of 20 lesions found, one slice per patient: a percentile bootstrap gives (1, 1)
+    y = np.r_[np.ones(20), np.zeros(20)]
+    p = np.r_[np.full(20, 0.9), np.full(2, 0.8), np.full(18, 0.1)]
+    groups = np.arange(40)
+    boot = metrics.bootstrap_ci(groups, y, p, ["recall"], n_resamples=300, seed=0)
+    assert boot["recall"] == (1.0, 1.0)
+    found = metrics.proportion_intervals(groups, y, p)["recall"]
+    assert found.design_effect == 1.0 and found.trials == 20 and found.groups == 20
+    assert (found.low, found.high) == metrics.wilson_interval(1.0, 20)
+    assert found.low == pytest.approx(0.8389, abs=5e-5)
+
+
+def test_proportion_intervals_count_patients_not_slices_when_slices_agree() -> None:
+    # 10 patients x 5 lesion slices, each patient all found or all missed: 5 slices of one
+    # patient are one observation. Rao-Scott: var = p(1-p)/(G-1), design effect 5 * 10 / 9.
+    groups = np.repeat(np.arange(10), 5)
+    y = np.ones(50)
+    p = np.repeat([0.9] * 7 + [0.1] * 3, 5)
+    found = metrics.proportion_intervals(groups, y, p, ["recall"])["recall"]
+    assert found.design_effect == pytest.approx(50 / 9)
+    assert found.effective_n == pytest.approx(9)
+    assert (found.low, found.high) == pytest.approx(metrics.wilson_interval(0.7, 9))
+    # The same counts on 50 independent slices: the plain Wilson interval, far narrower.
+    alone = metrics.proportion_intervals(np.arange(50), y, p, ["recall"])["recall"]
+    assert (alone.low, alone.high) == pytest.approx(metrics.wilson_interval(0.7, 50))
+    assert found.high - found.low > 2 * (alone.high - alone.low)
+    # All found: no variation to estimate the clustering from; each patient counts once.
+    everything = metrics.proportion_intervals(groups, y, np.full(50, 0.9), ["recall"])["recall"]
+    assert everything.effective_n == 10
+    assert (everything.low, everything.high) == metrics.wilson_interval(1.0, 10)
+
+
+def test_proportion_intervals_follow_each_metrics_denominator() -> None:
+    groups = np.array([0, 0, 1, 1, 2, 2])
+    y = np.array([1, 0, 1, 0, 0, 0])
+    p = np.array([0.9, 0.2, 0.3, 0.1, 0.8, 0.4])  # at 0.5: TP 1, FN 1, FP 1, TN 3
+    found = metrics.proportion_intervals(groups, y, p, threshold=0.5)
+    expected_trials = {"recall": 2, "specificity": 4, "precision": 2, "npv": 4, "accuracy": 6}
+    assert {k: v.trials for k, v in found.items()} == expected_trials
+    assert {k: v.groups for k, v in found.items()} == {
+        "recall": 2, "specificity": 3, "precision": 2, "npv": 3, "accuracy": 3,
+    }  # fmt: skip
+    # No predicted positive: PPV is undefined, and so is its interval.
+    none = metrics.proportion_intervals(groups, y, np.zeros(6), ["precision"])["precision"]
+    assert none.trials == 0 and np.isnan([none.low, none.high]).all()
+    with pytest.raises(ValueError, match="unknown proportions \\['roc_auc'\\]"):
+        metrics.proportion_intervals(groups, y, p, ["roc_auc"])
+
+
+def test_wilson_intervals_cover_where_the_bootstrap_does_not() -> None:
+    # 10 lesion patients with one slice each, true sensitivity 0.9: P(10 of 10) = 0.35, and a
+    # percentile bootstrap then gives (1, 1), which misses 0.9. Wilson keeps its 95 %.
+    rng = np.random.default_rng(0)
+    covered = {"wilson": 0, "bootstrap": 0}
+    trials = 200
+    for _ in range(trials):
+        found = rng.random(10) < 0.9
+        y = np.r_[np.ones(10), np.zeros(10)]
+        p = np.r_[np.where(found, 0.9, 0.1), np.full(10, 0.1)]
+        groups = np.arange(20)
+        w = metrics.proportion_intervals(groups, y, p, ["recall"])["recall"]
+        b = metrics.bootstrap_ci(groups, y, p, ["recall"], n_resamples=200, seed=1)["recall"]
+        covered["wilson"] += w.low <= 0.9 <= w.high
+        covered["bootstrap"] += b[0] <= 0.9 <= b[1]
+    assert covered["wilson"] / trials > 0.9, covered
+    assert covered["bootstrap"] / trials < 0.75, covered
