@@ -69,7 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Validation every eval_every_steps (0: once per epoch); early stopping on config.best_metric.
     config.eval_every_steps = 0
-    config.best_metric = "roc_auc"  # validation metric (higher is better) for best/early stopping
+    config.best_metric = "roc_auc"  # roc_auc, average_precision, brier or ece: best/early stopping
     config.early_stopping = ml_collections.ConfigDict()
     config.early_stopping.patience = 10  # evaluations without improvement before stopping; 0 = off
     config.early_stopping.min_delta = 0.0  # a smaller step up resets no patience (still "best")

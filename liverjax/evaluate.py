@@ -1,4 +1,4 @@
-"""Evaluation of a trained checkpoint: metrics with patient-level confidence intervals, and a report.
+"""Evaluation of a trained checkpoint: metrics with patient-level intervals, and a report.
 
     python -m liverjax.evaluate --workdir W --split test [--checkpoint best|latest|STEP]
 

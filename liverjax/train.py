@@ -256,6 +256,11 @@ def _fail(key: str, value: Any, problem: str, fix: str) -> None:
     raise ValueError(f"config.{key} = {value!r}: {problem}; {fix}")
 
 
+# Validation metrics that can choose the best checkpoint: those of the probabilities themselves.
+# The rest (recall, F1, ...) depend on a threshold, and validation's is a fixed 0.5.
+BEST_METRICS = ("roc_auc", "average_precision", "brier", "ece")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError naming the config key for anything that cannot train (before any work)."""
     for section in ("dataset", "input", "optimizer", "schedule", "imbalance", "checkpoint"):
@@ -321,7 +326,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "best_metric",
             config.best_metric,
             "not a validation metric",
-            f"use one of {liver_metrics.METRIC_NAMES}",
+            f"use one of {BEST_METRICS}",
+        )
+    if config.best_metric not in BEST_METRICS:
+        _fail(
+            "best_metric",
+            config.best_metric,
+            f"validation measures it at the fixed threshold {liver_metrics.DEFAULT_THRESHOLD}, "
+            "not at the operating point evaluation chooses afterwards (e.g. recall there favours "
+            "a network that calls every slice a lesion)",
+            f"choose the best checkpoint by a threshold-free metric: one of {BEST_METRICS}",
         )
     if config.early_stopping.patience < 0:
         _fail("early_stopping.patience", config.early_stopping.patience, "must be >= 0", "0 = off")

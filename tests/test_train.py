@@ -117,6 +117,10 @@ def test_early_stopping_stops_and_stays_stopped_on_resume(data_dir, tmp_path):
         ({"eval_batch_size": 4}, "config.eval_batch_size = 4 must be a positive multiple"),
         ({"imbalance.method": "oversample"}, "config.imbalance.method = 'oversample'"),
         ({"best_metric": "auc"}, "config.best_metric = 'auc': not a validation metric"),
+        (
+            {"best_metric": "recall"},
+            "config.best_metric = 'recall': validation measures it at the fixed threshold 0.5",
+        ),  # fmt: skip
         ({"model.head": "attention"}, "config.model.head = 'attention'"),
         ({"batch_size": 64}, "config.batch_size = 64: larger than the 48 records"),
         ({"distributed.enabled": "yes"}, "config.distributed.enabled = 'yes'"),
