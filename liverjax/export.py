@@ -645,8 +645,12 @@ def export_workdir(
         config.dataset.data_dir = data_dir
     restored = evaluate.restore(config, workdir, checkpoint)
     threshold, source = read_threshold(workdir)
+    chosen: dict[str, Any] = {}  # how the threshold was chosen, for the served model's metadata
     if source != "default":
-        chosen_for = json.loads(epath.Path(source).read_text()).get("checkpoint_step")
+        written = json.loads(epath.Path(source).read_text())
+        keys = ("rule", "target_sensitivity", "split", "checkpoint_step", "dataset", "validation")
+        chosen = {k: written[k] for k in keys if k in written}
+        chosen_for = written.get("checkpoint_step")
         if chosen_for is not None and chosen_for != restored.step:
             message = (
                 f"{source} was chosen for checkpoint step {chosen_for}, but step "
@@ -677,6 +681,7 @@ def export_workdir(
             "checkpoint": {"requested": checkpoint, "chosen": restored.note},
             "workdir": os.path.basename(os.path.abspath(workdir)),
             "parity_split": split,
+            "operating_point": chosen or None,
         },
     )
 

@@ -34,6 +34,8 @@ THRESHOLD = 0.42  # the run's operating point, as the evaluation would write it
 # split is 12 slices of 2 patients: one flipped pair moves its AUC by ~0.03, so the export's own
 # check runs on the 48 train slices; the tests below check parity on the test split too.
 TRAIN_EPOCHS = 10
+# How operating_point.json says the threshold was chosen (the served model's metadata repeats it).
+CHOSEN = {"rule": "sensitivity", "target_sensitivity": 0.9, "split": "validation"}
 PARITY_SPLIT = "train"
 
 
@@ -88,7 +90,7 @@ def _export_once(root: str, data_dir: str) -> dict:
         workdir / train.CHECKPOINT_DIR, keep=1, keep_best=0, best_metric="", async_save=False
     ).latest_step()
     (workdir / evaluate.OPERATING_POINT_FILE).write_text(
-        json.dumps({"threshold": THRESHOLD, "checkpoint_step": step})
+        json.dumps({"threshold": THRESHOLD, "checkpoint_step": step} | CHOSEN)
     )
     result = export.main(
         ["--workdir", str(workdir), "--out", str(root / "export")]
@@ -185,6 +187,7 @@ def test_metadata(exported, records):
     assert md["config"]["model"]["widths"] == list(config.model.widths)
     assert md["signature_name"] == "serving_default"
     assert md["parity_split"] == PARITY_SPLIT
+    assert md["operating_point"] == CHOSEN | {"checkpoint_step": exported["step"]}
 
 
 def test_signature_has_dynamic_batch_and_named_outputs(signature, records, tf):
