@@ -353,6 +353,11 @@ def assess(
             "patients": int(np.unique(patients_of_images).size),
             "metrics": values,
             **intervals(settings, groups, labels, probs, threshold, names),
+            # float32's sigmoid is exactly 1.0 above a logit of about 16.6: such slices tie
+            "probability_one": {
+                name: int(np.count_nonzero((probs == 1.0) & (labels == value)))
+                for value, name in enumerate(LABEL_NAMES)
+            },
         }
     return out
 

@@ -363,6 +363,15 @@ def _key_results(result: Mapping[str, Any]) -> str:
             "sensitivity, specificity, PPV, NPV, F1 and accuracy through the threshold too). "
             "Unbiased figures need a split that chose nothing: the test split."
         )
+    saturated = s["probability_one"]
+    if saturated["lesion"] and saturated["normal"]:
+        warnings.append(
+            f"{saturated['lesion']} lesion and {saturated['normal']} normal slices have a "
+            "probability of exactly 1.0 (float32's sigmoid rounds every logit above about 16.6 "
+            "to 1): no threshold separates them, and AUC and AP count each such pair as a tie. "
+            "Their logits still differ; a network this confident on normal slices is "
+            "overconfident (see the calibration)."
+        )
     per_class = result["levels"]["patient_max"]["ci_patients"]
     lesion, normal = per_class["with_lesion"], per_class["with_normal"]
     if min(lesion, normal) < SMALL_PATIENT_COUNT:

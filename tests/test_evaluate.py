@@ -6,6 +6,8 @@ against liverjax.metrics, scikit-learn, the records and training's own validatio
 """
 
 import csv
+import dataclasses
+import html
 import json
 import math
 import pathlib
@@ -426,3 +428,59 @@ def test_grad_cam_channel_weights_are_mean_gradients():
     # A single active cell lands in the matching corner of the image.
     corner = np.asarray(saliency.upsample(jnp.zeros((1, 4, 4)).at[0, 0, 0].set(2.0), (16, 16)))
     assert corner[0, :4, :4].mean() > corner[0, 8:, 8:].mean() == 0.0
+
+
+def _page_summary(validation, test) -> str:
+    """The key results of the report on `test`, as text, the threshold chosen on `validation`."""
+    result = evaluate.analyse(validation, test, evaluate.eval_settings(ml_collections.ConfigDict()))
+    result["split"] = test.split
+    result["dataset"] = {
+        "images": test.labels.size,
+        "lesion_images": int(test.labels.sum()),
+        "patients": int(np.unique(test.ids["patient_id"]).size),
+    }
+    return html.unescape(report._key_results(result))
+
+
+def _patients(lesion: int, normal: int, seed: int, split: str) -> evaluate.Predictions:
+    """3 slices per patient, all of the patient's class; lesion slices score higher."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.r_[np.ones(lesion, int), np.zeros(normal, int)], 3)
+    probs = np.clip(0.35 + 0.3 * labels + rng.normal(0, 0.15, labels.size), 0.01, 0.99)
+    patients = np.repeat([f"p{i}" for i in range(lesion + normal)], 3)
+    return dataclasses.replace(_preds(labels, probs, patients), split=split)
+
+
+def test_key_results_warn_of_a_split_that_chose_the_threshold_and_checkpoint():
+    validation, test = _patients(40, 40, 0, "validation"), _patients(40, 40, 1, "test")
+    assert "optimistic" not in _page_summary(validation, test)
+    text = _page_summary(validation, validation)
+    assert (
+        "chosen on the split being evaluated (validation), which is also the split training "
+        "validated on to choose its best checkpoint: every figure here is optimistic"
+    ) in text
+    assert "Only" not in text  # 40 patients of each class
+
+
+def test_key_results_warn_of_few_patients_per_class():
+    validation = _patients(40, 40, 0, "validation")
+    text = _page_summary(validation, _patients(20, 20, 1, "test"))
+    assert "Only 40 patients (20 with a lesion, 20 without): intervals are wide" in text
+    assert "Fewer than" not in text
+    text = _page_summary(validation, _patients(4, 50, 1, "test"))
+    assert "Only 54 patients (4 with a lesion, 50 without)" in text
+    assert "Fewer than 5 patients of a class: AUC, AP, F1, Brier and ECE have no interval" in text
+    assert "ROC AUC of " in text and "(CI n/a)" in text
+
+
+def test_key_results_warn_of_probabilities_tied_at_one_across_classes():
+    validation, test = _patients(40, 40, 0, "validation"), _patients(40, 40, 1, "test")
+    probs = test.probs.copy()
+    probs[:3] = 1.0  # lesion slices only: their ties do not change a ranking between classes
+    only_lesion = dataclasses.replace(test, probs=probs)
+    assert "exactly 1.0" not in _page_summary(validation, only_lesion)
+    probs[-2:] = 1.0
+    both = dataclasses.replace(test, probs=probs)
+    assert "3 lesion and 2 normal slices have a probability of exactly 1.0" in (
+        _page_summary(validation, both)
+    )
