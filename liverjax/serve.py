@@ -419,54 +419,81 @@ class Batcher:
 
     async def predict(self, servable: Servable, images: np.ndarray) -> dict[str, np.ndarray]:
         """Queues `images` and waits for their share of a batched call."""
+        if not self.alive:
+            raise RuntimeError("the request batcher is not running (see the log)")
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((servable, images, future))
         return await future
 
+    @property
+    def alive(self) -> bool:
+        """Whether the loop runs (False before start and after a crash, which it logs)."""
+        return self._task is not None and not self._task.done()
+
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         pending: collections.deque = collections.deque()
-        while True:
-            if not pending:
-                pending.append(await self.queue.get())
-            # Everything that queued while the previous call ran joins at once; then wait at most
-            # timeout_s for more, unless the batch is full.
-            while not self.queue.empty():
+        try:
+            while True:
+                await self._round(pending)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # a defect here: fail every waiting request, not hang it
+            log.exception("the batcher stopped; model requests fail until a restart")
+            failure = RuntimeError(f"the request batcher stopped ({type(e).__name__}: {e})")
+            while self.queue is not None and not self.queue.empty():
                 pending.append(self.queue.get_nowait())
-            deadline = loop.time() + self.timeout_s
-            count = sum(len(item[1]) for item in pending)
-            while count < self.max_batch:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self.queue.get(), remaining)
-                except TimeoutError:
-                    break
-                pending.append(item)
-                count += len(item[1])
-            # One call per version, up to max_batch images; the rest waits for the next round.
-            servable = pending[0][0]
-            batch, count = [], 0
-            for item in list(pending):
-                if item[0] is servable and (not batch or count + len(item[1]) <= self.max_batch):
-                    batch.append(item)
-                    count += len(item[1])
-                    pending.remove(item)
-            images = np.concatenate([item[1] for item in batch])
-            try:
-                out = await self.run(servable, images)
-            except Exception as e:  # noqa: BLE001 - the error goes to each waiting request
-                for *_, future in batch:
-                    if not future.done():
-                        future.set_exception(e)
-                continue
-            start = 0
-            for _, item_images, future in batch:
-                end = start + len(item_images)
+            for *_, future in pending:
                 if not future.done():
-                    future.set_result({k: v[start:end] for k, v in out.items()})
-                start = end
+                    future.set_exception(failure)
+            raise
+
+    async def _round(self, pending: collections.deque) -> None:
+        """Collects queued requests into `pending`, then runs one batch of them."""
+        loop = asyncio.get_running_loop()
+        if not pending:
+            pending.append(await self.queue.get())
+        # Everything that queued while the previous call ran joins at once; then wait at most
+        # timeout_s for more, unless the batch is full.
+        while not self.queue.empty():
+            pending.append(self.queue.get_nowait())
+        deadline = loop.time() + self.timeout_s
+        count = sum(len(item[1]) for item in pending)
+        while count < self.max_batch:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                item = await asyncio.wait_for(self.queue.get(), remaining)
+            except TimeoutError:
+                break
+            pending.append(item)
+            count += len(item[1])
+        # One call per version, up to max_batch images; the rest waits for the next round, in
+        # its order. (By position: comparing the queued tuples would compare their arrays.)
+        servable = pending[0][0]
+        batch, rest, count = [], [], 0
+        for item in pending:
+            if item[0] is servable and (not batch or count + len(item[1]) <= self.max_batch):
+                batch.append(item)
+                count += len(item[1])
+            else:
+                rest.append(item)
+        pending.clear()
+        pending.extend(rest)
+        try:
+            images = np.concatenate([item[1] for item in batch])
+            out = await self.run(servable, images)
+        except Exception as e:  # noqa: BLE001 - the error goes to each waiting request
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(e)
+            return
+        start = 0
+        for _, item_images, future in batch:
+            end = start + len(item_images)
+            if not future.done():
+                future.set_result({k: v[start:end] for k, v in out.items()})
+            start = end
 
 
 # ----------------------------------------------------------------------------- request parsing
@@ -924,6 +951,8 @@ def create_app(options: ServerOptions) -> Starlette:
         current = manager.current
         if current is None:
             return JSONResponse({"status": "no model version loaded yet"}, 503)
+        if options.enable_batching and not batcher.alive:
+            return JSONResponse({"status": "the request batcher stopped (see the log)"}, 503)
         return JSONResponse({"status": "ready", "model": manager.name, "version": current.version})
 
     async def statsz(request: Request) -> JSONResponse:

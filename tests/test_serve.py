@@ -712,3 +712,49 @@ def test_the_client_names_a_missing_file_not_the_server(tmp_path, capsys):
     with pytest.raises(SystemExit) as failed:
         client.main(["--url", url, "classify", str(missing)])
     assert str(failed.value.code) == f"{missing}: No such file or directory"
+
+
+def test_batcher_answers_mixed_batch_sizes_that_overflow_a_batch():
+    # Requests of 10, 10, 2 and 1 images with max_batch 12: the second 10 waits for the next
+    # call. Taking the batch out of the queue once compared the queued (servable, array) tuples,
+    # which raised inside the batcher's task and left every later request waiting forever.
+    calls = []
+
+    async def run(servable, images):
+        calls.append(len(images))
+        await asyncio.sleep(0)
+        return {"twice": images * 2.0, "version": np.full(len(images), servable)}
+
+    async def scenario():
+        batcher = serve.Batcher(max_batch=12, timeout_s=0.05, run=run)
+        batcher.start()
+        sizes = [10, 10, 2, 1, 10, 3, 1]
+        requests = [
+            np.full((n, 2, 2, 1), float(i), np.float32) for i, n in enumerate(sizes, start=1)
+        ]
+        versions = [1, 1, 1, 2, 1, 2, 1]  # two versions at once: one call each
+        answers = await asyncio.wait_for(
+            asyncio.gather(
+                *(batcher.predict(v, x) for v, x in zip(versions, requests, strict=True))
+            ),
+            10,
+        )
+        for v, x, got in zip(versions, requests, answers, strict=True):
+            np.testing.assert_array_equal(got["twice"], x * 2.0)
+            assert (got["version"] == v).all()
+        assert batcher.alive and max(calls) <= 12 and sum(calls) == sum(sizes)
+        failing = serve.Batcher(max_batch=4, timeout_s=0.01, run=lambda *_: _fail())
+        failing.start()
+        with pytest.raises(ValueError, match="model failed"):
+            await asyncio.wait_for(failing.predict(1, requests[2]), 10)
+        assert failing.alive  # a failed call fails its requests only
+        await batcher.stop()
+        await failing.stop()
+        assert not batcher.alive
+        with pytest.raises(RuntimeError, match="batcher is not running"):
+            await batcher.predict(1, requests[2])
+
+    async def _fail():
+        raise ValueError("model failed")
+
+    asyncio.run(scenario())
