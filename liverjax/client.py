@@ -167,7 +167,9 @@ class Client:
         version: int | None = None,
         names: Sequence[str] | None = None,
     ) -> list[dict[str, Any]]:
-        """One result per image (probability, class at the exported threshold, DICOM ids)."""
+        """One result per image: probability, class at the exported threshold, DICOM ids, the
+        server's `warnings`, `file_index` (which of `files`), `path` (that file as given; the
+        server sees only its name), and the `model_version` and `threshold` that answered."""
         if not files:
             raise ValueError("classify_dicom: no files given")
         payloads = []
@@ -188,7 +190,13 @@ class Client:
         else:
             body, content_type = multipart(payloads)
             answer = self._checked("POST", path, body, {"Content-Type": content_type})
-        return answer["results"]
+        results = answer["results"]
+        for result in results:
+            given = files[result.get("file_index", 0)]
+            result["path"] = None if isinstance(given, bytes) else str(given)
+            result["model_version"] = answer["model_spec"]["version"]
+            result["threshold"] = answer["threshold"]
+        return results
 
 
 def multipart(files: Sequence[tuple[str, bytes]], field: str = "file") -> tuple[bytes, str]:

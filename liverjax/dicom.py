@@ -379,6 +379,42 @@ def to_int16(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(image), info.min, info.max).astype(np.int16)
 
 
+def outside_int16(image: np.ndarray) -> int:
+    """How many values of `image` `to_int16` clips (beyond what rounding reaches)."""
+    info = np.iinfo(np.int16)
+    return int(np.count_nonzero((image < info.min - 0.5) | (image > info.max + 0.5)))
+
+
+SQUARE_TOLERANCE = 0.01  # row and column spacing within 1% of each other count as square
+
+
+def is_square(spacing: Sequence[float]) -> bool:
+    """Whether (row, column) pixel spacing is square to within SQUARE_TOLERANCE."""
+    row, col = float(spacing[0]), float(spacing[1])
+    return abs(row - col) <= SQUARE_TOLERANCE * max(abs(row), abs(col))
+
+
+def doubts(s: DicomSlice, clipped: int = 0) -> list[str]:
+    """What is doubtful in a decoded slice's values and scale, a sentence each (the server's
+    per-image `warnings`; the dataset build counts the same conditions per file). `clipped`:
+    the values `to_int16` clipped after the resample (`outside_int16`)."""
+    out = []
+    if s.modality != "CT":
+        modality = f"Modality {s.modality}" if s.modality else "no Modality"
+        out.append(f"not CT ({modality}): its values are not Hounsfield units")
+    if clipped:
+        out.append(f"{clipped} pixel values outside int16, clipped to it (not Hounsfield units?)")
+    if s.pixel_spacing is None:
+        out.append("no pixel spacing: its physical scale is unknown")
+    elif not is_square(s.pixel_spacing):
+        row, col = s.pixel_spacing
+        out.append(
+            f"non-square pixels ({row:g} x {col:g} mm): resampled as square, its anatomy is "
+            "stretched along one axis"
+        )
+    return out
+
+
 def resample(image: np.ndarray, size: int) -> np.ndarray:
     """Pad to square (centred, filled with the image minimum) then resize to float32 size x size.
 

@@ -11,7 +11,8 @@ It speaks the TF Serving REST API, so existing clients work unchanged:
 and adds
     POST /v1/models/liver[/versions/N]:classify_dicom
          body application/dicom (one file) or multipart/form-data (several files) →
-         per image: probability, logit, label and class at the exported threshold, DICOM ids
+         per image: probability, logit, label and class at the exported threshold, DICOM ids,
+         file_index (upload order) and warnings; not CT: 422 unless --allow_non_ct
     GET  /healthz (process up), /readyz (a version is loaded and warm), /statsz (counters)
 
 What it runs: each version directory holds, beside the SavedModel, the same StableHLO module
@@ -118,10 +119,18 @@ def limit_blas_threads() -> None:
 class RequestError(ValueError):
     """A request the server cannot answer; `status` is the HTTP code, str() the message."""
 
-    def __init__(self, message: str, status: int = 400, **extra: Any):
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        *,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ):
         super().__init__(message)
         self.status = status
-        self.extra = extra
+        self.headers = headers  # of the response (405's Allow)
+        self.extra = extra  # more keys of the JSON answer
 
 
 @dataclasses.dataclass
@@ -509,6 +518,20 @@ def _object_contents(array: np.ndarray) -> str:
     return "an integer too large for int64"
 
 
+def _first_bool(value: Any) -> str | None:
+    """Where the first JSON true/false is in a parsed request, as a path, else None."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, bool):
+            return path
+        if isinstance(node, dict):
+            stack.extend((v, f"{path}.{k}" if path else str(k)) for k, v in reversed(node.items()))
+        elif isinstance(node, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in reversed(list(enumerate(node))))
+    return None
+
+
 def _as_images(value: Any, where: str, size: int, *, batched: bool) -> np.ndarray:
     """A JSON tensor → float32 (N, size, size, 1), or RequestError naming what is wrong."""
     want = f"[{'batch, ' if batched else ''}{size}, {size}, 1]"
@@ -547,15 +570,21 @@ def parse_predict(body: bytes, size: int) -> tuple[np.ndarray, str]:
         raise RequestError('empty body: send JSON {"instances": [...]} or {"inputs": ...}')
     try:
         request = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(f"malformed JSON: {e}") from None
     except RecursionError:
         raise RequestError(
             "malformed JSON: nested too deeply; an image is [height, width, 1] lists of numbers"
         ) from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of 4300+ digits
+        raise RequestError(f"malformed JSON: {e}") from None
     if not isinstance(request, dict):
         raise RequestError('the body must be a JSON object with "instances" or "inputs"')
+    if b"true" in body or b"false" in body:  # numpy would read them as 1.0 and 0.0 HU
+        where = _first_bool(request)
+        if where is not None:
+            raise RequestError(f"{where}: true/false is not a number (float32 Hounsfield units)")
     signature = request.get("signature_name", SIGNATURE)
+    if signature == "":  # as in TF Serving: the default signature
+        signature = SIGNATURE
     if signature != SIGNATURE:
         raise RequestError(f"signature_name {signature!r} not found; this model has {SIGNATURE!r}")
     unknown = set(request) - {"signature_name", "instances", "inputs"}
@@ -589,18 +618,23 @@ def parse_predict(body: bytes, size: int) -> tuple[np.ndarray, str]:
 
 def decode_dicom(
     data: bytes, name: str, size: int, max_pixels: int | None = None
-) -> list[tuple[dicom.DicomSlice, np.ndarray]]:
+) -> list[tuple[dicom.DicomSlice, np.ndarray, list[str]]]:
     """Decodes one DICOM file and resamples each slice exactly as the dataset builder does.
 
-    Returns (slice, int16 HU image (size, size)) pairs: `dicom.read_dicom`, then
-    `dicom.to_int16(dicom.resample(image, size))`, the steps of `tfds_liver.curation.decode_file`.
+    Returns (slice, int16 HU image (size, size), doubts) triples: `dicom.read_dicom`, then
+    `dicom.to_int16(dicom.resample(image, size))`, the steps of `tfds_liver.curation.decode_file`,
+    and `dicom.doubts` of the slice (not CT, clipped values, no or non-square pixel spacing).
     With `max_pixels`, a file whose header declares more pixels than that (see `check_size`) is
     refused before its pixel data is read, decoded or inflated.
     """
     if max_pixels is not None:
         check_size(data, name, max_pixels)
-    slices = dicom.read_dicom(data, name=name)
-    return [(s, dicom.to_int16(dicom.resample(s.image, size))) for s in slices]
+    out = []
+    for s in dicom.read_dicom(data, name=name):
+        resampled = dicom.resample(s.image, size)
+        doubts = dicom.doubts(s, dicom.outside_int16(resampled))
+        out.append((s, dicom.to_int16(resampled), doubts))
+    return out
 
 
 def check_size(data: bytes, name: str, max_pixels: int) -> None:
@@ -751,6 +785,7 @@ class ServerOptions:
     max_body_bytes: int = DEFAULTS["max_body_bytes"]
     max_files: int = DEFAULTS["max_files"]
     max_pixels: int = DEFAULTS["max_pixels"]
+    allow_non_ct: bool = False
     poll_seconds: float = DEFAULTS["poll_seconds"]
     threads: int = max(2, os.cpu_count() or 1)
 
@@ -813,12 +848,14 @@ def create_app(options: ServerOptions) -> Starlette:
         media = content_type.split(";")[0].strip().lower()
         if media == "multipart/form-data":
             body = await request.body()  # the form parses this copy (bounded by --max_body_bytes)
-            files = []
+            files, fields = [], []
             try:
                 async with request.form(max_files=options.max_files) as form:
                     for field, value in form.multi_items():
                         if isinstance(value, UploadFile):
                             files.append((value.filename or field, await value.read()))
+                        else:
+                            fields.append(field)
             except HTTPException as e:
                 detail = e.detail
                 if "Too many files" in detail:
@@ -829,6 +866,12 @@ def create_app(options: ServerOptions) -> Starlette:
                 raise RequestError(
                     f"multipart body: truncated, no closing boundary after {len(body)} bytes; "
                     f"send the whole body"
+                )
+            if fields:  # parsed as text: a DICOM file's bytes would not survive
+                raise RequestError(
+                    f"multipart parts {fields} have no filename, so they are form fields, not "
+                    "files; give every DICOM part a filename (Content-Disposition: form-data; "
+                    'name="file"; filename="slice.dcm")'
                 )
             if not files:
                 raise RequestError("multipart body holds no file parts; attach DICOM files")
@@ -854,7 +897,18 @@ def create_app(options: ServerOptions) -> Starlette:
                 raise RequestError(
                     f"{name}: {e.reason}: {e.detail}", 400, file=name, reason=e.reason
                 ) from None
-            return [(name, s, image) for s, image in slices]
+            not_ct = sorted({s.modality for s, *_ in slices if s.modality != "CT"})
+            if not_ct and not options.allow_non_ct:
+                modality = f"Modality {not_ct[0]!r}" if not_ct[0] else "no Modality"
+                raise RequestError(
+                    f"{name}: not_ct: {modality}; this model reads CT in Hounsfield units and "
+                    "its answer on other values means nothing (the server's --allow_non_ct "
+                    "answers anyway, with a warning)",
+                    422,
+                    file=name,
+                    reason="not_ct",
+                )
+            return [(name, s, image, doubts) for s, image, doubts in slices]
 
         per_file = await asyncio.gather(
             *(decode(name, data) for name, data in files), return_exceptions=True
@@ -862,17 +916,19 @@ def create_app(options: ServerOptions) -> Starlette:
         for outcome in per_file:  # the first bad file in upload order
             if isinstance(outcome, BaseException):
                 raise outcome
-        decoded = [item for items in per_file for item in items]
-        images = np.stack([image for *_, image in decoded]).astype(np.float32)[..., None]
+        decoded = [(index, *item) for index, items in enumerate(per_file) for item in items]
+        images = np.stack([image for *_, image, _ in decoded]).astype(np.float32)[..., None]
         out = await run_model(servable, images)
         results = []
-        for i, (name, s, _) in enumerate(decoded):
+        for i, (index, name, s, _, doubts) in enumerate(decoded):
             probability = float(out["probability"][i])
             label = int(probability >= servable.threshold)
             results.append(
                 {
                     "file": name,
+                    "file_index": index,  # in upload order: names repeat across series
                     **_ids(s),
+                    "warnings": doubts,
                     "probability": probability,
                     "logit": float(out["logit"][i]),
                     "label": label,
@@ -913,6 +969,8 @@ def create_app(options: ServerOptions) -> Starlette:
         )
 
     async def models(request: Request) -> JSONResponse:
+        if request.url.path.rstrip("/") == "/v1/models":  # as TF Serving: 400, not a redirect
+            raise RequestError(f"missing model name in request: /v1/models/{manager.name}", 400)
         match = _MODEL_PATH_RE.match(request.url.path)
         if not match:
             raise RequestError(f"no such path {request.url.path!r}", 404)
@@ -921,7 +979,7 @@ def create_app(options: ServerOptions) -> Starlette:
             raise RequestError(f"unknown model {name!r}; this server serves {manager.name!r}", 404)
         if request.method in ("GET", "HEAD"):  # Starlette answers HEAD without the body
             if verb:
-                raise RequestError(f":{verb} needs POST", 405)
+                raise RequestError(f":{verb} needs POST", 405, headers={"Allow": "POST"})
             if match["metadata"]:
                 return metadata(manager.get(version))
             status = manager.status()
@@ -936,6 +994,12 @@ def create_app(options: ServerOptions) -> Starlette:
                     f"model {name!r} has no version yet under {manager.base_path}", 404
                 )
             return JSONResponse({"model_version_status": status})
+        if verb is None:
+            raise RequestError(
+                f"POST is not allowed on {request.url.path!r}; POST :predict or :classify_dicom",
+                405,
+                headers={"Allow": "GET, HEAD"},
+            )
         if verb == "predict":
             return await predict(request, manager.get(version))
         if verb == "classify_dicom":
@@ -966,7 +1030,7 @@ def create_app(options: ServerOptions) -> Starlette:
         )
 
     async def request_error(request: Request, exc: RequestError) -> JSONResponse:
-        return JSONResponse({"error": str(exc), **exc.extra}, exc.status)
+        return JSONResponse({"error": str(exc), **exc.extra}, exc.status, headers=exc.headers)
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         message = exc.detail
@@ -976,13 +1040,14 @@ def create_app(options: ServerOptions) -> Starlette:
             )
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path!r}"
-        return JSONResponse({"error": message}, exc.status_code)
+        return JSONResponse({"error": message}, exc.status_code, headers=exc.headers)
 
     app = Starlette(
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/statsz", statsz),
+            Route("/v1/models", models, methods=["GET", "POST"]),
             Route("/v1/models/{path:path}", models, methods=["GET", "POST"]),
         ],
         middleware=[
@@ -1046,6 +1111,12 @@ def main(argv: list[str] | None = None) -> None:
         "gets 413 before it is decoded",
     )
     parser.add_argument(
+        "--allow_non_ct",
+        action="store_true",
+        help="classify DICOM images of another modality than CT (their values are not HU) "
+        "with a warning, instead of refusing them with 422",
+    )
+    parser.add_argument(
         "--file_system_poll_wait_seconds",
         type=float,
         default=DEFAULTS["poll_seconds"],
@@ -1075,6 +1146,7 @@ def main(argv: list[str] | None = None) -> None:
         max_body_bytes=args.max_body_bytes,
         max_files=args.max_files,
         max_pixels=args.max_pixels,
+        allow_non_ct=args.allow_non_ct,
         poll_seconds=args.file_system_poll_wait_seconds,
     )
     started = time.monotonic()

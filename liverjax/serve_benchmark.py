@@ -256,7 +256,7 @@ def bare_call(version_dir: pathlib.Path, data: bytes) -> Callable[[], Any]:
     size = servable.input_size
 
     def once():
-        [(_, image)] = serve.decode_dicom(data, "bench.dcm", size)
+        [(_, image, _)] = serve.decode_dicom(data, "bench.dcm", size)
         return servable.predict(image[None, ..., None].astype(np.float32))
 
     return once

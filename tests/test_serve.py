@@ -5,6 +5,7 @@ blocked, the session's export, DICOM files of the synthetic set, and the stdlib 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import io
 import json
 import logging
@@ -151,10 +152,10 @@ def test_decode_equals_the_records(records, dicom_files):
     """The server's DICOM path gives the very int16 image the builder stored."""
     size = records["image"].shape[1]
     for uid, image in zip(records["sop_uid"], records["image"], strict=True):
-        [(s, decoded)] = serve.decode_dicom(
+        [(s, decoded, doubts)] = serve.decode_dicom(
             dicom_files[uid].read_bytes(), dicom_files[uid].name, size
         )
-        assert s.sop_uid == uid
+        assert s.sop_uid == uid and doubts == []  # the phantom is square-pixelled CT
         assert decoded.dtype == np.int16
         np.testing.assert_array_equal(decoded, image[..., 0])
 
@@ -169,7 +170,10 @@ def test_classify_dicom_has_no_skew(client, records, dicom_files, exported):
     for i, result in enumerate(results):
         assert result["sop_uid"] == records["sop_uid"][i]
         assert result["patient_id"] == records["patient_id"][i]
-        assert result["file"] == files[i].name
+        assert result["file"] == files[i].name and result["file_index"] == i
+        assert result["path"] == str(files[i])  # the client's; the server saw the name only
+        assert result["warnings"] == []
+        assert (result["model_version"], result["threshold"]) == ("1", THRESHOLD)
         assert result["probability"] == pytest.approx(float(want["probability"][i]), abs=1e-4)
         label = int(result["probability"] >= threshold)
         assert (result["label"], result["class"]) == (label, ("normal", "lesion")[label])
@@ -198,7 +202,52 @@ def _bad_requests(size: int, dicom_path: pathlib.Path):
     many, many_type = multipart(
         [(f"{i}.dcm", b"x") for i in range(serve.DEFAULTS["max_files"] + 1)]
     )
+    # A part without a filename is a form field, read as text (curl -F 'b=<file')
+    unnamed = b'--x\r\nContent-Disposition: form-data; name="b"\r\n\r\nDICM\r\n--x--\r\n'
+    mr = pydicom.dcmread(dicom_path)
+    mr.Modality = "MR"
+    out = io.BytesIO()
+    mr.save_as(out, enforce_file_format=True)
     return [
+        (
+            "not CT",
+            "POST",
+            f"{classify}?filename=mr.dcm",
+            out.getvalue(),
+            dcm,
+            422,
+            "mr.dcm: not_ct: Modality 'MR'; this model reads CT in Hounsfield units",
+        ),
+        (
+            "multipart part without a filename",
+            "POST",
+            classify,
+            unnamed,
+            {"Content-Type": "multipart/form-data; boundary=x"},
+            400,
+            "multipart parts ['b'] have no filename",
+        ),
+        (
+            "a boolean in an image",
+            "POST",
+            predict,
+            json.dumps({"instances": good}).replace("0.0", "true", 1).encode(),
+            {},
+            400,
+            "instances[0][0][0][0]: true/false is not a number",
+        ),
+        (
+            "an integer of 5000 digits",
+            "POST",
+            predict,
+            b'{"instances": [' + b"1" * 5000 + b"]}",
+            {},
+            400,
+            "malformed JSON: Exceeds the limit",
+        ),
+        ("no model name", "GET", "/v1/models", None, {}, 400, "missing model name in request"),
+        ("no model name/", "GET", "/v1/models/", None, {}, 400, "missing model name in request"),
+        ("POST to the status", "POST", "/v1/models/liver", b"{}", {}, 405, "POST is not allowed"),
         (
             "too many files",
             "POST",
@@ -387,6 +436,65 @@ def test_dicom_over_max_pixels_is_refused_from_its_header(server, client, record
     ds.save_as(out, enforce_file_format=True)
     status, answer = client.request("POST", classify, out.getvalue(), dcm)
     assert status == 200 and answer["results"][0]["probability"] == pytest.approx(want, abs=1e-6)
+
+
+def _with(path: pathlib.Path, **attributes) -> bytes:
+    """The DICOM file at `path` with `attributes` changed."""
+    ds = pydicom.dcmread(path)
+    for name, value in attributes.items():
+        setattr(ds, name, value)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_doubtful_images_are_answered_with_warnings(server, client, records, dicom_files, tmp_path):
+    path = dicom_files[records["sop_uid"][0]]
+    want = client.classify_dicom([path])[0]
+    assert want["warnings"] == []
+    stretched = _with(path, PixelSpacing=[0.7, 1.4])
+    [got] = client.classify_dicom([stretched], names=["stretched.dcm"])
+    assert got["warnings"] == [
+        "non-square pixels (0.7 x 1.4 mm): resampled as square, its anatomy is stretched along "
+        "one axis"
+    ]
+    assert got["probability"] == pytest.approx(want["probability"], abs=1e-6)  # same pixels
+    # --allow_non_ct answers an MR image, and says what it is
+    with (
+        ServerProcess(server.base, flags=("--allow_non_ct",), log_path=tmp_path / "log") as lenient,
+        Client(lenient.url) as other,
+    ):
+        [mr] = other.classify_dicom([_with(path, Modality="MR")], names=["mr.dcm"])
+    assert mr["warnings"] == ["not CT (Modality MR): its values are not Hounsfield units"]
+    assert mr["modality"] == "MR" and mr["class"] in ("normal", "lesion")
+
+
+def test_405_says_which_methods_are_allowed(server):
+    # RFC 9110: a 405 carries Allow
+    for method, path, allowed in [
+        ("GET", "/v1/models/liver:predict", "POST"),
+        ("POST", "/v1/models/liver/versions/1", "GET, HEAD"),
+        ("PUT", "/v1/models/liver", "GET, HEAD, POST"),
+    ]:
+        conn = http.client.HTTPConnection(server.url.split("//")[1], timeout=30)
+        try:
+            conn.request(method, path, body=b"{}" if method != "GET" else None)
+            response = conn.getresponse()
+            answer = json.loads(response.read())
+        finally:
+            conn.close()
+        assert response.status == 405 and "error" in answer, (method, path, answer)
+        assert sorted(response.getheader("Allow").split(", ")) == sorted(allowed.split(", "))
+
+
+def test_an_empty_signature_name_is_the_default_one(client, records):
+    # as in TF Serving, whose clients send "" for the default
+    image = records["image"][:1].astype(np.float32)
+    want = client.predict(image)["probability"]
+    body = json.dumps({"signature_name": "", "instances": image.tolist()}).encode()
+    status, answer = client.request("POST", "/v1/models/liver:predict", body)
+    assert status == 200
+    assert answer["predictions"][0]["probability"] == pytest.approx(float(want[0]), abs=1e-6)
 
 
 def test_head_is_get_without_a_body(client):

@@ -214,12 +214,10 @@ def decode_file(manual_dir: str, rel_path: str, image_size: int) -> _Decoded:
     for index, s in enumerate(slices):
         if s.pixel_spacing is None:
             no_spacing = True
-        elif non_square is None and not is_square(s.pixel_spacing):
+        elif non_square is None and not dicom.is_square(s.pixel_spacing):
             non_square = (float(s.pixel_spacing[0]), float(s.pixel_spacing[1]))
         resampled = dicom.resample(s.image, image_size)
-        clipped += int(
-            np.count_nonzero((resampled < INT16.min - 0.5) | (resampled > INT16.max + 0.5))
-        )
+        clipped += dicom.outside_int16(resampled)
         image = dicom.to_int16(resampled)
         spacing = dicom.resampled_spacing(s.pixel_spacing, s.image.shape, image_size)
         records.append(
@@ -246,15 +244,6 @@ def decode_file(manual_dir: str, rel_path: str, image_size: int) -> _Decoded:
         no_spacing=no_spacing,
         non_square=non_square,
     )
-
-
-SQUARE_TOLERANCE = 0.01  # row and column spacing within 1% of each other count as square
-
-
-def is_square(spacing: Sequence[float]) -> bool:
-    """Whether (row, column) pixel spacing is square to within SQUARE_TOLERANCE."""
-    row, col = float(spacing[0]), float(spacing[1])
-    return abs(row - col) <= SQUARE_TOLERANCE * max(abs(row), abs(col))
 
 
 def spacing_summary(spacings: Iterable[tuple[float, float]]) -> dict[str, Any]:
