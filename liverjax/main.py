@@ -35,7 +35,7 @@ def main(argv: list[str]) -> None:
     host_memory.keep_freed_memory()  # before JAX starts: XLA:CPU's step buffers are reused
     logging.getLogger("liverjax").setLevel(logging.INFO)
     checkpointing.quiet_orbax_logs()
-    with train.user_errors("training"):
+    with train.user_errors("training", train.NonFiniteLossError):
         evaluate.eval_settings(FLAGS.config)  # used after training: a bad value fails now
         summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if summary.stop_reason == "preempted":

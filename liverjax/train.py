@@ -230,9 +230,11 @@ def user_errors(command: str, *also: type[Exception]) -> Iterator[None]:
 def parse_config_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing (`app.run(main, flags_parser=...)`), with a --config.x=y override that
     names no config field said in one line (ml_collections raises KeyError or AttributeError with
-    a "did you mean")."""
+    a "did you mean"). `-h` is `--helpshort`, as `-h` is elsewhere (absl knows only the long
+    forms)."""
     from absl import app
 
+    argv = [argv[0], *("--helpshort" if a == "-h" else a for a in argv[1:])]
     try:
         return app.parse_flags_with_usage(argv)
     except (KeyError, AttributeError) as e:
@@ -364,7 +366,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-    """Write the config to workdir/config.json; on resume, compare with the one saved there.
+    """Write the config to workdir/config.json; on resume, compare with the one saved there
+    first (`check_resumed_config`)."""
+    check_resumed_config(config, workdir)
+    write_config(config, workdir)
+
+
+def check_resumed_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+    """On resume, compare the config with the one saved in workdir/config.json.
 
     Changes to keys in RESUME_MUST_MATCH are refused while checkpoints exist (they would not
     load); other changes are allowed with a warning that lists them.
@@ -410,6 +419,11 @@ def save_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
                 "skipped or read twice (and epochs are counted in the new steps)",
                 " and ".join(stream),
             )
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+    """workdir/config.json, whole or not at all (process 0 writes it)."""
+    path = workdir / CONFIG_FILE
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         # Whole or not at all: other processes read it, and a kill mid-write would leave a
@@ -795,21 +809,22 @@ def train_and_evaluate(
             pos_weight,
         )
 
-    # Only a run that can start writes into the workdir (on resume: compares with the saved one).
-    save_config(config, workdir_path)
+    # Only a run that can start writes into the workdir: config.json once the model is restored
+    # or initialized (a resume that fails keeps the config its checkpoints were trained with).
+    check_resumed_config(config, workdir_path)
     tx = create_optimizer(config, steps_per_epoch, total_steps)
     steps = make_steps(config, mesh, tx, pos_weight=pos_weight)
+    train_iter = iter(
+        input_pipeline.train_dataset(
+            train_source, config, global_batch_size=config.batch_size, labels=labels
+        )
+    )
     ckpt = checkpointing.Checkpointer(
         workdir_path / CHECKPOINT_DIR,
         keep=config.checkpoint.keep,
         keep_best=config.checkpoint.keep_best,
         best_metric=config.best_metric,
         async_save=config.checkpoint.async_save,
-    )
-    train_iter = iter(
-        input_pipeline.train_dataset(
-            train_source, config, global_batch_size=config.batch_size, labels=labels
-        )
     )
     start_step = round(config.early_stopping.start_epoch * steps_per_epoch)
     early = EarlyStopping(
@@ -866,6 +881,7 @@ def train_and_evaluate(
         state = steps.init()
         n_params = sum(x.size for x in jax.tree.leaves(state.params))
         logger.info("initialized a new model with %d parameters", n_params)
+    write_config(config, workdir_path)
     start = int(state.step)
     if start >= total_steps:
         stop_reason = stop_reason or "done"

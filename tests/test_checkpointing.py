@@ -367,3 +367,22 @@ def test_a_damaged_checkpoint_is_named_with_the_one_to_resume_from(tmp_path):
     assert "checkpoint 1 in" in str(e.value) and "holds another network" in str(e.value)
     assert "out of the way" not in str(e.value)
     ckpt.close()
+
+
+def test_a_resume_that_fails_keeps_the_saved_config(data_dir, tmp_path):
+    # A changed config was once written before the restore failed: evaluation and export then
+    # read the new values for checkpoints trained with the old ones.
+    config = runs.make_config(data_dir, num_train_steps=2)
+    train.train_and_evaluate(config, str(tmp_path))
+    saved = (tmp_path / train.CONFIG_FILE).read_text()
+    latest = max(
+        int(p.name) for p in (tmp_path / train.CHECKPOINT_DIR).iterdir() if p.name.isdigit()
+    )
+    state_dir = tmp_path / train.CHECKPOINT_DIR / str(latest) / "state"
+    files = sorted((p for p in state_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(files[-1], "r+b") as f:
+        f.truncate(100)
+    changed = runs.make_config(data_dir, num_train_steps=4, **{"optimizer.learning_rate": 1e-3})
+    with pytest.raises(checkpointing.CheckpointReadError, match=f"checkpoint {latest} in"):
+        train.train_and_evaluate(changed, str(tmp_path))
+    assert (tmp_path / train.CONFIG_FILE).read_text() == saved

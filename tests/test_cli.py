@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import training_runs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MODULES = sorted(
@@ -80,6 +81,37 @@ def test_main_says_what_is_wrong_in_one_line(tmp_path, args, message):
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
     assert any(re.search(message, line) for line in lines), done.stderr[-2000:]
     assert not workdir.exists()  # nothing written for a run that cannot start
+
+
+def test_a_diverged_run_ends_in_one_line(tmp_path_factory, tmp_path):
+    data_dir = training_runs.liver_data(tmp_path_factory)
+    argv = [
+        *("--config", str(REPO / "configs" / "test.py"), f"--workdir={tmp_path / 'run'}"),
+        *(f"--config.dataset.data_dir={data_dir}", "--config.optimizer.learning_rate=1e30"),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "liverjax.main", *argv],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert re.match(r"training failed: training loss is (nan|inf) at step \d+", last), last
+    assert last.endswith("(LIVERJAX_TRACEBACK=1 shows where)")
+
+
+def test_help_is_h_too(tmp_path):
+    # absl knows --help and --helpshort; every other liverjax command takes -h
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for module, flag in (("liverjax.main", "--workdir"), ("liverjax.benchmark", "--torch_ref")):
+        done = subprocess.run(
+            [sys.executable, "-m", module, "-h"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        # absl's help exits with 1, as --helpshort does
+        assert "Unknown command line flag" not in done.stderr, done.stderr[-2000:]
+        assert "--config" in done.stdout and flag in done.stdout, module
 
 
 def test_an_error_in_the_config_file_keeps_its_traceback(tmp_path):
