@@ -1,9 +1,10 @@
 """A small client for the classifier's REST API: TF Serving's `:predict`, and `:classify_dicom`.
 
-Standard library only (`http.client`), so it runs wherever Python does, next to a PACS or in a
-notebook, with nothing to install; it keeps one connection open per client (HTTP keep-alive), so
-one client per thread. The same client talks to `liverjax.serve` and to a real TF Serving
-(`launch/tfserving.sh`) for `status`, `metadata` and `predict`; `classify_dicom` is liverjax's.
+Standard library only (`http.client`; `predict` needs numpy), so it runs wherever Python does,
+next to a PACS or in a notebook, with nothing to install; it keeps one connection open per client
+(HTTP keep-alive), so one client per thread. The same client talks to `liverjax.serve` and to a
+real TF Serving (`launch/tfserving.sh`) for `status`, `metadata` and `predict`; `classify_dicom` is
+liverjax's.
 
     from liverjax.client import Client
     client = Client("http://127.0.0.1:8501")
@@ -24,9 +25,10 @@ import sys
 import urllib.parse
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 DEFAULT_URL = "http://127.0.0.1:8501"
 DEFAULT_TIMEOUT_S = 60.0
@@ -146,6 +148,8 @@ class Client:
         signature_name: str = "serving_default",
     ) -> dict[str, np.ndarray]:
         """Lesion probabilities and logits (N,) for float32 HU images (N, H, W, 1)."""
+        import numpy as np  # only here: the rest of the client is the standard library
+
         images = np.asarray(images, np.float32)
         key = "inputs" if columnar else "instances"
         body = json.dumps({"signature_name": signature_name, key: images.tolist()}).encode()

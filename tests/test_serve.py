@@ -822,6 +822,22 @@ def test_the_client_names_a_missing_file_not_the_server(tmp_path, capsys):
     assert str(failed.value.code) == f"{missing}: No such file or directory"
 
 
+def test_the_client_command_needs_only_the_standard_library(tmp_path):
+    # numpy made unimportable: status and classify still run (and fail only on the server)
+    blocker = tmp_path / "blocker" / "numpy"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('numpy is blocked')\n")
+    path = os.pathsep.join([str(blocker.parent), str(training_runs.REPO)])
+    env = {**os.environ, "PYTHONPATH": path}
+    url = f"http://127.0.0.1:{training_runs.free_port()}"  # nothing listens
+    done = subprocess.run(
+        [sys.executable, "-m", "liverjax.client", "--url", url, "status"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1 and "ConnectionRefusedError" in done.stderr, done.stderr
+    assert "numpy" not in done.stderr
+
+
 def test_batcher_answers_mixed_batch_sizes_that_overflow_a_batch():
     # Requests of 10, 10, 2 and 1 images with max_batch 12: the second 10 waits for the next
     # call. Taking the batch out of the queue once compared the queued (servable, array) tuples,
