@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
+from etils import epath
 
 # Records read at once when scanning a split's labels.
 _LABEL_SCAN_CHUNK = 256
@@ -73,6 +74,14 @@ def data_dir(dataset: ml_collections.ConfigDict) -> str | None:
 
 def _config_names(builder_class: type[tfds.core.DatasetBuilder]) -> str:
     return ", ".join(repr(c.name) for c in builder_class.BUILDER_CONFIGS)
+
+
+def data_dir_of(builder: tfds.core.DatasetBuilder) -> str:
+    """The data_dir a built dataset is under, as given: for a config it has no code for (one
+    given as JSON at build time), TFDS reads the records with a ReadOnlyBuilder, whose
+    `data_dir_root` is the version's own folder."""
+    depth = 3 if builder.builder_config else 2  # root/name[/config]/version
+    return os.fspath(epath.Path(builder.data_dir).parents[depth - 1])
 
 
 def _needs_manual_dir(builder: tfds.core.DatasetBuilder) -> bool:
@@ -161,7 +170,7 @@ def open_source(dataset: ml_collections.ConfigDict, split: str) -> Sequence[dict
             f"{_not_built(dataset, builder)}; give --config.dataset.data_dir (or evaluate's "
             "--data_dir) where the records are, or build them"
         )
-    where = f"dataset {dataset.name!r} in data_dir={builder.data_dir_root}"
+    where = f"dataset {dataset.name!r} in data_dir={data_dir_of(builder)}"
     counts = ", ".join(f"{k} {v.num_examples}" for k, v in builder.info.splits.items())
     hint = f"its splits: {counts or 'none'}"
     why = (

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 import training_runs as runs
 
 from liverjax import input_pipeline
@@ -169,6 +170,14 @@ def test_a_missing_or_empty_split_names_the_built_splits(config, split, message)
     with pytest.raises(ValueError, match=message) as e:
         input_pipeline.open_source(config.dataset, split)
     assert "its splits: train 48, validation 12, test 12" in str(e.value)
+    assert f"in data_dir={config.dataset.data_dir}: " in str(e.value)  # the data_dir given
+    # ... also for the ReadOnlyBuilder of a config built from JSON, whose data_dir_root is the
+    # version's folder
+    built = tfds.builder(config.dataset.name, data_dir=config.dataset.data_dir)
+    read_only = tfds.builder_from_directory(built.data_dir)
+    assert os.fspath(read_only.data_dir_root) == built.data_dir  # what the message once showed
+    assert input_pipeline.data_dir_of(read_only) == config.dataset.data_dir
+    assert input_pipeline.data_dir_of(built) == config.dataset.data_dir
     # The report explains empty splits; a typo needs no such hint.
     assert ("curation_report.json" in str(e.value)) == (split != "tset")
     # Split expressions still open.
