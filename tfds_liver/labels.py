@@ -1,6 +1,6 @@
 """labels.csv: read, validate and write per-image labels; derive them from mask series.
 
-The file format (DESIGN.md): one row per labelled image or series.
+The file format (README.md, "Your DICOM → records"): one row per labelled image or series.
 
 * required columns ``patient_id`` and ``label`` (``normal``/``lesion``, any case, or ``0``/``1``);
 * per row exactly one of ``path`` (relative to the manual dir, ``/``-separated; a file, or a folder
