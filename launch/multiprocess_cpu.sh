@@ -11,6 +11,7 @@
 # $WORKDIR/process_i.log (overwritten at each launch), and the script waits for all of them: it
 # exits 0 only if every process did; when one fails, it stops the others and prints its log's
 # end. Processes preempted by SIGTERM save and exit 143; so does the script then, if none failed.
+# SIGTERM or Ctrl-C to the script is passed on to the processes as SIGTERM.
 # Launching again with the same WORKDIR resumes from the latest checkpoint.
 #
 # Settings, as environment variables:
@@ -40,6 +41,17 @@ export JAX_PLATFORMS=cpu
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices}"
 
 declare -A process_of_pid=()
+# SIGTERM or Ctrl-C to the script is a preemption of every process (they save and exit 143; the
+# background processes of a script ignore SIGINT, so they get SIGTERM for it too): the script
+# never leaves them running behind it.
+forward() {
+  echo "$1: stopping the processes (they save a checkpoint first)" >&2
+  for pid in "${!process_of_pid[@]}"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+}
+trap 'forward SIGTERM' TERM
+trap 'forward SIGINT' INT
 for ((i = 0; i < num_processes; i++)); do
   "$python" -m liverjax.main \
     --config "$config" \
@@ -58,7 +70,7 @@ status=0
 preempted=0
 preempted_code=143  # liverjax.main after SIGTERM: checkpoint saved, run not finished
 while ((${#process_of_pid[@]} > 0)); do
-  sleep 1
+  sleep 1 || true  # a Ctrl-C ends the sleep too; the trap has run
   for pid in "${!process_of_pid[@]}"; do
     if kill -0 "$pid" 2>/dev/null; then
       continue
@@ -82,7 +94,7 @@ while ((${#process_of_pid[@]} > 0)); do
       kill -TERM "$other" 2>/dev/null || true
     done
     for ((t = 0; t < stop_grace; t++)); do
-      sleep 1
+      sleep 1 || true
       alive=0
       for other in "${!process_of_pid[@]}"; do
         if kill -0 "$other" 2>/dev/null; then alive=1; fi

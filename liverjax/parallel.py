@@ -73,6 +73,7 @@ def initialize_distributed(dist: ml_collections.ConfigDict) -> bool:
     """
     enabled = _enabled(dist.enabled)
     explicit = dist.coordinator_address is not None
+    hint = None
     if enabled == "auto":
         hint = _cluster_detected()
         enabled = explicit or hint is not None
@@ -97,7 +98,16 @@ def initialize_distributed(dist: ml_collections.ConfigDict) -> bool:
             kwargs[key] = int(value)
     if dist.get("initialization_timeout"):
         kwargs["initialization_timeout"] = int(dist.initialization_timeout)
-    jax.distributed.initialize(**kwargs)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (ValueError, RuntimeError) as e:
+        why = f"${hint} shows a multi-process launch" if hint else "config.distributed asks for it"
+        raise ValueError(
+            f"jax.distributed did not start ({e}); it was started because {why}. For one "
+            "process, set --config.distributed.enabled=False; for several, give "
+            "--config.distributed.coordinator_address=HOST:PORT, num_processes and process_id "
+            "(or $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID)"
+        ) from e
     logging.info(
         "jax.distributed: process %d of %d, %d local / %d global devices",
         jax.process_index(),
@@ -106,6 +116,77 @@ def initialize_distributed(dist: ml_collections.ConfigDict) -> bool:
         jax.device_count(),
     )
     return True
+
+
+def gather_bytes(data: bytes) -> list[bytes]:
+    """`data` of every process, in process order (every process gets the list)."""
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return [data]
+    lengths = multihost_utils.process_allgather(np.array([len(data)], np.int64)).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: len(data)] = np.frombuffer(data, np.uint8)
+    rows = multihost_utils.process_allgather(padded).reshape(len(lengths), -1)
+    return [row[:n].tobytes() for row, n in zip(rows, lengths, strict=True)]
+
+
+def check_processes_agree(settings: Mapping[str, Any], what: str, fix: str) -> None:
+    """Raises on every process unless all processes hold the same `settings` (flat, JSON-able):
+    a ValueError naming the processes and keys that differ from process 0's. `what` names them
+    in the message (e.g. "configs"), `fix` says what to do."""
+    import json
+
+    if jax.process_count() == 1:
+        return
+    mine = json.dumps(dict(settings), sort_keys=True, default=str).encode()
+    every = [json.loads(b) for b in gather_bytes(mine)]
+    first = every[0]
+    differ = {}
+    for index, other in enumerate(every[1:], start=1):
+        keys = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+        if keys:
+            differ[index] = keys
+    if differ:
+
+        def listed(i: int, keys: list[str]) -> str:
+            pairs = [f"{k} = {every[i].get(k)!r} (process 0: {first.get(k)!r})" for k in keys[:5]]
+            more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+            return f"process {i}: {', '.join(pairs)}{more}"
+
+        shown = "; ".join(listed(i, keys) for i, keys in differ.items())
+        raise ValueError(f"the processes of this run have different {what} ({shown}); {fix}")
+
+
+def check_shared_folder(folder: Any) -> None:
+    """Raises on every process unless `folder` (an epath.Path) is one folder that every process
+    sees: process 0 writes a token there that each process must read back."""
+    import uuid
+
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return
+    marker = folder / ".liverjax-shared-check"
+    token = gather_bytes(uuid.uuid4().hex.encode())[0]  # process 0's
+    if jax.process_index() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.write_bytes(token)
+    multihost_utils.sync_global_devices("liverjax: shared-folder token written")
+    try:
+        seen = marker.exists() and marker.read_bytes() == token
+    except OSError:
+        seen = False
+    every = gather_bytes(b"1" if seen else b"0")
+    if jax.process_index() == 0:
+        marker.unlink(missing_ok=True)
+    blind = [i for i, flag in enumerate(every) if flag != b"1"]
+    if blind:
+        raise ValueError(
+            f"--workdir {folder} is not one folder shared by every process: process(es) {blind} "
+            "do not see what process 0 wrote there, so the processes cannot write one checkpoint "
+            "together; give every process a path on one shared filesystem (or a gs:// path)"
+        )
 
 
 def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

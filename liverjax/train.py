@@ -224,7 +224,15 @@ def user_errors(command: str, *also: type[Exception]) -> Iterator[None]:
     except (ValueError, OSError, *also) as e:
         if os.environ.get(TRACEBACK_ENV):
             raise
-        sys.exit(f"{command} failed: {e} ({TRACEBACK_ENV}=1 shows where)")
+        message = f"{command} failed: {e} ({TRACEBACK_ENV}=1 shows where)"
+        if jax.distributed.is_initialized():
+            # sys.exit would wait in jax.distributed's shutdown barrier for the other processes
+            # (minutes, until a timeout); exiting now lets the launcher stop them.
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
+            logging.shutdown()
+            os._exit(1)
+        sys.exit(message)
 
 
 def parse_config_flags(argv: list[str]) -> list[str]:
@@ -737,6 +745,21 @@ def train_and_evaluate(
     `hooks` are called with the step number after every train step (e.g. a profiler).
     """
     parallel.initialize_distributed(config.distributed)
+    # Processes that differ would train apart silently (other seeds, rates) or hang in collectives.
+    parallel.check_processes_agree(
+        {"local devices": jax.local_device_count()},
+        "numbers of devices",
+        "give every process as many (the batch is split evenly over processes)",
+    )
+    parallel.check_processes_agree(
+        {
+            k: v
+            for k, v in _flatten(json.loads(config.to_json_best_effort())).items()
+            if not k.startswith("distributed.")
+        },
+        "configs",
+        "start every process with the same --config and flags (only the process id differs)",
+    )
     validate_config(config)
     mesh = parallel.create_mesh()
     parallel.check_batch_size(config.batch_size, mesh, "config.batch_size")
@@ -811,6 +834,7 @@ def train_and_evaluate(
 
     # Only a run that can start writes into the workdir: config.json once the model is restored
     # or initialized (a resume that fails keeps the config its checkpoints were trained with).
+    parallel.check_shared_folder(workdir_path)  # one checkpoint, written by all processes
     check_resumed_config(config, workdir_path)
     tx = create_optimizer(config, steps_per_epoch, total_steps)
     steps = make_steps(config, mesh, tx, pos_weight=pos_weight)

@@ -139,12 +139,14 @@ def _main_processes(workdir) -> list[int]:
 
 
 @pytest.mark.skipif(not pathlib.Path("/proc").is_dir(), reason="finds the processes in /proc")
+@pytest.mark.parametrize("to", ["every process", "the script"])
 def test_sigterm_to_every_process_saves_one_checkpoint_and_stops(
-    data_dir, tmp_path, tmp_path_factory
+    data_dir, tmp_path, tmp_path_factory, to
 ):
     """What a cluster's preemption does (SIGTERM to every process of the job): JAX's preemption
     service makes all processes agree on one step, save it and exit 143 (the run is not finished;
-    the launcher passes that on)."""
+    the launcher passes that on). SIGTERM to the script alone (kill, a terminal closing) once
+    left the processes training behind it; it passes the signal on."""
     workdir = tmp_path / "run"
     child = _multiprocess(workdir, data_dir, 100_000, _env(tmp_path_factory, 1))
     logs = [workdir / f"process_{i}.log" for i in range(2)]
@@ -154,10 +156,11 @@ def test_sigterm_to_every_process_saves_one_checkpoint_and_stops(
         time.sleep(0.5)
     pids = _main_processes(workdir)
     assert len(pids) == 2, pids
-    for pid in pids:
+    for pid in pids if to == "every process" else [child.pid]:
         os.kill(pid, signal.SIGTERM)
     out = _finish(child, code=143)
     assert "preempted: the checkpoint is saved" in out
+    assert _main_processes(workdir) == []
 
     stopped = re.compile(r"stopped at step (\d+) \((\w+)\)")
     stops = {stopped.search(log.read_text(errors="replace")).groups() for log in logs}
@@ -170,6 +173,40 @@ def test_sigterm_to_every_process_saves_one_checkpoint_and_stops(
     states = sorted(p.name for p in (step_dir / "data").glob("process_*.json"))
     assert states == ["process_0-of-2.json", "process_1-of-2.json"]
     assert (step_dir / "state" / "commit_success.txt").is_file()
+
+
+@pytest.mark.parametrize("differs", ["seed", "workdir"])
+def test_processes_started_differently_all_stop_at_once_saying_so(
+    data_dir, tmp_path, tmp_path_factory, differs
+):
+    # A different seed (or rate) once trained apart silently; another workdir failed at the first
+    # save. An error on one process then waited minutes in jax.distributed's shutdown.
+    env = _env(tmp_path_factory, 1)
+    port = runs.free_port()
+    children = []
+    for i in range(2):
+        workdir = tmp_path / ("run" if differs == "seed" or i == 0 else "elsewhere")
+        argv = [
+            sys.executable, "-m", "liverjax.main", "--config=configs/test.py",
+            f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}",
+            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+            "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+            *([f"--config.seed={i}"] if differs == "seed" else []),
+        ]  # fmt: skip
+        log = open(tmp_path / f"process_{i}.log", "w")  # noqa: SIM115  (closed when it exits)
+        children.append(
+            subprocess.Popen(argv, cwd=runs.REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        )
+    codes = [child.wait(timeout=240) for child in children]  # not jax.distributed's timeout
+    logs = [(tmp_path / f"process_{i}.log").read_text(errors="replace") for i in range(2)]
+    assert codes == [1, 1], logs
+    if differs == "seed":
+        want = "have different configs (process 1: seed = 1 (process 0: 0))"
+    else:
+        want = "is not one folder shared by every process: process(es) [1] do not see"
+    for log in logs:
+        assert "training failed: " in log and want in log, log[-3000:]
+    assert not list(tmp_path.rglob("checkpoints"))
 
 
 @pytest.mark.parametrize("name", ["local.sh", "slurm.sbatch", "tpu_vm.sh", "multiprocess_cpu.sh"])

@@ -148,3 +148,28 @@ def test_two_processes_from_the_jax_environment_variables(tmp_path, tmp_path_fac
     for index, (child, log) in enumerate(children):
         assert child.wait(timeout=300) == 0, log.read_text()[-3000:]
         assert f"processes {index} 2 2" in log.read_text()
+
+
+def test_a_detected_launch_that_jax_cannot_start_says_why_and_what_to_do(tmp_path):
+    # Open MPI's count without the variables JAX's own detection needs: JAX said only
+    # "coordinator_address should be defined".
+    code = textwrap.dedent(
+        """
+        from configs import default
+        from liverjax import parallel
+        try:
+            parallel.initialize_distributed(default.get_config().distributed)
+        except ValueError as e:
+            print("ERROR", e)
+        """
+    )
+    env = runs.child_env(tmp_path / "cache", 1)
+    env["OMPI_COMM_WORLD_SIZE"] = "2"
+    for name in [n for n in env if n.startswith(("SLURM_", "JAX_COORDINATOR", "TPU_", "OMPI_MCA"))]:
+        del env[name]
+    log = tmp_path / "log"
+    assert runs.start_python(code, env, log).wait(timeout=120) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "ERROR jax.distributed did not start (" in text, text[-3000:]
+    assert "because $OMPI_COMM_WORLD_SIZE shows a multi-process launch" in text
+    assert "--config.distributed.enabled=False" in text
