@@ -648,7 +648,10 @@ def export_workdir(
     chosen: dict[str, Any] = {}  # how the threshold was chosen, for the served model's metadata
     if source != "default":
         written = json.loads(epath.Path(source).read_text())
-        keys = ("rule", "target_sensitivity", "split", "checkpoint_step", "dataset", "validation")
+        keys = (
+            *("rule", "target_sensitivity", "split", "checkpoint_step", "dataset", "validation"),
+            "patient_level",  # thresholds on a patient's max / mean probability, for clients
+        )
         chosen = {k: written[k] for k in keys if k in written}
         chosen_for = written.get("checkpoint_step")
         if chosen_for is not None and chosen_for != restored.step:
