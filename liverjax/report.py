@@ -505,8 +505,10 @@ def _operating_point_section(result: Mapping[str, Any]) -> str:
     text = (
         f"Rule: {op['rule_description']}. The threshold is chosen on the "
         f"{op['chosen_on']} split and applied unchanged to the {result['split']} split; a "
-        f"probability at or above it is called lesion. The slice threshold is saved in "
-        f"operating_point.json, which the exported model uses."
+        f"probability at or above it is called lesion. The thresholds are saved in "
+        f"operating_point.json and go with the exported model: the server classifies each image "
+        f"at the slice threshold; the patient-level figures hold for a client that takes a "
+        f"patient's maximum or mean image probability and applies that level's threshold."
     )
     return (
         f'<section id="operating-point"><h2>Operating point</h2><p>{_e(text)}</p>'
