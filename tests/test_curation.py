@@ -18,7 +18,9 @@ from tfds_liver import curation, labels
 SIZE = 16
 
 
-def write_ct(path: pathlib.Path, pixels: np.ndarray, *, patient="P1", sop=None, frames=1) -> str:
+def write_ct(
+    path: pathlib.Path, pixels: np.ndarray, *, patient="P1", sop=None, frames=1, study=None
+) -> str:
     """Writes a small CT DICOM file (stored = HU + 1024) and returns its SOP Instance UID."""
     sop = sop or generate_uid()
     meta = FileMetaDataset()
@@ -30,7 +32,7 @@ def write_ct(path: pathlib.Path, pixels: np.ndarray, *, patient="P1", sop=None, 
     ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = sop
     ds.PatientID = patient
-    ds.StudyInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study or generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     ds.Modality = "CT"
     ds.Rows, ds.Columns = pixels.shape[-2:]
@@ -142,7 +144,10 @@ def test_every_file_is_accounted_for(messy_dir, caplog):
         "skipped": 2,
     }
     assert report["skipped_by_reason"] == {"empty": 1, "not_dicom": 1}
-    assert [r["path"] for r in report["label_rows_without_image"]] == ["siteB/missing.dcm"]
+    # A row naming a file that holds no image matches none too (the file's entry says why).
+    missing, empty = report["label_rows_without_image"]
+    assert (missing["path"], empty["path"]) == ("siteB/missing.dcm", "siteB/empty.dcm")
+    assert empty["why"].startswith("names 1 file(s), none of them a decodable image (siteB/empty")
     assert report["top_level_folders"] == {"siteA": 12, "siteB": 10}
     assert report["slices_by_source"] == {"siteA": 11, "siteB": 6}
     # Slices: 12 siteA - 1 conflict + 3 series + 1 by uid + 2 frames = 17.
@@ -511,6 +516,33 @@ def test_one_dicom_patient_under_several_sheet_patients_is_reported(tmp_path, ca
     assert "DICOM PatientID 'SAME' is labelled as 2 patients (S0, S1)" in caplog.text
 
 
+def test_sheet_patients_sharing_a_study_stay_in_one_split(tmp_path, caplog):
+    """One series whose slices the sheet gives two patient ids (a typo) under an anonymised,
+    empty PatientID: the Study Instance UID still says it is one person, who would otherwise be
+    in two splits (seed 1 puts S0 in test and S1 in train)."""
+    d = tmp_path / "m"
+    rows = []
+    study = generate_uid()
+    for i in range(12):
+        write_ct(d / f"{i}.dcm", image(100 + i), patient="", study=study if i < 2 else None)
+        rows.append({"patient_id": f"S{i}", "label": i % 2, "path": f"{i}.dcm"})
+    write_sheet(d / "labels.csv", rows)
+    spec = curation.SplitSpec(validation=0.0, test=0.5, seed=1)
+    result = curation.curate(d, image_size=8, split=spec, workers=1)
+    split_of = {p: name for name, s in result.report["splits"].items() for p in s["patient_ids"]}
+    assert split_of["S0"] == split_of["S1"]
+    (shared,) = result.report["patients_sharing_a_study"]
+    assert shared["patient_ids"] == ["S0", "S1"] and shared["study_uids"] == [study]
+    assert shared["split"] == split_of["S0"] and shared["series_uids"] == []
+    assert result.report["dicom_patient_ids_labelled_as_several_patients"] == []  # empty ids
+    assert "2 patients share DICOM studies with another (1 groups" in (
+        curation.summarize(result.report)
+    )
+    with caplog.at_level("WARNING"):
+        curation.log_summary(result.report)
+    assert f"patients S0, S1 share DICOM study {study}" in caplog.text
+
+
 def test_rows_that_name_one_file_must_agree_and_their_conflict_excludes_every_copy(tmp_path):
     d = tmp_path / "m"
     write_ct(d / "s/a.dcm", image(1), patient="P1")  # two rows: same label, two patients
@@ -739,3 +771,26 @@ def test_worker_processes_that_cannot_start_are_said_to_be_the_cause(tmp_path):
     assert run.returncode != 0
     assert "died on each of the first 3 files, one at a time" in run.stderr
     assert '`if __name__ == "__main__":`' in run.stderr
+
+
+def test_one_sop_uid_with_other_pixels_is_a_conflict_not_a_duplicate(tmp_path):
+    # once "duplicate" of the first: a distinct image dropped as a repeat of another
+    d = tmp_path / "m"
+    uid = generate_uid()
+    write_ct(d / "a.dcm", image(1), patient="P1", sop=uid)
+    write_ct(d / "b.dcm", image(2), patient="P1", sop=uid)  # other pixels, the same UID
+    write_ct(d / "c.dcm", image(1), patient="P1", sop=uid)  # a true copy of a
+    for i in range(3, 9):
+        write_ct(d / f"{i}.dcm", image(i), patient=f"P{i}")
+    rows = [{"patient_id": "P1", "label": 1, "path": f"{n}.dcm"} for n in "abc"]
+    rows += [{"patient_id": f"P{i}", "label": i % 2, "path": f"{i}.dcm"} for i in range(3, 9)]
+    write_sheet(d / "labels.csv", rows)
+    result = curation.curate(d, image_size=8, split=curation.SplitSpec(0.2, 0.2, 0), workers=1)
+    by_path = {e["path"]: e for e in result.report["files"]}
+    assert by_path["b.dcm"]["status"] == "conflict"
+    assert (
+        f"SOP Instance UID {uid} is also in a.dcm, with other pixels" in by_path["b.dcm"]["detail"]
+    )
+    assert by_path["a.dcm"]["status"] == "conflict"  # neither can be told to be the right one
+    assert by_path["c.dcm"]["status"] == "conflict"  # and its copy goes with it
+    assert all(e.record.image_id != uid for s in result.splits.values() for e in s)

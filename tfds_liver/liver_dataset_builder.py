@@ -86,7 +86,7 @@ class LiverConfig(tfds.core.BuilderConfig):
 class Builder(tfds.core.GeneratorBasedBuilder):
     """DatasetBuilder for the `liver` dataset."""
 
-    VERSION = tfds.core.Version("1.3.2")
+    VERSION = tfds.core.Version("1.3.3")
     RELEASE_NOTES = {
         "1.0.0": "First release: synthetic and manual configs, curation report.",
         "1.1.0": "Images stored as raw int16 bytes (not PNG); synthetic: 384 patients, "
@@ -106,6 +106,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         "summarises each split's pixel spacing; labelled_by is always a list (was a joined string "
         "on written files) and is on conflicts too; folders linked into the tree keep their own "
         "path; an unlistable folder is an error; Implicit VR Pixel Padding Value 0 or 1 is found.",
+        "1.3.3": "Sheet patients whose images share a Study or Series Instance UID are kept in "
+        "one split and reported (patients_sharing_a_study); one SOP Instance UID with other "
+        "pixels is a conflict (was a duplicate of the first); label rows naming only files with "
+        "no decodable image are listed under label_rows_without_image.",
         "1.3.2": "MONOCHROME1 CT stays in Hounsfield units (was inverted); a Modality LUT Sequence "
         "applies beside an empty Rescale Slope; raw pixels of the declared size under a "
         "compressed syntax decode; native Pixel Data a whole frame longer than declared, a data "
