@@ -21,13 +21,14 @@ Method (what a reader of the report needs to know):
   probabilities by their maximum / mean, and a patient is "lesion" if any slice is. Each level
   gets its own threshold, chosen on validation at that level by the same rule; when the validation
   patients hold a single class the slice threshold is used, and the report says so.
-* Uncertainty, at every level, with patients as the independent units (never slices):
-  sensitivity, specificity, PPV, NPV and accuracy get Wilson score intervals on the effective
-  sample size (the slices over the Rao-Scott design effect of their clustering in patients; each
-  patient counts once at 0 % or 100 %), which stay wide on small sets where a bootstrap collapses
-  to a point. AUC, AP, F1, Brier and ECE get percentile bootstrap intervals resampling patients,
-  when each class has `eval.bootstrap_min_patients` patients; resamples holding one class are
-  left out (their count is reported). Brier and ECE are reported for slices only.
+* Uncertainty, at every level, with patients as the independent units (never slices): sensitivity,
+  specificity, PPV, NPV and accuracy get Wilson score intervals on the effective sample size (the
+  slices over the Rao-Scott design effect of their clustering in patients, with a t quantile on
+  patients - 1 degrees of freedom; each patient counts once where at most one patient holds the
+  rarer outcome, as at 0 % or 100 %), which stay wide on small sets where a bootstrap collapses to a
+  point. AUC, AP, F1, Brier and ECE get percentile bootstrap intervals resampling patients, when
+  each class has `eval.bootstrap_min_patients` patients; resamples holding one class are left out
+  (their count is reported). Brier and ECE are reported for slices only.
 * All numbers come from liverjax.metrics; probabilities from the same jitted `predict` as
   training's validation (liverjax.train), so preprocessing is liverjax.preprocess.
 

@@ -380,11 +380,17 @@ def _key_results(result: Mapping[str, Any]) -> str:
             "intervals are wide, and patient-level figures rest on very few cases."
         )
     minimum = result["bootstrap"]["min_patients_per_class"]
-    if min(lesion, normal) < minimum:
+    without = [
+        LEVEL_TITLES[name]
+        for name, v in result["levels"].items()
+        if "too_few_patients" in v.get("ci_method", {}).values()
+    ]
+    if without:
         warnings.append(
-            f"Fewer than {minimum} patients of a class: AUC, AP, F1, Brier and ECE have no "
-            "interval (a bootstrap of so few patients has too few distinct resamples to mean "
-            "anything); the proportions keep their Wilson intervals."
+            f"Fewer than {minimum} patients of a class at {', '.join(without)} level: AUC, AP "
+            "and F1 there (and Brier and ECE for slices) have no interval, as a bootstrap of so "
+            "few patients has too few distinct resamples to mean anything; the proportions keep "
+            "their Wilson intervals."
         )
     warn = "".join(f'<p class="warn">{_e(w)}</p>' for w in warnings)
     return f'<section id="summary"><h2>Key results</h2><p>{text}</p>{warn}</section>'
@@ -426,18 +432,20 @@ def _metrics_section(result: Mapping[str, Any]) -> str:
         f"Values are point estimates with {level}% confidence intervals, patients taken as the "
         f"independent units at every level. Sensitivity, specificity, PPV, NPV and accuracy: "
         f"Wilson score intervals on the effective sample size, the slices counted over the "
-        f"design effect of their clustering in patients (Rao-Scott; 1 at patient level); at "
-        f"0% or 100%, where the slices show no variation to estimate it from, each patient "
-        f"counts once. ROC AUC, PR AUC, F1, Brier and ECE: percentile bootstrap intervals from "
-        f"{b['n_resamples']} resamples of patients (seed {b['seed']}), every slice of a drawn "
-        f"patient entering the resample; 'CI n/a' where a class has fewer than "
-        f"{b['min_patients_per_class']} patients. Resamples holding a single class were left "
-        f"out (per level: {skipped or 'none drawn'}); a metric undefined on a resample (e.g. F1 "
-        f"with neither a lesion nor a positive prediction) leaves that resample out of its own "
-        f"interval only. 'n/a': not defined on this split (e.g. AUC with one class). "
-        f"Patient (max) / (mean): a patient's lesion score is the maximum / mean of their "
-        f"slice probabilities, and a patient has a lesion if any slice has; such a score ranks "
-        f"patients but is no probability, so Brier and ECE ('\u2014') are for slices only."
+        f"design effect of their clustering in patients (Rao-Scott, with a t quantile on "
+        f"patients - 1 degrees of freedom; 1 at patient level); where at most one patient "
+        f"holds the rarer outcome (as at 0% or 100%), the slices cannot show how it clusters, "
+        f"and each patient counts once. ROC AUC, PR AUC, F1, Brier and ECE: percentile "
+        f"bootstrap intervals from {b['n_resamples']} resamples of patients (seed {b['seed']}), "
+        f"every slice of a drawn patient entering the resample; 'CI n/a' where a class has "
+        f"fewer than {b['min_patients_per_class']} patients. Resamples holding a single class "
+        f"were left out (per level: {skipped or 'none drawn'}); a metric undefined on a "
+        f"resample (e.g. F1 with neither a lesion nor a positive prediction) leaves that "
+        f"resample out of its own interval only. 'n/a': not defined on this split (e.g. AUC "
+        f"with one class). Patient (max) / (mean): a patient's lesion score is the maximum / "
+        f"mean of their slice probabilities, and a patient has a lesion if any slice has; such "
+        f"a score ranks patients but is no probability, so Brier and ECE ('\u2014') are for "
+        f"slices only."
     )
     return (
         f'<section id="metrics-section"><h2>Performance on the {_e(result["split"])} split</h2>'

@@ -469,8 +469,20 @@ def test_key_results_warn_of_few_patients_per_class():
     assert "Fewer than" not in text
     text = _page_summary(validation, _patients(4, 50, 1, "test"))
     assert "Only 54 patients (4 with a lesion, 50 without)" in text
-    assert "Fewer than 5 patients of a class: AUC, AP, F1, Brier and ECE have no interval" in text
+    assert "Fewer than 5 patients of a class at Slice, Patient (max), Patient (mean) level" in text
     assert "ROC AUC of " in text and "(CI n/a)" in text
+
+
+def test_the_few_patients_warning_names_only_the_levels_without_intervals():
+    # 20 lesion patients with normal slices too, and 2 normal patients: slices of both classes
+    # come from 22 patients (bootstrap), patients of the normal class are 2 (none)
+    rng = np.random.default_rng(3)
+    labels = np.r_[np.tile([1, 1, 1, 0, 0, 0], 20), np.zeros(12, int)]
+    patients = np.repeat([f"p{i}" for i in range(22)], 6)
+    probs = np.clip(0.35 + 0.3 * labels + rng.normal(0, 0.15, labels.size), 0.01, 0.99)
+    test = dataclasses.replace(_preds(labels, probs, patients), split="test")
+    text = _page_summary(_patients(40, 40, 0, "validation"), test)
+    assert "Fewer than 5 patients of a class at Patient (max), Patient (mean) level" in text
 
 
 def test_key_results_warn_of_probabilities_tied_at_one_across_classes():
