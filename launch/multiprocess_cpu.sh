@@ -11,7 +11,7 @@
 # $WORKDIR/process_i.log (overwritten at each launch), and the script waits for all of them: it
 # exits 0 only if every process did; when one fails, it stops the others and prints its log's
 # end. Processes preempted by SIGTERM save and exit 143; so does the script then, if none failed.
-# SIGTERM or Ctrl-C to the script is passed on to the processes as SIGTERM.
+# SIGTERM, SIGHUP or Ctrl-C to the script is passed on to the processes as SIGTERM.
 # Launching again with the same WORKDIR resumes from the latest checkpoint.
 #
 # Settings, as environment variables:
@@ -41,16 +41,19 @@ export JAX_PLATFORMS=cpu
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices}"
 
 declare -A process_of_pid=()
-# SIGTERM or Ctrl-C to the script is a preemption of every process (they save and exit 143; the
-# background processes of a script ignore SIGINT, so they get SIGTERM for it too): the script
-# never leaves them running behind it.
+# SIGTERM, SIGHUP or Ctrl-C to the script is a preemption of every process (they save and exit
+# 143; the background processes of a script ignore SIGINT, so they get SIGTERM for it too): the
+# script never leaves them running behind it. The processes are signalled before anything is
+# written: with the terminal or a `| tee` gone, a write fails (SIGPIPE is ignored for that).
+trap '' PIPE
 forward() {
-  echo "$1: stopping the processes (they save a checkpoint first)" >&2
   for pid in "${!process_of_pid[@]}"; do
     kill -TERM "$pid" 2>/dev/null || true
   done
+  echo "$1: stopping the processes (they save a checkpoint first)" >&2 || true
 }
 trap 'forward SIGTERM' TERM
+trap 'forward SIGHUP' HUP
 trap 'forward SIGINT' INT
 for ((i = 0; i < num_processes; i++)); do
   "$python" -m liverjax.main \
@@ -62,7 +65,7 @@ for ((i = 0; i < num_processes; i++)); do
     "$@" >"$workdir/process_${i}.log" 2>&1 &
   process_of_pid[$!]=$i
 done
-echo "started $num_processes processes (coordinator 127.0.0.1:${port}); logs: $workdir/process_*.log"
+echo "started $num_processes processes (coordinator 127.0.0.1:${port}); logs: $workdir/process_*.log" || true
 
 # Seconds a process gets to exit after SIGTERM, once another failed, before SIGKILL.
 stop_grace=10
@@ -87,7 +90,7 @@ while ((${#process_of_pid[@]} > 0)); do
       continue
     fi
     status=1
-    echo "process $i failed (exit $code); the end of $workdir/process_${i}.log:" >&2
+    echo "process $i failed (exit $code); the end of $workdir/process_${i}.log:" >&2 || true
     tail -n 30 "$workdir/process_${i}.log" >&2 || true
     # The others would wait for it in collectives until a timeout: stop them.
     for other in "${!process_of_pid[@]}"; do
@@ -107,10 +110,15 @@ while ((${#process_of_pid[@]} > 0)); do
   done
 done
 if ((status == 0 && preempted == 1)); then
-  echo "preempted: the checkpoint is saved; launch again with WORKDIR=$workdir to resume"
+  # Before its first checkpoint a process stopped by SIGTERM exits 143 too, with nothing saved.
+  if ls "$workdir/checkpoints" 2>/dev/null | grep -qE '^[0-9]+$'; then
+    echo "preempted: the checkpoint is saved; launch again with WORKDIR=$workdir to resume" || true
+  else
+    echo "stopped before the first checkpoint: launching again starts the run" || true
+  fi
   exit "$preempted_code"
 fi
 if ((status == 0)); then
-  echo "all $num_processes processes finished"
+  echo "all $num_processes processes finished" || true
 fi
 exit "$status"

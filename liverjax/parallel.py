@@ -14,6 +14,7 @@ the other two). On CPU, processes exchange data through gloo collectives.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -129,6 +130,20 @@ def gather_bytes(data: bytes) -> list[bytes]:
     padded[: len(data)] = np.frombuffer(data, np.uint8)
     rows = multihost_utils.process_allgather(padded).reshape(len(lengths), -1)
     return [row[:n].tobytes() for row, n in zip(rows, lengths, strict=True)]
+
+
+def check_same_device_counts() -> None:
+    """Raises on every process unless all processes have as many devices: each process feeds an
+    equal share of the global batch. From `jax.devices()`, which every process lists whole (an
+    exchange of the counts could not even be made: it runs over the devices)."""
+    counts = collections.Counter(d.process_index for d in jax.devices())
+    if len(set(counts.values())) > 1:
+        shown = ", ".join(f"process {i}: {n}" for i, n in sorted(counts.items()))
+        raise ValueError(
+            f"the processes of this run have different numbers of devices ({shown}); give every "
+            "process as many (CUDA_VISIBLE_DEVICES, JAX_LOCAL_DEVICE_IDS, or the launcher's GPUs "
+            "per task): each feeds an equal share of the global batch"
+        )
 
 
 def check_processes_agree(settings: Mapping[str, Any], what: str, fix: str) -> None:

@@ -746,11 +746,7 @@ def train_and_evaluate(
     """
     parallel.initialize_distributed(config.distributed)
     # Processes that differ would train apart silently (other seeds, rates) or hang in collectives.
-    parallel.check_processes_agree(
-        {"local devices": jax.local_device_count()},
-        "numbers of devices",
-        "give every process as many (the batch is split evenly over processes)",
-    )
+    parallel.check_same_device_counts()
     parallel.check_processes_agree(
         {
             k: v

@@ -175,16 +175,34 @@ def test_sigterm_to_every_process_saves_one_checkpoint_and_stops(
     assert (step_dir / "state" / "commit_success.txt").is_file()
 
 
-@pytest.mark.parametrize("differs", ["seed", "workdir"])
+@pytest.mark.skipif(not pathlib.Path("/proc").is_dir(), reason="finds the processes in /proc")
+def test_a_hangup_with_the_output_pipe_gone_stops_every_process(
+    data_dir, tmp_path, tmp_path_factory
+):
+    # A terminal closing (SIGHUP) under `... | tee`: the script was killed by the signal, or by
+    # its own failing echo, and left the processes training.
+    workdir = tmp_path / "run"
+    child = _multiprocess(workdir, data_dir, 100_000, _env(tmp_path_factory, 1))
+    deadline = time.monotonic() + 120
+    while len(_main_processes(workdir)) < 2:
+        assert child.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    child.stdout.close()  # the reader is gone: every write of the script now fails
+    os.kill(child.pid, signal.SIGHUP)
+    assert child.wait(timeout=300) == 143
+    assert _main_processes(workdir) == []
+
+
+@pytest.mark.parametrize("differs", ["seed", "workdir", "devices"])
 def test_processes_started_differently_all_stop_at_once_saying_so(
     data_dir, tmp_path, tmp_path_factory, differs
 ):
     # A different seed (or rate) once trained apart silently; another workdir failed at the first
     # save. An error on one process then waited minutes in jax.distributed's shutdown.
-    env = _env(tmp_path_factory, 1)
     port = runs.free_port()
     children = []
     for i in range(2):
+        env = _env(tmp_path_factory, 2 if differs == "devices" and i == 1 else 1)
         workdir = tmp_path / ("run" if differs == "seed" or i == 0 else "elsewhere")
         argv = [
             sys.executable, "-m", "liverjax.main", "--config=configs/test.py",
@@ -202,6 +220,8 @@ def test_processes_started_differently_all_stop_at_once_saying_so(
     assert codes == [1, 1], logs
     if differs == "seed":
         want = "have different configs (process 1: seed = 1 (process 0: 0))"
+    elif differs == "devices":  # the exchange of counts itself once failed on a reshape
+        want = "have different numbers of devices (process 0: 1, process 1: 2)"
     else:
         want = "is not one folder shared by every process: process(es) [1] do not see"
     for log in logs:
