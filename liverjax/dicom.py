@@ -195,6 +195,8 @@ class DicomSlice:
     rescale_intercept: float
     transfer_syntax: str
     referenced_sop_uids: tuple[str, ...]
+    # Whether its values are Hounsfield units: Modality CT, or Rescale Type HU.
+    hounsfield: bool = False
     # The frame's stored values, only with read_dicom(keep_stored=True); see the module docstring.
     stored: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
@@ -399,7 +401,7 @@ def doubts(s: DicomSlice, clipped: int = 0) -> list[str]:
     per-image `warnings`; the dataset build counts the same conditions per file). `clipped`:
     the values `to_int16` clipped after the resample (`outside_int16`)."""
     out = []
-    if s.modality != "CT":
+    if not s.hounsfield:
         modality = f"Modality {s.modality}" if s.modality else "no Modality"
         out.append(f"not CT ({modality}): its values are not Hounsfield units")
     if clipped:
@@ -1020,6 +1022,7 @@ def _decode(
             image=images[i],
             **common,
             **_frame_metadata(ds, i, n_frames, rescales[i], reflections[i]),
+            hounsfield=_in_hounsfield_units(ds),
             stored=frames[i] if keep_stored else None,
         )
         for i in range(n_frames)

@@ -492,17 +492,22 @@ class Batcher:
         try:
             images = np.concatenate([item[1] for item in batch])
             out = await self.run(servable, images)
-        except Exception as e:  # noqa: BLE001 - the error goes to each waiting request
+            start, shares = 0, []
+            for _, item_images, _ in batch:
+                end = start + len(item_images)
+                shares.append({k: v[start:end] for k, v in out.items()})
+                start = end
+        except BaseException as e:  # the error goes to each waiting request, none left hanging
+            error = e if isinstance(e, Exception) else RuntimeError(f"model call stopped: {e!r}")
             for *_, future in batch:
                 if not future.done():
-                    future.set_exception(e)
+                    future.set_exception(error)
+            if not isinstance(e, Exception):
+                raise  # cancellation, exit: the loop ends too
             return
-        start = 0
-        for _, item_images, future in batch:
-            end = start + len(item_images)
+        for (*_, future), share in zip(batch, shares, strict=True):
             if not future.done():
-                future.set_result({k: v[start:end] for k, v in out.items()})
-            start = end
+                future.set_result(share)
 
 
 # ----------------------------------------------------------------------------- request parsing
@@ -569,7 +574,11 @@ def parse_predict(body: bytes, size: int) -> tuple[np.ndarray, str]:
     if not body:
         raise RequestError('empty body: send JSON {"instances": [...]} or {"inputs": ...}')
     try:
-        request = json.loads(body)
+        text = body.decode("utf-8")  # as TF Serving reads it (json.loads would take UTF-16 too)
+    except UnicodeDecodeError as e:
+        raise RequestError(f"the JSON body is not UTF-8 ({e})") from None
+    try:
+        request = json.loads(text)
     except RecursionError:
         raise RequestError(
             "malformed JSON: nested too deeply; an image is [height, width, 1] lists of numbers"
@@ -897,7 +906,7 @@ def create_app(options: ServerOptions) -> Starlette:
                 raise RequestError(
                     f"{name}: {e.reason}: {e.detail}", 400, file=name, reason=e.reason
                 ) from None
-            not_ct = sorted({s.modality for s, *_ in slices if s.modality != "CT"})
+            not_ct = sorted({s.modality for s, *_ in slices if not s.hounsfield})
             if not_ct and not options.allow_non_ct:
                 modality = f"Modality {not_ct[0]!r}" if not_ct[0] else "no Modality"
                 raise RequestError(
@@ -978,8 +987,12 @@ def create_app(options: ServerOptions) -> Starlette:
         if name != manager.name:
             raise RequestError(f"unknown model {name!r}; this server serves {manager.name!r}", 404)
         if request.method in ("GET", "HEAD"):  # Starlette answers HEAD without the body
-            if verb:
+            if verb in ("predict", "classify_dicom"):
                 raise RequestError(f":{verb} needs POST", 405, headers={"Allow": "POST"})
+            if verb:
+                raise RequestError(
+                    f"unknown method {request.url.path!r}; POST :predict or :classify_dicom", 404
+                )
             if match["metadata"]:
                 return metadata(manager.get(version))
             status = manager.status()

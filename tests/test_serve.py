@@ -205,7 +205,7 @@ def _bad_requests(size: int, dicom_path: pathlib.Path):
     # A part without a filename is a form field, read as text (curl -F 'b=<file')
     unnamed = b'--x\r\nContent-Disposition: form-data; name="b"\r\n\r\nDICM\r\n--x--\r\n'
     mr = pydicom.dcmread(dicom_path)
-    mr.Modality = "MR"
+    mr.Modality, mr.RescaleType = "MR", "US"  # the phantom says HU; US: unspecified
     out = io.BytesIO()
     mr.save_as(out, enforce_file_format=True)
     return [
@@ -245,6 +245,16 @@ def _bad_requests(size: int, dicom_path: pathlib.Path):
             400,
             "malformed JSON: Exceeds the limit",
         ),
+        (
+            "UTF-16 JSON",  # json.loads reads it, and the true/false check would not
+            "POST",
+            predict,
+            json.dumps({"instances": good}).encode("utf-16"),
+            {},
+            400,
+            "the JSON body is not UTF-8",
+        ),
+        ("GET an unknown method", "GET", "/v1/models/liver:regress", None, {}, 404, "unknown"),
         ("no model name", "GET", "/v1/models", None, {}, 400, "missing model name in request"),
         ("no model name/", "GET", "/v1/models/", None, {}, 400, "missing model name in request"),
         ("POST to the status", "POST", "/v1/models/liver", b"{}", {}, 405, "POST is not allowed"),
@@ -459,12 +469,16 @@ def test_doubtful_images_are_answered_with_warnings(server, client, records, dic
         "one axis"
     ]
     assert got["probability"] == pytest.approx(want["probability"], abs=1e-6)  # same pixels
+    # Hounsfield units by their Rescale Type, under another Modality: the decoder's own rule
+    [hu] = client.classify_dicom([_with(path, Modality="OT", RescaleType="HU")], names=["ot.dcm"])
+    assert hu["warnings"] == [] and hu["probability"] == pytest.approx(want["probability"])
     # --allow_non_ct answers an MR image, and says what it is
     with (
         ServerProcess(server.base, flags=("--allow_non_ct",), log_path=tmp_path / "log") as lenient,
         Client(lenient.url) as other,
     ):
-        [mr] = other.classify_dicom([_with(path, Modality="MR")], names=["mr.dcm"])
+        mr_file = _with(path, Modality="MR", RescaleType="US")
+        [mr] = other.classify_dicom([mr_file], names=["mr.dcm"])
     assert mr["warnings"] == ["not CT (Modality MR): its values are not Hounsfield units"]
     assert mr["modality"] == "MR" and mr["class"] in ("normal", "lesion")
 
@@ -872,6 +886,13 @@ def test_batcher_answers_mixed_batch_sizes_that_overflow_a_batch():
         with pytest.raises(ValueError, match="model failed"):
             await asyncio.wait_for(failing.predict(1, requests[2]), 10)
         assert failing.alive  # a failed call fails its requests only
+        # outputs that cannot be shared out (a list, not a dict of arrays): the same
+        odd = serve.Batcher(max_batch=4, timeout_s=0.01, run=_listed)
+        odd.start()
+        with pytest.raises(AttributeError):
+            await asyncio.wait_for(odd.predict(1, requests[2]), 10)
+        assert odd.alive
+        await odd.stop()
         await batcher.stop()
         await failing.stop()
         assert not batcher.alive
@@ -880,5 +901,8 @@ def test_batcher_answers_mixed_batch_sizes_that_overflow_a_batch():
 
     async def _fail():
         raise ValueError("model failed")
+
+    async def _listed(servable, images):
+        return [images]
 
     asyncio.run(scenario())

@@ -132,6 +132,7 @@ class _Decoded:
     detail: str | None = None
     clipped: int = 0  # pixels outside int16's range, clipped to it (not HU: MR, PET, bad rescale)
     modality: str = ""  # the file's Modality ("" when it has none)
+    hounsfield: bool = True  # its values are HU (Modality CT, or Rescale Type HU)
     no_spacing: bool = False  # a slice has no Pixel Spacing (nor Imager Pixel Spacing)
     # The first (row, column) spacing in mm that is not square: the resample treats pixels as
     # square, so such an image is stretched along one axis.
@@ -241,6 +242,7 @@ def decode_file(manual_dir: str, rel_path: str, image_size: int) -> _Decoded:
         sop_uid=slices[0].sop_uid,
         clipped=clipped,
         modality=slices[0].modality,
+        hounsfield=slices[0].hounsfield,
         no_spacing=no_spacing,
         non_square=non_square,
     )
@@ -650,7 +652,7 @@ def curate_decoded(
                 entry["labelled_by"] = [r.where for r in rows]
             continue
         entry["slices"] = len(d.slices)
-        if d.modality != CT:
+        if not d.hounsfield:  # not CT (nor values said to be HU by their Rescale Type)
             entry["modality"] = d.modality
         if d.clipped:
             entry["clipped_pixels"] = d.clipped
