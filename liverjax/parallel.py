@@ -173,6 +173,34 @@ def check_processes_agree(settings: Mapping[str, Any], what: str, fix: str) -> N
         raise ValueError(f"the processes of this run have different {what} ({shown}); {fix}")
 
 
+# How long a process looks for process 0's token in the workdir: an NFS client may answer from
+# its cache of the folder (up to acdirmin, 30 s by default) that the file is not there.
+SHARED_FOLDER_WAIT_ENV = "LIVERJAX_SHARED_FOLDER_WAIT_S"
+SHARED_FOLDER_WAIT_S = 60.0
+
+
+def _sees(marker: Any, token: bytes, wait_s: float) -> bool:
+    """Whether `marker` holds `token`, looking again (and listing its folder, which makes an NFS
+    client ask the server) for up to `wait_s` seconds."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if marker.exists() and marker.read_bytes() == token:
+                return True
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        for folder in (marker.parent, marker.parent.parent):
+            try:
+                list(folder.iterdir())
+            except OSError:
+                pass
+        time.sleep(1.0)
+
+
 def check_shared_folder(folder: Any) -> None:
     """Raises on every process unless `folder` (an epath.Path) is one folder that every process
     sees: process 0 writes a token there that each process must read back."""
@@ -188,10 +216,7 @@ def check_shared_folder(folder: Any) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         marker.write_bytes(token)
     multihost_utils.sync_global_devices("liverjax: shared-folder token written")
-    try:
-        seen = marker.exists() and marker.read_bytes() == token
-    except OSError:
-        seen = False
+    seen = _sees(marker, token, float(os.environ.get(SHARED_FOLDER_WAIT_ENV, SHARED_FOLDER_WAIT_S)))
     every = gather_bytes(b"1" if seen else b"0")
     if jax.process_index() == 0:
         marker.unlink(missing_ok=True)

@@ -214,6 +214,11 @@ TRACEBACK_ENV = "LIVERJAX_TRACEBACK"  # set (to anything): user errors show thei
 _OVERRIDE_SOURCE = os.path.join("config_flags", "config_path.py")
 
 
+# How long process 0 waits before it exits on a user error: its exit (the coordinator's) aborts
+# the other processes, which may not have said the error yet.
+USER_ERROR_COORDINATOR_WAIT_S = 2.0
+
+
 @contextlib.contextmanager
 def user_errors(command: str, *also: type[Exception]) -> Iterator[None]:
     """For a command's main: a bad config, path, split or dataset (ValueError, OSError, and the
@@ -231,6 +236,9 @@ def user_errors(command: str, *also: type[Exception]) -> Iterator[None]:
             sys.stderr.write(message + "\n")
             sys.stderr.flush()
             logging.shutdown()
+            if jax.process_index() == 0:
+                # The coordinator's exit aborts the others: give them the time to say it too.
+                time.sleep(USER_ERROR_COORDINATOR_WAIT_S)
             os._exit(1)
         sys.exit(message)
 

@@ -19,6 +19,8 @@ import pytest
 import training_runs as runs
 import yaml
 
+from liverjax import parallel
+
 LAUNCH = runs.REPO / "launch"
 STEPS = 8  # checkpoints at 5 (every 5 steps), 6 (one epoch) and 8 (the end)
 INTERRUPTED = 5  # resumed from here: the periodic checkpoint
@@ -203,6 +205,7 @@ def test_processes_started_differently_all_stop_at_once_saying_so(
     children = []
     for i in range(2):
         env = _env(tmp_path_factory, 2 if differs == "devices" and i == 1 else 1)
+        env[parallel.SHARED_FOLDER_WAIT_ENV] = "2"  # not the minute an NFS cache may take
         workdir = tmp_path / ("run" if differs == "seed" or i == 0 else "elsewhere")
         argv = [
             sys.executable, "-m", "liverjax.main", "--config=configs/test.py",
@@ -217,6 +220,7 @@ def test_processes_started_differently_all_stop_at_once_saying_so(
         )
     codes = [child.wait(timeout=240) for child in children]  # not jax.distributed's timeout
     logs = [(tmp_path / f"process_{i}.log").read_text(errors="replace") for i in range(2)]
+    # Process 0 waits for the others to say it before its exit (the coordinator's) aborts them.
     assert codes == [1, 1], logs
     if differs == "seed":
         want = "have different configs (process 1: seed = 1 (process 0: 0))"
