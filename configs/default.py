@@ -62,7 +62,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.schedule.warmup_epochs = 0.0  # warmup_cosine: linear warmup from 0
     config.schedule.end_fraction = 0.0  # warmup_cosine: final rate = learning_rate * end_fraction
 
-    # Class imbalance: none | pos_weight (BCE weight of lesion examples) | balanced_sampling.
+    # Class imbalance: none | pos_weight (BCE weight of lesion examples; train/loss is weighted,
+    # validation/loss is not) | balanced_sampling (batches half lesion, half normal, each class
+    # drawn from its own reshuffled stream: an "epoch" stays len(train) // batch_size steps, so
+    # it passes over the minority class more than once and over the majority class partly).
     config.imbalance = ml_collections.ConfigDict()
     config.imbalance.method = "none"
     config.imbalance.pos_weight = 0.0  # 0: (normal count) / (lesion count) of the train split

@@ -263,7 +263,9 @@ class CNN(nnx.Module):
         in_dense = widths[-1] * (side * side if self.head == "flatten" else 1)
         self.hidden = nnx.Linear(in_dense, model_config.dense, **layer)
         self.dropout = nnx.Dropout(model_config.dropout, rngs=rngs)
-        self.out = nnx.Linear(model_config.dense, 1, **layer)
+        # The output layer in float32 whatever the compute dtype: bfloat16 logits (8 bits of
+        # mantissa) tie a third of a batch's scores, and ranking (AUC) and thresholds lose them.
+        self.out = nnx.Linear(model_config.dense, 1, **(layer | {"dtype": jnp.float32}))
 
     def features(self, x: jax.Array) -> jax.Array:
         """The last conv stage's activations, after ReLU and before its pool: (B, h, w, C)."""
@@ -298,7 +300,7 @@ class CNN(nnx.Module):
             h = h.max(axis=(1, 2))
         h = nnx.relu(self.hidden(h))
         h = self.dropout(h, deterministic=deterministic, rngs=rngs)
-        return jnp.squeeze(self.out(h), -1).astype(jnp.float32)  # not [:, 0]: a gather in export
+        return jnp.squeeze(self.out(h.astype(jnp.float32)), -1)  # not [:, 0]: a gather in export
 
     def __call__(
         self,

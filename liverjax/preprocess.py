@@ -11,7 +11,8 @@ all call it. `augment` runs after it, in training only.
 `config.augment` fields (see `default_augment_config()`); each op draws, per example, whether it
 runs (with probability `prob`) and its parameter uniformly from `range = (lo, hi)`:
   enabled     bool   master switch; False makes `augment` the identity (evaluation, export)
-  fill_value  float  value of pixels sampled from outside the image (0 = air after windowing)
+  fill_value  float  value in [0, 1] of pixels sampled from outside the image (0: the window's
+                     lower end, air for soft-tissue windows)
   rotate      prob, range  angle in degrees, counter-clockwise
   scale       prob, range  zoom factor (> 1 enlarges the content), about the image centre
   translate   prob, range  shift as a fraction of the image side, drawn for rows and columns
@@ -133,6 +134,12 @@ def validate_augment_config(aug: ml_collections.ConfigDict) -> None:
     unknown = sorted(set(aug.keys()) - known)
     if unknown:
         raise ValueError(f"config.augment has unknown field(s) {unknown}; known: {sorted(known)}")
+    fill = aug.get("fill_value", 0.0)
+    if not (isinstance(fill, int | float) and not isinstance(fill, bool) and 0.0 <= fill <= 1.0):
+        raise ValueError(
+            f"config.augment.fill_value = {fill!r}: must be in [0, 1], the windowed range (0: the "
+            "window's lower end, air for soft-tissue windows)"
+        )
     for name in OPS:
         if name not in aug:
             raise ValueError(

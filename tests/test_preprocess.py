@@ -206,6 +206,9 @@ def test_augment_compiles_once_and_is_independent_of_sharding():
         ({"gamma": {"range": (0.0, 1.0)}}, r"config.augment.gamma.range .* must be > 0"),
         ({"crop": {"range": (0.5, 1.5)}}, r"config.augment.crop.range .* at most 1"),
         ({"scale": {"range": (1.2, 1.1)}}, r"lo <= hi"),
+        # outside the windowed [0, 1], kept by every op but the intensity ones, which clip
+        ({"fill_value": -1.0}, r"config.augment.fill_value = -1.0: must be in \[0, 1\]"),
+        ({"fill_value": float("nan")}, r"config.augment.fill_value = nan"),
     ],
 )
 def test_bad_augment_config_is_a_clear_error(change, match):
