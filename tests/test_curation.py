@@ -794,3 +794,29 @@ def test_one_sop_uid_with_other_pixels_is_a_conflict_not_a_duplicate(tmp_path):
     assert by_path["a.dcm"]["status"] == "conflict"  # neither can be told to be the right one
     assert by_path["c.dcm"]["status"] == "conflict"  # and its copy goes with it
     assert all(e.record.image_id != uid for s in result.splits.values() for e in s)
+
+
+def test_one_person_under_two_spellings_and_two_people_under_one_id_are_reported(tmp_path, caplog):
+    d = tmp_path / "m"
+    rows = []
+    for i in range(10):
+        write_ct(d / f"{i}.dcm", image(200 + i), patient=f"D{i}")
+        rows.append({"patient_id": f"site-{i:04d}", "label": i % 2, "path": f"{i}.dcm"})
+    # the same person as site-0003, spelled another way (and a zero-width space)
+    write_ct(d / "again.dcm", image(300), patient="D3")
+    rows.append({"patient_id": "SITE_3\u200b", "label": 1, "path": "again.dcm"})
+    # another person (another DICOM PatientID) under site-0005's id
+    write_ct(d / "other.dcm", image(301), patient="SOMEONE-ELSE")
+    rows.append({"patient_id": "site-0005", "label": 1, "path": "other.dcm"})
+    write_sheet(d / "labels.csv", rows)
+    result = curation.curate(d, image_size=8, split=curation.SplitSpec(0.2, 0.2, 0), workers=1)
+    (alike,) = result.report["patient_ids_alike"]
+    assert alike["patient_ids"] == ["SITE_3\u200b", "site-0003"]
+    (merged,) = result.report["patients_with_several_dicom_patient_ids"]
+    assert merged == {"patient_id": "site-0005", "dicom_patient_ids": ["D5", "SOMEONE-ELSE"]}
+    summary = curation.summarize(result.report)
+    assert "1 groups of patient_ids differ only in case, punctuation or leading zeros" in summary
+    assert "1 patients hold images of several DICOM PatientIDs" in summary
+    with caplog.at_level("WARNING"):
+        curation.log_summary(result.report)
+    assert "patient site-0005 holds images of DICOM PatientIDs D5, SOMEONE-ELSE" in caplog.text

@@ -818,6 +818,18 @@ def curate_decoded(
     return Curation(splits=splits, report=report)
 
 
+def _id_form(patient_id: str) -> str:
+    """A patient id without what varies between spellings of one id: case, separators and other
+    punctuation, invisible characters, and the leading zeros of its numbers."""
+    text = unicodedata.normalize("NFKC", patient_id).casefold()
+    kept = "".join(c if c.isalnum() else " " for c in text if unicodedata.category(c)[0] != "C")
+    return "-".join(w.lstrip("0") or "0" if w.isdigit() else w for w in kept.split())
+
+
+def _split_of(splits: dict[str, list[Example]], patient_id: str) -> str:
+    return next(name for name, v in splits.items() if any(e.patient_id == patient_id for e in v))
+
+
 def _patients_sharing_studies(
     slices: Iterable[tuple[str, SliceRecord]],
 ) -> tuple[dict[str, str], list[dict[str, Any]]]:
@@ -922,6 +934,28 @@ def _report(
         for dicom_id, by_sheet in sorted(sheet_patients.items())
         if len(by_sheet) > 1
     ]
+    # The reverse: one sheet patient over several DICOM PatientIDs (two people given one id, e.g.
+    # sites that each number their patients 001, ...; or one person's two record numbers).
+    dicom_ids_of: dict[str, set[str]] = collections.defaultdict(set)
+    for examples in splits.values():
+        for e in examples:
+            if e.record.patient_id.strip():
+                dicom_ids_of[e.patient_id].add(e.record.patient_id)
+    merged = [
+        {"patient_id": p, "dicom_patient_ids": sorted(ids)}
+        for p, ids in sorted(dicom_ids_of.items())
+        if len(ids) > 1
+    ]
+    # Sheet ids that differ only in case, separators, leading zeros or invisible characters: one
+    # person under two spellings, who may be in two splits.
+    by_form: dict[str, list[str]] = collections.defaultdict(list)
+    for p in sorted({e.patient_id for v in splits.values() for e in v}):
+        by_form[_id_form(p)].append(p)
+    alike = [
+        {"patient_ids": ids, "splits": sorted({_split_of(splits, i) for i in ids})}
+        for ids in by_form.values()
+        if len(ids) > 1
+    ]
     folders = collections.Counter(source_of(f) for f in files)
     # What reaches the records: other files (mask series, unlabelled scouts) are named per entry.
     written = [e for e in entries.values() if e["status"] == "written"]
@@ -945,6 +979,8 @@ def _report(
         "files_with_non_square_pixels": sum(1 for e in written if "non_square_pixels_mm" in e),
         "dicom_patient_ids_labelled_as_several_patients": several,
         "patients_sharing_a_study": shared,
+        "patients_with_several_dicom_patient_ids": merged,
+        "patient_ids_alike": alike,
         "splits": split_summary,
         "files": [entries[f] for f in files],
     }
@@ -973,6 +1009,19 @@ def summarize(report: dict[str, Any]) -> str:
             f"{len(several)} DICOM PatientIDs are labelled as several patients "
             f"({sum(len(x['splits']) > 1 for x in several)} of them in more than one split: "
             "one person in two splits?)"
+        )
+    merged = report.get("patients_with_several_dicom_patient_ids")
+    if merged:
+        lines.append(
+            f"{len(merged)} patients hold images of several DICOM PatientIDs (two people under "
+            "one patient_id?)"
+        )
+    alike = report.get("patient_ids_alike")
+    if alike:
+        lines.append(
+            f"{len(alike)} groups of patient_ids differ only in case, punctuation or leading "
+            f"zeros ({sum(len(x['splits']) > 1 for x in alike)} of them across splits: one "
+            "person under two spellings?)"
         )
     shared = report.get("patients_sharing_a_study")
     if shared:
@@ -1100,6 +1149,20 @@ def log_summary(report: dict[str, Any], logger: logging.Logger | None = None) ->
             x["dicom_patient_id"],
             len(x["patient_ids"]),
             ", ".join(x["patient_ids"][:5]) + (", ..." if len(x["patient_ids"]) > 5 else ""),
+            ", ".join(x["splits"]),
+        )
+    for x in report.get("patients_with_several_dicom_patient_ids", ()):
+        logger.warning(
+            "curation: patient %s holds images of DICOM PatientIDs %s: if they are different "
+            "people, give them different patient_ids",
+            x["patient_id"],
+            ", ".join(x["dicom_patient_ids"][:5]),
+        )
+    for x in report.get("patient_ids_alike", ()):
+        logger.warning(
+            "curation: patient_ids %s differ only in case, punctuation or leading zeros (splits "
+            "%s): if they are one person, give their rows one patient_id",
+            ", ".join(repr(i) for i in x["patient_ids"]),
             ", ".join(x["splits"]),
         )
     for x in report.get("patients_sharing_a_study", ()):
