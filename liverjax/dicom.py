@@ -197,6 +197,10 @@ class DicomSlice:
     referenced_sop_uids: tuple[str, ...]
     # Whether its values are Hounsfield units: Modality CT, or Rescale Type HU.
     hounsfield: bool = False
+    # Image Type's values (ORIGINAL\PRIMARY\AXIAL, ...\LOCALIZER), upper case; () when absent.
+    image_type: tuple[str, ...] = ()
+    # Image Orientation (Patient): row then column direction cosines; None when absent.
+    orientation: tuple[float, ...] | None = None
     # The frame's stored values, only with read_dicom(keep_stored=True); see the module docstring.
     stored: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
@@ -396,6 +400,39 @@ def is_square(spacing: Sequence[float]) -> bool:
     return abs(row - col) <= SQUARE_TOLERANCE * max(abs(row), abs(col))
 
 
+AXIAL_TOLERANCE = 0.1  # |cosine| off the standard axial directions still counted as axial
+
+
+def plane(s: DicomSlice) -> str | None:
+    """Why a slice is not an axial image as the network was trained on, or None: a localizer
+    (scout) or a mask by its Image Type, another plane by its orientation (coronal, sagittal,
+    oblique), or an axial one stored rotated or flipped (prone, feet first). Without an
+    orientation only the Image Type is looked at."""
+    if "LOCALIZER" in s.image_type:
+        return "a localizer (scout) image by its Image Type"
+    if "MASK" in s.image_type:
+        return "a mask (segmentation) by its Image Type, not a CT slice"
+    if s.orientation is None:
+        return None
+    row, col = np.asarray(s.orientation[:3]), np.asarray(s.orientation[3:])
+    normal = np.cross(row, col)
+    if abs(abs(normal[2]) - 1) > AXIAL_TOLERANCE:
+        return (
+            "not an axial slice: Image Orientation (Patient) "
+            f"{'/'.join(f'{v:g}' for v in s.orientation)}"
+        )
+    if (
+        np.abs(row - (1, 0, 0)).max() > AXIAL_TOLERANCE
+        or np.abs(col - (0, 1, 0)).max() > AXIAL_TOLERANCE
+    ):
+        return (
+            "an axial slice stored rotated or flipped (Image Orientation (Patient) "
+            f"{'/'.join(f'{v:g}' for v in s.orientation)}, not 1/0/0/0/1/0): its anatomy is "
+            "turned against the other slices"
+        )
+    return None
+
+
 def doubts(s: DicomSlice, clipped: int = 0) -> list[str]:
     """What is doubtful in a decoded slice's values and scale, a sentence each (the server's
     per-image `warnings`; the dataset build counts the same conditions per file). `clipped`:
@@ -406,6 +443,9 @@ def doubts(s: DicomSlice, clipped: int = 0) -> list[str]:
         out.append(f"not CT ({modality}): its values are not Hounsfield units")
     if clipped:
         out.append(f"{clipped} pixel values outside int16, clipped to it (not Hounsfield units?)")
+    where = plane(s)
+    if where is not None:
+        out.append(where)
     if s.pixel_spacing is None:
         out.append("no pixel spacing: its physical scale is unknown")
     elif not is_square(s.pixel_spacing):
@@ -1294,6 +1334,7 @@ def _common_metadata(
         sop_uid=_text(ds, "SOPInstanceUID"),
         sop_class_uid=_text(ds, "SOPClassUID"),
         modality=_text(ds, "Modality"),
+        image_type=tuple(v.strip().upper() for v in _strings(ds, "ImageType") or ()),
         instance_number=_int(_strings(ds, "InstanceNumber")),
         photometric=photometric,
         color_converted=color,
@@ -1321,10 +1362,14 @@ def _frame_metadata(
     width = _float(_frame_strings(ds, frame, "FrameVOILUTSequence", "WindowWidth"))
     if reflection is not None and center is not None:
         center = reflection - center  # MONOCHROME1: the window follows the reflected values
+    orientation = _floats(
+        _frame_strings(ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient"), 6
+    )
     return dict(
         frame=frame if n_frames > 1 else None,
         pixel_spacing=spacing,
         image_position=position,
+        orientation=orientation,
         slice_position=slice_position,
         window_center=center,
         window_width=width,
@@ -1419,6 +1464,8 @@ _TAGS = {
         "PixelSpacing",
         "ImagerPixelSpacing",
         "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "ImageType",
         "GridFrameOffsetVector",
         "SliceLocation",
         "WindowCenter",

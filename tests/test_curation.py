@@ -820,3 +820,25 @@ def test_one_person_under_two_spellings_and_two_people_under_one_id_are_reported
     with caplog.at_level("WARNING"):
         curation.log_summary(result.report)
     assert "patient site-0005 holds images of DICOM PatientIDs D5, SOMEONE-ELSE" in caplog.text
+
+
+def test_a_scout_in_a_labelled_series_folder_is_named(tmp_path, caplog):
+    d = tmp_path / "m"
+    rows = []
+    for i in range(8):
+        write_ct(d / f"p{i}/ct/1.dcm", image(400 + i), patient=f"P{i}")
+        rows.append({"patient_id": f"P{i}", "label": i % 2, "path": f"p{i}/ct"})
+    write_ct(d / "p1/ct/scout.dcm", image(500), patient="P1")
+    ds = pydicom.dcmread(d / "p1/ct/scout.dcm")
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.save_as(d / "p1/ct/scout.dcm", enforce_file_format=True)
+    write_sheet(d / "labels.csv", rows)
+    result = curation.curate(d, image_size=8, split=curation.SplitSpec(0.2, 0.2, 0), workers=1)
+    by_path = {e["path"]: e for e in result.report["files"]}
+    assert by_path["p1/ct/scout.dcm"]["not_axial"] == "a localizer (scout) image by its Image Type"
+    assert "not_axial" not in by_path["p1/ct/1.dcm"]
+    assert result.report["files_not_axial"] == 1
+    assert "1 written input files are no axial slice as stored" in curation.summarize(result.report)
+    with caplog.at_level("WARNING"):
+        curation.log_summary(result.report)
+    assert "p1/ct/scout.dcm: a localizer (scout) image" in caplog.text

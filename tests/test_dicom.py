@@ -1196,3 +1196,24 @@ def test_pixel_spacing_is_two_positive_numbers_or_none(raw, want):
     ds[tag] = RawDataElement(tag, "DS", len(raw), raw, 0, False, True)
     (s,) = dicom.read_dicom(to_bytes(ds))
     assert s.pixel_spacing == want
+
+
+@pytest.mark.parametrize(
+    "attrs, says",
+    [
+        ({}, None),  # no orientation: only the Image Type is looked at
+        ({"ImageOrientationPatient": [1, 0, 0, 0, 1, 0]}, None),
+        ({"ImageOrientationPatient": [0.998, 0.05, 0, -0.05, 0.998, 0]}, None),  # a tilt
+        ({"ImageOrientationPatient": [1, 0, 0, 0, 0, -1]}, "not an axial slice"),  # coronal
+        ({"ImageOrientationPatient": [-1, 0, 0, 0, -1, 0]}, "stored rotated or flipped"),  # prone
+        ({"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}, "a localizer (scout) image"),
+        ({"ImageType": ["DERIVED", "SECONDARY", "MASK"]}, "a mask (segmentation)"),
+        ({"ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"]}, None),
+    ],
+)
+def test_slices_that_are_no_axial_image_as_stored_are_named(attrs, says):
+    # a scout or a coronal reformat in a labelled series folder was written as a lesion slice
+    (s,) = dicom.read_dicom(to_bytes(make_ds(STORED, **attrs)))
+    found = dicom.plane(s)
+    assert (found is None) if says is None else (says in found), found
+    assert (says is None) == all(says is None or says not in d for d in dicom.doubts(s))

@@ -133,6 +133,7 @@ class _Decoded:
     clipped: int = 0  # pixels outside int16's range, clipped to it (not HU: MR, PET, bad rescale)
     modality: str = ""  # the file's Modality ("" when it has none)
     hounsfield: bool = True  # its values are HU (Modality CT, or Rescale Type HU)
+    plane: str | None = None  # why a slice is no axial image as stored (dicom.plane), if one isn't
     no_spacing: bool = False  # a slice has no Pixel Spacing (nor Imager Pixel Spacing)
     # The first (row, column) spacing in mm that is not square: the resample treats pixels as
     # square, so such an image is stretched along one axis.
@@ -243,6 +244,7 @@ def decode_file(manual_dir: str, rel_path: str, image_size: int) -> _Decoded:
         clipped=clipped,
         modality=slices[0].modality,
         hounsfield=slices[0].hounsfield,
+        plane=next((w for w in map(dicom.plane, slices) if w is not None), None),
         no_spacing=no_spacing,
         non_square=non_square,
     )
@@ -660,6 +662,8 @@ def curate_decoded(
             entry["no_pixel_spacing"] = True
         if d.non_square is not None:
             entry["non_square_pixels_mm"] = list(d.non_square)
+        if d.plane is not None:
+            entry["not_axial"] = d.plane
         if not rows:
             entry.update(status="unlabelled")
             continue
@@ -977,6 +981,7 @@ def _report(
         "files_not_ct": dict(sorted(not_ct.items())),
         "files_without_pixel_spacing": sum(1 for e in written if e.get("no_pixel_spacing")),
         "files_with_non_square_pixels": sum(1 for e in written if "non_square_pixels_mm" in e),
+        "files_not_axial": sum(1 for e in written if "not_axial" in e),
         "dicom_patient_ids_labelled_as_several_patients": several,
         "patients_sharing_a_study": shared,
         "patients_with_several_dicom_patient_ids": merged,
@@ -1059,6 +1064,11 @@ def file_warnings(report: dict[str, Any]) -> list[str]:
         warnings.append(
             f"{report['files_with_non_square_pixels']} written input files have non-square "
             "pixels: resampled as square, their anatomy is stretched along one axis."
+        )
+    if report.get("files_not_axial"):
+        warnings.append(
+            f"{report['files_not_axial']} written input files are no axial slice as stored "
+            "(localizers, masks, other planes, or rotated or flipped): their entries say which."
         )
     if report.get("files_without_pixel_spacing"):
         warnings.append(
@@ -1192,6 +1202,8 @@ def log_summary(report: dict[str, Any], logger: logging.Logger | None = None) ->
                 INT16.min,
                 INT16.max,
             )
+        if "not_axial" in e:
+            logger.warning("curation: %s: %s", e["path"], e["not_axial"])
         if "non_square_pixels_mm" in e:
             row, col = e["non_square_pixels_mm"]
             logger.warning(
