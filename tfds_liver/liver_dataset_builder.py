@@ -109,7 +109,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         "1.3.3": "Sheet patients whose images share a Study or Series Instance UID are kept in "
         "one split and reported (patients_sharing_a_study); one SOP Instance UID with other "
         "pixels is a conflict (was a duplicate of the first); label rows naming only files with "
-        "no decodable image are listed under label_rows_without_image; the report names localizers, masks, non-axial and rotated slices (not_axial), one sheet patient over several DICOM PatientIDs and sheet ids spelled alike.",
+        "no decodable image are listed under label_rows_without_image; the report names "
+        "localizers, masks, non-axial and rotated slices (not_axial), one sheet patient over "
+        "several DICOM PatientIDs and sheet ids spelled alike.",
         "1.3.2": "MONOCHROME1 CT stays in Hounsfield units (was inverted); a Modality LUT Sequence "
         "applies beside an empty Rescale Slope; raw pixels of the declared size under a "
         "compressed syntax decode; native Pixel Data a whole frame longer than declared, a data "
