@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Wheels for a host with no package index (a hospital's air-gapped GPU server, a cluster without
 # internet) that already has Python and the JAX stack (jax with its accelerator plugin, flax,
-# optax, orbax-checkpoint, numpy, matplotlib): the rest of what `python -m liverjax.main`
+# optax, orbax-checkpoint, numpy, scipy, matplotlib): the rest of what `python -m liverjax.main`
 # (building the records too), `liverjax.evaluate`, `liverjax.benchmark` and `liverjax.serve`
 # import. Run it where pip reaches an index; copy DIR over; install there with
 #

@@ -362,7 +362,7 @@ def _wheel_list() -> list[str]:
 def test_offline_wheels_cover_every_runtime_dependency_of_pyproject():
     deps = tomllib.loads((runs.REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     names = {re.split(r"[\[<>=!~ ;]", d)[0].lower().replace("_", "-") for d in deps}
-    host_stack = {"jax", "flax", "optax", "orbax-checkpoint", "numpy", "matplotlib"}
+    host_stack = {"jax", "flax", "optax", "orbax-checkpoint", "numpy", "scipy", "matplotlib"}
     left_out = {"apache-beam", "mlcroissant"}  # Beam builds, the tfds command line (see script)
     assert names - host_stack - left_out <= set(_wheel_list())
 
