@@ -830,10 +830,6 @@ def _id_form(patient_id: str) -> str:
     return "-".join(w.lstrip("0") or "0" if w.isdigit() else w for w in kept.split())
 
 
-def _split_of(splits: dict[str, list[Example]], patient_id: str) -> str:
-    return next(name for name, v in splits.items() if any(e.patient_id == patient_id for e in v))
-
-
 def _patients_sharing_studies(
     slices: Iterable[tuple[str, SliceRecord]],
 ) -> tuple[dict[str, str], list[dict[str, Any]]]:
@@ -922,13 +918,20 @@ def _report(
     # A DICOM PatientID under several of the sheet's patients: the sheet may have split one person
     # (ids per study, a typo), who can then be in two splits. Reported, not acted on: anonymisers
     # may also write one placeholder PatientID into every file.
+    # The reverse, dicom_ids_of: one sheet patient over several DICOM PatientIDs (two people
+    # given one id, e.g. sites that each number their patients 001, ...; or one person's two
+    # record numbers).
     sheet_patients: dict[str, dict[str, set[str]]] = collections.defaultdict(
         lambda: collections.defaultdict(set)
     )
+    dicom_ids_of: dict[str, set[str]] = collections.defaultdict(set)
+    split_of: dict[str, str] = {}  # sheet patient → its split
     for split_name, examples in splits.items():
         for e in examples:
+            split_of[e.patient_id] = split_name
             if e.record.patient_id.strip():
                 sheet_patients[e.record.patient_id][e.patient_id].add(split_name)
+                dicom_ids_of[e.patient_id].add(e.record.patient_id)
     several = [
         {
             "dicom_patient_id": dicom_id,
@@ -938,13 +941,6 @@ def _report(
         for dicom_id, by_sheet in sorted(sheet_patients.items())
         if len(by_sheet) > 1
     ]
-    # The reverse: one sheet patient over several DICOM PatientIDs (two people given one id, e.g.
-    # sites that each number their patients 001, ...; or one person's two record numbers).
-    dicom_ids_of: dict[str, set[str]] = collections.defaultdict(set)
-    for examples in splits.values():
-        for e in examples:
-            if e.record.patient_id.strip():
-                dicom_ids_of[e.patient_id].add(e.record.patient_id)
     merged = [
         {"patient_id": p, "dicom_patient_ids": sorted(ids)}
         for p, ids in sorted(dicom_ids_of.items())
@@ -953,10 +949,10 @@ def _report(
     # Sheet ids that differ only in case, separators, leading zeros or invisible characters: one
     # person under two spellings, who may be in two splits.
     by_form: dict[str, list[str]] = collections.defaultdict(list)
-    for p in sorted({e.patient_id for v in splits.values() for e in v}):
+    for p in sorted(split_of):
         by_form[_id_form(p)].append(p)
     alike = [
-        {"patient_ids": ids, "splits": sorted({_split_of(splits, i) for i in ids})}
+        {"patient_ids": ids, "splits": sorted({split_of[i] for i in ids})}
         for ids in by_form.values()
         if len(ids) > 1
     ]
@@ -1158,7 +1154,7 @@ def log_summary(report: dict[str, Any], logger: logging.Logger | None = None) ->
             "are one person, give their rows one patient_id",
             x["dicom_patient_id"],
             len(x["patient_ids"]),
-            ", ".join(x["patient_ids"][:5]) + (", ..." if len(x["patient_ids"]) > 5 else ""),
+            _first_ids(x["patient_ids"]),
             ", ".join(x["splits"]),
         )
     for x in report.get("patients_with_several_dicom_patient_ids", ()):
@@ -1179,7 +1175,7 @@ def log_summary(report: dict[str, Any], logger: logging.Logger | None = None) ->
         logger.warning(
             "curation: patients %s share DICOM %s: one study is one person's, so they are kept "
             "together in the %s split; give their rows one patient_id if they are one person",
-            ", ".join(x["patient_ids"][:5]) + (", ..." if len(x["patient_ids"]) > 5 else ""),
+            _first_ids(x["patient_ids"]),
             f"study {x['study_uids'][0]}" if x["study_uids"] else f"series {x['series_uids'][0]}",
             x["split"],
         )
@@ -1213,6 +1209,11 @@ def log_summary(report: dict[str, Any], logger: logging.Logger | None = None) ->
                 row,
                 col,
             )
+
+
+def _first_ids(ids: Sequence[str], n: int = 5) -> str:
+    """The first `n` ids, joined, with ", ..." when there are more (for a log line)."""
+    return ", ".join(ids[:n]) + (", ..." if len(ids) > n else "")
 
 
 def _problem_entries(entries: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
