@@ -219,27 +219,53 @@ _OVERRIDE_SOURCE = os.path.join("config_flags", "config_path.py")
 USER_ERROR_COORDINATOR_WAIT_S = 2.0
 
 
+# liverjax's own code: a ValueError raised there is one of its checks of the user's input.
+_OWN_CODE = tuple(
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), package) + os.sep
+    for package in ("liverjax", "tfds_liver")
+)
+
+
+def raised_by_liverjax(e: BaseException) -> bool:
+    """Whether `e` was raised in liverjax's (or its dataset builder's) own code: the innermost
+    frame of its traceback is there, not in a library it calls."""
+    frames = traceback.extract_tb(e.__traceback__)
+    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(_OWN_CODE)
+
+
+def _exit_every_process(message: str | None) -> None:
+    """End this process of a multi-process run now, after saying `message` (or the traceback
+    of the exception being handled): sys.exit would wait in jax.distributed's shutdown barrier
+    for the other processes (minutes, until a timeout); exiting now lets the launcher stop them."""
+    sys.stderr.write(message + "\n" if message else traceback.format_exc())
+    sys.stderr.flush()
+    logging.shutdown()
+    if jax.process_index() == 0:
+        # The coordinator's exit aborts the others: give them the time to say it too.
+        time.sleep(USER_ERROR_COORDINATOR_WAIT_S)
+    os._exit(1)
+
+
 @contextlib.contextmanager
 def user_errors(command: str, *also: type[Exception]) -> Iterator[None]:
-    """For a command's main: a bad config, path, split or dataset (ValueError, OSError, and the
-    command's own error types `also`) ends the command with its message, exit status 1, without a
-    traceback; $LIVERJAX_TRACEBACK shows it."""
+    """For a command's main: a bad config, path, split or dataset ends the command with its
+    message, exit status 1, without a traceback ($LIVERJAX_TRACEBACK shows it). Those are
+    OSError, the command's own error types `also`, and ValueError raised by liverjax's checks; a
+    ValueError from inside a library (JAX, NumPy, ...) keeps its traceback: it is more likely a
+    bug than a bad input. In a multi-process run any error ends every process at once."""
     try:
         yield
-    except (ValueError, OSError, *also) as e:
-        if os.environ.get(TRACEBACK_ENV):
+    except Exception as e:
+        said = isinstance(e, (OSError, *also)) or (
+            isinstance(e, ValueError) and raised_by_liverjax(e)
+        )
+        if os.environ.get(TRACEBACK_ENV) or not said:
+            if jax.distributed.is_initialized():
+                _exit_every_process(None)
             raise
         message = f"{command} failed: {e} ({TRACEBACK_ENV}=1 shows where)"
         if jax.distributed.is_initialized():
-            # sys.exit would wait in jax.distributed's shutdown barrier for the other processes
-            # (minutes, until a timeout); exiting now lets the launcher stop them.
-            sys.stderr.write(message + "\n")
-            sys.stderr.flush()
-            logging.shutdown()
-            if jax.process_index() == 0:
-                # The coordinator's exit aborts the others: give them the time to say it too.
-                time.sleep(USER_ERROR_COORDINATOR_WAIT_S)
-            os._exit(1)
+            _exit_every_process(message)
         sys.exit(message)
 
 

@@ -131,3 +131,63 @@ def test_an_error_in_the_config_file_keeps_its_traceback(tmp_path):
     assert done.returncode != 0
     assert "names no field" not in done.stderr
     assert "Traceback" in done.stderr and f'"{config}", line 6' in done.stderr, done.stderr[-2000:]
+
+
+def test_one_line_for_liverjax_checks_and_os_errors_a_traceback_for_a_library_error(
+    tmp_path, monkeypatch
+):
+    import ml_collections
+    import numpy as np
+
+    from liverjax import train
+
+    monkeypatch.delenv(train.TRACEBACK_ENV, raising=False)
+    with pytest.raises(SystemExit, match=r"^x failed: config has no 'dataset' section"):
+        with train.user_errors("x"):
+            train.validate_config(ml_collections.ConfigDict())
+    with pytest.raises(SystemExit, match=r"^x failed: \[Errno 2\] .*missing"):
+        with train.user_errors("x"):
+            open(tmp_path / "missing")  # noqa: SIM115
+    # A ValueError from inside a library is more likely a bug than a bad input: it keeps its
+    # traceback (it once ended in one line, as if the user had given a wrong value).
+    with pytest.raises(ValueError, match="cannot reshape") as raised:
+        with train.user_errors("x"):
+            np.reshape(np.ones(3), (2,))
+    assert not train.raised_by_liverjax(raised.value)
+
+
+def test_a_library_error_on_one_process_ends_it_at_once_with_its_traceback(tmp_path):
+    # Raised, it waited in jax.distributed's shutdown barrier for the other process (minutes).
+    script = tmp_path / "one_fails.py"
+    script.write_text(
+        "import sys\nimport jax\nimport numpy as np\nfrom jax.experimental import multihost_utils\n"
+        "from liverjax import train\n\n"
+        "i = int(sys.argv[1])\n"
+        "jax.distributed.initialize(sys.argv[2], num_processes=2, process_id=i)\n"
+        "with train.user_errors('x'):\n"
+        "    if i == 1:\n"
+        "        np.reshape(np.ones(3), (2,))\n"
+        "    multihost_utils.sync_global_devices('process 1 never comes')\n"
+    )
+    env = training_runs.child_env(tmp_path / "cache", 1)
+    env.pop("LIVERJAX_TRACEBACK", None)
+    address = f"127.0.0.1:{training_runs.free_port()}"
+    children = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i), address],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        output = children[1].communicate(timeout=120)[0]
+        assert children[1].returncode == 1, output[-3000:]
+        assert "Traceback" in output and "cannot reshape" in output, output[-3000:]
+    finally:
+        for child in children:
+            child.kill()
+            child.communicate()
