@@ -632,6 +632,20 @@ def _dataset_section(result: Mapping[str, Any], curation: Mapping[str, Any] | No
             + ", ".join(f"{x['dicom_patient_id']}: {', '.join(x['splits'])}" for x in across[:3])
             + "): if they are one person, the splits share a patient."
         )
+    near = curation.get("near_identical_images")
+    near_across = (
+        [x for x in near if x["splits"][0] != x["splits"][1]] if isinstance(near, list) else []
+    )
+    if near_across:
+        warnings.append(
+            f"{len(near_across)} pairs of patients in different splits have near-identical "
+            "images (e.g. "
+            + ", ".join(
+                f"{' and '.join(x['patient_ids'])}: {', '.join(x['splits'])}"
+                for x in near_across[:3]
+            )
+            + "): if they are one person or a re-exported scan, the splits share a patient."
+        )
     warnings.extend(curation_lib.file_warnings(curation))
     warn = "".join(f'<p class="warn">{_e(w)}</p>' for w in warnings)
     split_rows = [

@@ -543,6 +543,77 @@ def test_sheet_patients_sharing_a_study_stay_in_one_split(tmp_path, caplog):
     assert f"patients S0, S1 share DICOM study {study}" in caplog.text
 
 
+def test_near_identical_images_of_two_patients_are_reported(tmp_path, caplog):
+    """A re-exported copy under another patient id (new UIDs, recompressed: its pixels differ a
+    little, so it is no conflict) is the same person's image, in two splits here (seed 0). Air
+    slices with a strip of table look alike in every patient and are not compared."""
+    d = tmp_path / "m"
+    rows = []
+    for i in range(8):
+        write_ct(d / f"{i}.dcm", image(100 + i), patient=f"D{i}")
+        rows.append({"patient_id": f"S{i}", "label": i % 2, "path": f"{i}.dcm"})
+    noise = np.random.default_rng(0).integers(-3, 4, (SIZE, SIZE))
+    write_ct(d / "copy.dcm", (image(103) + noise).astype(np.int16), patient="X")
+    rows.append({"patient_id": "S9", "label": 1, "path": "copy.dcm"})
+    for i in range(2):
+        air = np.full((SIZE, SIZE), -1000, np.int16)
+        air[-1] = 50 + i  # the table, the same in every scan from one scanner
+        write_ct(d / f"air{i}.dcm", air, patient=f"A{i}")
+        rows.append({"patient_id": f"A{i}", "label": 0, "path": f"air{i}.dcm"})
+    write_sheet(d / "labels.csv", rows)
+    spec = curation.SplitSpec(validation=0.0, test=0.5, seed=0)
+    result = curation.curate(d, image_size=SIZE, split=spec, workers=1)
+    split_of = {p: name for name, s in result.report["splits"].items() for p in s["patient_ids"]}
+    assert split_of["S3"] != split_of["S9"]  # where a copy leaks
+    (near,) = result.report["near_identical_images"]
+    assert near["patient_ids"] == ["S3", "S9"] and near["slice_pairs"] == 1
+    assert near["splits"] == [split_of["S3"], split_of["S9"]]
+    (closest,) = near["closest"]
+    assert closest["slices"] == ["3.dcm#0", "copy.dcm#0"]
+    assert curation.NEAR_IDENTICAL_CORRELATION <= closest["correlation"] < 1
+    assert result.report["counts"]["written"] == 11  # reported, not acted on
+    assert "1 pairs of patients have near-identical images (1 of them across splits" in (
+        curation.summarize(result.report)
+    )
+    with caplog.at_level("WARNING"):
+        curation.log_summary(result.report)
+    assert "patients S3 (" in caplog.text and "have 1 near-identical slice pairs" in caplog.text
+
+
+def test_near_identical_images_are_compared_in_chunks_and_up_to_a_limit(monkeypatch):
+    rng = np.random.default_rng(0)
+    base = rng.integers(-150, 230, (6, SIZE, SIZE))
+    images = np.concatenate([base, base + rng.integers(-2, 3, base.shape)]).astype(np.int16)
+
+    def example(i, patient):
+        record = curation.SliceRecord(
+            image_id=str(i), image=images[i], patient_id="", study_uid="", series_uid="",
+            source="s", path=f"{i}.dcm", pixel_spacing=(1.0, 1.0), slice_position=0.0,
+            pixel_hash=str(i),
+        )  # fmt: skip
+        return curation.Example(record, 0, patient, "s")
+
+    # images i and i + 6 are one image; 6..11 all belong to patient Q (its own copies too)
+    splits = {
+        "train": [example(i, f"P{i}") for i in range(6)],
+        "test": [example(i, "Q") for i in range(6, 12)],
+    }
+    monkeypatch.setattr(curation, "NEAR_IDENTICAL_MAX_SLICES", 12)
+    whole = curation.near_identical_images(splits)
+    assert [x["patient_ids"] for x in whole] == [[f"P{i}", "Q"] for i in range(6)]
+    assert [x["closest"][0]["slices"] for x in whole] == [
+        [f"{i}.dcm#0", f"{i + 6}.dcm#0"] for i in range(6)
+    ]
+    monkeypatch.setattr(curation, "NEAR_IDENTICAL_CHUNK", 30)  # two rows at a time
+    assert curation.near_identical_images(splits) == whole
+    vectors, usable = curation.thumbnails(images)
+    assert usable.all() and np.allclose(np.linalg.norm(vectors, axis=1), 1)
+    monkeypatch.setattr(curation, "NEAR_IDENTICAL_MAX_SLICES", 11)
+    assert curation.near_identical_images(splits) == (
+        "not checked: 12 slices, over 11 (the check compares every pair)"
+    )
+
+
 def test_rows_that_name_one_file_must_agree_and_their_conflict_excludes_every_copy(tmp_path):
     d = tmp_path / "m"
     write_ct(d / "s/a.dcm", image(1), patient="P1")  # two rows: same label, two patients

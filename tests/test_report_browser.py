@@ -122,6 +122,10 @@ def page(tmp_path_factory):
             {"dicom_patient_id": "X1", "patient_ids": ["A", "B"], "splits": ["test", "train"]},
             {"dicom_patient_id": "X2", "patient_ids": ["C", "D"], "splits": ["train"]},
         ],
+        "near_identical_images": [
+            {"patient_ids": ["E", "F"], "splits": ["train", "test"], "slice_pairs": 2},
+            {"patient_ids": ["G", "H"], "splits": ["train", "train"], "slice_pairs": 1},
+        ],
         "files_with_non_square_pixels": 2,
         "files_without_pixel_spacing": 1,
         "splits": {
@@ -217,6 +221,10 @@ def test_dataset_section_warns_of_values_that_are_not_hounsfield_units(page):
     assert (
         "1 DICOM PatientIDs are labelled as several patients that are in different splits "
         "(e.g. X1: test, train)" in dataset
+    )
+    assert (
+        "1 pairs of patients in different splits have near-identical images (e.g. E and F: "
+        "train, test)" in dataset
     )
 
 

@@ -877,6 +877,101 @@ def _patients_sharing_studies(
     return group_of, shared
 
 
+# Near-identical images of two sheet patients (a re-exported, recompressed or re-anonymised copy
+# with new UIDs): soft-tissue thumbnails whose correlation is at least NEAR_IDENTICAL_CORRELATION.
+# A recompressed copy or one with noise added correlates above 0.9997; neighbouring slices of one
+# scan up to 0.9996; two people's slices at one level up to 0.99 (phantom anatomy, which varies
+# less than people's). Slices with little soft tissue (air and the table above and below the body)
+# are left out: they look alike in every patient from one scanner.
+NEAR_IDENTICAL_CORRELATION = 0.999
+THUMBNAIL_SIDE = 16
+THUMBNAIL_WINDOW_HU = (-160, 240)  # soft tissue: fat, muscle, liver, vessels with contrast
+THUMBNAIL_MIN_TISSUE = 0.1  # the fraction of a slice's pixels in the window
+NEAR_IDENTICAL_MAX_SLICES = 200_000  # the comparison takes time in the square of the slices
+NEAR_IDENTICAL_EXAMPLES = 3  # slice pairs listed per patient pair
+NEAR_IDENTICAL_CHUNK = 2**24  # correlations or pixels at once (64 MB of float32)
+
+
+def thumbnails(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unit vectors, usable) of (n, h, w) HU images: each image clipped to the soft-tissue window,
+    averaged over a THUMBNAIL_SIDE² grid, centred and scaled to length 1; `usable` where at least
+    THUMBNAIL_MIN_TISSUE of the pixels are in the window and the thumbnail is not flat."""
+    lo, hi = THUMBNAIL_WINDOW_HU
+    x = np.clip(images.astype(np.float32), lo, hi)
+    tissue = ((x > lo) & (x < hi)).mean(axis=(1, 2))
+    n, h, w = x.shape
+    rows = np.linspace(0, h, min(THUMBNAIL_SIDE, h) + 1).astype(int)
+    cols = np.linspace(0, w, min(THUMBNAIL_SIDE, w) + 1).astype(int)
+    cells = np.add.reduceat(np.add.reduceat(x, rows[:-1], axis=1), cols[:-1], axis=2)
+    cells /= np.outer(np.diff(rows), np.diff(cols))
+    v = cells.reshape(n, -1)
+    v -= v.mean(axis=1, keepdims=True)
+    norm = np.linalg.norm(v, axis=1)
+    usable = (tissue >= THUMBNAIL_MIN_TISSUE) & (norm > 1e-3)
+    return v / np.where(usable, norm, 1.0)[:, None], usable
+
+
+def near_identical_images(splits: dict[str, list[Example]]) -> list[dict[str, Any]] | str:
+    """Pairs of sheet patients with near-identical images (see NEAR_IDENTICAL_CORRELATION): each
+    pair with its splits, how many slice pairs match, and the closest few. A string saying why
+    when there are too many slices to compare."""
+    examples = [e for name in SPLITS for e in splits.get(name, ())]
+    if len(examples) > NEAR_IDENTICAL_MAX_SLICES:
+        return (
+            f"not checked: {len(examples)} slices, over {NEAR_IDENTICAL_MAX_SLICES} (the check "
+            "compares every pair)"
+        )
+    if not examples:
+        return []
+    per = max(1, NEAR_IDENTICAL_CHUNK // examples[0].record.image.size)  # images at once
+    vectors, usable = (
+        np.concatenate(x)
+        for x in zip(
+            *(
+                thumbnails(np.stack([e.record.image for e in examples[start : start + per]]))
+                for start in range(0, len(examples), per)
+            ),
+            strict=True,
+        )
+    )
+    keep = np.flatnonzero(usable)
+    vectors = vectors[keep]
+    patients = np.asarray([examples[i].patient_id for i in keep])
+    split_of = {e.patient_id: name for name in SPLITS for e in splits.get(name, ())}
+    found: dict[tuple[str, str], list[tuple[float, str, str]]] = collections.defaultdict(list)
+    chunk = max(1, NEAR_IDENTICAL_CHUNK // max(1, len(keep)))  # rows compared at once
+    for start in range(0, len(keep), chunk):
+        stop = min(start + chunk, len(keep))
+        similar = vectors[start:stop] @ vectors[start:].T
+        i, j = np.nonzero(similar >= NEAR_IDENTICAL_CORRELATION)
+        j_abs = j + start
+        other = (j_abs > i + start) & (patients[i + start] != patients[j_abs])
+        for a, b in zip(i[other] + start, j_abs[other], strict=True):
+            first, second = sorted((a, b), key=lambda k: patients[k])
+            found[(patients[first], patients[second])].append(
+                (
+                    float(similar[a - start, b - start]),
+                    examples[keep[first]].record.key,
+                    examples[keep[second]].record.key,
+                )
+            )
+    out = []
+    for (a, b), pairs in sorted(found.items()):
+        pairs.sort(key=lambda x: (-x[0], x[1], x[2]))
+        out.append(
+            {
+                "patient_ids": [a, b],
+                "splits": [split_of[a], split_of[b]],
+                "slice_pairs": len(pairs),
+                "closest": [
+                    {"slices": [x, y], "correlation": round(c, 6)}
+                    for c, x, y in pairs[:NEAR_IDENTICAL_EXAMPLES]
+                ],
+            }
+        )
+    return out
+
+
 def _check_patients_disjoint(splits: dict[str, list[Example]]) -> None:
     """Raises if a patient appears in two splits (a leak that would inflate every metric)."""
     seen: dict[str, str] = {}
@@ -982,6 +1077,7 @@ def _report(
         "patients_sharing_a_study": shared,
         "patients_with_several_dicom_patient_ids": merged,
         "patient_ids_alike": alike,
+        "near_identical_images": near_identical_images(splits),
         "splits": split_summary,
         "files": [entries[f] for f in files],
     }
@@ -1029,6 +1125,13 @@ def summarize(report: dict[str, Any]) -> str:
         lines.append(
             f"{sum(len(x['patient_ids']) for x in shared)} patients share DICOM studies with "
             f"another ({len(shared)} groups, each kept in one split: one person under two ids?)"
+        )
+    near = report.get("near_identical_images")
+    if near and isinstance(near, list):
+        lines.append(
+            f"{len(near)} pairs of patients have near-identical images "
+            f"({sum(x['splits'][0] != x['splits'][1] for x in near)} of them across splits: one "
+            "person under two ids, or a re-exported copy?)"
         )
     lines.extend(w.rstrip(".") for w in file_warnings(report))
     for name, s in report["splits"].items():
@@ -1178,6 +1281,29 @@ def log_summary(report: dict[str, Any], logger: logging.Logger | None = None) ->
             _first_ids(x["patient_ids"]),
             f"study {x['study_uids'][0]}" if x["study_uids"] else f"series {x['series_uids'][0]}",
             x["split"],
+        )
+    near = report.get("near_identical_images")
+    if isinstance(near, str):
+        logger.warning("curation: near-identical images of two patients: %s", near)
+    for x in (near or [])[:MAX_LOGGED_ROWS] if isinstance(near, list) else ():
+        closest = x["closest"][0]
+        logger.warning(
+            "curation: patients %s (%s) and %s (%s) have %d near-identical slice pairs (e.g. %s "
+            "and %s, correlation %.4f): if they are one person or one scan re-exported, give "
+            "their rows one patient_id; else ignore",
+            x["patient_ids"][0],
+            x["splits"][0],
+            x["patient_ids"][1],
+            x["splits"][1],
+            x["slice_pairs"],
+            *closest["slices"],
+            closest["correlation"],
+        )
+    if isinstance(near, list) and len(near) > MAX_LOGGED_ROWS:
+        logger.warning(
+            "curation: and %d more pairs of patients with near-identical images "
+            "(near_identical_images in curation_report.json)",
+            len(near) - MAX_LOGGED_ROWS,
         )
     for e in report["files"]:
         if e["status"] != "written":
