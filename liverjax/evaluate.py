@@ -9,6 +9,8 @@ split and of `--split` once, and writes
     W/report/metrics.json    everything below, with checkpoint step, split, dataset and config
     W/report/predictions.csv one row per image: ids, label, probability, predicted class
     W/report/patients.csv    one row per patient: label, slices, max and mean probability
+    W/report/validation_predictions.csv, validation_patients.csv  the same for the split the
+                             thresholds were chosen on (when it is not the one evaluated)
     W/report/{roc,pr,calibration,confusion}.png
     W/report/report.html     one self-contained page (liverjax.report)
 
@@ -25,10 +27,11 @@ Method (what a reader of the report needs to know):
   specificity, PPV, NPV and accuracy get Wilson score intervals on the effective sample size (the
   slices over the Rao-Scott design effect of their clustering in patients, with a t quantile on
   patients - 1 degrees of freedom; each patient counts once where at most one patient holds the
-  rarer outcome, as at 0 % or 100 %), which stay wide on small sets where a bootstrap collapses to a
-  point. AUC, AP, F1, Brier and ECE get percentile bootstrap intervals resampling patients, when
-  each class has `eval.bootstrap_min_patients` patients; resamples holding one class are left out
-  (their count is reported). Brier and ECE are reported for slices only.
+  rarer outcome, as at 0 % or 100 %, still with that t quantile), which stay wide on small sets
+  where a bootstrap collapses to a point. AUC, AP, F1, Brier and ECE get percentile bootstrap
+  intervals resampling patients, when each class has `eval.bootstrap_min_patients` patients;
+  resamples holding one class are left out (their count is reported). Brier and ECE are reported
+  for slices only.
 * All numbers come from liverjax.metrics; probabilities from the same jitted `predict` as
   training's validation (liverjax.train), so preprocessing is liverjax.preprocess.
 
@@ -411,21 +414,26 @@ def worst_cases(predictions: Predictions, threshold: float, n: int) -> dict[str,
 
 
 def saliency_cases(
-    model: models.CNN,
+    model: nnx.Module,
     source: Sequence[Mapping[str, Any]],
     predictions: Predictions,
     indices: Mapping[str, np.ndarray],
     config: ml_collections.ConfigDict,
 ) -> list[dict[str, Any]]:
-    """The images at `indices` as the network sees them, with their Grad-CAM map and ids."""
+    """The images at `indices` as the network sees them, with their Grad-CAM map (None for a
+    network without `features` and `classify`) and ids."""
     kinds = [kind for kind, idx in indices.items() for _ in idx]
     flat = [int(i) for idx in indices.values() for i in idx]
     if not flat:
         return []
     hu = np.stack([np.asarray(source[i]["image"]) for i in flat])
     x = preprocess.preprocess(jax.numpy.asarray(hu), config)
-    maps, logits = saliency.grad_cam(model, x)  # all cases in one batch: one compilation
-    x, maps, logits = np.asarray(x), np.asarray(maps), np.asarray(logits)
+    if hasattr(model, "features") and hasattr(model, "classify"):
+        maps, logits = saliency.grad_cam(model, x)  # all cases in one batch: one compilation
+        maps = list(np.asarray(maps))
+    else:
+        logits, maps = nnx.jit(lambda m, x: m(x, deterministic=True))(model, x), [None] * len(flat)
+    x, logits = np.asarray(x), np.asarray(logits)
     return [
         {
             "kind": kind,
@@ -491,13 +499,17 @@ class Restored:
     note: str  # how the step was chosen, in words
     steps: train.Steps
     state: train.TrainState
-    model: models.CNN  # the same parameters as an NNX module (for Grad-CAM), eval mode
+    model: nnx.Module  # the same parameters as an NNX module (for Grad-CAM), eval mode
     mesh: jax.sharding.Mesh
     meta: dict[str, Any]  # what training saved with the checkpoint (validation metrics, ...)
 
 
-def resolve_checkpoint(ckpt: checkpointing.Checkpointer, which: str) -> tuple[int, str]:
-    """(step, how it was chosen) for 'best', 'latest' or a step number."""
+def resolve_checkpoint(ckpt: checkpointing.Checkpointer, which: str | int) -> tuple[int, str]:
+    """(step, how it was chosen) for 'best', 'latest' or a step number (an int, or its digits)."""
+    if isinstance(which, int | np.integer) and not isinstance(which, bool):
+        which = str(int(which))
+    elif not isinstance(which, str):
+        raise ValueError(f"checkpoint {which!r}: use 'best', 'latest' or a step number")
     available = ckpt.all_steps()
     if not available:
         raise FileNotFoundError(
@@ -527,7 +539,9 @@ def resolve_checkpoint(ckpt: checkpointing.Checkpointer, which: str) -> tuple[in
     return int(which), f"step {which}, as requested"
 
 
-def restore(config: ml_collections.ConfigDict, workdir: str | os.PathLike, which: str) -> Restored:
+def restore(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike, which: str | int
+) -> Restored:
     """Restore checkpoint `which` ('best' | 'latest' | step) of the run in `workdir`."""
     directory = epath.Path(workdir) / train.CHECKPOINT_DIR
     if not directory.exists():
@@ -680,7 +694,7 @@ def evaluate(
     workdir: str | os.PathLike,
     *,
     split: str = "test",
-    checkpoint: str = "best",
+    checkpoint: str | int = "best",
 ) -> dict[str, Any]:
     """Evaluate a checkpoint of `workdir` on `split`; writes W/report/ and returns metrics.json."""
     settings = eval_settings(config)
@@ -729,7 +743,10 @@ def evaluate(
         "versions": {"jax": jax.__version__},
     }
     if jax.process_index() == 0:
-        _write_outputs(epath.Path(workdir), result, test, points, cases, curation, settings)
+        chosen_on = preds[threshold_split] if threshold_split != split else None
+        _write_outputs(
+            epath.Path(workdir), result, test, points, cases, curation, settings, chosen_on
+        )
     return result
 
 
@@ -741,8 +758,11 @@ def _write_outputs(
     cases: list[dict[str, Any]],
     curation: dict[str, Any] | None,
     settings: ml_collections.ConfigDict,
+    chosen_on: Predictions | None = None,
 ) -> epath.Path:
-    """Write operating_point.json and the report folder."""
+    """Write operating_point.json and the report folder; with `chosen_on` (the split the
+    thresholds were chosen on, when it is not `test`'s) its predictions and patients too, so the
+    thresholds can be derived again from the report folder."""
     workdir = epath.Path(workdir)  # a gs:// workdir too (pathlib would make it a local gs:/)
     out = workdir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -765,6 +785,15 @@ def _write_outputs(
     write_json(out / "metrics.json", result)
     write_predictions_csv(out / "predictions.csv", test, points["slice"]["threshold"])
     write_patients_csv(out / "patients.csv", test, points)
+    for stale in ("predictions", "patients"):  # of an earlier evaluation's threshold split
+        for path in out.glob(f"*_{stale}.csv"):
+            path.unlink()
+    if chosen_on is not None:
+        name = chosen_on.split
+        write_predictions_csv(
+            out / f"{name}_predictions.csv", chosen_on, points["slice"]["threshold"]
+        )
+        write_patients_csv(out / f"{name}_patients.csv", chosen_on, points)
     report.write_report(
         out,
         result,
@@ -842,9 +871,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         result = evaluate(config, args.workdir, split=args.split, checkpoint=args.checkpoint)
     s = result["levels"]["slice"]
     lo, hi = s["ci"]["roc_auc"]
+    ci = "CI n/a" if math.isnan(lo) or math.isnan(hi) else f"CI {lo:.3f}-{hi:.3f}"
     print(
         f"{result['split']}: slice ROC AUC {s['metrics']['roc_auc']:.3f} "
-        f"({result['bootstrap']['confidence']:.0%} CI {lo:.3f}-{hi:.3f}) at checkpoint step "
+        f"({result['bootstrap']['confidence']:.0%} {ci}) at checkpoint step "
         f"{result['checkpoint']['step']}; report in "
         f"{os.path.join(args.workdir, REPORT_DIR, report.HTML_FILE)}"
     )

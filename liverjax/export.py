@@ -624,7 +624,7 @@ def export_workdir(
     workdir: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    checkpoint: str = "best",
+    checkpoint: str | int = "best",
     split: str = "test",
     data_dir: str | None = None,
     max_parity_examples: int = MAX_PARITY_EXAMPLES,

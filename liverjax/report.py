@@ -85,8 +85,17 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
-def _with_ci(level: Mapping[str, Any], name: str) -> str:
-    """'0.912 (0.850-0.960)' from a level of the result."""
+def threshold_text(t: float) -> str:
+    """A threshold with the digits that tell it from 0 and 1: 0.635, 0.999960 (not 1.000)."""
+    closest = min(t, 1.0 - t)
+    if not 0 < closest < 0.01:
+        return f"{t:.3f}"
+    return f"{t:.{1 - math.floor(math.log10(closest))}f}"
+
+
+def _with_ci(level: Mapping[str, Any], name: str, confidence: int | None = None) -> str:
+    """'0.912 (0.850-0.960)' from a level of the result; with `confidence` (in percent)
+    '0.912 (95% CI 0.850-0.960)'."""
     if name not in level["metrics"]:
         return "\u2014"  # not computed at this level (Brier and ECE of patients)
     value = level["metrics"][name]
@@ -95,7 +104,8 @@ def _with_ci(level: Mapping[str, Any], name: str) -> str:
         return "n/a"
     if low is None or high is None or math.isnan(low) or math.isnan(high):
         return f"{_fmt(value)} (CI n/a)"
-    return f"{_fmt(value)} ({_fmt(low)}\u2013{_fmt(high)})"
+    label = f"{confidence}% CI " if confidence is not None else ""
+    return f"{_fmt(value)} ({label}{_fmt(low)}\u2013{_fmt(high)})"
 
 
 def _both_classes(labels: np.ndarray) -> bool:
@@ -282,16 +292,22 @@ def confusion_figure(result: Mapping[str, Any]) -> bytes:
             xlabel="Predicted",
             ylabel="True",
             title=f"{LEVEL_TITLES[level]}: {counts.sum()} {unit}\n"
-            f"threshold {info['threshold']:.3f}",
+            f"threshold {threshold_text(info['threshold'])}",
         )
     fig.suptitle(f"Confusion matrices, {result['split']} split", y=1.02, fontsize=13)
     fig.tight_layout()
     return _png(fig)
 
 
-def case_figure(image: np.ndarray, cam: np.ndarray) -> bytes:
-    """PNG: the image as the network sees it (left) and with the Grad-CAM overlay (right)."""
+def case_figure(image: np.ndarray, cam: np.ndarray | None) -> bytes:
+    """PNG: the image as the network sees it (left) and with the Grad-CAM overlay (right); the
+    image alone without a map (a network without `features` and `classify`)."""
     gray = np.repeat(np.clip(image, 0.0, 1.0)[..., None], 3, axis=-1)
+    if cam is None:
+        buf = io.BytesIO()
+        scale = max(1, CASE_DISPLAY_SIZE // image.shape[0])
+        plt.imsave(buf, gray.repeat(scale, axis=0).repeat(scale, axis=1), format="png")
+        return buf.getvalue()
     heat = plt.get_cmap(CAM_COLORMAP)(cam)[..., :3]
     alpha = CAM_ALPHA * np.clip(cam, 0.0, 1.0)[..., None]
     overlay = (1.0 - alpha) * gray + alpha * heat
@@ -345,13 +361,13 @@ def _key_results(result: Mapping[str, Any]) -> str:
     text = (
         f"On the <b>{_e(result['split'])}</b> split ({d['images']} images, "
         f"{d['lesion_images']} with a lesion, from {d['patients']} patients), the classifier "
-        f"has a slice-level ROC AUC of <b>{_e(_with_ci(s, 'roc_auc'))}</b> ({level}% CI). "
-        f"At the threshold {s['threshold']:.3f}, chosen on the "
+        f"has a slice-level ROC AUC of <b>{_e(_with_ci(s, 'roc_auc', level))}</b>. "
+        f"At the threshold {threshold_text(s['threshold'])}, chosen on the "
         f"{_e(result['operating_point']['chosen_on'])} split by "
         f"{_e(result['operating_point']['rule_description'])}, sensitivity is "
-        f"<b>{_e(_with_ci(s, 'recall'))}</b> and specificity <b>{_e(_with_ci(s, 'specificity'))}"
-        f"</b>: {m['tp']} of {m['tp'] + m['fn']} lesion slices found, {m['fp']} of "
-        f"{m['fp'] + m['tn']} normal slices flagged."
+        f"<b>{_e(_with_ci(s, 'recall', level))}</b> and specificity "
+        f"<b>{_e(_with_ci(s, 'specificity', level))}</b>: {m['tp']} of {m['tp'] + m['fn']} "
+        f"lesion slices found, {m['fp']} of {m['fp'] + m['tn']} normal slices flagged."
     )
     warnings = []
     if result["operating_point"]["same_split_as_evaluated"]:
@@ -403,7 +419,7 @@ def _metrics_section(result: Mapping[str, Any]) -> str:
     rows = [
         ["Units", *(f"{v['metrics']['n']} {v['unit']}s" for v in levels.values())],
         ["Prevalence (lesion)", *(_fmt(v["metrics"]["prevalence"]) for v in levels.values())],
-        ["Threshold", *(f"{v['threshold']:.3f}" for v in levels.values())],
+        ["Threshold", *(threshold_text(v["threshold"]) for v in levels.values())],
     ]
     for key, label, lower in METRIC_ROWS:
         rows.append(
@@ -435,7 +451,9 @@ def _metrics_section(result: Mapping[str, Any]) -> str:
         f"design effect of their clustering in patients (Rao-Scott, with a t quantile on "
         f"patients - 1 degrees of freedom; 1 at patient level); where at most one patient "
         f"holds the rarer outcome (as at 0% or 100%), the slices cannot show how it clusters, "
-        f"and each patient counts once. ROC AUC, PR AUC, F1, Brier and ECE: percentile "
+        f"and each patient counts once, still with the t quantile (so with one or two "
+        f"patients the interval spans nearly 0 to 1: their slices say little more than one "
+        f"case each). ROC AUC, PR AUC, F1, Brier and ECE: percentile "
         f"bootstrap intervals from {b['n_resamples']} resamples of patients (seed {b['seed']}), "
         f"every slice of a drawn patient entering the resample; 'CI n/a' where a class has "
         f"fewer than {b['min_patients_per_class']} patients. Resamples holding a single class "
@@ -492,23 +510,30 @@ def _operating_point_section(result: Mapping[str, Any]) -> str:
     rows = []
     for level, p in op["levels"].items():
         v = p["validation"]
+        counts = "n/a"
+        if "tp" in v:  # results from before the counts were shown have them too
+            counts = f"{v['tp']} / {v['fp']} / {v['tn']} / {v['fn']}"
         rows.append(
             [
                 LEVEL_TITLES[level],
-                f"{p['threshold']:.4f}",
+                threshold_text(p["threshold"]),
                 p["source"],
+                v["n"],
+                _fmt((v["tp"] + v["fn"]) / v["n"]) if "tp" in v and v["n"] else "n/a",
                 _fmt(v["recall"]),
                 _fmt(v["specificity"]),
-                v["n"],
+                counts,
             ]
         )
     header = [
         "Level",
         "Threshold",
         "How",
-        f"Sensitivity on {op['chosen_on']}",
-        f"Specificity on {op['chosen_on']}",
         f"Units on {op['chosen_on']}",
+        "Prevalence (lesion)",
+        "Sensitivity",
+        "Specificity",
+        "TP / FP / TN / FN",
     ]
     text = (
         f"Rule: {op['rule_description']}. The threshold is chosen on the "
@@ -563,8 +588,13 @@ def _cases_section(cases: Sequence[Mapping[str, Any]], result: Mapping[str, Any]
     parts = [
         '<section id="cases"><h2>Errors, with where the network looked</h2>'
         f"<p>{_e(CASES_NOTE)}</p>"
-        '<p class="legend">Left: network input. Right: Grad-CAM overlay; colour scale: none '
-        '<span class="ramp"></span> strongest lesion evidence.</p>'
+        + (
+            '<p class="legend">Left: network input. Right: Grad-CAM overlay; colour scale: none '
+            '<span class="ramp"></span> strongest lesion evidence.</p>'
+            if all(c["cam"] is not None for c in cases)
+            else "<p>The network input; this network has no features() and classify() methods "
+            "for Grad-CAM (liverjax.models), so no saliency maps are shown.</p>"
+        )
     ]
     for kind, title in CASE_TITLES.items():
         mine = [c for c in cases if c["kind"] == kind]
@@ -575,12 +605,14 @@ def _cases_section(cases: Sequence[Mapping[str, Any]], result: Mapping[str, Any]
                 if kind == "false_positive"
                 else ("lesion slice was missed")
             )
-            parts.append(f"<p>None: no {missing} at threshold {threshold:.3f}.</p>")
+            parts.append(f"<p>None: no {missing} at threshold {threshold_text(threshold)}.</p>")
             continue
         parts.append('<div class="cases">')
         for c in mine:
             no_evidence = (
-                " No region raised the lesion score (empty map)." if not c["cam"].any() else ""
+                " No region raised the lesion score (empty map)."
+                if c["cam"] is not None and not c["cam"].any()
+                else ""
             )
             caption = (
                 f"Lesion probability {c['probability']:.3f} (true: "
@@ -619,32 +651,14 @@ def _dataset_section(result: Mapping[str, Any], curation: Mapping[str, Any] | No
     reasons = curation.get("skipped_by_reason") or {}
     if reasons:
         text += " Skipped: " + ", ".join(f"{v} {k}" for k, v in reasons.items()) + "."
-    warnings = []
-    across = [
-        x
-        for x in curation.get("dicom_patient_ids_labelled_as_several_patients") or ()
-        if len(x["splits"]) > 1
-    ]
-    if across:
-        warnings.append(
-            f"{len(across)} DICOM PatientIDs are labelled as several patients that are in "
-            "different splits (e.g. "
-            + ", ".join(f"{x['dicom_patient_id']}: {', '.join(x['splits'])}" for x in across[:3])
-            + "): if they are one person, the splits share a patient."
-        )
-    near = curation.get("near_identical_images")
-    near_across = (
-        [x for x in near if x["splits"][0] != x["splits"][1]] if isinstance(near, list) else []
-    )
-    if near_across:
-        warnings.append(
-            f"{len(near_across)} pairs of patients in different splits have near-identical "
-            "images (e.g. "
-            + ", ".join(
-                f"{' and '.join(x['patient_ids'])}: {', '.join(x['splits'])}"
-                for x in near_across[:3]
-            )
-            + "): if they are one person or a re-exported scan, the splits share a patient."
+    warnings = curation_lib.patient_warnings(curation)
+    unmatched = curation.get("label_rows_without_image") or []
+    if unmatched:
+        shown = ", ".join(f"{r['sheet']} line {r['row']}" for r in unmatched[:3])
+        warnings.insert(
+            0,
+            f"{len(unmatched)} label rows match no image (e.g. {shown}): labelled cases that "
+            "are not in the records (label_rows_without_image in curation_report.json).",
         )
     warnings.extend(curation_lib.file_warnings(curation))
     warn = "".join(f'<p class="warn">{_e(w)}</p>' for w in warnings)
@@ -652,6 +666,7 @@ def _dataset_section(result: Mapping[str, Any], curation: Mapping[str, Any] | No
         [
             name,
             s.get("patients"),
+            s.get("patients_with_lesion", "n/a"),
             s.get("slices"),
             s.get("lesion"),
             s.get("normal"),
@@ -674,12 +689,27 @@ def _dataset_section(result: Mapping[str, Any], curation: Mapping[str, Any] | No
         + (", ".join(f"{k} {v}" for k, v in sources.items()) or "n/a")
         + "."
     )
+    by_split = {
+        name: s["slices_by_source"]
+        for name, s in (curation.get("splits") or {}).items()
+        if s.get("slices_by_source")
+    }
+    if len(sources) > 1 and by_split:  # one source: the same in every split
+        split_text += (
+            " Per split: "
+            + "; ".join(
+                f"{name} " + ", ".join(f"{k} {v}" for k, v in counts.items())
+                for name, counts in by_split.items()
+            )
+            + "."
+        )
     return (
         f'<section id="dataset"><h2>Dataset</h2>{head}<p>{_e(text)}</p>{warn}'
         + _table(
             [
                 "Split",
                 "Patients",
+                "Patients with lesion",
                 "Slices",
                 "Lesion slices",
                 "Normal slices",

@@ -572,9 +572,10 @@ def test_near_identical_images_of_two_patients_are_reported(tmp_path, caplog):
     assert closest["slices"] == ["3.dcm#0", "copy.dcm#0"]
     assert curation.NEAR_IDENTICAL_CORRELATION <= closest["correlation"] < 1
     assert result.report["counts"]["written"] == 11  # reported, not acted on
-    assert "1 pairs of patients have near-identical images (1 of them across splits" in (
-        curation.summarize(result.report)
-    )
+    assert (
+        "1 pairs of patients have near-identical images (1 of them in more than one split, "
+        f"e.g. S3 and S9: {split_of['S3']}, {split_of['S9']}): one person under two ids"
+    ) in curation.summarize(result.report)
     with caplog.at_level("WARNING"):
         curation.log_summary(result.report)
     assert "patients S3 (" in caplog.text and "have 1 near-identical slice pairs" in caplog.text

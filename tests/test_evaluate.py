@@ -244,6 +244,23 @@ def test_patients_csv(run):
     assert [int(r["predicted_max"]) for r in rows] == (p_max >= t).astype(int).tolist()
 
 
+def test_the_thresholds_can_be_derived_again_from_the_report_folder(run):
+    workdir, config, result = run
+    out = workdir / "report"
+    settings = evaluate.eval_settings(config)
+    rows = _read_csv(out / "validation_predictions.csv")
+    labels = np.array([int(r["label"]) for r in rows])
+    probs = np.array([float(r["probability"]) for r in rows])
+    points = result["operating_point"]["levels"]
+    assert evaluate.choose_threshold(labels, probs, settings) == points["slice"]["threshold"]
+    patients = _read_csv(out / "validation_patients.csv")
+    y = np.array([int(r["label"]) for r in patients])
+    for level, column in (("patient_max", "probability_max"), ("patient_mean", "probability_mean")):
+        p = np.array([float(r[column]) for r in patients])
+        assert evaluate.choose_threshold(y, p, settings) == points[level]["threshold"], level
+    assert points["slice"]["validation"]["n"] == len(rows)
+
+
 def test_report_files(run):
     workdir, _, result = run
     out = workdir / "report"
@@ -295,6 +312,16 @@ def test_checkpoint_and_workdir_errors(run, tmp_path):
         evaluate.restore(config, workdir, "99999")
     with pytest.raises(ValueError, match="'best', 'latest' or a step number"):
         evaluate.restore(config, workdir, "newest")
+    # From Python a step is an int too (it raised AttributeError: no isdigit)
+    ckpt = _checkpointer(workdir, config)
+    for which in (steps[0], np.int64(steps[0])):
+        assert evaluate.resolve_checkpoint(ckpt, which) == (
+            steps[0],
+            f"step {steps[0]}, as requested",
+        )
+    with pytest.raises(ValueError, match="'best', 'latest' or a step number"):
+        evaluate.resolve_checkpoint(ckpt, True)
+    ckpt.close()
     with pytest.raises(SystemExit, match=r"^evaluation failed: .*config.json.*"
                        r"\(LIVERJAX_TRACEBACK=1 shows where\)$"):  # fmt: skip
         evaluate.main(["--workdir", str(tmp_path)])

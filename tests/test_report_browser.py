@@ -7,6 +7,7 @@ a script added to a copy of the page records each image's decoded size into the 
 `--dump-dom` prints after the page has loaded.
 """
 
+import html
 import html.parser
 import json
 import re
@@ -20,6 +21,7 @@ import pytest
 from flax import nnx
 
 from liverjax import evaluate, metrics, models, report, saliency, train
+from tfds_liver import curation as curation_lib
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 CHROMIUM_FLAGS = (
@@ -76,6 +78,49 @@ def _predictions(split: str, n_patients: int, slices: int, rng) -> evaluate.Pred
     return evaluate.Predictions(split=split, labels=labels, probs=probs, ids=ids)
 
 
+# What the dataset section reads: a curation report with every kind of warning.
+CURATION = {
+    "files_total": 80,
+    "counts": {"written": 78, "duplicate": 1, "skipped": 1},
+    "skipped_by_reason": {"not_dicom": 1},
+    "files_with_clipped_pixels": 1,
+    "files_not_ct": {"": 1, "MR": 2},
+    "dicom_patient_ids_labelled_as_several_patients": [
+        {"dicom_patient_id": "X1", "patient_ids": ["A", "B"], "splits": ["test", "train"]},
+        {"dicom_patient_id": "X2", "patient_ids": ["C", "D"], "splits": ["train"]},
+    ],
+    "near_identical_images": [
+        {"patient_ids": ["E", "F"], "splits": ["train", "test"], "slice_pairs": 2},
+        {"patient_ids": ["G", "H"], "splits": ["train", "train"], "slice_pairs": 1},
+    ],
+    "patient_ids_alike": [{"patient_ids": ["p-01", "P1"], "splits": ["test", "train"]}],
+    "patients_sharing_a_study": [
+        {"patient_ids": ["J", "K"], "study_uids": ["1.2"], "series_uids": [], "split": "test"}
+    ],
+    "patients_with_several_dicom_patient_ids": [
+        {"patient_id": "L", "dicom_patient_ids": ["1", "2"]}
+    ],
+    "label_rows_without_image": [
+        {"sheet": "labels.csv", "row": 7, "path": "a.dcm", "sop_instance_uid": None, "why": "-"}
+    ],
+    "files_with_non_square_pixels": 2,
+    "files_without_pixel_spacing": 1,
+    "slices_by_source": {"siteA": 200, "siteB": 112},
+    "splits": {
+        "train": {"patients": 40, "slices": 240, "lesion": 70, "normal": 170},
+        "test": {
+            "patients": 12,
+            "patients_with_lesion": 5,
+            "slices_by_source": {"siteA": 40, "siteB": 32},
+            "slices": 72,
+            "lesion": 20,
+            "normal": 52,
+            "pixel_spacing_mm": {"missing": 1, "min": 0.5, "median": 0.78125, "max": 1.5},
+        },
+    },
+}
+
+
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     """(report.html path, result) of a report with every section filled."""
@@ -112,33 +157,7 @@ def page(tmp_path_factory):
         }
         for j, (kind, i) in enumerate(zip(kinds, flat, strict=True))
     ]
-    curation = {
-        "files_total": 80,
-        "counts": {"written": 78, "duplicate": 1, "skipped": 1},
-        "skipped_by_reason": {"not_dicom": 1},
-        "files_with_clipped_pixels": 1,
-        "files_not_ct": {"": 1, "MR": 2},
-        "dicom_patient_ids_labelled_as_several_patients": [
-            {"dicom_patient_id": "X1", "patient_ids": ["A", "B"], "splits": ["test", "train"]},
-            {"dicom_patient_id": "X2", "patient_ids": ["C", "D"], "splits": ["train"]},
-        ],
-        "near_identical_images": [
-            {"patient_ids": ["E", "F"], "splits": ["train", "test"], "slice_pairs": 2},
-            {"patient_ids": ["G", "H"], "splits": ["train", "train"], "slice_pairs": 1},
-        ],
-        "files_with_non_square_pixels": 2,
-        "files_without_pixel_spacing": 1,
-        "splits": {
-            "train": {"patients": 40, "slices": 240, "lesion": 70, "normal": 170},
-            "test": {
-                "patients": 12,
-                "slices": 72,
-                "lesion": 20,
-                "normal": 52,
-                "pixel_spacing_mm": {"missing": 1, "min": 0.5, "median": 0.78125, "max": 1.5},
-            },
-        },
-    }
+    curation = CURATION
     result = {
         "split": "test",
         "created": "2026-01-01T00:00:00+00:00",
@@ -218,14 +237,26 @@ def test_dataset_section_warns_of_values_that_are_not_hounsfield_units(page):
     assert spacing["Split"] == "Pixel spacing, mm (median, range)"
     assert spacing["test"] == "0.781 (0.5–1.5), 1 without"
     assert spacing["train"] == "n/a"  # a report from before the spacing was summarised
+    # Every warning of curation.patient_warnings, in the build summary's words
+    for warning in curation_lib.patient_warnings(CURATION):
+        assert f'<p class="warn">{html.escape(warning, quote=True)}</p>' in dataset, warning
     assert (
-        "1 DICOM PatientIDs are labelled as several patients that are in different splits "
-        "(e.g. X1: test, train)" in dataset
+        "2 DICOM PatientIDs are labelled as several patients (1 of them in more than one split, "
+        "e.g. X1: test, train)" in dataset
     )
+    assert "(1 of them in more than one split, e.g. p-01 and P1: test, train)" in dataset
     assert (
-        "1 pairs of patients in different splits have near-identical images (e.g. E and F: "
-        "train, test)" in dataset
+        "2 pairs of patients have near-identical images (1 of them in more than one split, "
+        "e.g. E and F: train, test)" in dataset
     )
+    assert "2 patients share DICOM studies with another (1 groups, each kept in one split)" in (
+        dataset
+    )
+    assert "1 patients hold images of several DICOM PatientIDs" in dataset
+    assert "1 label rows match no image (e.g. labels.csv line 7)" in dataset
+    lesion_patients = {row[0]: row[2] for row in tables.rows}
+    assert lesion_patients == {"Split": "Patients with lesion", "train": "n/a", "test": "5"}
+    assert "Per split: test siteA 40, siteB 32." in dataset
 
 
 def test_chromium_renders_table_and_images(page, tmp_path):

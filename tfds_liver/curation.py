@@ -1004,10 +1004,14 @@ def _report(
         labels = [e.label for e in examples]
         split_summary[split_name] = {
             "patients": len({e.patient_id for e in examples}),
+            "patients_with_lesion": len({e.patient_id for e in examples if e.label == 1}),
             "slices": len(examples),
             "lesion": int(sum(labels)),
             "normal": len(labels) - int(sum(labels)),
             "pixel_spacing_mm": spacing_summary(e.record.pixel_spacing for e in examples),
+            "slices_by_source": dict(
+                sorted(collections.Counter(e.source for e in examples).items())
+            ),
             "patient_ids": sorted({e.patient_id for e in examples}),
         }
     # A DICOM PatientID under several of the sheet's patients: the sheet may have split one person
@@ -1100,39 +1104,7 @@ def summarize(report: dict[str, Any]) -> str:
         )
     if report["label_rows_without_image"]:
         lines.append(f"{len(report['label_rows_without_image'])} label rows match no image")
-    several = report.get("dicom_patient_ids_labelled_as_several_patients")
-    if several:
-        lines.append(
-            f"{len(several)} DICOM PatientIDs are labelled as several patients "
-            f"({sum(len(x['splits']) > 1 for x in several)} of them in more than one split: "
-            "one person in two splits?)"
-        )
-    merged = report.get("patients_with_several_dicom_patient_ids")
-    if merged:
-        lines.append(
-            f"{len(merged)} patients hold images of several DICOM PatientIDs (two people under "
-            "one patient_id?)"
-        )
-    alike = report.get("patient_ids_alike")
-    if alike:
-        lines.append(
-            f"{len(alike)} groups of patient_ids differ only in case, punctuation or leading "
-            f"zeros ({sum(len(x['splits']) > 1 for x in alike)} of them across splits: one "
-            "person under two spellings?)"
-        )
-    shared = report.get("patients_sharing_a_study")
-    if shared:
-        lines.append(
-            f"{sum(len(x['patient_ids']) for x in shared)} patients share DICOM studies with "
-            f"another ({len(shared)} groups, each kept in one split: one person under two ids?)"
-        )
-    near = report.get("near_identical_images")
-    if near and isinstance(near, list):
-        lines.append(
-            f"{len(near)} pairs of patients have near-identical images "
-            f"({sum(x['splits'][0] != x['splits'][1] for x in near)} of them across splits: one "
-            "person under two ids, or a re-exported copy?)"
-        )
+    lines.extend(w.rstrip(".") for w in patient_warnings(report))
     lines.extend(w.rstrip(".") for w in file_warnings(report))
     for name, s in report["splits"].items():
         lines.append(
@@ -1140,6 +1112,58 @@ def summarize(report: dict[str, Any]) -> str:
             f"({s['lesion']} lesion, {s['normal']} normal)"
         )
     return "; ".join(lines)
+
+
+def _across_splits(entries: Sequence[dict[str, Any]], name: Any) -> str:
+    """'N of them in more than one split, e.g. ...' of report entries with `splits`."""
+    across = [x for x in entries if len(set(x["splits"])) > 1]
+    if not across:
+        return "none in more than one split"
+    shown = "; ".join(f"{name(x)}: {', '.join(x['splits'])}" for x in across[:3])
+    return f"{len(across)} of them in more than one split, e.g. {shown}"
+
+
+def patient_warnings(report: dict[str, Any]) -> list[str]:
+    """Who may be one person under two patient ids (in two splits, a leak) or two people under
+    one, a sentence each: the build summary and the evaluation report say it in the same words.
+    Reports from before a check was made lack its key and say nothing of it."""
+    warnings = []
+    several = report.get("dicom_patient_ids_labelled_as_several_patients")
+    if several:
+        across = _across_splits(several, lambda x: x["dicom_patient_id"])
+        warnings.append(
+            f"{len(several)} DICOM PatientIDs are labelled as several patients ({across}): one "
+            "person under two ids?"
+        )
+    alike = report.get("patient_ids_alike")
+    if alike:
+        across = _across_splits(alike, lambda x: " and ".join(x["patient_ids"]))
+        warnings.append(
+            f"{len(alike)} groups of patient_ids differ only in case, punctuation or leading "
+            f"zeros ({across}): one person under two spellings?"
+        )
+    near = report.get("near_identical_images")
+    if isinstance(near, str):
+        warnings.append(f"Near-identical images of two patients were {near}.")
+    elif near:
+        across = _across_splits(near, lambda x: " and ".join(x["patient_ids"]))
+        warnings.append(
+            f"{len(near)} pairs of patients have near-identical images ({across}): one person "
+            "under two ids, or a re-exported copy?"
+        )
+    shared = report.get("patients_sharing_a_study")
+    if shared:
+        warnings.append(
+            f"{sum(len(x['patient_ids']) for x in shared)} patients share DICOM studies with "
+            f"another ({len(shared)} groups, each kept in one split): one person under two ids?"
+        )
+    merged = report.get("patients_with_several_dicom_patient_ids")
+    if merged:
+        warnings.append(
+            f"{len(merged)} patients hold images of several DICOM PatientIDs: two people under "
+            "one patient_id?"
+        )
+    return warnings
 
 
 def file_warnings(report: dict[str, Any]) -> list[str]:
