@@ -14,6 +14,17 @@ apply `jax.nn.sigmoid` for a lesion probability.
   dtype        str            compute dtype, 'float32' or 'bfloat16'; parameters stay float32
 and `config.image_size` (int), the side of the square input.
 
+Other networks: `config.model.name` (absent: 'cnn', the seed) names a network registered with
+`register_model(name, create, validate)`; `config.model.module`, when set, is imported first, so
+a module that registers its networks at import works from the command line and in evaluation,
+export and serving (which read the workdir's config.json). `create(config, rngs)` returns an
+`nnx.Module` whose `__call__(x, *, deterministic, rngs)` maps preprocessed (B, H, W, 1) float32
+images to (B,) float32 logits (dropout and batch statistics follow `deterministic`: True in
+evaluation); variables other than `nnx.Param` (e.g. `nnx.BatchStat`) are kept as model state and
+checkpointed. Grad-CAM also needs `features(x)` (the last spatial feature map) and
+`classify(features, *, deterministic)`; without them the report shows no saliency maps.
+`validate(config)` raises ValueError naming the config key it cannot build from.
+
 Speed (XLA:CPU, 2 AVX2 cores, seed network at 128x128, batch 32; measured on a shared machine,
 so in images per CPU-second of the train step, best of repeats; runs vary by about 15%):
   * The kernel gradient of a conv, as autodiff emits it (a convolution contracting over the batch),
@@ -37,7 +48,10 @@ so in images per CPU-second of the train step, best of repeats; runs vary by abo
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -320,12 +334,76 @@ class CNN(nnx.Module):
         return (logits, feats) if return_features else logits
 
 
-def create_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> CNN:
-    """The CNN that `config.model` and `config.image_size` describe."""
+@dataclasses.dataclass(frozen=True)
+class Registered:
+    """A network `config.model.name` can name (see the module docstring)."""
+
+    create: Callable[[ml_collections.ConfigDict, nnx.Rngs], nnx.Module]
+    validate: Callable[[ml_collections.ConfigDict], None] | None = None
+
+
+SEED_MODEL = "cnn"
+_MODELS: dict[str, Registered] = {}
+
+
+def register_model(
+    name: str,
+    create: Callable[[ml_collections.ConfigDict, nnx.Rngs], nnx.Module],
+    validate: Callable[[ml_collections.ConfigDict], None] | None = None,
+) -> None:
+    """Make `config.model.name = name` build `create(config, rngs)` (checked by `validate`)."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"register_model: name {name!r} must be a non-empty string")
+    _MODELS[name] = Registered(create, validate)
+
+
+def model_name(config: ml_collections.ConfigDict) -> str:
+    """`config.model.name` (the seed CNN when absent)."""
+    return str(config.model.get("name", SEED_MODEL))
+
+
+def registered(config: ml_collections.ConfigDict) -> Registered:
+    """The network `config.model` names, importing `config.model.module` first when set."""
     for key in ("model", "image_size"):
         if key not in config:
             raise ValueError(f"config has no '{key}'; see liverjax.models.default_model_config()")
-    return CNN(config.model, image_size=config.image_size, rngs=rngs)
+    module = config.model.get("module")
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ValueError(
+                f"config.model.module = {module!r} cannot be imported ({e}); it must be on "
+                "the Python path of training, evaluation and export alike"
+            ) from None
+    name = model_name(config)
+    if name not in _MODELS:
+        raise ValueError(
+            f"config.model.name = {name!r}: no network of that name is registered (known: "
+            f"{', '.join(sorted(_MODELS))}); register it with liverjax.models.register_model, "
+            "in the module that config.model.module names"
+        )
+    return _MODELS[name]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raise ValueError naming the key if the network `config.model` names cannot be built."""
+    entry = registered(config)
+    if entry.validate is not None:
+        entry.validate(config)
+
+
+def create_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
+    """The network that `config.model` and `config.image_size` describe (the seed CNN unless
+    `config.model.name` names another)."""
+    return registered(config).create(config, rngs)
+
+
+register_model(
+    SEED_MODEL,
+    lambda config, rngs: CNN(config.model, image_size=config.image_size, rngs=rngs),
+    lambda config: validate_model_config(config.model, config.image_size),
+)
 
 
 def flops_per_image(model_config: ml_collections.ConfigDict, image_size: int) -> int:

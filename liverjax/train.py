@@ -404,7 +404,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not config.preprocess.window_width > 0:
         _fail("preprocess.window_width", config.preprocess.window_width, "must be > 0", "e.g. 400")
     preprocess.validate_augment_config(config.augment)
-    models.validate_model_config(config.model, config.image_size)
+    models.validate(config)
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
@@ -601,7 +601,8 @@ def make_steps(
     rng_streams = jax.jit(lambda: create()[1], out_shardings=repl)()
 
     def forward(state: TrainState, params: nnx.State, x: jax.Array, dropout_key: jax.Array | None):
-        model = nnx.merge(graphdef, params, rng_streams, state.model_state)
+        # copy: fresh Variables for this trace (jax.grad's); batch statistics are set in them
+        model = nnx.merge(graphdef, params, rng_streams, state.model_state, copy=True)
         logits = model(x, deterministic=dropout_key is None, rngs=dropout_key)
         _, _, _, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
         return logits, model_state

@@ -229,3 +229,64 @@ def test_a_one_class_validation_split_is_warned_of(data_dir, tmp_path, caplog):
     assert summary.step == 12 and math.isnan(summary.validation["roc_auc"])
     assert caplog.text.count("validation roc_auc is NaN at step 6") == 1
     assert "is NaN at step 12" not in caplog.text
+
+
+BATCHNORM_NET = '''
+"""A network of the user's own: conv + BatchNorm, registered at import."""
+import jax.numpy as jnp
+from flax import nnx
+
+from liverjax import models
+
+
+class BatchNormNet(nnx.Module):
+    def __init__(self, config, rngs):
+        self.conv = nnx.Conv(1, config.model.width, (3, 3), rngs=rngs)
+        self.norm = nnx.BatchNorm(config.model.width, rngs=rngs)
+        self.out = nnx.Linear(config.model.width, 1, rngs=rngs)
+
+    def __call__(self, x, *, deterministic=None, rngs=None):
+        h = nnx.relu(self.norm(self.conv(x), use_running_average=deterministic))
+        return jnp.squeeze(self.out(h.mean(axis=(1, 2))), -1)
+
+
+def validate(config):
+    if not config.model.get("width", 0) > 0:
+        raise ValueError(f"config.model.width = {config.model.get('width')!r}: must be > 0")
+
+
+models.register_model("batchnorm_net", BatchNormNet, validate)
+'''
+
+
+def test_a_registered_network_with_batch_statistics_trains_and_evaluates(
+    data_dir, tmp_path, monkeypatch
+):
+    # Batch statistics are model state: merged into a module inside jax.grad, they once raised
+    # TraceContextError ("Cannot mutate BatchStat from a different trace level").
+    from liverjax import evaluate, models
+
+    (tmp_path / "my_networks.py").write_text(BATCHNORM_NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = runs.make_config(data_dir, num_train_steps=6)
+    config.model = {"name": "batchnorm_net", "module": "my_networks", "width": 0}
+    with pytest.raises(ValueError, match="config.model.width = 0: must be > 0"):
+        train.train_and_evaluate(config, str(tmp_path / "bad"))
+    config.model.width = 4
+    workdir = str(tmp_path / "run")
+    summary = train.train_and_evaluate(config, workdir)
+    assert summary.step == 6 and np.isfinite(summary.validation["loss"])
+    (mean,) = [
+        leaf for path, leaf in jax.tree_util.tree_leaves_with_path(summary.state.model_state)
+        if "mean" in jax.tree_util.keystr(path)
+    ]  # fmt: skip
+    assert np.abs(np.asarray(mean)).max() > 0  # running statistics were updated
+    # Evaluation restores the network from config.json (the module imported again) with its
+    # batch statistics; without features()/classify() the report shows the cases without maps.
+    result = evaluate.evaluate(evaluate.load_config(workdir), workdir, split="test")
+    assert 0 <= result["levels"]["slice"]["metrics"]["roc_auc"] <= 1
+    page = (tmp_path / "run" / "report" / "report.html").read_text()
+    assert "no saliency maps are shown" in page
+    config.model.name = "other_net"
+    with pytest.raises(ValueError, match="config.model.name = 'other_net': no network of that"):
+        models.validate(config)
