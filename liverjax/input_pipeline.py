@@ -379,9 +379,21 @@ class _StartsWithSignalsDeferred:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         it = iter(self._ds)
-        with signals_deferred():
-            first = next(it, None)
-        if first is None:
-            return
-        yield first
-        yield from it
+        try:
+            with signals_deferred():
+                first = next(it, None)
+            if first is None:
+                return
+            yield first
+            yield from it
+        finally:  # read to the end or abandoned: grain's workers and shared memory go now
+            close(it)
+
+
+def close(it: Iterator[Any]) -> None:
+    """Stop a grain iterator's threads and worker processes now rather than when it is garbage
+    collected; an error doing so is logged, never raised over the one being handled."""
+    try:
+        getattr(it, "close", lambda: None)()
+    except Exception as e:  # noqa: BLE001
+        logging.getLogger("liverjax").warning("closing the input pipeline: %s", e)

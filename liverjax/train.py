@@ -1038,6 +1038,7 @@ def train_and_evaluate(
     finally:
         ckpt.close()  # waits for pending saves: the last good checkpoint is kept
         writer.close()
+        input_pipeline.close(train_iter)  # its workers now, not at garbage collection
     if steps.traces["train_step"] > 1:
         logger.warning(
             "the train step was traced %d times (expected once): input shapes or dtypes "

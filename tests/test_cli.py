@@ -5,6 +5,7 @@ does not exist yet when `main()` runs, although every test that imports the modu
 """
 
 import ast
+import json
 import os
 import pathlib
 import re
@@ -191,3 +192,19 @@ def test_a_library_error_on_one_process_ends_it_at_once_with_its_traceback(tmp_p
         for child in children:
             child.kill()
             child.communicate()
+
+
+def test_a_saved_config_is_a_config_file_again(tmp_path):
+    from etils import epath
+
+    from configs import from_workdir
+    from configs import test as test_config
+    from liverjax import train
+
+    config = test_config.get_config()
+    config.seed = 7
+    train.write_config(config, epath.Path(tmp_path))
+    again = from_workdir.get_config(str(tmp_path))
+    assert json.loads(again.to_json()) == json.loads(config.to_json_best_effort())
+    with pytest.raises(ValueError, match="needs the run's folder after a colon"):
+        from_workdir.get_config()
