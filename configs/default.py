@@ -84,7 +84,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint.keep_best = 1  # plus the best by validation config.best_metric
     config.checkpoint.async_save = True  # write in the background while training goes on
 
-    # After training: evaluate the best checkpoint on this split into WORKDIR/report/ ("" = no).
+    # After training: evaluate the best checkpoint on this split into WORKDIR/report/ ("" = no;
+    # python -m liverjax.main does it, train.train_and_evaluate does not).
     config.final_eval_split = ""
     # Evaluation settings (threshold_rule youden | sensitivity, target_sensitivity, bootstrap,
     # calibration bins, worst cases): liverjax.evaluate.default_eval_config documents each; the

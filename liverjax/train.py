@@ -777,7 +777,9 @@ def train_and_evaluate(
 ) -> RunSummary:
     """Train, validate every epoch and checkpoint in `workdir`; resumes from its latest checkpoint.
 
-    `hooks` are called with the step number after every train step (e.g. a profiler).
+    `hooks` are called with the step number after every train step (e.g. a profiler). The final
+    evaluation of `config.final_eval_split` is `liverjax.main`'s: from Python, call
+    `liverjax.evaluate.evaluate(config, workdir, split=...)` after this.
     """
     parallel.initialize_distributed(config.distributed)
     # Processes that differ would train apart silently (other seeds, rates) or hang in collectives.
