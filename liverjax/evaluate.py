@@ -378,6 +378,7 @@ def assess_by_source(
         found = intervals(settings, patients, labels, probs, threshold)
         out[str(source)] = {
             "patients": int(np.unique(patients).size),
+            "patients_with_lesion": int(np.unique(patients[labels == 1]).size),
             "metrics": metrics.summary(labels, probs, threshold, n_bins=settings.calibration_bins),
             "ci": found["ci"],
             "ci_method": found["ci_method"],

@@ -475,16 +475,28 @@ def _source_section(result: Mapping[str, Any]) -> str:
     by_source = result.get("by_source") or {}
     if not by_source:
         return ""
-    header = ["Source", "Patients", "Images", "Prevalence", "ROC AUC", "Sensitivity", "Specificity"]
+    header = [
+        "Source",
+        "Patients",
+        "Patients with lesion",
+        "Images",
+        "Prevalence",
+        "ROC AUC",
+        "Sensitivity",
+        "Specificity",
+        "TP / FP / TN / FN",
+    ]
     rows = [
         [
             name,
             v["patients"],
+            v.get("patients_with_lesion", "n/a"),  # results from before it was counted lack it
             v["metrics"]["n"],
             _fmt(v["metrics"]["prevalence"]),
             _with_ci(v, "roc_auc"),
             _with_ci(v, "recall"),
             _with_ci(v, "specificity"),
+            " / ".join(str(v["metrics"][k]) for k in ("tp", "fp", "tn", "fn")),
         ]
         for name, v in by_source.items()
     ]
@@ -497,7 +509,8 @@ def _source_section(result: Mapping[str, Any]) -> str:
     else:
         text = (
             "Slice-level results per image source (the `source` of the label sheet or the "
-            "top-level folder), at the same threshold, with intervals as in the table above."
+            "top-level folder), at the same threshold, with intervals as in the table above; "
+            "'n/a' where a source lacks a class (no lesion images: no sensitivity or AUC)."
         )
     return (
         f'<section id="by-source"><h2>By source</h2><p>{_e(text)}</p>'

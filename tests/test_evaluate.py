@@ -224,6 +224,8 @@ def test_metrics_json_equals_metrics_and_sklearn_on_the_csv(run):
     assert list(stored["by_source"]) == ["phantom"]
     assert stored["by_source"]["phantom"]["metrics"] == s["metrics"]
     assert stored["by_source"]["phantom"]["ci"] == s["ci"]
+    lesion_patients = {p for p, y in zip(patients, labels, strict=True) if y == 1}
+    assert stored["by_source"]["phantom"]["patients_with_lesion"] == len(lesion_patients)
     assert stored["split"] == "test"
     assert stored["dataset"]["version"] == str(tfds_liver.liver_dataset_builder.Builder.VERSION)
     assert stored["dataset"]["images"] == labels.size

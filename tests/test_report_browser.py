@@ -319,4 +319,9 @@ def test_chromium_renders_table_and_images(page, tmp_path):
     tables.feed(dom)
     sources = {row[0]: row for row in tables.rows[1:]}
     assert set(sources) == {"site-a", "site-b"}
-    assert sum(int(row[2]) for row in sources.values()) == test.labels.size
+    assert sum(int(row[3]) for row in sources.values()) == test.labels.size
+    for name, row in sources.items():
+        counts = [int(c) for c in row[-1].split(" / ")]
+        assert sum(counts) == int(row[3]), name  # TP / FP / TN / FN cover the source's images
+        v = result["by_source"][name]
+        assert int(row[2]) == v["patients_with_lesion"] > 0
