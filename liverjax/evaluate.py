@@ -9,7 +9,7 @@ split and of `--split` once, and writes
     W/report/metrics.json    everything below, with checkpoint step, split, dataset and config
     W/report/predictions.csv one row per image: ids, label, probability, predicted class
     W/report/patients.csv    one row per patient: label, slices, max and mean probability
-    W/report/validation_predictions.csv, validation_patients.csv  the same for the split the
+    W/report/threshold_predictions.csv, threshold_patients.csv  the same for the split the
                              thresholds were chosen on (when it is not the one evaluated)
     W/report/{roc,pr,calibration,confusion}.png
     W/report/report.html     one self-contained page (liverjax.report)
@@ -76,6 +76,8 @@ logger = logging.getLogger("liverjax.evaluate")
 
 REPORT_DIR = "report"
 OPERATING_POINT_FILE = "operating_point.json"  # liverjax.export reads it from the workdir
+# predictions.csv and patients.csv of the split the thresholds were chosen on
+THRESHOLD_FILES = ("threshold_predictions.csv", "threshold_patients.csv")
 LABEL_NAMES = ("normal", "lesion")
 THRESHOLD_RULES = ("youden", "sensitivity")
 CHECKPOINT_CHOICES = ("best", "latest")
@@ -433,7 +435,8 @@ def saliency_cases(
         maps, logits = saliency.grad_cam(model, x)  # all cases in one batch: one compilation
         maps = list(np.asarray(maps))
     else:
-        logits, maps = nnx.jit(lambda m, x: m(x, deterministic=True))(model, x), [None] * len(flat)
+        logits = nnx.jit(lambda m, x: m(x, deterministic=True, rngs=None))(model, x)
+        maps = [None] * len(flat)
     x, logits = np.asarray(x), np.asarray(logits)
     return [
         {
@@ -684,7 +687,7 @@ def read_curation_report(source: Any) -> tuple[dict[str, Any] | None, str]:
     path = epath.Path(info.data_dir) / "curation_report.json"
     if not path.exists():
         return None, os.fspath(path)
-    return json.loads(path.read_text()), os.fspath(path)
+    return train.read_json(path), os.fspath(path)
 
 
 # --------------------------------------------------------------------------- the run
@@ -786,15 +789,13 @@ def _write_outputs(
     write_json(out / "metrics.json", result)
     write_predictions_csv(out / "predictions.csv", test, points["slice"]["threshold"])
     write_patients_csv(out / "patients.csv", test, points)
-    for stale in ("predictions", "patients"):  # of an earlier evaluation's threshold split
-        for path in out.glob(f"*_{stale}.csv"):
-            path.unlink()
-    if chosen_on is not None:
-        name = chosen_on.split
-        write_predictions_csv(
-            out / f"{name}_predictions.csv", chosen_on, points["slice"]["threshold"]
-        )
-        write_patients_csv(out / f"{name}_patients.csv", chosen_on, points)
+    if chosen_on is not None:  # its split is metrics.json's operating_point.chosen_on
+        threshold = points["slice"]["threshold"]
+        write_predictions_csv(out / THRESHOLD_FILES[0], chosen_on, threshold)
+        write_patients_csv(out / THRESHOLD_FILES[1], chosen_on, points)
+    else:  # an earlier evaluation's, of another split
+        for name in THRESHOLD_FILES:
+            (out / name).unlink(missing_ok=True)
     report.write_report(
         out,
         result,
@@ -815,7 +816,7 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
             f"{path} not found: --workdir must be a training run's folder (training writes "
             "config.json there at start)"
         )
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return ml_collections.ConfigDict(train.read_json(path))
 
 
 def _parse_value(text: str) -> Any:

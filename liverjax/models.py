@@ -15,11 +15,12 @@ apply `jax.nn.sigmoid` for a lesion probability.
 and `config.image_size` (int), the side of the square input.
 
 Other networks: `config.model.name` (absent: 'cnn', the seed) names a network registered with
-`register_model(name, create, validate)`; `config.model.module`, when set, is imported first, so
-a module that registers its networks at import works from the command line and in evaluation,
-export and serving (which read the workdir's config.json). `create(config, rngs)` returns an
-`nnx.Module` whose `__call__(x, *, deterministic, rngs)` maps preprocessed (B, H, W, 1) float32
-images to (B,) float32 logits (dropout and batch statistics follow `deterministic`: True in
+`register_model(name, create, validate)`; `config.model.module`, when set, is imported first, so a
+module that registers its networks at import works in training (from a config file of yours that
+sets both keys: the default config has neither, so `--config.model.name` alone is no override) and
+in evaluation, export and serving (which read the workdir's config.json). `create(config, rngs)`
+returns an `nnx.Module` whose `__call__(x, *, deterministic, rngs)` maps preprocessed (B, H, W, 1)
+float32 images to (B,) float32 logits (dropout and batch statistics follow `deterministic`: True in
 evaluation); variables other than `nnx.Param` (e.g. `nnx.BatchStat`) are kept as model state and
 checkpointed. Grad-CAM also needs `features(x)` (the last spatial feature map) and
 `classify(features, *, deterministic)`; without them the report shows no saliency maps.
@@ -390,7 +391,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError naming the key if the network `config.model` names cannot be built."""
     entry = registered(config)
     if entry.validate is not None:
-        entry.validate(config)
+        try:
+            entry.validate(config)
+        except ValueError as e:  # the network's own check of the user's config: said in one line
+            raise ValueError(str(e)) from e
 
 
 def create_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:

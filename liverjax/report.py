@@ -665,14 +665,7 @@ def _dataset_section(result: Mapping[str, Any], curation: Mapping[str, Any] | No
     if reasons:
         text += " Skipped: " + ", ".join(f"{v} {k}" for k, v in reasons.items()) + "."
     warnings = curation_lib.patient_warnings(curation)
-    unmatched = curation.get("label_rows_without_image") or []
-    if unmatched:
-        shown = ", ".join(f"{r['sheet']} line {r['row']}" for r in unmatched[:3])
-        warnings.insert(
-            0,
-            f"{len(unmatched)} label rows match no image (e.g. {shown}): labelled cases that "
-            "are not in the records (label_rows_without_image in curation_report.json).",
-        )
+    warnings[:0] = curation_lib.label_warnings(curation)
     warnings.extend(curation_lib.file_warnings(curation))
     warn = "".join(f'<p class="warn">{_e(w)}</p>' for w in warnings)
     split_rows = [

@@ -195,6 +195,18 @@ class RunSummary:
 # --------------------------------------------------------------------------- config
 
 
+def read_json(path: epath.PathLike) -> Any:
+    """The JSON in file `path`; a file that is not JSON is a ValueError naming it."""
+    path = epath.Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"{path} is not valid JSON ({e}): a damaged or hand-edited file? Restore it, or "
+            "remove it to have it written again"
+        ) from None
+
+
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'a.b': value} from nested mappings; sequences become lists (as in JSON)."""
     flat: dict[str, Any] = {}
@@ -426,7 +438,7 @@ def check_resumed_config(config: ml_collections.ConfigDict, workdir: epath.Path)
         p.name.isdigit() for p in (workdir / CHECKPOINT_DIR).iterdir()
     )
     if path.exists() and has_checkpoints:
-        old = _flatten(json.loads(path.read_text()))
+        old = _flatten(read_json(path))
         changed = {
             k: (old.get(k), new.get(k))
             for k in sorted(set(old) | set(new))

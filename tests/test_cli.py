@@ -140,7 +140,7 @@ def test_one_line_for_liverjax_checks_and_os_errors_a_traceback_for_a_library_er
     import ml_collections
     import numpy as np
 
-    from liverjax import train
+    from liverjax import evaluate, train
 
     monkeypatch.delenv(train.TRACEBACK_ENV, raising=False)
     with pytest.raises(SystemExit, match=r"^x failed: config has no 'dataset' section"):
@@ -151,6 +151,11 @@ def test_one_line_for_liverjax_checks_and_os_errors_a_traceback_for_a_library_er
             open(tmp_path / "missing")  # noqa: SIM115
     # A ValueError from inside a library is more likely a bug than a bad input: it keeps its
     # traceback (it once ended in one line, as if the user had given a wrong value).
+    # A damaged JSON file of liverjax's is named (json's own error gave no file)
+    (tmp_path / "config.json").write_text('{"model": {')
+    with pytest.raises(SystemExit, match=r"^x failed: .*config.json is not valid JSON \(Expect"):
+        with train.user_errors("x"):
+            evaluate.load_config(tmp_path)
     with pytest.raises(ValueError, match="cannot reshape") as raised:
         with train.user_errors("x"):
             np.reshape(np.ones(3), (2,))
@@ -206,5 +211,13 @@ def test_a_saved_config_is_a_config_file_again(tmp_path):
     train.write_config(config, epath.Path(tmp_path))
     again = from_workdir.get_config(str(tmp_path))
     assert json.loads(again.to_json()) == json.loads(config.to_json_best_effort())
+    assert again.model.widths == (8, 16)  # a tuple again (JSON made it a list): overridable
+    # A run saved before a setting existed gets its default (it was an AttributeError)
+    saved = json.loads((tmp_path / train.CONFIG_FILE).read_text())
+    del saved["early_stopping"]["start_epoch"]
+    (tmp_path / train.CONFIG_FILE).write_text(json.dumps(saved))
+    older = from_workdir.get_config(str(tmp_path))
+    assert older.early_stopping.start_epoch == test_config.get_config().early_stopping.start_epoch
+    assert older.seed == 7
     with pytest.raises(ValueError, match="needs the run's folder after a colon"):
         from_workdir.get_config()

@@ -250,12 +250,12 @@ def test_the_thresholds_can_be_derived_again_from_the_report_folder(run):
     workdir, config, result = run
     out = workdir / "report"
     settings = evaluate.eval_settings(config)
-    rows = _read_csv(out / "validation_predictions.csv")
+    rows = _read_csv(out / "threshold_predictions.csv")
     labels = np.array([int(r["label"]) for r in rows])
     probs = np.array([float(r["probability"]) for r in rows])
     points = result["operating_point"]["levels"]
     assert evaluate.choose_threshold(labels, probs, settings) == points["slice"]["threshold"]
-    patients = _read_csv(out / "validation_patients.csv")
+    patients = _read_csv(out / "threshold_patients.csv")
     y = np.array([int(r["label"]) for r in patients])
     for level, column in (("patient_max", "probability_max"), ("patient_mean", "probability_mean")):
         p = np.array([float(r[column]) for r in patients])

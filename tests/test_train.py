@@ -245,7 +245,7 @@ class BatchNormNet(nnx.Module):
         self.norm = nnx.BatchNorm(config.model.width, rngs=rngs)
         self.out = nnx.Linear(config.model.width, 1, rngs=rngs)
 
-    def __call__(self, x, *, deterministic=None, rngs=None):
+    def __call__(self, x, *, deterministic, rngs):  # the contract, no defaults
         h = nnx.relu(self.norm(self.conv(x), use_running_average=deterministic))
         return jnp.squeeze(self.out(h.mean(axis=(1, 2))), -1)
 
@@ -272,6 +272,12 @@ def test_a_registered_network_with_batch_statistics_trains_and_evaluates(
     config.model = {"name": "batchnorm_net", "module": "my_networks", "width": 0}
     with pytest.raises(ValueError, match="config.model.width = 0: must be > 0"):
         train.train_and_evaluate(config, str(tmp_path / "bad"))
+    # The network's own check of the config is a user error (one line), though raised outside
+    # liverjax's code.
+    monkeypatch.delenv(train.TRACEBACK_ENV, raising=False)
+    with pytest.raises(SystemExit, match=r"^training failed: config.model.width = 0: must be > 0"):
+        with train.user_errors("training"):
+            models.validate(config)
     config.model.width = 4
     workdir = str(tmp_path / "run")
     summary = train.train_and_evaluate(config, workdir)
