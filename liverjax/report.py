@@ -108,6 +108,14 @@ def _with_ci(level: Mapping[str, Any], name: str, confidence: int | None = None)
     return f"{_fmt(value)} ({label}{_fmt(low)}\u2013{_fmt(high)})"
 
 
+COUNTS_TITLE = "TP / FP / TN / FN"
+
+
+def _counts(m: Mapping[str, Any]) -> str:
+    """'TP / FP / TN / FN' of metrics `m` (liverjax.metrics.summary's counts)."""
+    return " / ".join(str(m[k]) for k in ("tp", "fp", "tn", "fn"))
+
+
 def _both_classes(labels: np.ndarray) -> bool:
     return bool((labels == 1).any() and (labels == 0).any())
 
@@ -303,16 +311,13 @@ def case_figure(image: np.ndarray, cam: np.ndarray | None) -> bytes:
     """PNG: the image as the network sees it (left) and with the Grad-CAM overlay (right); the
     image alone without a map (a network without `features` and `classify`)."""
     gray = np.repeat(np.clip(image, 0.0, 1.0)[..., None], 3, axis=-1)
-    if cam is None:
-        buf = io.BytesIO()
-        scale = max(1, CASE_DISPLAY_SIZE // image.shape[0])
-        plt.imsave(buf, gray.repeat(scale, axis=0).repeat(scale, axis=1), format="png")
-        return buf.getvalue()
-    heat = plt.get_cmap(CAM_COLORMAP)(cam)[..., :3]
-    alpha = CAM_ALPHA * np.clip(cam, 0.0, 1.0)[..., None]
-    overlay = (1.0 - alpha) * gray + alpha * heat
-    gap = np.ones((image.shape[0], max(1, image.shape[1] // CASE_GAP_FRACTION), 3))
-    row = np.concatenate([gray, gap, overlay], axis=1)
+    row = gray
+    if cam is not None:
+        heat = plt.get_cmap(CAM_COLORMAP)(cam)[..., :3]
+        alpha = CAM_ALPHA * np.clip(cam, 0.0, 1.0)[..., None]
+        overlay = (1.0 - alpha) * gray + alpha * heat
+        gap = np.ones((image.shape[0], max(1, image.shape[1] // CASE_GAP_FRACTION), 3))
+        row = np.concatenate([gray, gap, overlay], axis=1)
     scale = max(1, CASE_DISPLAY_SIZE // image.shape[0])  # nearest neighbour: no smoothing
     row = row.repeat(scale, axis=0).repeat(scale, axis=1)
     buf = io.BytesIO()
@@ -428,16 +433,7 @@ def _metrics_section(result: Mapping[str, Any]) -> str:
                 *(_with_ci(v, key) for v in levels.values()),
             ]
         )
-    rows.append(
-        [
-            "TP / FP / TN / FN",
-            *(
-                f"{v['metrics']['tp']} / {v['metrics']['fp']} / {v['metrics']['tn']} / "
-                f"{v['metrics']['fn']}"
-                for v in levels.values()
-            ),
-        ]
-    )
+    rows.append([COUNTS_TITLE, *(_counts(v["metrics"]) for v in levels.values())])
     b = result["bootstrap"]
     skipped = ", ".join(
         f"{LEVEL_TITLES[k]} {v['bootstrap_skipped_single_class']}"
@@ -484,19 +480,19 @@ def _source_section(result: Mapping[str, Any]) -> str:
         "ROC AUC",
         "Sensitivity",
         "Specificity",
-        "TP / FP / TN / FN",
+        COUNTS_TITLE,
     ]
     rows = [
         [
             name,
             v["patients"],
-            v.get("patients_with_lesion", "n/a"),  # results from before it was counted lack it
+            v["patients_with_lesion"],
             v["metrics"]["n"],
             _fmt(v["metrics"]["prevalence"]),
             _with_ci(v, "roc_auc"),
             _with_ci(v, "recall"),
             _with_ci(v, "specificity"),
-            " / ".join(str(v["metrics"][k]) for k in ("tp", "fp", "tn", "fn")),
+            _counts(v["metrics"]),
         ]
         for name, v in by_source.items()
     ]
@@ -523,19 +519,16 @@ def _operating_point_section(result: Mapping[str, Any]) -> str:
     rows = []
     for level, p in op["levels"].items():
         v = p["validation"]
-        counts = "n/a"
-        if "tp" in v:  # results from before the counts were shown have them too
-            counts = f"{v['tp']} / {v['fp']} / {v['tn']} / {v['fn']}"
         rows.append(
             [
                 LEVEL_TITLES[level],
                 threshold_text(p["threshold"]),
                 p["source"],
                 v["n"],
-                _fmt((v["tp"] + v["fn"]) / v["n"]) if "tp" in v and v["n"] else "n/a",
+                _fmt((v["tp"] + v["fn"]) / v["n"]) if v["n"] else "n/a",
                 _fmt(v["recall"]),
                 _fmt(v["specificity"]),
-                counts,
+                _counts(v),
             ]
         )
     header = [
@@ -546,7 +539,7 @@ def _operating_point_section(result: Mapping[str, Any]) -> str:
         "Prevalence (lesion)",
         "Sensitivity",
         "Specificity",
-        "TP / FP / TN / FN",
+        COUNTS_TITLE,
     ]
     text = (
         f"Rule: {op['rule_description']}. The threshold is chosen on the "

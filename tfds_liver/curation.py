@@ -930,16 +930,12 @@ def near_identical_images(splits: dict[str, list[Example]]) -> list[dict[str, An
             len(examples),
         )
     per = max(1, NEAR_IDENTICAL_CHUNK // examples[0].record.image.size)  # images at once
-    vectors, usable = (
-        np.concatenate(x)
-        for x in zip(
-            *(
-                thumbnails(np.stack([e.record.image for e in examples[start : start + per]]))
-                for start in range(0, len(examples), per)
-            ),
-            strict=True,
-        )
-    )
+    parts = [
+        thumbnails(np.stack([e.record.image for e in examples[start : start + per]]))
+        for start in range(0, len(examples), per)
+    ]
+    vectors = np.concatenate([v for v, _ in parts])
+    usable = np.concatenate([u for _, u in parts])
     keep = np.flatnonzero(usable)
     vectors = vectors[keep]
     patients = np.asarray([examples[i].patient_id for i in keep])
@@ -1324,10 +1320,11 @@ def log_summary(report: dict[str, Any], logger: logging.Logger | None = None) ->
             f"study {x['study_uids'][0]}" if x["study_uids"] else f"series {x['series_uids'][0]}",
             x["split"],
         )
-    near = report.get("near_identical_images")
-    if isinstance(near, str):
+    near = report.get("near_identical_images") or []
+    if isinstance(near, str):  # not checked, and why
         logger.warning("curation: near-identical images of two patients: %s", near)
-    for x in (near or [])[:MAX_LOGGED_ROWS] if isinstance(near, list) else ():
+        near = []
+    for x in near[:MAX_LOGGED_ROWS]:
         closest = x["closest"][0]
         logger.warning(
             "curation: patients %s (%s) and %s (%s) have %d near-identical slice pairs (e.g. %s "
@@ -1341,7 +1338,7 @@ def log_summary(report: dict[str, Any], logger: logging.Logger | None = None) ->
             *closest["slices"],
             closest["correlation"],
         )
-    if isinstance(near, list) and len(near) > MAX_LOGGED_ROWS:
+    if len(near) > MAX_LOGGED_ROWS:
         logger.warning(
             "curation: and %d more pairs of patients with near-identical images "
             "(near_identical_images in curation_report.json)",
