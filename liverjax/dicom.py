@@ -457,6 +457,23 @@ def doubts(s: DicomSlice, clipped: int = 0) -> list[str]:
     return out
 
 
+def decode_resampled(
+    source: str | os.PathLike | bytes | BinaryIO, name: str, size: int
+) -> list[tuple[DicomSlice, np.ndarray, list[str]]]:
+    """Decodes one DICOM file and resamples each slice exactly as the dataset builder does.
+
+    Returns (slice, int16 HU image (size, size), doubts) triples: `read_dicom`, then
+    `to_int16(resample(image, size))`, the steps of `tfds_liver.curation.decode_file`, and
+    `doubts` of the slice (not CT, clipped values, an oblique or non-axial plane, no or
+    non-square pixel spacing). The server and `liverjax.predict` read files through it.
+    """
+    out = []
+    for s in read_dicom(source, name=name):
+        resampled = resample(s.image, size)
+        out.append((s, to_int16(resampled), doubts(s, outside_int16(resampled))))
+    return out
+
+
 def resample(image: np.ndarray, size: int) -> np.ndarray:
     """Pad to square (centred, filled with the image minimum) then resize to float32 size x size.
 

@@ -628,22 +628,12 @@ def parse_predict(body: bytes, size: int) -> tuple[np.ndarray, str]:
 def decode_dicom(
     data: bytes, name: str, size: int, max_pixels: int | None = None
 ) -> list[tuple[dicom.DicomSlice, np.ndarray, list[str]]]:
-    """Decodes one DICOM file and resamples each slice exactly as the dataset builder does.
-
-    Returns (slice, int16 HU image (size, size), doubts) triples: `dicom.read_dicom`, then
-    `dicom.to_int16(dicom.resample(image, size))`, the steps of `tfds_liver.curation.decode_file`,
-    and `dicom.doubts` of the slice (not CT, clipped values, no or non-square pixel spacing).
-    With `max_pixels`, a file whose header declares more pixels than that (see `check_size`) is
-    refused before its pixel data is read, decoded or inflated.
-    """
+    """`dicom.decode_resampled` (the dataset builder's decoding and resampling, with each
+    slice's doubts); with `max_pixels`, a file whose header declares more pixels than that (see
+    `check_size`) is refused before its pixel data is read, decoded or inflated."""
     if max_pixels is not None:
         check_size(data, name, max_pixels)
-    out = []
-    for s in dicom.read_dicom(data, name=name):
-        resampled = dicom.resample(s.image, size)
-        doubts = dicom.doubts(s, dicom.outside_int16(resampled))
-        out.append((s, dicom.to_int16(resampled), doubts))
-    return out
+    return dicom.decode_resampled(data, name, size)
 
 
 def check_size(data: bytes, name: str, max_pixels: int) -> None:
