@@ -160,8 +160,8 @@ def read_threshold(workdir: str | os.PathLike) -> tuple[float, str]:
     path = epath.Path(workdir) / OPERATING_POINT_FILE
     if not path.exists():
         warnings.warn(
-            f"{path} not found: exporting with threshold {DEFAULT_THRESHOLD}. Run the evaluation "
-            f"first to choose an operating point on validation data.",
+            f"{path} not found: using threshold {DEFAULT_THRESHOLD}. Run the evaluation first "
+            f"to choose an operating point on validation data.",
             stacklevel=2,
         )
         return DEFAULT_THRESHOLD, "default"
@@ -179,6 +179,41 @@ def read_threshold(workdir: str | os.PathLike) -> tuple[float, str]:
     ):
         raise ValueError(f"{path}: threshold = {threshold!r} is not a probability in [0, 1]")
     return float(threshold), str(path)
+
+
+def operating_point(
+    workdir: str | os.PathLike,
+    step: int,
+    note: str,
+    allow_other_checkpoint_threshold: bool = False,
+) -> tuple[float, str, dict[str, Any]]:
+    """(threshold, its source, how it was chosen) for checkpoint `step` of the run in `workdir`
+    (`note`: how that step was picked, in words). The last is `W/operating_point.json`'s rule,
+    split, step, validation figures and patient-level thresholds ({} for the default). A
+    threshold chosen for another checkpoint is an error unless `allow_other_checkpoint_threshold`
+    (then a warning): the labels would use a cut-off that was never validated for this model."""
+    threshold, source = read_threshold(workdir)
+    if source == "default":
+        return threshold, source, {}
+    written = json.loads(epath.Path(source).read_text())
+    keys = (
+        *("rule", "target_sensitivity", "split", "checkpoint_step", "dataset", "validation"),
+        "patient_level",  # thresholds on a patient's max / mean probability, for clients
+    )
+    chosen = {k: written[k] for k in keys if k in written}
+    chosen_for = written.get("checkpoint_step")
+    if chosen_for is not None and chosen_for != step:
+        message = (
+            f"{source} was chosen for checkpoint step {chosen_for}, but step {step} is used "
+            f"({note}); rerun the evaluation with --checkpoint {step} to get its own threshold"
+        )
+        if not allow_other_checkpoint_threshold:
+            raise ValueError(
+                f"{message}, use --checkpoint {chosen_for}, or pass "
+                "--allow_other_checkpoint_threshold"
+            )
+        warnings.warn(message, stacklevel=2)
+    return threshold, source, chosen
 
 
 def parity_device() -> jax.Device | None:
@@ -644,28 +679,9 @@ def export_workdir(
     if data_dir is not None:
         config.dataset.data_dir = data_dir
     restored = evaluate.restore(config, workdir, checkpoint)
-    threshold, source = read_threshold(workdir)
-    chosen: dict[str, Any] = {}  # how the threshold was chosen, for the served model's metadata
-    if source != "default":
-        written = json.loads(epath.Path(source).read_text())
-        keys = (
-            *("rule", "target_sensitivity", "split", "checkpoint_step", "dataset", "validation"),
-            "patient_level",  # thresholds on a patient's max / mean probability, for clients
-        )
-        chosen = {k: written[k] for k in keys if k in written}
-        chosen_for = written.get("checkpoint_step")
-        if chosen_for is not None and chosen_for != restored.step:
-            message = (
-                f"{source} was chosen for checkpoint step {chosen_for}, but step "
-                f"{restored.step} is exported ({restored.note}); rerun the evaluation with "
-                f"--checkpoint {restored.step} to get its own threshold"
-            )
-            if not allow_other_checkpoint_threshold:
-                raise ValueError(
-                    f"{message}, export --checkpoint {chosen_for}, or pass "
-                    "--allow_other_checkpoint_threshold"
-                )
-            warnings.warn(message, stacklevel=2)
+    threshold, source, chosen = operating_point(
+        workdir, restored.step, restored.note, allow_other_checkpoint_threshold
+    )
     images, labels = read_parity_records(config, split, max_parity_examples)
     return export_model(
         restored.model,
