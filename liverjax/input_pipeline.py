@@ -157,6 +157,13 @@ def ensure_built(dataset: ml_collections.ConfigDict) -> None:
         multihost_utils.sync_global_devices(f"dataset {dataset.name} ready")
 
 
+def record_size(dataset: ml_collections.ConfigDict) -> int:
+    """The side S of the (S, S, 1) images `dataset` holds: from the records' dataset info where
+    they are built, else from the builder's code (its config's `image_size`)."""
+    shape = _dataset_builder(dataset).info.features["image"].shape
+    return int(shape[0])
+
+
 def open_source(dataset: ml_collections.ConfigDict, split: str) -> Sequence[dict[str, Any]]:
     """Random-access records of one split (ArrayRecord through tfds, without tensorflow).
 

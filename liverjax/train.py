@@ -826,6 +826,7 @@ def train_and_evaluate(
         mesh.devices.size,
         jax.process_count(),
     )
+    record_size = input_pipeline.record_size(config.dataset)
     steps_per_epoch = len(train_source) // config.batch_size
     if steps_per_epoch < 1:
         _fail(
@@ -1041,6 +1042,8 @@ def train_and_evaluate(
                         "validation": validation,
                         "stop_reason": stop_reason,
                         "train_window": _window_to_json(train_metrics),
+                        # the records' side, which the network takes (liverjax.predict)
+                        "record_size": record_size,
                     }
                     ckpt.save(
                         step,
