@@ -1,0 +1,261 @@
+"""liverjax.predict: the session's trained run (tests/test_export.py) scores the synthetic set's
+DICOM files in-process, and gives each slice the probability evaluation gives its record.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pydicom
+import pytest
+import tensorflow_datasets as tfds
+import training_runs
+from test_export import CHOSEN, DATASET, THRESHOLD, make_config, shared_export
+
+from liverjax import evaluate, input_pipeline, metrics, predict, train
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return shared_export(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def workdir(exported) -> pathlib.Path:
+    return pathlib.Path(exported["out_dir"]).parent / "run"
+
+
+@pytest.fixture(scope="module")
+def predictor(exported, workdir) -> predict.Predictor:
+    # The operating point of the shared run was chosen for its latest checkpoint.
+    return predict.Predictor.load(workdir, "latest")
+
+
+@pytest.fixture(scope="module")
+def phantom(exported, tmp_path_factory) -> pathlib.Path:
+    """The DICOM files the records were built from, regenerated from the builder's settings."""
+    config = tfds.builder(DATASET, data_dir=exported["data_dir"]).builder_config
+    out = tmp_path_factory.mktemp("phantom")
+    config.write_phantom(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def evaluation(exported, predictor) -> dict[str, evaluate.Predictions]:
+    """Every split as evaluation scores it: its records through the eval input pipeline."""
+    config = make_config(exported["data_dir"])
+    restored = predictor.restored
+    out = {}
+    for split in ("train", "validation", "test"):
+        source = input_pipeline.open_source(config.dataset, split)
+        out[split] = evaluate.predict_split(
+            restored.steps, restored.state, source, config, restored.mesh, split
+        )
+    return out
+
+
+def test_loads_the_checkpoint_its_size_and_operating_point(exported, predictor):
+    assert predictor.step == exported["step"]
+    assert predictor.restored.meta["record_size"] == predictor.input_size == 64
+    assert predictor.input_size == input_pipeline.record_size(make_config().dataset)
+    assert predictor.threshold == THRESHOLD
+    assert predictor.threshold_source.endswith(evaluate.OPERATING_POINT_FILE)
+    assert predictor.patient_thresholds == CHOSEN["patient_level"]
+    assert predictor.chosen["rule"] == CHOSEN["rule"]
+
+
+def test_every_slice_scores_as_evaluation_scores_its_record(predictor, phantom, evaluation):
+    scored = predictor.score_files([phantom])
+    by_uid = {row["sop_uid"]: row for row in scored.slices}
+    n_records = 0
+    for split, predictions in evaluation.items():
+        for uid, p in zip(predictions.ids["sop_uid"], predictions.probs, strict=True):
+            row = by_uid[uid]
+            np.testing.assert_allclose(row["probability"], p, rtol=0, atol=1e-6, err_msg=split)
+            assert row["predicted"] == int(row["probability"] >= THRESHOLD)
+            n_records += 1
+    # The phantom writes exactly the files the records came from (one slice each) and its sheet.
+    assert len(scored.slices) == n_records == len(scored.files) - 1
+    [sheet] = [f for f in scored.files if f["status"] != "scored"]
+    assert sheet == {"file": str(phantom / "labels.csv"), "status": "skipped", "slices": 0,
+                     "reason": predict.LABEL_SHEET, "detail": "a label sheet"}  # fmt: skip
+    assert all(row["warnings"] == [] for row in scored.slices)  # square-pixelled axial CT
+
+
+def test_hu_arrays_score_like_their_records(predictor, exported, evaluation):
+    source = input_pipeline.open_source(make_config(exported["data_dir"]).dataset, "test")
+    hu = np.stack([source[i]["image"] for i in range(len(source))])  # (N, S, S, 1) int16
+    want = evaluation["test"].probs
+    np.testing.assert_allclose(predictor.predict_hu(hu), want, rtol=0, atol=1e-6)
+    # Without the channel axis, as int32 or float32 HU: the same values, the same answer.
+    np.testing.assert_allclose(predictor.predict_hu(hu[..., 0].astype(np.int32)), want, atol=1e-6)
+    np.testing.assert_allclose(predictor.predict_hu(hu.astype(np.float32)), want, atol=1e-5)
+    # More images than one batch, and none.
+    many = np.concatenate([hu] * (predictor.config.eval_batch_size // len(hu) + 2))
+    np.testing.assert_allclose(predictor.predict_hu(many), np.tile(want, len(many) // len(hu)))
+    assert predictor.predict_hu(hu[:0]).shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        (np.zeros((2, 32, 32), np.int16), r"shape \(2, 32, 32, 1\): expected \(N, 64, 64\)"),
+        (np.zeros((64, 64), np.int16), r"shape \(64, 64\)"),
+        (np.full((1, 64, 64), 40000, np.int32), r"HU values 40000..40000 outside int16"),
+        (np.full((1, 64, 64), np.nan, np.float32), "NaN or infinite"),
+        (np.zeros((1, 64, 64), bool), "dtype bool"),
+    ],
+)
+def test_bad_hu_arrays_are_refused_with_what_is_wrong(predictor, images, message):
+    with pytest.raises(ValueError, match=message):
+        predictor.predict_hu(images)
+
+
+def _read_csv(path: pathlib.Path) -> list[dict[str, str]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_the_command_accounts_for_every_file(workdir, phantom, tmp_path, capsys):
+    # A copy of the phantom with a file that is not DICOM, an MR slice, and one file given twice.
+    scans = tmp_path / "scans"
+    shutil.copytree(phantom, scans)
+    dicom_files = sorted(scans.rglob("*.dcm"))
+    (scans / "notes.txt").write_text("not a DICOM file\n" * 20)
+    mr = pydicom.dcmread(dicom_files[0])
+    mr.Modality, mr.RescaleType = "MR", "US"
+    mr.SOPInstanceUID = pydicom.uid.generate_uid()
+    mr.save_as(scans / "mr.dcm")
+    out = tmp_path / "out"
+    summary = predict.main(
+        [
+            "--workdir",
+            str(workdir),
+            "--out",
+            str(out),
+            "--checkpoint",
+            "latest",
+            str(scans),
+            str(dicom_files[3]),
+        ]  # fmt: skip
+    )
+    files = _read_csv(out / predict.FILES_FILE)
+    assert len(files) == len(dicom_files) + 4 == summary["files"]  # + labels.csv
+    by_name = {f["file"]: f for f in files}
+    assert by_name[str(scans / "notes.txt")]["status"] == "skipped"
+    assert by_name[str(scans / "notes.txt")]["reason"] == "not_dicom"
+    assert by_name[str(scans / "mr.dcm")]["reason"] == predict.NOT_CT
+    assert "Modality 'MR'" in by_name[str(scans / "mr.dcm")]["detail"]
+    repeated = [f for f in files if f["status"] == predict.REPEATED]
+    assert len(repeated) == 1 and repeated[0]["file"] == str(dicom_files[3])
+    assert repeated[0]["detail"] == f"the same file as {dicom_files[3]}"
+    assert summary["files_by_status"] == {"repeated": 1, "scored": len(dicom_files), "skipped": 3}
+    assert summary["skipped_by_reason"] == {"label_sheet": 1, "not_ct": 1, "not_dicom": 1}
+
+    slices = _read_csv(out / predict.PREDICTIONS_FILE)
+    assert len(slices) == len(dicom_files) == summary["slices"]
+    probs = np.asarray([float(r["probability"]) for r in slices])
+    predicted = np.asarray([int(r["predicted"]) for r in slices])
+    np.testing.assert_array_equal(predicted, probs >= THRESHOLD)
+    assert summary["slices_predicted_lesion"] == predicted.sum()
+    assert {r["predicted_name"] for r in slices} <= {"normal", "lesion"}
+
+    # A patient's max and mean are evaluation's aggregation of its slices.
+    patients = _read_csv(out / predict.PATIENTS_FILE)
+    ids = np.asarray([r["patient_id"] for r in slices])
+    zeros = np.zeros(len(ids), np.int64)
+    for how in ("max", "mean"):
+        groups, _, agg = metrics.aggregate_by_group(ids, zeros, probs, how)
+        assert [p["patient_id"] for p in patients] == list(groups)
+        got = np.asarray([float(p[f"probability_{how}"]) for p in patients])
+        np.testing.assert_allclose(got, agg, rtol=1e-12)
+        threshold = CHOSEN["patient_level"][f"patient_{how}"]
+        np.testing.assert_array_equal(
+            [int(p[f"predicted_{how}"]) for p in patients], agg >= threshold
+        )
+    assert sum(int(p["slices"]) for p in patients) == len(slices)
+
+    written = json.loads((out / predict.SUMMARY_FILE).read_text())
+    assert written["checkpoint"]["requested"] == "latest"
+    assert written["threshold"] == THRESHOLD and written["input_size"] == 64
+    assert written["threshold_source"] == evaluate.OPERATING_POINT_FILE
+    assert str(tmp_path) not in json.dumps(written)  # no path of this machine
+    line = capsys.readouterr().out
+    assert f"{len(dicom_files)} slices of {len(files)} files scored" in line
+    assert "4 files not scored" in line
+
+
+def test_non_ct_is_scored_when_allowed(predictor, phantom, tmp_path):
+    mr = pydicom.dcmread(sorted(phantom.rglob("*.dcm"))[0])
+    mr.Modality, mr.RescaleType = "MR", "US"
+    mr.save_as(tmp_path / "mr.dcm")
+    [row] = predictor.score_files([tmp_path / "mr.dcm"], allow_non_ct=True).slices
+    assert row["modality"] == "MR"
+    assert any(w.startswith("not CT (Modality MR)") for w in row["warnings"])
+
+
+def test_bad_paths_and_runs_are_said_in_one_line(workdir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ([str(tmp_path / "missing.dcm")], f"{tmp_path / 'missing.dcm'}: no such file or folder"),
+        ([str(tmp_path / "empty")], f"{tmp_path / 'empty'}: the folder holds no file"),
+    ]
+    for paths, message in cases:
+        with pytest.raises(SystemExit) as failed:
+            predict.main(["--workdir", str(workdir), "--out", str(tmp_path / "o"), *paths])
+        assert str(failed.value.code).startswith(f"prediction failed: {message}")
+    with pytest.raises(SystemExit) as failed:
+        predict.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "o"), str(tmp_path)])
+    assert "prediction failed: " in str(failed.value.code)
+    assert str(failed.value.code).endswith(f"({train.TRACEBACK_ENV}=1 shows where)")
+
+
+def test_a_threshold_of_another_checkpoint_is_refused(exported, workdir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    other = exported["step"] - 1
+    (run / evaluate.OPERATING_POINT_FILE).write_text(
+        json.dumps({"threshold": THRESHOLD, "checkpoint_step": other})
+    )
+    with pytest.raises(ValueError, match=f"chosen for checkpoint step {other}"):
+        predict.Predictor.load(run, "latest")
+    with pytest.warns(UserWarning, match=f"chosen for checkpoint step {other}"):
+        loaded = predict.Predictor.load(run, "latest", allow_other_checkpoint_threshold=True)
+    # Without patient-level thresholds, the patients are cut at the slice threshold.
+    assert loaded.patient_thresholds == {"patient_max": THRESHOLD, "patient_mean": THRESHOLD}
+    (run / evaluate.OPERATING_POINT_FILE).unlink()
+    with pytest.warns(UserWarning, match="using threshold 0.5"):
+        default = predict.Predictor.load(run, "latest")
+    assert (default.threshold, default.threshold_source) == (0.5, "default")
+
+
+def test_the_command_runs_on_one_device_without_tensorflow(
+    workdir, phantom, predictor, tmp_path, tmp_path_factory
+):
+    files = sorted(phantom.rglob("*.dcm"))[:3]
+    blocker = tmp_path / "blocker" / "tensorflow"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('tensorflow is blocked')\n")
+    env = training_runs.child_env(training_runs.compilation_cache(tmp_path_factory), devices=1)
+    env["PYTHONPATH"] = os.pathsep.join([str(blocker.parent), env["PYTHONPATH"]])
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "liverjax.predict", "--workdir", str(workdir), "--out", str(out),
+         "--checkpoint", "latest", *map(str, files)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("3 slices of 3 files scored at checkpoint step")
+    rows = _read_csv(out / predict.PREDICTIONS_FILE)
+    want = predictor.score_files(files).slices  # in this process, on 8 devices
+    assert [r["file"] for r in rows] == [w["file"] for w in want] == list(map(str, files))
+    np.testing.assert_allclose(
+        [float(r["probability"]) for r in rows], [w["probability"] for w in want], atol=1e-6
+    )
