@@ -533,10 +533,7 @@ def bootstrap_ci(
     `fn(labels, probs) -> float` (called once per resample on the resampled rows). To resample
     rows instead of patients, pass `group_ids=np.arange(n)`.
     """
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-    if int(n_resamples) != n_resamples or n_resamples < 1:
-        raise ValueError(f"n_resamples must be a positive integer, got {n_resamples!r}")
+    _check_bootstrap(alpha, n_resamples)
     threshold, n_bins = _check_threshold(threshold), _check_n_bins(n_bins)
     if callable(metrics):
         names, fns = [], {getattr(metrics, "__name__", "metric"): metrics}
@@ -549,26 +546,9 @@ def bootstrap_ci(
         raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(METRIC_NAMES)}")
 
     y, p = check_inputs(labels, probs)
-    _, inverse = np.unique(_groups_1d(group_ids, y.size), return_inverse=True)
-    n_groups = int(inverse.max()) + 1
-    counts = _resample_counts(n_groups, int(n_resamples), seed)
-    # A resample has both classes if it draws a group with a positive and one with a negative row.
-    group_pos = np.bincount(inverse, weights=y, minlength=n_groups) > 0
-    group_neg = np.bincount(inverse, weights=1.0 - y, minlength=n_groups) > 0
-    valid = (counts @ group_pos > 0) & (counts @ group_neg > 0)
+    inverse, counts, valid = _two_class_resamples(group_ids, y, n_resamples, seed)
     counts = counts[valid]
-
-    values: dict[str, np.ndarray] = {}
-    if names:
-        r = _rank(y, p)
-        row_group = inverse[r.order]
-        chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // y.size)
-        parts = [
-            _batch_metrics(r, counts[i : i + chunk][:, row_group], names, threshold, n_bins)
-            for i in range(0, counts.shape[0], chunk)
-        ]
-        for name in names:
-            values[name] = np.concatenate([part[name] for part in parts] or [np.empty(0)])
+    values = _resampled_metrics(y, p, inverse, counts, names, threshold, n_bins)
     rows = np.arange(y.size)
     for name, fn in fns.items():
         picks = (np.repeat(rows, c[inverse].astype(np.int64)) for c in counts)
@@ -576,12 +556,117 @@ def bootstrap_ci(
 
     intervals, n_used = {}, {}
     for name, v in values.items():
-        v = v[~np.isnan(v)]
-        n_used[name] = int(v.size)
-        low, high = np.quantile(v, [alpha / 2, 1 - alpha / 2]) if v.size else (np.nan, np.nan)
-        intervals[name] = (float(low), float(high))
+        intervals[name], n_used[name] = _percentile_interval(v, alpha)
     return BootstrapIntervals(
         intervals,
+        n_resamples=int(n_resamples),
+        n_skipped=int(np.count_nonzero(~valid)),
+        n_used=n_used,
+        alpha=float(alpha),
+    )
+
+
+def _check_bootstrap(alpha: float, n_resamples: int) -> None:
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    if int(n_resamples) != n_resamples or n_resamples < 1:
+        raise ValueError(f"n_resamples must be a positive integer, got {n_resamples!r}")
+
+
+def _two_class_resamples(
+    group_ids: ArrayLike, y: np.ndarray, n_resamples: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(each row's group, (n_resamples, G) draws of each group, which resamples hold both
+    classes): a resample has both if it draws a group with a positive and one with a negative
+    row."""
+    _, inverse = np.unique(_groups_1d(group_ids, y.size), return_inverse=True)
+    n_groups = int(inverse.max()) + 1
+    counts = _resample_counts(n_groups, int(n_resamples), seed)
+    group_pos = np.bincount(inverse, weights=y, minlength=n_groups) > 0
+    group_neg = np.bincount(inverse, weights=1.0 - y, minlength=n_groups) > 0
+    valid = (counts @ group_pos > 0) & (counts @ group_neg > 0)
+    return inverse, counts, valid
+
+
+def _resampled_metrics(
+    y: np.ndarray,
+    p: np.ndarray,
+    inverse: np.ndarray,
+    counts: np.ndarray,
+    names: Sequence[str],
+    threshold: float,
+    n_bins: int,
+) -> dict[str, np.ndarray]:
+    """Metrics `names` (of METRIC_NAMES) on each resample: (k,) arrays for counts (k, G)."""
+    if not names:
+        return {}
+    r = _rank(y, p)
+    row_group = inverse[r.order]
+    chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // y.size)
+    parts = [
+        _batch_metrics(r, counts[i : i + chunk][:, row_group], names, threshold, n_bins)
+        for i in range(0, counts.shape[0], chunk)
+    ]
+    return {name: np.concatenate([part[name] for part in parts] or [np.empty(0)]) for name in names}
+
+
+def _percentile_interval(values: np.ndarray, alpha: float) -> tuple[tuple[float, float], int]:
+    """((low, high), resamples used) of the values that are not NaN; NaN bounds if none is."""
+    v = values[~np.isnan(values)]
+    low, high = np.quantile(v, [alpha / 2, 1 - alpha / 2]) if v.size else (np.nan, np.nan)
+    return (float(low), float(high)), int(v.size)
+
+
+class PairedIntervals(BootstrapIntervals):
+    """{metric name: (low, high)} percentile intervals of the difference b - a of two models
+    scored on the same examples; `p_values[name]`: the two-sided bootstrap p-value of no
+    difference, `min(1, 2 * min(P(d <= 0), P(d >= 0)))` over the resampled differences `d`."""
+
+    def __init__(self, intervals, *, p_values: Mapping[str, float], **kwargs) -> None:
+        super().__init__(intervals, **kwargs)
+        self.p_values = dict(p_values)
+
+
+def paired_bootstrap_ci(
+    group_ids: ArrayLike,
+    labels: ArrayLike,
+    probs_a: ArrayLike,
+    probs_b: ArrayLike,
+    metrics: Sequence[str] = BOOTSTRAP_NAMES,
+    *,
+    n_resamples: int,
+    seed: int,
+    alpha: float = DEFAULT_ALPHA,
+    thresholds: tuple[float, float] = (DEFAULT_THRESHOLD, DEFAULT_THRESHOLD),
+    n_bins: int = DEFAULT_N_BINS,
+) -> PairedIntervals:
+    """`bootstrap_ci` of the difference metric(b) - metric(a) between two models' probabilities
+    of the same rows: each resample draws the same groups (patients) for both, so what the
+    models share (the same hard and easy patients) cancels. Threshold metrics use each model's
+    own threshold (`thresholds` = (a's, b's)). The draws are `bootstrap_ci`'s for that seed."""
+    _check_bootstrap(alpha, n_resamples)
+    threshold_a, threshold_b = map(_check_threshold, thresholds)
+    n_bins = _check_n_bins(n_bins)
+    names = [metrics] if isinstance(metrics, str) else list(metrics)
+    unknown = sorted(set(names) - set(METRIC_NAMES))
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(METRIC_NAMES)}")
+    y, p_a = check_inputs(labels, probs_a)
+    _, p_b = check_inputs(labels, probs_b)
+    inverse, counts, valid = _two_class_resamples(group_ids, y, n_resamples, seed)
+    counts = counts[valid]
+    a = _resampled_metrics(y, p_a, inverse, counts, names, threshold_a, n_bins)
+    b = _resampled_metrics(y, p_b, inverse, counts, names, threshold_b, n_bins)
+    intervals, n_used, p_values = {}, {}, {}
+    for name in names:
+        d = b[name] - a[name]
+        intervals[name], n_used[name] = _percentile_interval(d, alpha)
+        d = d[~np.isnan(d)]
+        side = min(np.mean(d <= 0), np.mean(d >= 0)) if d.size else np.nan
+        p_values[name] = float(min(1.0, 2.0 * side)) if d.size else math.nan
+    return PairedIntervals(
+        intervals,
+        p_values=p_values,
         n_resamples=int(n_resamples),
         n_skipped=int(np.count_nonzero(~valid)),
         n_used=n_used,

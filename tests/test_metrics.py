@@ -374,6 +374,57 @@ def test_bootstrap_equals_slow_reference() -> None:
     np.testing.assert_allclose(by_fn["roc_auc_score"], got["roc_auc"], rtol=0, atol=TOL)
 
 
+def test_paired_bootstrap_equals_slow_reference() -> None:
+    # Model B sees the labels a little better than model A, on the same clustered slices.
+    groups, y, p_a = _clustered(4, patients=40, slices=6)
+    rng = np.random.default_rng(5)
+    p_b = np.clip(p_a + 0.05 * (y - 0.5) + rng.normal(0, 0.05, y.size), 0, 1)
+    t_a, t_b = 0.5, 0.45
+    ids = np.unique(groups)
+    rows_of = [np.flatnonzero(groups == g) for g in ids]
+    draws = np.random.default_rng(3).integers(0, ids.size, (80, ids.size))
+    fns = {
+        "roc_auc": lambda yy, pp, t: skm.roc_auc_score(yy, pp),
+        "recall": lambda yy, pp, t: skm.recall_score(yy, pp >= t),
+        "brier": lambda yy, pp, t: skm.brier_score_loss(yy, pp),
+    }
+    diffs = {name: [] for name in fns}
+    for draw in draws:
+        rows = np.concatenate([rows_of[g] for g in draw])
+        for name, fn in fns.items():
+            diffs[name].append(fn(y[rows], p_b[rows], t_b) - fn(y[rows], p_a[rows], t_a))
+    got = metrics.paired_bootstrap_ci(
+        groups, y, p_a, p_b, list(fns), n_resamples=80, seed=3, alpha=0.1, thresholds=(t_a, t_b)
+    )
+    assert got.n_skipped == 0
+    for name, d in diffs.items():
+        d = np.asarray(d)
+        np.testing.assert_allclose(got[name], np.quantile(d, [0.05, 0.95]), atol=TOL, err_msg=name)
+        p_value = min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0)))
+        assert got.p_values[name] == pytest.approx(p_value), name
+    # B ranks better on every resample here: its AUC gain is clear of zero.
+    assert got["roc_auc"][0] > 0 and got.p_values["roc_auc"] < 0.05
+
+
+def test_paired_bootstrap_of_a_model_with_itself_is_zero() -> None:
+    groups, y, p = _clustered(6, patients=20, slices=4)
+    same = metrics.paired_bootstrap_ci(groups, y, p, p, n_resamples=50, seed=0)
+    for name in metrics.BOOTSTRAP_NAMES:
+        assert same[name] == (0.0, 0.0) and same.p_values[name] == 1.0, name
+    # The pairing matters: B's interval of the difference is narrower than the two models' own
+    # intervals, when B is A plus a little noise.
+    p_b = np.clip(p + np.random.default_rng(1).normal(0, 0.01, p.size), 0, 1)
+    paired = metrics.paired_bootstrap_ci(groups, y, p, p_b, ["roc_auc"], n_resamples=300, seed=0)
+    own = metrics.bootstrap_ci(groups, y, p, ["roc_auc"], n_resamples=300, seed=0)
+    assert np.diff(paired["roc_auc"])[0] < np.diff(own["roc_auc"])[0] / 3
+    # All one class: no resample, no interval, no p-value.
+    none = metrics.paired_bootstrap_ci(groups, 0 * y, p, p_b, ["roc_auc"], n_resamples=9, seed=0)
+    assert none.n_skipped == 9 and np.isnan(none["roc_auc"]).all()
+    assert np.isnan(none.p_values["roc_auc"])
+    with pytest.raises(ValueError, match="unknown metrics"):
+        metrics.paired_bootstrap_ci(groups, y, p, p, ["auc"], n_resamples=9, seed=0)
+
+
 def test_bootstrap_is_deterministic_and_seeded() -> None:
     groups, y, p = _clustered(1, patients=30, slices=5)
     a = metrics.bootstrap_ci(groups, y, p, n_resamples=200, seed=7)
