@@ -638,6 +638,37 @@ def write_predictions_csv(path: epath.PathLike, predictions: Predictions, thresh
             )
 
 
+def read_predictions_csv(path: epath.PathLike, split: str) -> Predictions:
+    """The Predictions of `split` that `write_predictions_csv` wrote to `path`, in its order."""
+    path = epath.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: evaluate the run first")
+    with io.TextIOWrapper(path.open("rb"), encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    wanted = ("index", *ID_FIELDS, "label", "probability")
+    missing = [c for c in wanted if rows and c not in rows[0]]
+    if not rows or missing:
+        raise ValueError(
+            f"{path}: not an evaluation's predictions.csv ("
+            + (f"no column {', '.join(missing)}" if rows else "no rows")
+            + "); evaluate the run again"
+        )
+    labels, probs = np.empty(len(rows), np.int64), np.empty(len(rows), np.float64)
+    for i, row in enumerate(rows):
+        try:
+            if int(row["index"]) != i:
+                raise ValueError(f"index {row['index']} where {i} was expected")
+            labels[i], probs[i] = int(row["label"]), float(row["probability"])
+        except ValueError as e:
+            raise ValueError(f"{path}, line {i + 2}: {e}") from None
+    try:
+        metrics.check_inputs(labels, probs)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    ids = {name: np.asarray([row[name] for row in rows]) for name in ID_FIELDS}
+    return Predictions(split=split, labels=labels, probs=probs, ids=ids)
+
+
 def write_patients_csv(
     path: epath.PathLike, predictions: Predictions, points: Mapping[str, Mapping[str, Any]]
 ) -> None:

@@ -11,6 +11,7 @@ import html
 import json
 import math
 import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,17 @@ from flax import nnx
 from sklearn import metrics as sk_metrics
 
 import tfds_liver  # noqa: F401  (registers the liver builder)
-from liverjax import checkpointing, evaluate, export, metrics, models, report, saliency, train
+from liverjax import (
+    checkpointing,
+    compare,
+    evaluate,
+    export,
+    metrics,
+    models,
+    report,
+    saliency,
+    train,
+)
 
 DATASET = training_runs.DATASET
 # Small evaluation settings for speed; every other one keeps its default.
@@ -525,3 +536,60 @@ def test_key_results_warn_of_probabilities_tied_at_one_across_classes():
     assert "3 lesion and 2 normal slices have a probability of exactly 1.0" in (
         _page_summary(validation, both)
     )
+
+
+def test_compare_two_checkpoints_of_the_run(run, tmp_path, capsys):
+    # B: the same run evaluated at another kept checkpoint, in a copy of the workdir.
+    workdir, config, result = run
+    other = next(
+        s for s in _checkpointer(workdir, config).all_steps() if s != result["checkpoint"]["step"]
+    )
+    b = tmp_path / "b"
+    shutil.copytree(workdir, b)
+    evaluate.main(["--workdir", str(b), "--split", "test", "--checkpoint", str(other)])
+    out = tmp_path / "compare.json"
+    comparison = compare.main([str(workdir), str(b), "--out", str(out)])
+    assert _strict_json(out) == json.loads(json.dumps(comparison))
+    assert comparison["a"]["checkpoint_step"] == result["checkpoint"]["step"]
+    assert comparison["b"]["checkpoint_step"] == other
+    b_result = json.loads((b / "report" / "metrics.json").read_text())
+    _, labels, p_a, patients = _predictions_csv(workdir)
+    _, _, p_b, _ = _predictions_csv(b)
+    for level, entry in comparison["levels"].items():
+        for name, m in entry["metrics"].items():
+            # Each side is its own report's figure, at its own operating point.
+            assert m["a"] == pytest.approx(_num(result["levels"][level]["metrics"][name]))
+            assert m["b"] == pytest.approx(_num(b_result["levels"][level]["metrics"][name]))
+            assert m["difference"] == pytest.approx(m["b"] - m["a"])
+    # The slice-level interval is the paired patient bootstrap of the two predictions.csv files.
+    thresholds = (result["levels"]["slice"]["threshold"], b_result["levels"]["slice"]["threshold"])
+    slice_ci = metrics.paired_bootstrap_ci(
+        patients, labels, p_a, p_b, ["roc_auc"], n_resamples=EVAL["bootstrap_resamples"],
+        seed=EVAL["bootstrap_seed"], thresholds=thresholds,
+    )  # fmt: skip
+    got = comparison["levels"]["slice"]["metrics"]["roc_auc"]
+    assert got["ci"] == pytest.approx(list(slice_ci["roc_auc"]))
+    assert got["p_value"] == pytest.approx(slice_ci.p_values["roc_auc"])
+    table = capsys.readouterr().out
+    assert f"A at step {result['checkpoint']['step']}, B at step {other}" in table
+    assert "slice         roc_auc   " in table and "patient_max   sensitivity" in table
+
+    # A run evaluated on other images, or labelled otherwise, is refused, naming the row.
+    rows = (b / "report" / "predictions.csv").read_text().splitlines()
+    header, first, *rest = rows
+    cells = first.split(",")
+    label_at = header.split(",").index("label")
+    cells[label_at] = str(1 - int(cells[label_at]))
+    (b / "report" / "predictions.csv").write_text("\n".join([header, ",".join(cells), *rest]))
+    with pytest.raises(SystemExit) as failed:
+        compare.main([str(workdir), str(b)])
+    assert "the two evaluations label the same image differently: row 0" in str(failed.value.code)
+    (b / "report" / "predictions.csv").write_text("\n".join([header, *rest]))
+    with pytest.raises(SystemExit) as failed:
+        compare.main([str(workdir), str(b)])
+    assert f"{b / 'report' / 'predictions.csv'}, line 2: index 1 where 0 was expected" in str(
+        failed.value.code
+    )
+    with pytest.raises(SystemExit) as failed:
+        compare.main([str(workdir), str(tmp_path)])
+    assert f"{tmp_path / 'report' / 'metrics.json'} does not exist" in str(failed.value.code)
