@@ -77,8 +77,8 @@ import os
 import struct
 import warnings
 import zlib
-from collections.abc import Iterator, Sequence
-from typing import Any, BinaryIO
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 from pydicom import dcmread
@@ -208,6 +208,19 @@ class DicomSlice:
     def image_id(self) -> str:
         """The SOP Instance UID, with "/<frame>" appended for a frame of a multi-frame object."""
         return self.sop_uid if self.frame is None else f"{self.sop_uid}/{self.frame}"
+
+    def ids(self) -> dict[str, Any]:
+        """Which image this is: image_id, the patient, study, series and SOP ids, frame, modality
+        (the server's and `liverjax.predict`'s per-image fields)."""
+        return {
+            "image_id": self.image_id,
+            "patient_id": self.patient_id,
+            "study_uid": self.study_uid,
+            "series_uid": self.series_uid,
+            "sop_uid": self.sop_uid,
+            "frame": self.frame,
+            "modality": self.modality,
+        }
 
     def metadata(self) -> dict[str, Any]:
         """Every field except the pixels (image, stored), plus image_id, as JSON-ready values."""
@@ -457,21 +470,38 @@ def doubts(s: DicomSlice, clipped: int = 0) -> list[str]:
     return out
 
 
+class Resampled(NamedTuple):
+    """A decoded slice at the records' size, as the dataset builder makes it."""
+
+    slice: DicomSlice
+    image: np.ndarray  # int16 HU (size, size)
+    doubts: list[str]  # `doubts` of the slice
+    clipped: int  # values `to_int16` clipped after the resample (`outside_int16`)
+
+
 def decode_resampled(
     source: str | os.PathLike | bytes | BinaryIO, name: str, size: int
-) -> list[tuple[DicomSlice, np.ndarray, list[str]]]:
-    """Decodes one DICOM file and resamples each slice exactly as the dataset builder does.
-
-    Returns (slice, int16 HU image (size, size), doubts) triples: `read_dicom`, then
-    `to_int16(resample(image, size))`, the steps of `tfds_liver.curation.decode_file`, and
-    `doubts` of the slice (not CT, clipped values, an oblique or non-axial plane, no or
-    non-square pixel spacing). The server and `liverjax.predict` read files through it.
-    """
+) -> list[Resampled]:
+    """Decodes one DICOM file and resamples each slice as the dataset builder does: `read_dicom`,
+    then `to_int16(resample(image, size))`, with the slice's `doubts` (not CT, clipped values,
+    an oblique or non-axial plane, no or non-square pixel spacing). The builder
+    (`tfds_liver.curation.decode_file`), the server and `liverjax.predict` read files through
+    it."""
     out = []
     for s in read_dicom(source, name=name):
         resampled = resample(s.image, size)
-        out.append((s, to_int16(resampled), doubts(s, outside_int16(resampled))))
+        clipped = outside_int16(resampled)
+        out.append(Resampled(s, to_int16(resampled), doubts(s, clipped), clipped))
     return out
+
+
+def not_ct(slices: Iterable[DicomSlice]) -> str | None:
+    """Why a file's slices are not Hounsfield units ("Modality 'MR'", "no Modality"), or None
+    when every slice is (CT, or Rescale Type HU)."""
+    modalities = sorted({s.modality for s in slices if not s.hounsfield})
+    if not modalities:
+        return None
+    return f"Modality {modalities[0]!r}" if modalities[0] else "no Modality"
 
 
 def resample(image: np.ndarray, size: int) -> np.ndarray:

@@ -670,18 +670,6 @@ def check_size(data: bytes, name: str, max_pixels: int) -> None:
         )
 
 
-def _ids(s: dicom.DicomSlice) -> dict[str, Any]:
-    return {
-        "image_id": s.image_id,
-        "patient_id": s.patient_id,
-        "study_uid": s.study_uid,
-        "series_uid": s.series_uid,
-        "sop_uid": s.sop_uid,
-        "frame": s.frame,
-        "modality": s.modality,
-    }
-
-
 # ----------------------------------------------------------------------------- the application
 
 
@@ -907,7 +895,7 @@ def create_app(options: ServerOptions) -> Starlette:
                     file=name,
                     reason="not_ct",
                 )
-            return [(name, s, image, doubts) for s, image, doubts in slices]
+            return [(name, r) for r in slices]
 
         per_file = await asyncio.gather(
             *(decode(name, data) for name, data in files), return_exceptions=True
@@ -916,18 +904,18 @@ def create_app(options: ServerOptions) -> Starlette:
             if isinstance(outcome, BaseException):
                 raise outcome
         decoded = [(index, *item) for index, items in enumerate(per_file) for item in items]
-        images = np.stack([image for *_, image, _ in decoded]).astype(np.float32)[..., None]
+        images = np.stack([r.image for *_, r in decoded]).astype(np.float32)[..., None]
         out = await run_model(servable, images)
         results = []
-        for i, (index, name, s, _, doubts) in enumerate(decoded):
+        for i, (index, name, r) in enumerate(decoded):
             probability = float(out["probability"][i])
             label = int(probability >= servable.threshold)
             results.append(
                 {
                     "file": name,
                     "file_index": index,  # in upload order: names repeat across series
-                    **_ids(s),
-                    "warnings": doubts,
+                    **r.slice.ids(),
+                    "warnings": r.doubts,
                     "probability": probability,
                     "logit": float(out["logit"][i]),
                     "label": label,

@@ -256,7 +256,8 @@ def bare_call(version_dir: pathlib.Path, data: bytes) -> Callable[[], Any]:
     size = servable.input_size
 
     def once():
-        [(_, image, _)] = serve.decode_dicom(data, "bench.dcm", size)
+        [decoded] = serve.decode_dicom(data, "bench.dcm", size)
+        image = decoded.image
         return servable.predict(image[None, ..., None].astype(np.float32))
 
     return once

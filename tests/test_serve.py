@@ -152,10 +152,10 @@ def test_decode_equals_the_records(records, dicom_files):
     """The server's DICOM path gives the very int16 image the builder stored."""
     size = records["image"].shape[1]
     for uid, image in zip(records["sop_uid"], records["image"], strict=True):
-        [(s, decoded, doubts)] = serve.decode_dicom(
+        [(s, decoded, doubts, clipped)] = serve.decode_dicom(
             dicom_files[uid].read_bytes(), dicom_files[uid].name, size
         )
-        assert s.sop_uid == uid and doubts == []  # the phantom is square-pixelled CT
+        assert s.sop_uid == uid and doubts == [] and clipped == 0  # square-pixelled CT
         assert decoded.dtype == np.int16
         np.testing.assert_array_equal(decoded, image[..., 0])
 

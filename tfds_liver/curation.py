@@ -207,20 +207,18 @@ def find_files(manual_dir: pathlib.Path) -> tuple[list[str], list[str]]:
 def decode_file(manual_dir: str, rel_path: str, image_size: int) -> _Decoded:
     """Decodes one file into resampled int16 slices (runs in a worker process)."""
     try:
-        slices = dicom.read_dicom(os.path.join(manual_dir, rel_path), name=rel_path)
+        decoded = dicom.decode_resampled(os.path.join(manual_dir, rel_path), rel_path, image_size)
     except dicom.DicomError as e:
         return _Decoded(rel_path, reason=e.reason, detail=e.detail)
+    slices = [r.slice for r in decoded]
     records = []
-    clipped = 0
+    clipped = sum(r.clipped for r in decoded)
     no_spacing, non_square = False, None
-    for index, s in enumerate(slices):
+    for index, (s, image, _, _) in enumerate(decoded):
         if s.pixel_spacing is None:
             no_spacing = True
         elif non_square is None and not dicom.is_square(s.pixel_spacing):
             non_square = (float(s.pixel_spacing[0]), float(s.pixel_spacing[1]))
-        resampled = dicom.resample(s.image, image_size)
-        clipped += dicom.outside_int16(resampled)
-        image = dicom.to_int16(resampled)
         spacing = dicom.resampled_spacing(s.pixel_spacing, s.image.shape, image_size)
         records.append(
             SliceRecord(
