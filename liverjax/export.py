@@ -155,30 +155,40 @@ def input_spec(size: int, batch: int | str) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-def read_threshold(workdir: str | os.PathLike) -> tuple[float, str]:
-    """(threshold, its source) from `W/operating_point.json`; 0.5 with a warning if absent."""
+def read_threshold(workdir: str | os.PathLike, *, stacklevel: int = 2) -> tuple[float, str]:
+    """(threshold, its source) from `W/operating_point.json`; 0.5 with a warning if absent
+    (`stacklevel` as for a `warnings.warn` here)."""
+    threshold, source, _ = _read_operating_point(workdir, stacklevel + 1)
+    return threshold, source
+
+
+def _read_operating_point(
+    workdir: str | os.PathLike, stacklevel: int
+) -> tuple[float, str, dict[str, Any]]:
+    """(threshold, source, the file's contents), each threshold in it checked; `stacklevel` of
+    the warning, as for a `warnings.warn` here."""
     path = epath.Path(workdir) / OPERATING_POINT_FILE
     if not path.exists():
         warnings.warn(
             f"{path} not found: using threshold {DEFAULT_THRESHOLD}. Run the evaluation first "
             f"to choose an operating point on validation data.",
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
-        return DEFAULT_THRESHOLD, "default"
+        return DEFAULT_THRESHOLD, "default", {}
     try:
-        threshold = json.loads(path.read_text())["threshold"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        written = json.loads(path.read_text())
+        threshold = written["threshold"]
+        levels = dict(written.get("patient_level") or {})
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(
             f'{path}: expected a JSON object with a "threshold" number ({e}); '
             f"rerun the evaluation or fix the file"
         ) from e
-    if (
-        not isinstance(threshold, int | float)
-        or isinstance(threshold, bool)
-        or not 0.0 <= threshold <= 1.0
-    ):
-        raise ValueError(f"{path}: threshold = {threshold!r} is not a probability in [0, 1]")
-    return float(threshold), str(path)
+    checked = {"threshold": threshold} | {f"patient_level.{k}": v for k, v in levels.items()}
+    for key, value in checked.items():
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"{path}: {key} = {value!r} is not a probability in [0, 1]")
+    return float(threshold), str(path), written
 
 
 def operating_point(
@@ -186,16 +196,18 @@ def operating_point(
     step: int,
     note: str,
     allow_other_checkpoint_threshold: bool = False,
+    *,
+    stacklevel: int = 2,
 ) -> tuple[float, str, dict[str, Any]]:
     """(threshold, its source, how it was chosen) for checkpoint `step` of the run in `workdir`
     (`note`: how that step was picked, in words). The last is `W/operating_point.json`'s rule,
     split, step, validation figures and patient-level thresholds ({} for the default). A
     threshold chosen for another checkpoint is an error unless `allow_other_checkpoint_threshold`
-    (then a warning): the labels would use a cut-off that was never validated for this model."""
-    threshold, source = read_threshold(workdir)
+    (then a warning): the labels would use a cut-off that was never validated for this model.
+    `stacklevel`: the warnings', as for a `warnings.warn` here (2: this function's caller)."""
+    threshold, source, written = _read_operating_point(workdir, stacklevel + 1)
     if source == "default":
         return threshold, source, {}
-    written = json.loads(epath.Path(source).read_text())
     keys = (
         *("rule", "target_sensitivity", "split", "checkpoint_step", "dataset", "validation"),
         "patient_level",  # thresholds on a patient's max / mean probability, for clients
@@ -209,10 +221,11 @@ def operating_point(
         )
         if not allow_other_checkpoint_threshold:
             raise ValueError(
-                f"{message}, use --checkpoint {chosen_for}, or pass "
-                "--allow_other_checkpoint_threshold"
+                f"{message}, use --checkpoint {chosen_for} (checkpoint={chosen_for} from "
+                "Python), or pass --allow_other_checkpoint_threshold "
+                "(allow_other_checkpoint_threshold=True)"
             )
-        warnings.warn(message, stacklevel=2)
+        warnings.warn(message, stacklevel=stacklevel)
     return threshold, source, chosen
 
 
@@ -680,7 +693,7 @@ def export_workdir(
         config.dataset.data_dir = data_dir
     restored = evaluate.restore(config, workdir, checkpoint)
     threshold, source, chosen = operating_point(
-        workdir, restored.step, restored.note, allow_other_checkpoint_threshold
+        workdir, restored.step, restored.note, allow_other_checkpoint_threshold, stacklevel=3
     )
     images, labels = read_parity_records(config, split, max_parity_examples)
     return export_model(
