@@ -49,7 +49,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -194,6 +194,23 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
 
 
+def predict_batches(
+    steps: train.Steps,
+    state: train.TrainState,
+    batches: Iterable[np.ndarray],
+    mesh: jax.sharding.Mesh,
+) -> np.ndarray:
+    """Probabilities (float64, concatenated) of batches of HU images, each this process's rows
+    of a global batch of the same size, through training's jitted `predict`."""
+    outputs = []
+    for images in batches:
+        sharded = parallel.global_batch({"image": images}, mesh)["image"]
+        outputs.append(_to_host(steps.predict(state, sharded)))
+    if not outputs:
+        return np.zeros((0,), np.float64)
+    return np.concatenate(outputs).astype(np.float64)
+
+
 def predict_split(
     steps: train.Steps,
     state: train.TrainState,
@@ -203,14 +220,9 @@ def predict_split(
     split: str,
 ) -> Predictions:
     """Probabilities of every record of `source` once, through training's jitted `predict`."""
-    outputs = []
-    for batch in input_pipeline.eval_dataset(
-        source, config, global_batch_size=config.eval_batch_size
-    ):
-        images = parallel.global_batch({"image": batch["image"]}, mesh)["image"]
-        outputs.append(_to_host(steps.predict(state, images)))
+    batches = input_pipeline.eval_dataset(source, config, global_batch_size=config.eval_batch_size)
     # The eval iterator yields the records in order, padded at the end only.
-    probs = np.concatenate(outputs)[: len(source)].astype(np.float64)
+    probs = predict_batches(steps, state, (b["image"] for b in batches), mesh)[: len(source)]
     labels, ids = read_ids(source)
     return Predictions(split=split, labels=labels, probs=probs, ids=ids)
 
@@ -543,10 +555,26 @@ def resolve_checkpoint(ckpt: checkpointing.Checkpointer, which: str | int) -> tu
     return int(which), f"step {which}, as requested"
 
 
+def fit_eval_batch_size(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """Rounds `config.eval_batch_size` up to a multiple of the mesh's devices, in place: a run
+    trained on 8 devices is evaluated, exported or scored on 6. It sets how many images go
+    through at once (the last batch is padded), not any result."""
+    n, size = mesh.devices.size, config.eval_batch_size
+    if isinstance(size, int) and size > 0 and size % n:
+        config.eval_batch_size = -(-size // n) * n
+        logger.info(
+            "config.eval_batch_size %d -> %d: a multiple of the %d devices here",
+            size,
+            config.eval_batch_size,
+            n,
+        )
+
+
 def restore(
     config: ml_collections.ConfigDict, workdir: str | os.PathLike, which: str | int
 ) -> Restored:
-    """Restore checkpoint `which` ('best' | 'latest' | step) of the run in `workdir`."""
+    """Restore checkpoint `which` ('best' | 'latest' | step) of the run in `workdir`;
+    `config.eval_batch_size` is first fitted to the devices here (`fit_eval_batch_size`)."""
     directory = epath.Path(workdir) / train.CHECKPOINT_DIR
     if not directory.exists():
         raise FileNotFoundError(
@@ -563,6 +591,7 @@ def restore(
     try:
         step, note = resolve_checkpoint(ckpt, which)
         mesh = parallel.create_mesh()
+        fit_eval_batch_size(config, mesh)
         parallel.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
         # The optimizer's state structure does not depend on the schedule's lengths.
         tx = train.create_optimizer(config, steps_per_epoch=1, total_steps=1)
@@ -600,7 +629,7 @@ def write_json(path: epath.PathLike, value: Any) -> None:
     epath.Path(path).write_text(json.dumps(_json_safe(value), indent=2, allow_nan=False) + "\n")
 
 
-def _csv_file(path: epath.PathLike):
+def csv_file(path: epath.PathLike):
     """A UTF-8 text file for the csv module (newline="": it writes its own line ends), on any
     file system epath reaches."""
     return io.TextIOWrapper(epath.Path(path).open("wb"), encoding="utf-8", newline="")
@@ -608,7 +637,7 @@ def _csv_file(path: epath.PathLike):
 
 def write_predictions_csv(path: epath.PathLike, predictions: Predictions, threshold: float) -> None:
     """One row per image: index, ids, label, probability, predicted class, outcome."""
-    with _csv_file(path) as f:
+    with csv_file(path) as f:
         w = csv.writer(f)
         w.writerow(
             [
@@ -677,7 +706,7 @@ def write_patients_csv(
     _, _, p_mean = predictions.level("patient_mean")
     _, counts = np.unique(predictions.ids["patient_id"], return_counts=True)
     t_max, t_mean = points["patient_max"]["threshold"], points["patient_mean"]["threshold"]
-    with _csv_file(path) as f:
+    with csv_file(path) as f:
         w = csv.writer(f)
         w.writerow(
             [
