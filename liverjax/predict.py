@@ -32,14 +32,24 @@ import dataclasses
 import logging
 import os
 import pathlib
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
-from liverjax import checkpointing, dicom, evaluate, export, host_memory, parallel, train
+from liverjax import (
+    checkpointing,
+    dicom,
+    evaluate,
+    export,
+    host_memory,
+    input_pipeline,
+    metrics,
+    train,
+)
 from tfds_liver import curation
 from tfds_liver.labels import LABEL_NAMES
 
@@ -52,42 +62,71 @@ SUMMARY_FILE = "summary.json"
 NOT_CT = "not_ct"  # a files.csv reason: the file is not CT and allow_non_ct is off
 LABEL_SHEET = "label_sheet"  # a files.csv reason: a folder's labels.csv, not an image
 REPEATED = "repeated"  # a files.csv status: the same file was given twice (scored once)
-SLICE_FIELDS = ("file", "frame", "image_id", "patient_id", "study_uid", "series_uid", "sop_uid")
+PATIENT_LEVELS = {level: how for level, how in evaluate.LEVELS.items() if how is not None}
+SLICE_COLUMNS = (
+    *("file", "frame", "image_id", "patient_id", "study_uid", "series_uid", "sop_uid"),
+    *("modality", "probability", "predicted", "predicted_name", "warnings"),
+)
+PATIENT_COLUMNS = (
+    *("patient", "grouped_by", "slices", "probability_max", "predicted_max"),
+    *("probability_mean", "predicted_mean"),
+)
+FILE_COLUMNS = ("file", "status", "slices", "reason", "detail")
+PROGRESS_EVERY_FILES = 1000  # a log line per this many files
+
+
+class InputFile(NamedTuple):
+    name: str  # as the user gave it: the folder given joined to the file's path in it
+    path: str
+    label_sheet: bool  # a folder's labels.csv, which the dataset build would read as labels
+
+
+def patient_of(row: dict[str, Any]) -> tuple[str, str]:
+    """(the patient a scored slice is counted under, what that is): its PatientID; without one
+    (anonymised exports blank it) its study, else its file, never one "" patient of many."""
+    if row["patient_id"].strip():
+        return row["patient_id"], "PatientID"
+    if row["study_uid"].strip():
+        return row["study_uid"], "StudyInstanceUID"
+    return row["file"], "file"
 
 
 @dataclasses.dataclass
 class Scored:
     """What `Predictor.score_files` found: a row per slice, a row per input file."""
 
-    slices: list[dict[str, Any]]  # SLICE_FIELDS, modality, warnings, probability, predicted
-    files: list[dict[str, Any]]  # file, status (scored | skipped | repeated), slices, reason, ...
+    slices: list[dict[str, Any]]  # SLICE_COLUMNS (warnings: a list), probability a float
+    files: list[dict[str, Any]]  # FILE_COLUMNS: status scored | skipped | repeated
+    patient_thresholds: dict[str, float]  # the predictor's, for `patients`
 
-    def patients(self, thresholds: dict[str, float]) -> list[dict[str, Any]]:
-        """A row per DICOM PatientID: its slices, max and mean probability, and the predicted
-        class at `thresholds['patient_max']` / `['patient_mean']` (evaluation's patient levels)."""
-        by_patient: dict[str, list[float]] = collections.defaultdict(list)
-        for row in self.slices:
-            by_patient[row["patient_id"]].append(row["probability"])
-        rows = []
-        for patient in sorted(by_patient):
-            p = np.asarray(by_patient[patient])
-            p_max, p_mean = float(p.max()), float(p.mean())
-            rows.append(
-                {
-                    "patient_id": patient,
-                    "slices": len(p),
-                    "probability_max": p_max,
-                    "predicted_max": int(p_max >= thresholds["patient_max"]),
-                    "probability_mean": p_mean,
-                    "predicted_mean": int(p_mean >= thresholds["patient_mean"]),
-                }
-            )
+    def patients(self) -> list[dict[str, Any]]:
+        """A row per patient (`patient_of`): its slices, the max and mean of their
+        probabilities (`metrics.aggregate_by_group`, as evaluation's patient levels) and the
+        predicted class at the run's patient-level thresholds."""
+        if not self.slices:
+            return []
+        keys = [patient_of(row) for row in self.slices]
+        units = sorted(set(keys))
+        index = {key: i for i, key in enumerate(units)}
+        groups = np.asarray([index[key] for key in keys])
+        probs = np.asarray([row["probability"] for row in self.slices])
+        unlabelled = np.zeros(len(probs), np.int64)
+        counts = np.bincount(groups, minlength=len(units))
+        rows = [
+            {"patient": patient, "grouped_by": kind, "slices": int(n)}
+            for (patient, kind), n in zip(units, counts, strict=True)
+        ]
+        for level, how in PATIENT_LEVELS.items():
+            _, _, agg = metrics.aggregate_by_group(groups, unlabelled, probs, how)
+            for row, p in zip(rows, agg, strict=True):
+                row[f"probability_{how}"] = float(p)
+                row[f"predicted_{how}"] = int(p >= self.patient_thresholds[level])
         return rows
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Predictor:
-    """A trained run's checkpoint, ready to score images (one process; any number of devices)."""
+    """A trained run's checkpoint, ready to score images (one process; its devices, any number)."""
 
     workdir: str
     restored: evaluate.Restored
@@ -122,43 +161,37 @@ class Predictor:
         if data_dir is not None:
             config.dataset.data_dir = data_dir
         restored = evaluate.restore(config, workdir, checkpoint)
-        size = restored.meta.get("record_size")
-        if size is None:
-            from liverjax import input_pipeline  # (tfds) only for runs saved without the size
-
-            size = input_pipeline.record_size(config.dataset)
+        size = record_size(restored.meta, config.dataset)
         threshold, source, chosen = export.operating_point(
-            workdir, restored.step, restored.note, allow_other_checkpoint_threshold
+            workdir, restored.step, restored.note, allow_other_checkpoint_threshold, stacklevel=3
         )
         levels = chosen.get("patient_level") or {}
         patient = {level: float(levels.get(level, threshold)) for level in PATIENT_LEVELS}
-        return cls(
-            os.fspath(workdir), restored, config, int(size), threshold, source, patient, chosen
-        )
+        return cls(os.fspath(workdir), restored, config, size, threshold, source, patient, chosen)
 
     @property
     def step(self) -> int:
         return self.restored.step
 
     def predict_hu(self, hu: Any) -> np.ndarray:
-        """Lesion probabilities (N,) float64 for HU images (N, S, S) or (N, S, S, 1) at the
+        """Lesion probabilities (N,) float64 of HU images (N, S, S) or (N, S, S, 1) at the
         records' size S (`input_size`): integers within int16, as the records hold them, or
-        finite floats. Batches of `config.eval_batch_size`, the last one padded."""
-        images = self._checked(hu)
+        floats, rounded to them as the builder rounds (`dicom.to_int16`). Batches of
+        `config.eval_batch_size`, the last one padded, through training's jitted `predict`."""
+        images = self._as_records(hu)
         batch = self.config.eval_batch_size
-        out = []
-        for start in range(0, len(images), batch):
-            chunk = images[start : start + batch]
-            padded = np.zeros((batch, *images.shape[1:]), images.dtype)
-            padded[: len(chunk)] = chunk
-            sharded = parallel.global_batch({"image": padded}, self.restored.mesh)["image"]
-            probs = self.restored.steps.predict(self.restored.state, sharded)
-            out.append(np.asarray(jax.device_get(probs))[: len(chunk)])
-        if not out:
-            return np.zeros((0,), np.float64)
-        return np.concatenate(out).astype(np.float64)
 
-    def _checked(self, hu: Any) -> np.ndarray:
+        def padded() -> Iterator[np.ndarray]:
+            for start in range(0, len(images), batch):
+                chunk = images[start : start + batch]
+                out = np.zeros((batch, *images.shape[1:]), np.int16)
+                out[: len(chunk)] = chunk
+                yield out
+
+        r = self.restored
+        return evaluate.predict_batches(r.steps, r.state, padded(), r.mesh)[: len(images)]
+
+    def _as_records(self, hu: Any) -> np.ndarray:
         images = np.asarray(hu)
         if images.ndim == 3:
             images = images[..., None]
@@ -166,22 +199,23 @@ class Predictor:
         if images.ndim != 4 or images.shape[1:] != (size, size, 1):
             raise ValueError(
                 f"HU images of shape {images.shape}: expected (N, {size}, {size}) or (N, {size}, "
-                f"{size}, 1), the records' size; resample with liverjax.dicom.resample, or score "
-                "DICOM files with score_files"
+                f"{size}, 1), the records' size; resample as the builder does with "
+                f"liverjax.dicom.to_int16(liverjax.dicom.resample(image, {size})), or score DICOM "
+                "files with score_files"
             )
-        if np.issubdtype(images.dtype, np.integer):
-            info = np.iinfo(np.int16)
-            if images.size and (images.min() < info.min or images.max() > info.max):
-                raise ValueError(
-                    f"HU values {images.min()}..{images.max()} outside int16 "
-                    f"({info.min}..{info.max}): the records hold int16 Hounsfield units"
-                )
-            return images.astype(np.int16, copy=False)
-        if np.issubdtype(images.dtype, np.floating):
-            if not np.isfinite(images).all():
-                raise ValueError("HU images hold NaN or infinite values")
-            return images.astype(np.float32, copy=False)
-        raise ValueError(f"HU images of dtype {images.dtype}: give integers or floats")
+        if not (
+            np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)
+        ):
+            raise ValueError(f"HU images of dtype {images.dtype}: give integers or floats")
+        if images.size and not np.isfinite(images).all():
+            raise ValueError("HU images hold NaN or infinite values")
+        info = np.iinfo(np.int16)
+        if images.size and (images.min() < info.min - 0.5 or images.max() >= info.max + 0.5):
+            raise ValueError(
+                f"HU values {images.min()}..{images.max()} outside int16 "
+                f"({info.min}..{info.max}): the records hold int16 Hounsfield units"
+            )
+        return images if images.dtype == np.int16 else dicom.to_int16(images)
 
     def score_files(
         self, paths: Iterable[str | os.PathLike], *, allow_non_ct: bool = False
@@ -191,12 +225,9 @@ class Predictor:
         `Scored.files`: scored, skipped (the decoder's reason; `not_ct` for a file that is not CT
         unless `allow_non_ct`, its values are not Hounsfield units; `label_sheet` for a folder's
         labels.csv), or repeated (the same file given twice)."""
-        return self.score_listed(input_files(paths), allow_non_ct=allow_non_ct)
+        return self._score(input_files(paths), allow_non_ct=allow_non_ct)
 
-    def score_listed(
-        self, listed: Sequence[tuple[str, str, bool]], *, allow_non_ct: bool = False
-    ) -> Scored:
-        """`score_files` of the files `input_files` listed."""
+    def _score(self, listed: Sequence[InputFile], *, allow_non_ct: bool) -> Scored:
         slices: list[dict[str, Any]] = []
         files: list[dict[str, Any]] = []
         images: list[np.ndarray] = []  # of slices[scored:], not yet scored
@@ -211,12 +242,18 @@ class Predictor:
                 return
             probs = self.predict_hu(np.stack(images[:n]))
             for row, p in zip(slices[scored : scored + n], probs, strict=True):
-                row["probability"] = float(p)
-                row["predicted"] = int(p >= self.threshold)
+                predicted = int(p >= self.threshold)
+                row |= {
+                    "probability": float(p),
+                    "predicted": predicted,
+                    "predicted_name": LABEL_NAMES[predicted],
+                }
             scored += n
             images = images[n:]
 
-        for name, path, sheet in listed:
+        for i, (name, path, sheet) in enumerate(listed):
+            if i and i % PROGRESS_EVERY_FILES == 0:
+                logger.info("%d of %d files read, %d slices", i, len(listed), len(slices))
             real = os.path.realpath(path)
             if real in seen:
                 files.append(_file_row(name, REPEATED, 0, "", f"the same file as {seen[real]}"))
@@ -230,46 +267,45 @@ class Predictor:
             except dicom.DicomError as e:
                 files.append(_file_row(name, "skipped", 0, e.reason, e.detail))
                 continue
-            not_ct = sorted({s.modality for s, _, _ in decoded if not s.hounsfield})
-            if not_ct and not allow_non_ct:
-                modality = f"Modality {not_ct[0]!r}" if not_ct[0] else "no Modality"
+            modality = dicom.not_ct(r.slice for r in decoded)
+            if modality and not allow_non_ct:
                 detail = f"{modality}: this model reads CT in Hounsfield units"
                 files.append(_file_row(name, "skipped", 0, NOT_CT, detail))
                 continue
             files.append(_file_row(name, "scored", len(decoded), "", ""))
-            for s, image, doubts in decoded:
-                slices.append(
-                    {
-                        "file": name,
-                        "frame": s.frame,
-                        "image_id": s.image_id,
-                        "patient_id": s.patient_id,
-                        "study_uid": s.study_uid,
-                        "series_uid": s.series_uid,
-                        "sop_uid": s.sop_uid,
-                        "modality": s.modality,
-                        "warnings": doubts,
-                    }
-                )
-                images.append(image)
+            for r in decoded:
+                slices.append({"file": name, **r.slice.ids(), "warnings": r.doubts})
+                images.append(r.image)
             flush(all_of_them=False)  # whole batches as they fill: memory stays a few batches
         flush(all_of_them=True)
-        return Scored(slices, files)
+        return Scored(slices, files, dict(self.patient_thresholds))
 
 
-PATIENT_LEVELS = tuple(level for level in evaluate.LEVELS if level != "slice")
+def record_size(meta: dict[str, Any], dataset: ml_collections.ConfigDict) -> int:
+    """The records' side a checkpoint was trained on: saved with it (`record_size`), or, for
+    checkpoints saved before that was kept, the dataset's info."""
+    if meta.get("record_size") is not None:
+        return int(meta["record_size"])
+    try:
+        return input_pipeline.record_size(dataset)
+    except (ValueError, OSError) as e:
+        raise ValueError(
+            f"this checkpoint predates the record size being saved with it, and the dataset "
+            f"{dataset.name!r} cannot say it ({e}); pass --data_dir (data_dir=) where the "
+            "run's records are"
+        ) from e
 
 
 def _file_row(name: str, status: str, n: int, reason: str, detail: str) -> dict[str, Any]:
     return {"file": name, "status": status, "slices": n, "reason": reason, "detail": detail}
 
 
-def input_files(paths: Iterable[str | os.PathLike]) -> list[tuple[str, str, bool]]:
-    """(name, path, is a label sheet) of every file among `paths`, in order: a file as given, a
-    folder's files at any depth (sorted; links to folders followed, as the dataset build reads a
-    manual dir), named by the folder as given joined to their path in it. A folder's label
-    sheets are those the build would read (`labels.csv` at its top or one level down). A path
-    that does not exist, or a folder that holds no file, is an error."""
+def input_files(paths: Iterable[str | os.PathLike]) -> list[InputFile]:
+    """Every file among `paths`, in order: a file as given, a folder's files at any depth
+    (sorted; links to folders followed, as the dataset build reads a manual dir), named by the
+    folder as given joined to their path in it. A folder's label sheets are those the build
+    would read (`labels.csv` at its top or one level down). A path that does not exist, or a
+    folder that holds no file, is an error."""
     out = []
     for given in map(os.fspath, paths):
         if os.path.isdir(given):
@@ -277,10 +313,10 @@ def input_files(paths: Iterable[str | os.PathLike]) -> list[tuple[str, str, bool
             if not found and not sheets:
                 raise FileNotFoundError(f"{given}: the folder holds no file")
             for rel in sorted(found + sheets):
-                name = curation.display_path(os.path.join(given, rel))
-                out.append((name, os.path.join(given, rel), rel in sheets))
+                path = os.path.join(given, rel)
+                out.append(InputFile(curation.display_path(path), path, rel in sheets))
         elif os.path.exists(given):
-            out.append((curation.display_path(given), given, False))
+            out.append(InputFile(curation.display_path(given), given, False))
         else:
             raise FileNotFoundError(f"{given}: no such file or folder")
     if not out:
@@ -293,32 +329,26 @@ def input_files(paths: Iterable[str | os.PathLike]) -> list[tuple[str, str, bool
 
 def write_outputs(out_dir: str | os.PathLike, predictor: Predictor, scored: Scored) -> dict:
     """predictions.csv, patients.csv, files.csv and summary.json in `out_dir`; the summary."""
-    out = pathlib.Path(out_dir)
+    out = epath.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    columns = (*SLICE_FIELDS, "modality", "probability", "predicted", "predicted_name", "warnings")
     _write_csv(
         out / PREDICTIONS_FILE,
-        columns,
+        SLICE_COLUMNS,
         (
-            row
-            | {
-                "probability": repr(row["probability"]),
-                "predicted_name": LABEL_NAMES[row["predicted"]],
-                "warnings": "; ".join(row["warnings"]),
-            }
+            row | {"probability": repr(row["probability"]), "warnings": "; ".join(row["warnings"])}
             for row in scored.slices
         ),
     )
-    patients = scored.patients(predictor.patient_thresholds)
+    patients = scored.patients()
     _write_csv(
         out / PATIENTS_FILE,
-        tuple(patients[0]) if patients else ("patient_id",),
+        PATIENT_COLUMNS,
         (
             row | {k: repr(row[k]) for k in ("probability_max", "probability_mean")}
             for row in patients
         ),
     )
-    _write_csv(out / FILES_FILE, ("file", "status", "slices", "reason", "detail"), scored.files)
+    _write_csv(out / FILES_FILE, FILE_COLUMNS, scored.files)
     statuses = collections.Counter(f["status"] for f in scored.files)
     reasons = collections.Counter(f["reason"] for f in scored.files if f["status"] == "skipped")
     summary = {
@@ -340,6 +370,7 @@ def write_outputs(out_dir: str | os.PathLike, predictor: Predictor, scored: Scor
         "slices_predicted_lesion": sum(r["predicted"] for r in scored.slices),
         "slices_with_warnings": sum(bool(r["warnings"]) for r in scored.slices),
         "patients": len(patients),
+        "patients_grouped_by": dict(collections.Counter(r["grouped_by"] for r in patients)),
         "patients_predicted_lesion_max": sum(r["predicted_max"] for r in patients),
         "patients_predicted_lesion_mean": sum(r["predicted_mean"] for r in patients),
     }
@@ -347,8 +378,8 @@ def write_outputs(out_dir: str | os.PathLike, predictor: Predictor, scored: Scor
     return summary
 
 
-def _write_csv(path: pathlib.Path, columns: Sequence[str], rows: Iterable[dict]) -> None:
-    with open(path, "w", encoding="utf-8", newline="") as f:
+def _write_csv(path: epath.Path, columns: Sequence[str], rows: Iterable[dict]) -> None:
+    with evaluate.csv_file(path) as f:
         w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
@@ -396,15 +427,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             data_dir=args.data_dir,
             allow_other_checkpoint_threshold=args.allow_other_checkpoint_threshold,
         )
-        scored = predictor.score_listed(listed, allow_non_ct=args.allow_non_ct)
+        scored = predictor._score(listed, allow_non_ct=args.allow_non_ct)
         summary = write_outputs(args.out, predictor, scored)
     skipped = sum(n for s, n in summary["files_by_status"].items() if s != "scored")
+    why = ", ".join(
+        [f"{n} {r}" for r, n in summary["skipped_by_reason"].items()]
+        + [f"{n} {s}" for s, n in summary["files_by_status"].items() if s == REPEATED]
+    )
     print(
         f"{summary['slices']} slices of {summary['files']} files scored at checkpoint step "
         f"{predictor.step} (threshold {predictor.threshold:.4g}): "
         f"{summary['slices_predicted_lesion']} predicted lesion; {summary['patients']} "
-        f"PatientIDs, {summary['patients_predicted_lesion_max']} predicted lesion by their "
-        f"max; {skipped} files not scored (see {os.path.join(args.out, FILES_FILE)})"
+        f"patients, {summary['patients_predicted_lesion_max']} predicted lesion by their max; "
+        f"{skipped} files not scored{f' ({why})' if why else ''}; "
+        f"see {os.path.join(args.out, FILES_FILE)}"
     )
     return summary
 

@@ -19,7 +19,8 @@ import tensorflow_datasets as tfds
 import training_runs
 from test_export import CHOSEN, DATASET, THRESHOLD, make_config, shared_export
 
-from liverjax import evaluate, input_pipeline, metrics, predict, train
+from liverjax import dicom, evaluate, input_pipeline, metrics, predict, train
+from tfds_liver.labels import LABEL_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,9 @@ def test_hu_arrays_score_like_their_records(predictor, exported, evaluation):
     np.testing.assert_allclose(predictor.predict_hu(hu), want, rtol=0, atol=1e-6)
     # Without the channel axis, as int32 or float32 HU: the same values, the same answer.
     np.testing.assert_allclose(predictor.predict_hu(hu[..., 0].astype(np.int32)), want, atol=1e-6)
-    np.testing.assert_allclose(predictor.predict_hu(hu.astype(np.float32)), want, atol=1e-5)
+    # Floats are rounded to int16 as the builder rounds: off-integer HU give the records' answer.
+    off = hu.astype(np.float32) + np.random.default_rng(0).uniform(-0.49, 0.49, hu.shape)
+    np.testing.assert_allclose(predictor.predict_hu(off), want, rtol=0, atol=1e-6)
     # More images than one batch, and none.
     many = np.concatenate([hu] * (predictor.config.eval_batch_size // len(hu) + 2))
     np.testing.assert_allclose(predictor.predict_hu(many), np.tile(want, len(many) // len(hu)))
@@ -109,6 +112,7 @@ def test_hu_arrays_score_like_their_records(predictor, exported, evaluation):
         (np.zeros((2, 32, 32), np.int16), r"shape \(2, 32, 32, 1\): expected \(N, 64, 64\)"),
         (np.zeros((64, 64), np.int16), r"shape \(64, 64\)"),
         (np.full((1, 64, 64), 40000, np.int32), r"HU values 40000..40000 outside int16"),
+        (np.full((1, 64, 64), -4e4, np.float32), r"HU values -40000.0..-40000.0 outside int16"),
         (np.full((1, 64, 64), np.nan, np.float32), "NaN or infinite"),
         (np.zeros((1, 64, 64), bool), "dtype bool"),
     ],
@@ -165,15 +169,16 @@ def test_the_command_accounts_for_every_file(workdir, phantom, tmp_path, capsys)
     predicted = np.asarray([int(r["predicted"]) for r in slices])
     np.testing.assert_array_equal(predicted, probs >= THRESHOLD)
     assert summary["slices_predicted_lesion"] == predicted.sum()
-    assert {r["predicted_name"] for r in slices} <= {"normal", "lesion"}
+    assert [r["predicted_name"] for r in slices] == [LABEL_NAMES[k] for k in predicted]
 
     # A patient's max and mean are evaluation's aggregation of its slices.
     patients = _read_csv(out / predict.PATIENTS_FILE)
+    assert {p["grouped_by"] for p in patients} == {"PatientID"}
     ids = np.asarray([r["patient_id"] for r in slices])
     zeros = np.zeros(len(ids), np.int64)
     for how in ("max", "mean"):
         groups, _, agg = metrics.aggregate_by_group(ids, zeros, probs, how)
-        assert [p["patient_id"] for p in patients] == list(groups)
+        assert [p["patient"] for p in patients] == list(groups)
         got = np.asarray([float(p[f"probability_{how}"]) for p in patients])
         np.testing.assert_allclose(got, agg, rtol=1e-12)
         threshold = CHOSEN["patient_level"][f"patient_{how}"]
@@ -189,7 +194,7 @@ def test_the_command_accounts_for_every_file(workdir, phantom, tmp_path, capsys)
     assert str(tmp_path) not in json.dumps(written)  # no path of this machine
     line = capsys.readouterr().out
     assert f"{len(dicom_files)} slices of {len(files)} files scored" in line
-    assert "4 files not scored" in line
+    assert "4 files not scored (1 label_sheet, 1 not_ct, 1 not_dicom, 1 repeated)" in line
 
 
 def test_non_ct_is_scored_when_allowed(predictor, phantom, tmp_path):
@@ -224,26 +229,30 @@ def test_a_threshold_of_another_checkpoint_is_refused(exported, workdir, tmp_pat
     (run / evaluate.OPERATING_POINT_FILE).write_text(
         json.dumps({"threshold": THRESHOLD, "checkpoint_step": other})
     )
-    with pytest.raises(ValueError, match=f"chosen for checkpoint step {other}"):
+    with pytest.raises(ValueError, match=f"chosen for checkpoint step {other}") as refused:
         predict.Predictor.load(run, "latest")
-    with pytest.warns(UserWarning, match=f"chosen for checkpoint step {other}"):
+    assert f"checkpoint={other} from Python" in str(refused.value)
+    with pytest.warns(UserWarning, match=f"chosen for checkpoint step {other}") as said:
         loaded = predict.Predictor.load(run, "latest", allow_other_checkpoint_threshold=True)
+    assert [w.filename for w in said] == [__file__]  # the caller's line, not liverjax's
     # Without patient-level thresholds, the patients are cut at the slice threshold.
     assert loaded.patient_thresholds == {"patient_max": THRESHOLD, "patient_mean": THRESHOLD}
     (run / evaluate.OPERATING_POINT_FILE).unlink()
-    with pytest.warns(UserWarning, match="using threshold 0.5"):
+    with pytest.warns(UserWarning, match="using threshold 0.5") as said:
         default = predict.Predictor.load(run, "latest")
+    assert [w.filename for w in said] == [__file__]
     assert (default.threshold, default.threshold_source) == (0.5, "default")
 
 
-def test_the_command_runs_on_one_device_without_tensorflow(
+def test_the_command_runs_on_three_devices_without_tensorflow(
     workdir, phantom, predictor, tmp_path, tmp_path_factory
 ):
     files = sorted(phantom.rglob("*.dcm"))[:3]
     blocker = tmp_path / "blocker" / "tensorflow"
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('tensorflow is blocked')\n")
-    env = training_runs.child_env(training_runs.compilation_cache(tmp_path_factory), devices=1)
+    # 3 devices: the run's eval_batch_size, 8, is rounded up to 9 (trained on 8, scored on 3).
+    env = training_runs.child_env(training_runs.compilation_cache(tmp_path_factory), devices=3)
     env["PYTHONPATH"] = os.pathsep.join([str(blocker.parent), env["PYTHONPATH"]])
     out = tmp_path / "out"
     done = subprocess.run(
@@ -253,9 +262,80 @@ def test_the_command_runs_on_one_device_without_tensorflow(
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("3 slices of 3 files scored at checkpoint step")
+    assert "config.eval_batch_size 8 -> 9: a multiple of the 3 devices here" in done.stderr
     rows = _read_csv(out / predict.PREDICTIONS_FILE)
     want = predictor.score_files(files).slices  # in this process, on 8 devices
     assert [r["file"] for r in rows] == [w["file"] for w in want] == list(map(str, files))
     np.testing.assert_allclose(
         [float(r["probability"]) for r in rows], [w["probability"] for w in want], atol=1e-6
     )
+
+
+def test_multi_frame_files_and_batches_that_do_not_fill(predictor, phantom, tmp_path):
+    # Files of 3, 1, 13 and 5 frames (22 slices, batches of 8): a file's frames cross batches.
+    one = pydicom.dcmread(sorted(phantom.rglob("*.dcm"))[0])
+    frames = one.pixel_array
+    paths = []
+    for i, n in enumerate((3, 1, 13, 5)):
+        ds = pydicom.dcmread(sorted(phantom.rglob("*.dcm"))[0])
+        stack = np.stack([np.roll(frames, 3 * k, axis=1) for k in range(n)])
+        ds.PixelData, ds.NumberOfFrames = stack.astype(frames.dtype).tobytes(), n
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(tmp_path / f"{i}.dcm")
+        paths.append(tmp_path / f"{i}.dcm")
+    scored = predictor.score_files(paths)
+    assert [f["slices"] for f in scored.files] == [3, 1, 13, 5]
+    assert len(scored.slices) == 22
+    # Each slice's probability is that of its frame scored alone.
+    for path in paths:
+        decoded = dicom.decode_resampled(path, str(path), predictor.input_size)
+        alone = predictor.predict_hu(np.stack([r.image for r in decoded]))
+        rows = [r for r in scored.slices if r["file"] == str(path)]
+        assert [r["frame"] for r in rows] == [r.slice.frame for r in decoded]
+        assert [r["frame"] for r in rows] in ([None], list(range(len(decoded))))
+        np.testing.assert_allclose([r["probability"] for r in rows], alone, rtol=0, atol=1e-6)
+
+
+def test_files_without_patient_id_are_not_one_patient(predictor, phantom, tmp_path):
+    # Three slices of three phantom patients, their PatientID blanked (as anonymisers do): each
+    # study stays a patient of its own, and one without a study too is its file.
+    by_patient = {}
+    for path in sorted(phantom.rglob("*.dcm")):
+        by_patient.setdefault(pydicom.dcmread(path).PatientID, path)
+    paths = []
+    for i, path in enumerate(list(by_patient.values())[:3]):
+        ds = pydicom.dcmread(path)
+        ds.PatientID = ""
+        if i == 2:
+            del ds.StudyInstanceUID
+        ds.save_as(tmp_path / f"{i}.dcm")
+        paths.append(tmp_path / f"{i}.dcm")
+    patients = predictor.score_files(paths).patients()
+    assert sorted(p["grouped_by"] for p in patients) == ["StudyInstanceUID"] * 2 + ["file"]
+    assert [p["slices"] for p in patients] == [1, 1, 1]
+    assert str(paths[2]) in {p["patient"] for p in patients}
+
+
+def test_nothing_scored_still_writes_every_file_and_column(predictor, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("no DICOM here\n" * 20)
+    scored = predictor.score_files([tmp_path / "in"])
+    summary = predict.write_outputs(tmp_path / "out", predictor, scored)
+    assert summary["slices"] == summary["patients"] == 0
+    assert summary["files_by_status"] == {"skipped": 1}
+    for name, columns in (
+        (predict.PREDICTIONS_FILE, predict.SLICE_COLUMNS),
+        (predict.PATIENTS_FILE, predict.PATIENT_COLUMNS),
+        (predict.FILES_FILE, predict.FILE_COLUMNS),
+    ):
+        header = (tmp_path / "out" / name).read_text().splitlines()[0]
+        assert header == ",".join(columns), name
+
+
+def test_the_record_size_of_older_checkpoints_comes_from_the_dataset(exported):
+    dataset = make_config(exported["data_dir"]).dataset
+    assert predict.record_size({"record_size": 96}, dataset) == 96
+    assert predict.record_size({}, dataset) == 64  # liver/synthetic_small's records
+    dataset.name = "liver/no_such_config"
+    with pytest.raises(ValueError, match="predates the record size .* pass --data_dir"):
+        predict.record_size({}, dataset)
