@@ -11,9 +11,11 @@ On the command line:
 
     python -m liverjax.predict --workdir W --out P PATH [PATH ...] [--checkpoint best|latest|STEP]
 
-writes P/predictions.csv (a row per slice), P/patients.csv (a row per DICOM PatientID),
-P/files.csv (every input file: scored, or skipped with the decoder's reason) and
-P/summary.json (the checkpoint, the thresholds and the counts).
+writes P/predictions.csv (a row per slice), P/patients.csv (a row per patient: its DICOM
+PatientID), P/studies.csv (a row per study of each), P/files.csv (every input file: scored,
+skipped with the decoder's reason, repeated, duplicate, or not reached when interrupted) and
+P/summary.json (the checkpoint, the thresholds and the counts). An --out holding an earlier
+prediction is refused unless --overwrite; Ctrl-C writes what was scored and exits 130.
 
 Nothing here is a second implementation: the checkpoint is restored by `evaluate.restore`, the
 images go through training's jitted `predict` (the preprocessing is inside it), DICOM files are
@@ -29,10 +31,12 @@ import argparse
 import collections
 import csv
 import dataclasses
+import datetime
 import logging
 import os
 import pathlib
-from collections.abc import Iterable, Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -53,24 +57,33 @@ from liverjax import (
 from tfds_liver import curation
 from tfds_liver.labels import LABEL_NAMES
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("liverjax.predict")  # (not __name__: "__main__" under -m)
 
 PREDICTIONS_FILE = "predictions.csv"
 PATIENTS_FILE = "patients.csv"
 FILES_FILE = "files.csv"
 SUMMARY_FILE = "summary.json"
-NOT_CT = "not_ct"  # a files.csv reason: the file is not CT and allow_non_ct is off
-LABEL_SHEET = "label_sheet"  # a files.csv reason: a folder's labels.csv, not an image
-REPEATED = "repeated"  # a files.csv status: the same file was given twice (scored once)
+STUDIES_FILE = "studies.csv"
+OUTPUT_FILES = (PREDICTIONS_FILE, PATIENTS_FILE, STUDIES_FILE, FILES_FILE, SUMMARY_FILE)
+# files.csv statuses besides "scored" and "skipped" (with the decoder's reason, or these reasons)
+REPEATED = "repeated"  # the same file given twice, or reached by two paths: read once
+DUPLICATE = "duplicate"  # every image of it (SOP Instance UID, frame) was already scored
+NOT_REACHED = "not_reached"  # the run was interrupted before this file
+NOT_CT = "not_ct"  # a reason: the file is not CT and allow_non_ct is off
+LABEL_SHEET = "label_sheet"  # a reason: a folder's labels.csv, not an image
+NOT_A_FILE = "not_a_file"  # a reason: a FIFO, socket or device, which reading could block on
 PATIENT_LEVELS = {level: how for level, how in evaluate.LEVELS.items() if how is not None}
 SLICE_COLUMNS = (
     *("file", "frame", "image_id", "patient_id", "study_uid", "series_uid", "sop_uid"),
-    *("modality", "probability", "predicted", "predicted_name", "warnings"),
+    *("instance_number", "slice_position", "modality"),
+    *("probability", "predicted", "predicted_name", "warnings"),
 )
-PATIENT_COLUMNS = (
-    *("patient", "grouped_by", "slices", "probability_max", "predicted_max"),
+_AGGREGATE_COLUMNS = (
+    *("slices", "slices_with_warnings", "probability_max", "predicted_max"),
     *("probability_mean", "predicted_mean"),
 )
+PATIENT_COLUMNS = ("patient", "grouped_by", "studies", *_AGGREGATE_COLUMNS)
+STUDY_COLUMNS = ("patient", "grouped_by", "study_uid", "series", *_AGGREGATE_COLUMNS)
 FILE_COLUMNS = ("file", "status", "slices", "reason", "detail")
 PROGRESS_EVERY_FILES = 1000  # a log line per this many files
 
@@ -96,26 +109,46 @@ class Scored:
     """What `Predictor.score_files` found: a row per slice, a row per input file."""
 
     slices: list[dict[str, Any]]  # SLICE_COLUMNS (warnings: a list), probability a float
-    files: list[dict[str, Any]]  # FILE_COLUMNS: status scored | skipped | repeated
-    patient_thresholds: dict[str, float]  # the predictor's, for `patients`
+    files: list[dict[str, Any]]  # FILE_COLUMNS
+    patient_thresholds: dict[str, float]  # the predictor's, for `patients` and `studies`
+    interrupted: bool = False  # stopped early (Ctrl-C): the files not reached are NOT_REACHED
 
     def patients(self) -> list[dict[str, Any]]:
-        """A row per patient (`patient_of`): its slices, the max and mean of their
-        probabilities (`metrics.aggregate_by_group`, as evaluation's patient levels) and the
-        predicted class at the run's patient-level thresholds."""
+        """A row per patient (`patient_of`): its studies, slices, slices with warnings, the max
+        and mean of their probabilities (`metrics.aggregate_by_group`, as evaluation's patient
+        levels) and the predicted class at the run's patient-level thresholds."""
+        return self._aggregate(patient_of, ("patient", "grouped_by"), "study_uid", "studies")
+
+    def studies(self) -> list[dict[str, Any]]:
+        """`patients`, a row per study of each (a follow-up exam is not merged with the first),
+        at the same thresholds."""
+        return self._aggregate(
+            lambda row: (*patient_of(row), row["study_uid"]),
+            ("patient", "grouped_by", "study_uid"),
+            "series_uid",
+            "series",
+        )
+
+    def _aggregate(
+        self, key_of: Callable[[dict], tuple], names: tuple[str, ...], field: str, label: str
+    ) -> list[dict[str, Any]]:
         if not self.slices:
             return []
-        keys = [patient_of(row) for row in self.slices]
+        keys = [key_of(row) for row in self.slices]
         units = sorted(set(keys))
         index = {key: i for i, key in enumerate(units)}
         groups = np.asarray([index[key] for key in keys])
+        rows = [dict(zip(names, unit, strict=True)) for unit in units]
+        distinct = [set() for _ in units]
+        for row, g in zip(rows, np.bincount(groups, minlength=len(units)), strict=True):
+            row |= {label: 0, "slices": int(g), "slices_with_warnings": 0}
+        for g, s in zip(groups, self.slices, strict=True):
+            distinct[g].add(s[field])
+            rows[g]["slices_with_warnings"] += bool(s["warnings"])
+        for row, values in zip(rows, distinct, strict=True):
+            row[label] = len(values)
         probs = np.asarray([row["probability"] for row in self.slices])
         unlabelled = np.zeros(len(probs), np.int64)
-        counts = np.bincount(groups, minlength=len(units))
-        rows = [
-            {"patient": patient, "grouped_by": kind, "slices": int(n)}
-            for (patient, kind), n in zip(units, counts, strict=True)
-        ]
         for level, how in PATIENT_LEVELS.items():
             _, _, agg = metrics.aggregate_by_group(groups, unlabelled, probs, how)
             for row, p in zip(rows, agg, strict=True):
@@ -227,12 +260,18 @@ class Predictor:
         labels.csv), or repeated (the same file given twice)."""
         return self._score(input_files(paths), allow_non_ct=allow_non_ct)
 
-    def _score(self, listed: Sequence[InputFile], *, allow_non_ct: bool) -> Scored:
+    def _score(
+        self, listed: Sequence[InputFile], *, allow_non_ct: bool, keep_partial: bool = False
+    ) -> Scored:
+        """`score_files` of listed files; with `keep_partial`, a KeyboardInterrupt ends the
+        reading and returns what was scored (`Scored.interrupted`), instead of going through."""
         slices: list[dict[str, Any]] = []
         files: list[dict[str, Any]] = []
         images: list[np.ndarray] = []  # of slices[scored:], not yet scored
         scored = 0
-        seen: dict[str, str] = {}
+        seen_files: dict[str, str] = {}
+        seen_images: dict[str, str] = {}  # image_id -> the file it was scored from
+        file_start = 0  # the first slice of the file being read
 
         def flush(all_of_them: bool) -> None:
             nonlocal scored, images
@@ -251,34 +290,69 @@ class Predictor:
             scored += n
             images = images[n:]
 
-        for i, (name, path, sheet) in enumerate(listed):
-            if i and i % PROGRESS_EVERY_FILES == 0:
-                logger.info("%d of %d files read, %d slices", i, len(listed), len(slices))
+        def read(name: str, path: str, sheet: bool) -> dict[str, Any]:
             real = os.path.realpath(path)
-            if real in seen:
-                files.append(_file_row(name, REPEATED, 0, "", f"the same file as {seen[real]}"))
-                continue
-            seen[real] = name
+            if real in seen_files:
+                return _file_row(name, REPEATED, 0, "", f"the same file as {seen_files[real]}")
+            seen_files[real] = name
             if sheet:
-                files.append(_file_row(name, "skipped", 0, LABEL_SHEET, "a label sheet"))
-                continue
+                return _file_row(name, "skipped", 0, LABEL_SHEET, "a label sheet")
+            if not os.path.isfile(path):
+                return _file_row(name, "skipped", 0, NOT_A_FILE, "not a regular file")
             try:
                 decoded = dicom.decode_resampled(path, name, self.input_size)
             except dicom.DicomError as e:
-                files.append(_file_row(name, "skipped", 0, e.reason, e.detail))
-                continue
+                return _file_row(name, "skipped", 0, e.reason, e.detail)
             modality = dicom.not_ct(r.slice for r in decoded)
             if modality and not allow_non_ct:
-                detail = f"{modality}: this model reads CT in Hounsfield units"
-                files.append(_file_row(name, "skipped", 0, NOT_CT, detail))
-                continue
-            files.append(_file_row(name, "scored", len(decoded), "", ""))
-            for r in decoded:
-                slices.append({"file": name, **r.slice.ids(), "warnings": r.doubts})
+                detail = (
+                    f"{modality}: this model reads CT in Hounsfield units (allow_non_ct, "
+                    "--allow_non_ct, scores it anyway)"
+                )
+                return _file_row(name, "skipped", 0, NOT_CT, detail)
+            new = [r for r in decoded if r.slice.image_id not in seen_images]
+            if not new:
+                first = seen_images[decoded[0].slice.image_id]
+                return _file_row(name, DUPLICATE, 0, "", f"the same images as {first}")
+            for r in new:
+                seen_images[r.slice.image_id] = name
+                position = r.slice.slice_position
+                slices.append(
+                    {
+                        "file": name,
+                        **r.slice.ids(),
+                        "instance_number": r.slice.instance_number,
+                        "slice_position": position,
+                        "warnings": r.doubts,
+                    }
+                )
                 images.append(r.image)
             flush(all_of_them=False)  # whole batches as they fill: memory stays a few batches
+            again = len(decoded) - len(new)
+            detail = f"{again} of its images were already scored from other files" if again else ""
+            return _file_row(name, "scored", len(new), "", detail)
+
+        interrupted = False
+        try:
+            for i, (name, path, sheet) in enumerate(listed):
+                if i and i % PROGRESS_EVERY_FILES == 0:
+                    logger.info("%d of %d files read, %d slices", i, len(listed), len(slices))
+                files.append(read(name, path, sheet))
+                file_start = len(slices)
+        except KeyboardInterrupt:
+            if not keep_partial:
+                raise
+            interrupted = True
+            # The file being read is not reached: none of its slices is kept.
+            images = images[: max(0, file_start - scored)]
+            scored = min(scored, file_start)
+            del slices[file_start:]
+            files += [
+                _file_row(f.name, NOT_REACHED, 0, "", "the run was interrupted")
+                for f in listed[len(files) :]
+            ]
         flush(all_of_them=True)
-        return Scored(slices, files, dict(self.patient_thresholds))
+        return Scored(slices, files, dict(self.patient_thresholds), interrupted)
 
 
 def record_size(meta: dict[str, Any], dataset: ml_collections.ConfigDict) -> int:
@@ -306,8 +380,10 @@ def input_files(paths: Iterable[str | os.PathLike]) -> list[InputFile]:
     folder as given joined to their path in it. A folder's label sheets are those the build
     would read (`labels.csv` at its top or one level down). A path that does not exist, or a
     folder that holds no file, is an error."""
+    if isinstance(paths, str | bytes | os.PathLike):
+        paths = [paths]  # one path, not its characters
     out = []
-    for given in map(os.fspath, paths):
+    for given in map(os.fsdecode, paths):
         if os.path.isdir(given):
             found, sheets = curation.find_files(pathlib.Path(given))
             if not found and not sheets:
@@ -327,31 +403,44 @@ def input_files(paths: Iterable[str | os.PathLike]) -> list[InputFile]:
 # --------------------------------------------------------------------------- files
 
 
-def write_outputs(out_dir: str | os.PathLike, predictor: Predictor, scored: Scored) -> dict:
-    """predictions.csv, patients.csv, files.csv and summary.json in `out_dir`; the summary."""
+def write_outputs(
+    out_dir: str | os.PathLike,
+    predictor: Predictor,
+    scored: Scored,
+    inputs: Sequence[str | os.PathLike] = (),
+) -> dict:
+    """OUTPUT_FILES in `out_dir` (each written whole, then renamed into place: an earlier run's
+    file is replaced, never left half-written); returns the summary. `inputs`: the paths
+    given, for the summary."""
     out = epath.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_csv(
-        out / PREDICTIONS_FILE,
-        SLICE_COLUMNS,
-        (
-            row | {"probability": repr(row["probability"]), "warnings": "; ".join(row["warnings"])}
-            for row in scored.slices
+    probabilities = ("probability_max", "probability_mean")
+    patients, studies = scored.patients(), scored.studies()
+    tables = {
+        PREDICTIONS_FILE: (
+            SLICE_COLUMNS,
+            [
+                row
+                | {"probability": repr(row["probability"]), "warnings": "; ".join(row["warnings"])}
+                for row in scored.slices
+            ],
         ),
-    )
-    patients = scored.patients()
-    _write_csv(
-        out / PATIENTS_FILE,
-        PATIENT_COLUMNS,
-        (
-            row | {k: repr(row[k]) for k in ("probability_max", "probability_mean")}
-            for row in patients
+        PATIENTS_FILE: (
+            PATIENT_COLUMNS,
+            [r | {k: repr(r[k]) for k in probabilities} for r in patients],
         ),
-    )
-    _write_csv(out / FILES_FILE, FILE_COLUMNS, scored.files)
+        STUDIES_FILE: (
+            STUDY_COLUMNS,
+            [r | {k: repr(r[k]) for k in probabilities} for r in studies],
+        ),
+        FILES_FILE: (FILE_COLUMNS, scored.files),
+    }
     statuses = collections.Counter(f["status"] for f in scored.files)
     reasons = collections.Counter(f["reason"] for f in scored.files if f["status"] == "skipped")
     summary = {
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "inputs": [os.fsdecode(p) for p in inputs],
+        "interrupted": scored.interrupted,
         "workdir": os.path.basename(os.path.abspath(predictor.workdir)),
         "checkpoint": {
             "step": predictor.step,
@@ -373,19 +462,74 @@ def write_outputs(out_dir: str | os.PathLike, predictor: Predictor, scored: Scor
         "patients_grouped_by": dict(collections.Counter(r["grouped_by"] for r in patients)),
         "patients_predicted_lesion_max": sum(r["predicted_max"] for r in patients),
         "patients_predicted_lesion_mean": sum(r["predicted_mean"] for r in patients),
+        "studies": len(studies),
     }
-    evaluate.write_json(out / SUMMARY_FILE, summary)
+    for name, (columns, rows) in tables.items():
+        partial = out / f".{name}.partial"
+        with evaluate.csv_file(partial) as f:
+            w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        partial.replace(out / name)
+    partial = out / f".{SUMMARY_FILE}.partial"
+    evaluate.write_json(partial, summary)
+    partial.replace(out / SUMMARY_FILE)
     return summary
 
 
-def _write_csv(path: epath.Path, columns: Sequence[str], rows: Iterable[dict]) -> None:
-    with evaluate.csv_file(path) as f:
-        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+def check_out_dir(
+    out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike], overwrite: bool
+) -> None:
+    """Before any scoring: `out_dir` must be a folder (or not exist yet), hold no earlier
+    prediction unless `overwrite`, and not lie in a folder being scored (its outputs would be
+    read as inputs by the next run)."""
+    out = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"--out {out_dir}: a file, not a folder for the outputs")
+    earlier = [name for name in OUTPUT_FILES if os.path.exists(os.path.join(out, name))]
+    if earlier and not overwrite:
+        raise FileExistsError(
+            f"--out {out_dir} holds an earlier prediction ({', '.join(earlier)}); pass "
+            "--overwrite to replace it, or choose another folder"
+        )
+    for given in map(os.fspath, inputs):
+        folder = os.path.abspath(given)
+        if os.path.isdir(folder) and os.path.commonpath([folder, out]) == folder:
+            raise ValueError(
+                f"--out {out_dir} lies in {given}, a folder being scored: the next run would "
+                "read its outputs as inputs; choose a folder outside it"
+            )
 
 
 # --------------------------------------------------------------------------- command line
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
+def summary_line(summary: dict[str, Any], files_csv: str) -> str:
+    """The command's one line: what was scored, what was predicted, what was not scored."""
+    statuses = summary["files_by_status"]
+    not_scored = sum(n for status, n in statuses.items() if status != "scored")
+    why = ", ".join(
+        [f"{n} {reason}" for reason, n in summary["skipped_by_reason"].items()]
+        + [f"{n} {status}" for status, n in statuses.items() if status not in ("scored", "skipped")]
+    )
+    default = (
+        ", the default: the run was not evaluated"
+        if summary["threshold_source"] == "default"
+        else ""
+    )
+    return (
+        f"{_count(summary['slices'], 'slice')} of {_count(summary['files'], 'file')} scored at "
+        f"checkpoint step {summary['checkpoint']['step']} (threshold "
+        f"{summary['threshold']:.4g}{default}): {summary['slices_predicted_lesion']} predicted "
+        f"lesion, {summary['slices_with_warnings']} with warnings; "
+        f"{_count(summary['patients'], 'patient')}, {summary['patients_predicted_lesion_max']} "
+        f"predicted lesion by their max; {_count(not_scored, 'file')} not scored"
+        f"{f' ({why})' if why else ''}; see {files_csv}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -414,34 +558,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         action="store_true",
         help="use W/operating_point.json although it was chosen for another checkpoint",
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier prediction in --out"
+    )
     args = parser.parse_args(argv)
     host_memory.keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("liverjax").setLevel(logging.INFO)
     checkpointing.quiet_orbax_logs()
     with train.user_errors("prediction"):
-        listed = input_files(args.paths)  # a wrong path fails before the checkpoint is read
+        # A wrong path or --out fails before the checkpoint is read.
+        listed = input_files(args.paths)
+        check_out_dir(args.out, args.paths, args.overwrite)
         predictor = Predictor.load(
             args.workdir,
             args.checkpoint,
             data_dir=args.data_dir,
             allow_other_checkpoint_threshold=args.allow_other_checkpoint_threshold,
         )
-        scored = predictor._score(listed, allow_non_ct=args.allow_non_ct)
-        summary = write_outputs(args.out, predictor, scored)
-    skipped = sum(n for s, n in summary["files_by_status"].items() if s != "scored")
-    why = ", ".join(
-        [f"{n} {r}" for r, n in summary["skipped_by_reason"].items()]
-        + [f"{n} {s}" for s, n in summary["files_by_status"].items() if s == REPEATED]
-    )
-    print(
-        f"{summary['slices']} slices of {summary['files']} files scored at checkpoint step "
-        f"{predictor.step} (threshold {predictor.threshold:.4g}): "
-        f"{summary['slices_predicted_lesion']} predicted lesion; {summary['patients']} "
-        f"patients, {summary['patients_predicted_lesion_max']} predicted lesion by their max; "
-        f"{skipped} files not scored{f' ({why})' if why else ''}; "
-        f"see {os.path.join(args.out, FILES_FILE)}"
-    )
+        scored = predictor._score(listed, allow_non_ct=args.allow_non_ct, keep_partial=True)
+        summary = write_outputs(args.out, predictor, scored, args.paths)
+    print(summary_line(summary, os.path.join(args.out, FILES_FILE)))
+    if scored.interrupted:
+        print(
+            f"prediction interrupted: what was scored is written to {args.out}; "
+            f"{summary['files_by_status'].get(NOT_REACHED, 0)} files not reached",
+            file=sys.stderr,
+        )
+        sys.exit(130)  # as a shell reports a command ended by Ctrl-C
+    if not summary["slices"]:
+        sys.exit(f"prediction failed: no slice was scored; {FILES_FILE} says why of each file")
     return summary
 
 

@@ -4,6 +4,7 @@ DICOM files in-process, and gives each slice the probability evaluation gives it
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
 import os
@@ -191,7 +192,9 @@ def test_the_command_accounts_for_every_file(workdir, phantom, tmp_path, capsys)
     assert written["checkpoint"]["requested"] == "latest"
     assert written["threshold"] == THRESHOLD and written["input_size"] == 64
     assert written["threshold_source"] == evaluate.OPERATING_POINT_FILE
-    assert str(tmp_path) not in json.dumps(written)  # no path of this machine
+    assert written["inputs"] == [str(scans), str(dicom_files[3])]  # as given
+    del written["inputs"]
+    assert str(tmp_path) not in json.dumps(written)  # no other path of this machine
     line = capsys.readouterr().out
     assert f"{len(dicom_files)} slices of {len(files)} files scored" in line
     assert "4 files not scored (1 label_sheet, 1 not_ct, 1 not_dicom, 1 repeated)" in line
@@ -216,8 +219,11 @@ def test_bad_paths_and_runs_are_said_in_one_line(workdir, tmp_path):
         with pytest.raises(SystemExit) as failed:
             predict.main(["--workdir", str(workdir), "--out", str(tmp_path / "o"), *paths])
         assert str(failed.value.code).startswith(f"prediction failed: {message}")
-    with pytest.raises(SystemExit) as failed:
-        predict.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "o"), str(tmp_path)])
+    (tmp_path / "a.dcm").write_bytes(b"x" * 200)
+    with pytest.raises(SystemExit) as failed:  # not a run
+        predict.main(
+            ["--workdir", str(tmp_path), "--out", str(tmp_path / "o"), str(tmp_path / "a.dcm")]
+        )
     assert "prediction failed: " in str(failed.value.code)
     assert str(failed.value.code).endswith(f"({train.TRACEBACK_ENV}=1 shows where)")
 
@@ -339,3 +345,90 @@ def test_the_record_size_of_older_checkpoints_comes_from_the_dataset(exported):
     dataset.name = "liver/no_such_config"
     with pytest.raises(ValueError, match="predates the record size .* pass --data_dir"):
         predict.record_size({}, dataset)
+
+
+def test_one_path_as_a_string_is_one_file(predictor, phantom):
+    path = sorted(phantom.rglob("*.dcm"))[0]
+    for given in (str(path), path):
+        scored = predictor.score_files(given)
+        assert [f["file"] for f in scored.files] == [str(path)]
+
+
+def test_copies_of_images_are_scored_once_and_exams_kept_apart(predictor, phantom, tmp_path):
+    # Two exports of one series (the same SOP Instance UIDs), and a follow-up exam of the same
+    # patient (new study, new UIDs).
+    series = sorted({p.parent for p in phantom.rglob("*.dcm")})[0]
+    shutil.copytree(series, tmp_path / "export_a")
+    shutil.copytree(series, tmp_path / "export_b")
+    study, new_series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    (tmp_path / "followup").mkdir()
+    for path in sorted(series.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, new_series
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(tmp_path / "followup" / path.name)
+    n = len(list(series.glob("*.dcm")))
+    scored = predictor.score_files([tmp_path])
+    statuses = collections.Counter(f["status"] for f in scored.files)
+    assert statuses == {"scored": 2 * n, predict.DUPLICATE: n}
+    duplicate = next(f for f in scored.files if f["status"] == predict.DUPLICATE)
+    assert duplicate["file"].startswith(str(tmp_path / "export_b"))
+    assert duplicate["detail"].startswith(f"the same images as {tmp_path / 'export_a'}")
+    [patient] = scored.patients()
+    assert (patient["slices"], patient["studies"]) == (2 * n, 2)
+    studies = scored.studies()
+    assert [s["slices"] for s in studies] == [n, n] and study in {s["study_uid"] for s in studies}
+    assert all(s["series"] == 1 for s in studies)
+
+
+def test_an_interrupted_run_keeps_what_was_scored(predictor, phantom, tmp_path):
+    listed = predict.input_files([phantom])
+
+    class CtrlC(list):  # Ctrl-C while the 6th file is read
+        def __iter__(self):
+            yield from list.__iter__(self[:5])
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # from Python it goes through
+        predictor._score(CtrlC(listed), allow_non_ct=False)
+    scored = predictor._score(CtrlC(listed), allow_non_ct=False, keep_partial=True)
+    assert scored.interrupted
+    assert [f["status"] for f in scored.files[:5]].count("scored") == 4  # and labels.csv
+    assert {f["status"] for f in scored.files[5:]} == {predict.NOT_REACHED}
+    assert len(scored.files) == len(listed) and len(scored.slices) == 4
+    assert all("probability" in row for row in scored.slices)
+    summary = predict.write_outputs(tmp_path, predictor, scored)
+    assert (
+        summary["interrupted"]
+        and summary["files_by_status"][predict.NOT_REACHED] == len(listed) - 5
+    )
+
+
+def test_out_is_checked_before_anything_is_scored(workdir, phantom, tmp_path):
+    one = str(sorted(phantom.rglob("*.dcm"))[0])
+    (tmp_path / "file").write_text("")
+    args = ["--workdir", str(workdir), "--checkpoint", "latest"]
+    cases = [
+        (["--out", str(tmp_path / "file"), one], "a file, not a folder for the outputs"),
+        (["--out", str(phantom / "out"), str(phantom)], "a folder being scored"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as failed:
+            predict.main(args + extra)
+        assert message in str(failed.value.code)
+    out = tmp_path / "out"
+    predict.main(args + ["--out", str(out), one])
+    with pytest.raises(SystemExit) as failed:
+        predict.main(args + ["--out", str(out), one])
+    assert "holds an earlier prediction (predictions.csv, patients.csv" in str(failed.value.code)
+    predict.main(args + ["--out", str(out), "--overwrite", one])
+    assert sorted(p.name for p in out.iterdir()) == sorted(predict.OUTPUT_FILES)  # no partials
+    # Nothing scored: the outputs say why, and the command fails.
+    (tmp_path / "notes.txt").write_text("no DICOM\n" * 20)
+    with pytest.raises(SystemExit) as failed:
+        predict.main(args + ["--out", str(tmp_path / "none"), str(tmp_path / "notes.txt")])
+    assert (
+        str(failed.value.code)
+        == "prediction failed: no slice was scored; files.csv says why of each file"
+    )
+    assert _read_csv(tmp_path / "none" / predict.FILES_FILE)[0]["reason"] == "not_dicom"
