@@ -150,6 +150,7 @@ def compare(
             "bootstrap_skipped_single_class": ci.n_skipped if enough else None,
         }
     return {
+        "warnings": comparability_warnings(ra, rb),
         "split": ra["split"],
         "dataset": ra["dataset"]["full_name"],
         "images": int(pa.labels.size),
@@ -170,6 +171,37 @@ def compare(
     }
 
 
+def comparability_warnings(ra: dict[str, Any], rb: dict[str, Any]) -> list[str]:
+    """What makes the two evaluations' figures less comparable than they look, a sentence each:
+    operating points chosen by other rules or on other splits (their sensitivities and
+    specificities then differ by construction), thresholds chosen on the evaluated split itself,
+    and other bootstrap or calibration settings (A's are used for both)."""
+    out = []
+    a, b = ra["operating_point"], rb["operating_point"]
+    for what, key in (("rule", "rule_description"), ("split", "chosen_on")):
+        if a[key] != b[key]:
+            out.append(
+                f"the operating points were chosen by another {what} (A: {a[key]}; B: "
+                f"{b[key]}): sensitivity and specificity differ by construction; compare the "
+                "AUCs, or evaluate both with the same --eval threshold_rule"
+            )
+    for name, op in (("A", a), ("B", b)):
+        if op.get("same_split_as_evaluated"):
+            out.append(
+                f"{name} chose its thresholds on the evaluated split itself: its sensitivity "
+                "and specificity are optimistic"
+            )
+    keys = ("bootstrap_resamples", "bootstrap_seed", "bootstrap_min_patients", "confidence")
+    settings_a, settings_b = ra["eval_settings"], rb["eval_settings"]
+    differ = [k for k in (*keys, "calibration_bins") if settings_a.get(k) != settings_b.get(k)]
+    if differ:
+        out.append(
+            f"B's report used other settings ({', '.join(differ)}); this comparison uses A's for "
+            "both, so B's ECE may differ from its own report's"
+        )
+    return out
+
+
 def _run(result: dict[str, Any]) -> dict[str, Any]:
     op = result["operating_point"]
     return {
@@ -184,6 +216,12 @@ def _run(result: dict[str, Any]) -> dict[str, Any]:
 def format_table(comparison: dict[str, Any]) -> str:
     """The comparison as a plain-text table, a row per level and metric."""
     confidence = comparison["bootstrap"]["confidence"]
+    runs = [
+        f"{name}: step {comparison[key]['checkpoint_step']}, operating point by "
+        f"{comparison[key]['threshold_rule'].split(':')[0]} on "
+        f"{comparison[key]['threshold_chosen_on']}"
+        for name, key in (("A", "a"), ("B", "b"))
+    ]
     lines = [
         f"{comparison['split']} split of {comparison['dataset']}: {comparison['images']} images, "
         f"{comparison['patients']} patients; A at step {comparison['a']['checkpoint_step']}, B "
@@ -191,20 +229,28 @@ def format_table(comparison: dict[str, Any]) -> str:
         f"{confidence:.0%} intervals ({comparison['bootstrap']['n_resamples']} resamples)",
         f"{'level':<13} {'metric':<20} {'A':>7} {'B':>7} {'B - A':>8}  {'interval':<17} {'p':>6}",
     ]
+    lines[1:1] = runs
     for level, entry in comparison["levels"].items():
         for name, m in entry["metrics"].items():
             low, high = m["ci"]
             interval = "n/a" if math.isnan(low) else f"{low:+.3f} to {high:+.3f}"
             p = "n/a" if math.isnan(m["p_value"]) else f"{m['p_value']:.3f}"
+            if m["p_value"] == 0.0:  # no resample crossed zero
+                p = f"<{1 / m['resamples_used']:.3f}"
             lines.append(
                 f"{level:<13} {LABELS.get(name, name):<20} {m['a']:>7.3f} {m['b']:>7.3f} "
                 f"{m['difference']:>+8.3f}  {interval:<17} {p:>6}"
             )
+        lines.append(
+            f"{'':<13} (thresholds A {entry['thresholds']['a']:.4g}, B "
+            f"{entry['thresholds']['b']:.4g}: sensitivity and specificity at each run's own)"
+        )
         if entry["ci_method"] == "too_few_patients":
             lines.append(
                 f"{'':<13} (no interval at {level}: fewer than "
                 f"{comparison['bootstrap']['min_patients_per_class']} patients in a class)"
             )
+    lines += [f"warning: {w}" for w in comparison["warnings"]]
     return "\n".join(lines)
 
 

@@ -546,7 +546,8 @@ def test_compare_two_checkpoints_of_the_run(run, tmp_path, capsys):
     )
     b = tmp_path / "b"
     shutil.copytree(workdir, b)
-    evaluate.main(["--workdir", str(b), "--split", "test", "--checkpoint", str(other)])
+    evaluate.main(["--workdir", str(b), "--split", "test", "--checkpoint", str(other),
+                   "--eval", "threshold_rule=sensitivity"])  # fmt: skip
     out = tmp_path / "compare.json"
     comparison = compare.main([str(workdir), str(b), "--out", str(out)])
     assert _strict_json(out) == json.loads(json.dumps(comparison))
@@ -570,8 +571,14 @@ def test_compare_two_checkpoints_of_the_run(run, tmp_path, capsys):
     got = comparison["levels"]["slice"]["metrics"]["roc_auc"]
     assert got["ci"] == pytest.approx(list(slice_ci["roc_auc"]))
     assert got["p_value"] == pytest.approx(slice_ci.p_values["roc_auc"])
+    # Operating points chosen by other rules: said, as their sensitivities differ by design.
+    [warning] = comparison["warnings"]
+    assert warning.startswith("the operating points were chosen by another rule (A: Youden's J")
     table = capsys.readouterr().out
     assert f"A at step {result['checkpoint']['step']}, B at step {other}" in table
+    assert f"B: step {other}, operating point by target sensitivity on validation" in table
+    assert f"warning: {warning}" in table
+    assert compare.main([str(workdir), str(workdir)])["warnings"] == []
     assert "slice         roc_auc   " in table and "patient_max   sensitivity" in table
 
     # A run evaluated on other images, or labelled otherwise, is refused, naming the row.
