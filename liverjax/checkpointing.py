@@ -60,6 +60,16 @@ _ORBAX_FILTER = _OrbaxBelowWarning()
 _ORBAX_LOGGERS = ("absl", "")
 
 
+def command_logging() -> None:
+    """The evaluate, export and predict commands' logging: liverjax's INFO lines (through a
+    root handler of this format, where nothing imported has set one up yet), Orbax's quietened
+    (`quiet_orbax_logs`)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # basicConfig does nothing once grain or Orbax (imported) gave the root logger a handler
+    logging.getLogger("liverjax").setLevel(logging.INFO)
+    quiet_orbax_logs()
+
+
 def quiet_orbax_logs() -> bool:
     """Keep Orbax's warnings and errors, not its INFO lines; returns whether they are dropped.
 

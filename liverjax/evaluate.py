@@ -913,10 +913,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     args = parser.parse_args(argv)
     host_memory.keep_freed_memory()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    # basicConfig does nothing once grain or Orbax (imported) gave the root logger a handler
-    logging.getLogger("liverjax").setLevel(logging.INFO)
-    checkpointing.quiet_orbax_logs()
+    checkpointing.command_logging()
     with train.user_errors("evaluation"):
         config = load_config(args.workdir)
         if args.data_dir is not None:

@@ -761,10 +761,7 @@ def main(argv: Sequence[str] | None = None) -> ExportResult:
         help="export although operating_point.json was chosen for another checkpoint (warns)",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    # basicConfig does nothing once grain or Orbax (imported) gave the root logger a handler
-    logging.getLogger("liverjax").setLevel(logging.INFO)
-    checkpointing.quiet_orbax_logs()
+    checkpointing.command_logging()
     from liverjax import train  # its user_errors; the export itself loads it for the restore
 
     with train.user_errors("export", ParityError):

@@ -563,9 +563,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     args = parser.parse_args(argv)
     host_memory.keep_freed_memory()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("liverjax").setLevel(logging.INFO)
-    checkpointing.quiet_orbax_logs()
+    checkpointing.command_logging()
     with train.user_errors("prediction"):
         # A wrong path or --out fails before the checkpoint is read.
         listed = input_files(args.paths)

@@ -627,7 +627,7 @@ def parse_predict(body: bytes, size: int) -> tuple[np.ndarray, str]:
 
 def decode_dicom(
     data: bytes, name: str, size: int, max_pixels: int | None = None
-) -> list[tuple[dicom.DicomSlice, np.ndarray, list[str]]]:
+) -> list[dicom.Resampled]:
     """`dicom.decode_resampled` (the dataset builder's decoding and resampling, with each
     slice's doubts); with `max_pixels`, a file whose header declares more pixels than that (see
     `check_size`) is refused before its pixel data is read, decoded or inflated."""
