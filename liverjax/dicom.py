@@ -54,7 +54,9 @@ says, and a private (vendor) or wrong Transfer Syntax UID, are named as such.
 
 Every failure is a `DicomError` (a ValueError) with `.reason`, one of `REASONS`:
   empty          zero-byte file
-  not_dicom      not DICOM at all (text, archives, other binaries, directories)
+  not_a_file     a directory, FIFO (named pipe), socket or device: no regular file to read
+                 (reading a FIFO would wait for a writer forever), checked before opening it
+  not_dicom      not DICOM at all (text, archives, other binaries)
   truncated      the file ends before the data it declares
   no_pixels      a DICOM object of an image (or unknown) class without Pixel Data
   not_image      an object that is not an image: segmentations (SEG, even though they carry pixel
@@ -74,6 +76,7 @@ import functools
 import io
 import math
 import os
+import stat
 import struct
 import warnings
 import zlib
@@ -92,6 +95,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
 
 REASONS = (
     "empty",
+    "not_a_file",
     "not_dicom",
     "truncated",
     "no_pixels",
@@ -609,14 +613,30 @@ def _display_name(source: object) -> str:
     return str(getattr(source, "name", "<stream>"))
 
 
+def _file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, from its `st_mode`."""
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
 @contextlib.contextmanager
 def _open(source: str | os.PathLike | bytes | BinaryIO, path: str) -> Iterator[BinaryIO]:
     """A seekable binary file positioned at the start of the data; opened here, closed here."""
     if isinstance(source, bytes | bytearray | memoryview):
         yield io.BytesIO(source)
     elif isinstance(source, str | os.PathLike):
-        if os.path.isdir(source):
-            raise DicomError(path, "not_dicom", "is a directory, not a file")
+        try:
+            mode = os.stat(source).st_mode  # follows links: what a link points at is read
+        except OSError:
+            mode = None  # a broken link or a missing file: open() below names the error
+        if mode is not None and not stat.S_ISREG(mode):
+            raise DicomError(path, "not_a_file", f"is {_file_kind(mode)}, not a regular file")
         try:
             fp = open(source, "rb")  # closed by the `with` below
         except OSError as e:

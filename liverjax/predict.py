@@ -71,7 +71,6 @@ DUPLICATE = "duplicate"  # every image of it (SOP Instance UID, frame) was alrea
 NOT_REACHED = "not_reached"  # the run was interrupted before this file
 NOT_CT = "not_ct"  # a reason: the file is not CT and allow_non_ct is off
 LABEL_SHEET = "label_sheet"  # a reason: a folder's labels.csv, not an image
-NOT_A_FILE = "not_a_file"  # a reason: a FIFO, socket or device, which reading could block on
 PATIENT_LEVELS = {level: how for level, how in evaluate.LEVELS.items() if how is not None}
 SLICE_COLUMNS = (
     *("file", "frame", "image_id", "patient_id", "study_uid", "series_uid", "sop_uid"),
@@ -255,9 +254,10 @@ class Predictor:
     ) -> Scored:
         """Every DICOM file among `paths` (files, and folders read at any depth, links
         followed), decoded as the builder does and scored. Every file is accounted for in
-        `Scored.files`: scored, skipped (the decoder's reason; `not_ct` for a file that is not CT
-        unless `allow_non_ct`, its values are not Hounsfield units; `label_sheet` for a folder's
-        labels.csv), or repeated (the same file given twice)."""
+        `Scored.files`: scored, skipped (the decoder's reason, `not_a_file` for a FIFO or device
+        among them; `not_ct` for a file that is not CT unless `allow_non_ct`, its values are not
+        Hounsfield units; `label_sheet` for a folder's labels.csv), repeated (the same file given
+        twice) or duplicate (its images already scored from another file)."""
         return self._score(input_files(paths), allow_non_ct=allow_non_ct)
 
     def _score(
@@ -297,8 +297,6 @@ class Predictor:
             seen_files[real] = name
             if sheet:
                 return _file_row(name, "skipped", 0, LABEL_SHEET, "a label sheet")
-            if not os.path.isfile(path):
-                return _file_row(name, "skipped", 0, NOT_A_FILE, "not a regular file")
             try:
                 decoded = dicom.decode_resampled(path, name, self.input_size)
             except dicom.DicomError as e:

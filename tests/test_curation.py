@@ -416,6 +416,22 @@ def test_a_label_sheet_too_deep_is_reported_as_one(tmp_path):
     assert deep["status"] == "skipped" and "is not read" in deep["detail"]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_fifo_in_the_manual_dir_is_reported_not_read(tmp_path, fifo, workers):
+    """A FIFO (or device) in the manual dir is skipped as not_a_file: reading it would wait
+    for a writer forever, in the worker processes too."""
+    d = tmp_path / "m"
+    write_ct(d / "a.dcm", image(1))
+    fifo(d / "pipe.dcm")
+    write_sheet(d / "labels.csv", [{"patient_id": "P1", "label": 0, "path": "a.dcm"}])
+    result = curation.curate(d, image_size=8, split=curation.SplitSpec(0, 0, 0), workers=workers)
+    entries = {e["path"]: e for e in result.report["files"]}
+    assert entries["a.dcm"]["status"] == "written"
+    assert entries["pipe.dcm"]["status"] == "skipped"
+    assert entries["pipe.dcm"]["reason"] == "not_a_file"
+    assert "FIFO" in entries["pipe.dcm"]["detail"]
+
+
 def test_a_path_that_differs_only_in_case_is_named(tmp_path):
     d = tmp_path / "m"
     write_ct(d / "Series1/IMG1.dcm", image(1))

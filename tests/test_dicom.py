@@ -607,7 +607,7 @@ def test_not_images_and_images_without_pixels():
     assert reason_of(to_bytes(sr)) == "not_image"
 
 
-def test_empty_random_and_directory_inputs(tmp_path):
+def test_empty_random_directory_and_fifo_inputs(tmp_path, fifo):
     empty = tmp_path / "empty.dcm"
     empty.write_bytes(b"")
     assert reason_of(empty) == "empty"
@@ -618,7 +618,13 @@ def test_empty_random_and_directory_inputs(tmp_path):
         assert reason_of(rng.bytes(n)) == "not_dicom", n
     with pytest.raises(dicom.DicomError, match="does not start with a DICOM element"):
         dicom.read_dicom(b"patient_id,label\nP1,lesion\n")  # rejected before any parsing
-    assert reason_of(tmp_path) == "not_dicom"
+    assert reason_of(tmp_path) == "not_a_file"
+    with pytest.raises(dicom.DicomError, match=r"pipe.dcm: not_a_file: is a FIFO \(named pipe\)"):
+        dicom.read_dicom(fifo(tmp_path / "pipe.dcm"))  # without blocking on it
+    (tmp_path / "to_pipe.dcm").symlink_to("pipe.dcm")
+    assert reason_of(tmp_path / "to_pipe.dcm") == "not_a_file"  # a link: what it points at
+    (tmp_path / "broken.dcm").symlink_to("nowhere.dcm")
+    assert reason_of(tmp_path / "broken.dcm") == "decode_failed"  # cannot open: named as such
 
 
 def test_truncated_ct_at_every_part_of_the_file():

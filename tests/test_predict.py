@@ -128,12 +128,14 @@ def _read_csv(path: pathlib.Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_the_command_accounts_for_every_file(workdir, phantom, tmp_path, capsys):
-    # A copy of the phantom with a file that is not DICOM, an MR slice, and one file given twice.
+def test_the_command_accounts_for_every_file(workdir, phantom, tmp_path, capsys, fifo):
+    # A copy of the phantom with a file that is not DICOM, a FIFO, an MR slice, and one file
+    # given twice.
     scans = tmp_path / "scans"
     shutil.copytree(phantom, scans)
     dicom_files = sorted(scans.rglob("*.dcm"))
     (scans / "notes.txt").write_text("not a DICOM file\n" * 20)
+    fifo(scans / "pipe.dcm")
     mr = pydicom.dcmread(dicom_files[0])
     mr.Modality, mr.RescaleType = "MR", "US"
     mr.SOPInstanceUID = pydicom.uid.generate_uid()
@@ -152,17 +154,26 @@ def test_the_command_accounts_for_every_file(workdir, phantom, tmp_path, capsys)
         ]  # fmt: skip
     )
     files = _read_csv(out / predict.FILES_FILE)
-    assert len(files) == len(dicom_files) + 4 == summary["files"]  # + labels.csv
+    assert len(files) == len(dicom_files) + 5 == summary["files"]  # + labels.csv
     by_name = {f["file"]: f for f in files}
     assert by_name[str(scans / "notes.txt")]["status"] == "skipped"
     assert by_name[str(scans / "notes.txt")]["reason"] == "not_dicom"
     assert by_name[str(scans / "mr.dcm")]["reason"] == predict.NOT_CT
+    assert by_name[str(scans / "pipe.dcm")]["reason"] == "not_a_file"
+    assert (
+        by_name[str(scans / "pipe.dcm")]["detail"] == "is a FIFO (named pipe), not a regular file"
+    )
     assert "Modality 'MR'" in by_name[str(scans / "mr.dcm")]["detail"]
     repeated = [f for f in files if f["status"] == predict.REPEATED]
     assert len(repeated) == 1 and repeated[0]["file"] == str(dicom_files[3])
     assert repeated[0]["detail"] == f"the same file as {dicom_files[3]}"
-    assert summary["files_by_status"] == {"repeated": 1, "scored": len(dicom_files), "skipped": 3}
-    assert summary["skipped_by_reason"] == {"label_sheet": 1, "not_ct": 1, "not_dicom": 1}
+    assert summary["files_by_status"] == {"repeated": 1, "scored": len(dicom_files), "skipped": 4}
+    assert summary["skipped_by_reason"] == {
+        "label_sheet": 1,
+        "not_a_file": 1,
+        "not_ct": 1,
+        "not_dicom": 1,
+    }
 
     slices = _read_csv(out / predict.PREDICTIONS_FILE)
     assert len(slices) == len(dicom_files) == summary["slices"]
@@ -197,7 +208,10 @@ def test_the_command_accounts_for_every_file(workdir, phantom, tmp_path, capsys)
     assert str(tmp_path) not in json.dumps(written)  # no other path of this machine
     line = capsys.readouterr().out
     assert f"{len(dicom_files)} slices of {len(files)} files scored" in line
-    assert "4 files not scored (1 label_sheet, 1 not_ct, 1 not_dicom, 1 repeated)" in line
+    assert (
+        "5 files not scored (1 label_sheet, 1 not_a_file, 1 not_ct, 1 not_dicom, 1 repeated)"
+        in line
+    )
 
 
 def test_non_ct_is_scored_when_allowed(predictor, phantom, tmp_path):
