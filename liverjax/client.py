@@ -178,12 +178,9 @@ class Client:
             raise ValueError("classify_dicom: no files given")
         payloads = []
         for i, f in enumerate(files):
-            if isinstance(f, bytes):
-                payloads.append((names[i] if names else f"file{i}.dcm", f))
-            else:
-                payloads.append(
-                    (names[i] if names else pathlib.Path(f).name, pathlib.Path(f).read_bytes())
-                )
+            raw = isinstance(f, bytes)
+            name = names[i] if names else f"file{i}.dcm" if raw else pathlib.Path(f).name
+            payloads.append((_text(name), f if raw else pathlib.Path(f).read_bytes()))
         path = self._model_path(version) + ":classify_dicom"
         if len(payloads) == 1:
             name, data = payloads[0]
@@ -201,6 +198,13 @@ class Client:
             result["model_version"] = answer["model_spec"]["version"]
             result["threshold"] = answer["threshold"]
         return results
+
+
+def _text(name: str) -> str:
+    """A file name as UTF-8 text for the server: bytes of a name that are not UTF-8 (written on
+    another system, kept by Python as surrogate escapes) become `\\xNN`, as the dataset's
+    report names them."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def multipart(files: Sequence[tuple[str, bytes]], field: str = "file") -> tuple[bytes, str]:

@@ -33,6 +33,7 @@ from test_export import (
     test_records,
 )
 
+from liverjax import client as liverjax_client
 from liverjax import export, serve
 from liverjax.client import Client, ServerError, multipart
 from liverjax.serve_benchmark import ServerProcess, run_load
@@ -181,6 +182,21 @@ def test_classify_dicom_has_no_skew(client, records, dicom_files, exported):
     [single] = client.classify_dicom([files[3]])
     assert single["probability"] == pytest.approx(float(want["probability"][3]), abs=1e-4)
     assert single["sop_uid"] == records["sop_uid"][3] and single["file"] == files[3].name
+
+
+def test_file_names_that_are_not_utf8_are_sent_escaped(client, dicom_files, tmp_path, capsys):
+    """A name written as Latin-1 on another system (Python keeps a surrogate escape): the server
+    is sent `\\xe9`, as the dataset's report names it; `path` is the name as given."""
+    source = next(iter(dicom_files.values()))
+    latin1 = tmp_path / "caf\udce9.dcm"
+    latin1.write_bytes(source.read_bytes())
+    want = client.classify_dicom([source])[0]["probability"]
+    for files in ([latin1], [latin1, source]):  # one file as the body; multipart
+        got = client.classify_dicom(files)[0]
+        assert got["file"] == "caf\\xe9.dcm" and got["path"] == str(latin1)
+        assert got["probability"] == want
+    liverjax_client.main(["--url", client.url, "classify", str(latin1)])
+    assert json.loads(capsys.readouterr().out)[0]["file"] == "caf\\xe9.dcm"
 
 
 def _without_pixels(path: pathlib.Path) -> bytes:
