@@ -36,6 +36,11 @@
   COLOR), before MONOCHROME1 reflection, modality transform and padding replacement. For data
   whose values are codes rather than intensities (segmentation masks stored as images).
 
+`read_dicom` gives the pixels as stored, in the file's orientation. `decode_resampled`, what the
+network reads (the dataset builder, the server and `liverjax.predict` call it), first turns an
+axial slice stored prone, feet first or transposed to the standard axial orientation (`turned`:
+a transpose and flips only, so no pixel value changes), then resamples it.
+
 A multi-frame object gives one slice per frame (NumberOfFrames, 1 when absent: native bytes
 beyond them that are less than a frame are ignored, a frame's worth or more is an error, never
 read as more frames), `frame` = 0, 1, ... and `image_id` =
@@ -423,8 +428,9 @@ AXIAL_TOLERANCE = 0.1  # |cosine| off the standard axial directions still counte
 def plane(s: DicomSlice) -> str | None:
     """Why a slice is not an axial image as the network was trained on, or None: a localizer
     (scout) or a mask by its Image Type, another plane by its orientation (coronal, sagittal,
-    oblique), or an axial one stored rotated or flipped (prone, feet first). Without an
-    orientation only the Image Type is looked at."""
+    oblique), or an axial one stored rotated or flipped (prone, feet first: what `turned`
+    turns, so a slice `decode_resampled` gives is not named for it) or rotated in its plane by
+    other than a multiple of 90°. Without an orientation only the Image Type is looked at."""
     if "LOCALIZER" in s.image_type:
         return "a localizer (scout) image by its Image Type"
     if "MASK" in s.image_type:
@@ -442,12 +448,106 @@ def plane(s: DicomSlice) -> str | None:
         np.abs(row - (1, 0, 0)).max() > AXIAL_TOLERANCE
         or np.abs(col - (0, 1, 0)).max() > AXIAL_TOLERANCE
     ):
+        how = (
+            "rotated or flipped"
+            if axial_turn(s.orientation) is not None
+            else "rotated in its plane by other than a multiple of 90°"
+        )
         return (
-            "an axial slice stored rotated or flipped (Image Orientation (Patient) "
+            f"an axial slice stored {how} (Image Orientation (Patient) "
             f"{'/'.join(f'{v:g}' for v in s.orientation)}, not 1/0/0/0/1/0): its anatomy is "
             "turned against the other slices"
         )
     return None
+
+
+class Turn(NamedTuple):
+    """How a stored axial slice is turned to the standard orientation, applied in this order."""
+
+    transpose: bool  # rows and columns swapped: the stored rows run front to back
+    flip_rows: bool  # upside down: the stored rows run from the back (prone)
+    flip_columns: bool  # mirrored: the stored columns run from the patient's left (feet first)
+
+
+def axial_turn(orientation: Sequence[float] | None) -> Turn | None:
+    """The transpose and flips that bring an axial slice stored rotated by a multiple of 90° or
+    flipped (prone, feet first: its rows and columns along the patient's x and y axes, each
+    within AXIAL_TOLERANCE) to the standard axial orientation, Image Orientation (Patient)
+    1/0/0/0/1/0: columns run toward the patient's left and rows toward the back, as a head-first
+    supine scan is stored and every CT viewer shows an axial slice. None when the slice is so
+    already, has no orientation, or is oblique or another plane (which `plane` names)."""
+    if orientation is None:
+        return None
+    row, col = np.asarray(orientation[:3], np.float64), np.asarray(orientation[3:], np.float64)
+
+    def along(v: np.ndarray) -> tuple[int, float] | None:  # (patient axis x=0/y=1, sign)
+        for axis, sign in ((0, 1.0), (0, -1.0), (1, 1.0), (1, -1.0)):
+            if np.abs(v - sign * np.eye(3)[axis]).max() <= AXIAL_TOLERANCE:
+                return axis, sign
+        return None
+
+    r, c = along(row), along(col)
+    if r is None or c is None or r[0] == c[0]:
+        return None
+    transpose = r[0] == 1  # the stored columns run along y
+    # After a transpose the array's columns run along the stored column direction, and its
+    # rows along the stored row direction.
+    columns_sign, rows_sign = (c[1], r[1]) if transpose else (r[1], c[1])
+    turn = Turn(transpose, flip_rows=rows_sign < 0, flip_columns=columns_sign < 0)
+    return turn if any(turn) else None
+
+
+def turned(s: DicomSlice) -> tuple[DicomSlice, str | None]:
+    """The slice in the standard axial orientation (`axial_turn`) with a sentence saying what
+    was done, or the slice itself and None. The turned slice's pixel spacing, orientation and
+    image position are those of its turned pixels (the position of its new first pixel; None
+    without a pixel spacing); `stored`, if kept, stays as stored."""
+    turn = axial_turn(s.orientation)
+    if turn is None:
+        return s, None
+    assert s.orientation is not None
+    image = s.image.T if turn.transpose else s.image
+    row, col = np.asarray(s.orientation[:3]), np.asarray(s.orientation[3:])
+    spacing = s.pixel_spacing
+    if turn.transpose:
+        row, col = col, row
+        spacing = None if spacing is None else (spacing[1], spacing[0])
+    # The stored (row, column) of the pixel that becomes the first one.
+    first = [0, 0]
+    if turn.flip_rows:
+        image, col, first[0] = image[::-1], -col, image.shape[0] - 1
+    if turn.flip_columns:
+        image, row, first[1] = image[:, ::-1], -row, image.shape[1] - 1
+    if turn.transpose:
+        first.reverse()
+    position = None
+    if s.image_position is not None and s.pixel_spacing is not None:
+        stored_row, stored_col = np.asarray(s.orientation[:3]), np.asarray(s.orientation[3:])
+        offset = (
+            first[1] * s.pixel_spacing[1] * stored_row + first[0] * s.pixel_spacing[0] * stored_col
+        )
+        position = tuple(float(v) for v in np.asarray(s.image_position) + offset)
+    done = [
+        what
+        for what, on in (
+            ("rows and columns swapped", turn.transpose),
+            ("upside down", turn.flip_rows),
+            ("mirrored left-right", turn.flip_columns),
+        )
+        if on
+    ]
+    sentence = (
+        f"stored {', '.join(done)} (Image Orientation (Patient) "
+        f"{'/'.join(f'{v:g}' for v in s.orientation)}): turned to the standard axial orientation"
+    )
+    out = dataclasses.replace(
+        s,
+        image=np.ascontiguousarray(image),
+        pixel_spacing=spacing,
+        orientation=tuple(float(v) + 0.0 for v in (*row, *col)),  # + 0.0: no -0.0
+        image_position=position,
+    )
+    return out, sentence
 
 
 def doubts(s: DicomSlice, clipped: int = 0) -> list[str]:
@@ -477,25 +577,28 @@ def doubts(s: DicomSlice, clipped: int = 0) -> list[str]:
 class Resampled(NamedTuple):
     """A decoded slice at the records' size, as the dataset builder makes it."""
 
-    slice: DicomSlice
+    slice: DicomSlice  # in the standard axial orientation (`turned`)
     image: np.ndarray  # int16 HU (size, size)
     doubts: list[str]  # `doubts` of the slice
     clipped: int  # values `to_int16` clipped after the resample (`outside_int16`)
+    turned: str | None  # how it was turned to the standard axial orientation (`turned`), if it was
 
 
 def decode_resampled(
     source: str | os.PathLike | bytes | BinaryIO, name: str, size: int
 ) -> list[Resampled]:
-    """Decodes one DICOM file and resamples each slice as the dataset builder does: `read_dicom`,
-    then `to_int16(resample(image, size))`, with the slice's `doubts` (not CT, clipped values,
-    an oblique or non-axial plane, no or non-square pixel spacing). The builder
-    (`tfds_liver.curation.decode_file`), the server and `liverjax.predict` read files through
-    it."""
+    """Decodes one DICOM file and makes each slice what the network reads, as the dataset
+    builder does: `read_dicom`, `turned` to the standard axial orientation (an axial slice
+    stored prone, feet first or transposed), then `to_int16(resample(image, size))`, with the
+    slice's `doubts` (not CT, clipped values, an oblique or non-axial plane, no or non-square
+    pixel spacing). The builder (`tfds_liver.curation.decode_file`), the server and
+    `liverjax.predict` read files through it."""
     out = []
-    for s in read_dicom(source, name=name):
+    for stored in read_dicom(source, name=name):
+        s, turn = turned(stored)
         resampled = resample(s.image, size)
         clipped = outside_int16(resampled)
-        out.append(Resampled(s, to_int16(resampled), doubts(s, clipped), clipped))
+        out.append(Resampled(s, to_int16(resampled), doubts(s, clipped), clipped, turn))
     return out
 
 

@@ -75,7 +75,7 @@ PATIENT_LEVELS = {level: how for level, how in evaluate.LEVELS.items() if how is
 SLICE_COLUMNS = (
     *("file", "frame", "image_id", "patient_id", "study_uid", "series_uid", "sop_uid"),
     *("instance_number", "slice_position", "modality"),
-    *("probability", "predicted", "predicted_name", "warnings"),
+    *("probability", "predicted", "predicted_name", "warnings", "turned"),
 )
 _AGGREGATE_COLUMNS = (
     *("slices", "slices_with_warnings", "probability_max", "predicted_max"),
@@ -107,7 +107,7 @@ def patient_of(row: dict[str, Any]) -> tuple[str, str]:
 class Scored:
     """What `Predictor.score_files` found: a row per slice, a row per input file."""
 
-    slices: list[dict[str, Any]]  # SLICE_COLUMNS (warnings: a list), probability a float
+    slices: list[dict[str, Any]]  # SLICE_COLUMNS (warnings: a list, turned: None or how)
     files: list[dict[str, Any]]  # FILE_COLUMNS
     patient_thresholds: dict[str, float]  # the predictor's, for `patients` and `studies`
     interrupted: bool = False  # stopped early (Ctrl-C): the files not reached are NOT_REACHED
@@ -322,6 +322,7 @@ class Predictor:
                         "instance_number": r.slice.instance_number,
                         "slice_position": position,
                         "warnings": r.doubts,
+                        "turned": r.turned,
                     }
                 )
                 images.append(r.image)

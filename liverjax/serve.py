@@ -916,6 +916,7 @@ def create_app(options: ServerOptions) -> Starlette:
                     "file_index": index,  # in upload order: names repeat across series
                     **r.slice.ids(),
                     "warnings": r.doubts,
+                    "turned": r.turned,
                     "probability": probability,
                     "logit": float(out["logit"][i]),
                     "label": label,

@@ -5,7 +5,7 @@
 On one machine, in one run:
 
 1. latency of one 512×512 phantom CT slice: posted to `:classify_dicom` by one client, and the
-   bare cost in-process (`read_dicom` + resample, exactly what the endpoint does, + one model call
+   bare cost in-process (`serve.decode_dicom`, exactly what the endpoint does, + one model call
    at batch 1), alternating between the two so that the machine's load drift hits both alike;
    goal: server p50 within `LATENCY_GOAL`× the bare p50;
 2. load: `--clients` concurrent clients for `--duration_s` seconds against `:predict` (one image

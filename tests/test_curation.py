@@ -432,6 +432,33 @@ def test_a_fifo_in_the_manual_dir_is_reported_not_read(tmp_path, fifo, workers):
     assert "FIFO" in entries["pipe.dcm"]["detail"]
 
 
+def test_a_prone_slice_is_written_turned_and_reported(tmp_path):
+    """Stored upside down and mirrored (head first prone): written as the supine slice it shows,
+    its entry saying so, counted in files_turned, and not named as not_axial."""
+    d = tmp_path / "m"
+    write_ct(d / "supine.dcm", image(1), patient="P1")
+    write_ct(d / "prone.dcm", image(2)[::-1, ::-1], patient="P2")
+    _set_tag(d / "prone.dcm", "ImageOrientationPatient", [-1, 0, 0, 0, -1, 0])
+    write_sheet(
+        d / "labels.csv",
+        [
+            {"patient_id": "P1", "label": 0, "path": "supine.dcm"},
+            {"patient_id": "P2", "label": 1, "path": "prone.dcm"},
+        ],
+    )
+    result = curation.curate(d, image_size=SIZE, split=curation.SplitSpec(0, 0, 0), workers=1)
+    entries = {e["path"]: e for e in result.report["files"]}
+    assert "turned" not in entries["supine.dcm"]
+    assert entries["prone.dcm"]["turned"].startswith("stored upside down, mirrored left-right")
+    assert "not_axial" not in entries["prone.dcm"]
+    assert result.report["files_turned"] == 1 and result.report["files_not_axial"] == 0
+    assert "1 written input files were stored rotated or flipped" in curation.summarize(
+        result.report
+    )
+    prone = next(e for e in result.splits["train"] if e.patient_id == "P2")
+    np.testing.assert_array_equal(prone.features()["image"][..., 0], image(2))
+
+
 def test_a_path_that_differs_only_in_case_is_named(tmp_path):
     d = tmp_path / "m"
     write_ct(d / "Series1/IMG1.dcm", image(1))

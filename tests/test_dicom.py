@@ -1223,3 +1223,95 @@ def test_slices_that_are_no_axial_image_as_stored_are_named(attrs, says):
     found = dicom.plane(s)
     assert (found is None) if says is None else (says in found), found
     assert (says is None) == all(says is None or says not in d for d in dicom.doubts(s))
+
+
+AXES = {"x": np.array([1.0, 0, 0]), "y": np.array([0, 1.0, 0])}
+
+
+def _stored_as(standard: np.ndarray, spacing: tuple[float, float], row: str, col: str):
+    """The pixels, Image Orientation, Position and Pixel Spacing of `standard` (an axial slice as
+    stored head first supine: rows along +y, columns along +x, first pixel at the origin) as a
+    scanner stores it with row direction `row` and column direction `col` ("+x", "-y", ...).
+    Worked out from the patient positions of the pixels, not from flips."""
+    (ny, nx), (dy, dx) = standard.shape, spacing
+    size = {"x": nx, "y": ny}
+    step = {"x": dx, "y": dy}
+    row_dir, col_dir = (float(d[0] + "1") * AXES[d[1]] for d in (row, col))
+    # The stored first pixel is the corner of the grid the two directions start from.
+    ipp = sum(
+        ((size[a] - 1) * step[a] if d[0] == "-" else 0.0) * AXES[a]
+        for d, a in ((row, row[1]), (col, col[1]))
+    )
+    rows, columns = size[col[1]], size[row[1]]
+    stored = np.empty((rows, columns), standard.dtype)
+    for r in range(rows):
+        for c in range(columns):
+            p = ipp + c * step[row[1]] * row_dir + r * step[col[1]] * col_dir
+            y, x = round(p[1] / dy), round(p[0] / dx)
+            assert 0 <= y < ny and 0 <= x < nx, (r, c, p)
+            stored[r, c] = standard[y, x]
+    attrs = dict(
+        ImageOrientationPatient=[*row_dir, *col_dir],
+        ImagePositionPatient=[*ipp[:2], 42.5],
+        PixelSpacing=[step[col[1]], step[row[1]]],
+    )
+    return stored, attrs
+
+
+@pytest.mark.parametrize(
+    "row, col",
+    [
+        ("+x", "+y"),  # head first supine: as stored already
+        ("-x", "-y"),  # head first prone
+        ("-x", "+y"),  # feet first supine
+        ("+x", "-y"),  # feet first prone
+        ("+y", "+x"),  # rows and columns swapped
+        ("+y", "-x"),
+        ("-y", "+x"),
+        ("-y", "-x"),
+    ],
+)
+def test_rotated_and_flipped_axial_slices_are_turned_to_the_standard_orientation(row, col):
+    """A slice stored prone, feet first or transposed decodes (decode_resampled) to the very
+    pixels, spacing and position of the same slice stored head first supine; `read_dicom` gives
+    what is stored. A non-square image with non-square pixels shows a swapped axis."""
+    standard = np.arange(6 * 8, dtype=np.int16).reshape(6, 8) * 10 + 1000  # rows y, columns x
+    spacing = (0.6, 0.9)  # (row, column) = (dy, dx)
+    want_ds = make_ds(standard, **_stored_as(standard, spacing, "+x", "+y")[1])
+    [want] = dicom.decode_resampled(to_bytes(want_ds), "want.dcm", 16)
+    stored, attrs = _stored_as(standard, spacing, row, col)
+    [raw] = dicom.read_dicom(to_bytes(make_ds(stored, **attrs)))
+    np.testing.assert_array_equal(raw.image, stored.astype(np.float32) - 1024)  # as stored
+    [got] = dicom.decode_resampled(to_bytes(make_ds(stored, **attrs)), "got.dcm", 16)
+    np.testing.assert_array_equal(got.slice.image, standard.astype(np.float32) - 1024)
+    np.testing.assert_array_equal(got.image, want.image)
+    assert got.slice.pixel_spacing == spacing
+    np.testing.assert_allclose(got.slice.image_position, (0, 0, 42.5), atol=1e-9)
+    assert got.slice.orientation == (1, 0, 0, 0, 1, 0)
+    assert got.doubts == want.doubts  # the non-square pixels, and nothing of the orientation
+    if (row, col) == ("+x", "+y"):
+        assert got.turned is None and dicom.plane(raw) is None
+    else:
+        assert got.turned.startswith("stored ") and "turned to the standard axial" in got.turned
+        assert "stored rotated or flipped" in dicom.plane(raw)
+        assert dicom.plane(got.slice) is None
+
+
+def test_oblique_and_in_plane_rotated_slices_are_not_turned():
+    """Only multiples of 90° and flips are turned: a slice rotated 30° in its plane, or a
+    coronal one, is decoded as stored and named in its doubts; a gantry tilt is no turn."""
+    c, s = np.cos(np.pi / 6), np.sin(np.pi / 6)
+    cases = {
+        "rotated in its plane by other than a multiple of 90°": [c, s, 0, -s, c, 0],
+        "not an axial slice": [1, 0, 0, 0, 0, -1],
+        None: [1, 0, 0, 0, 0.995, -0.0998],  # a 5.7° gantry tilt
+    }
+    pixels = np.arange(16, dtype=np.int16).reshape(4, 4) + 1000
+    for says, iop in cases.items():
+        assert dicom.axial_turn(iop) is None, iop
+        [r] = dicom.decode_resampled(to_bytes(make_ds(pixels, ImageOrientationPatient=iop)), "a", 4)
+        assert r.turned is None
+        np.testing.assert_array_equal(r.slice.image, pixels.astype(np.float32) - 1024)
+        assert (says is None) == (not any("orientation" in d.lower() for d in r.doubts)), r.doubts
+        if says is not None:
+            assert any(says in d for d in r.doubts), r.doubts

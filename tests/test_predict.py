@@ -291,6 +291,28 @@ def test_the_command_runs_on_three_devices_without_tensorflow(
     )
 
 
+def test_a_feet_first_slice_is_turned_and_scored_as_the_slice_it_shows(
+    predictor, phantom, tmp_path
+):
+    # Feet first supine: stored mirrored left-right, with the orientation that says so.
+    path = sorted(phantom.rglob("*.dcm"))[0]
+    ds = pydicom.dcmread(path)
+    ds.PixelData = np.ascontiguousarray(ds.pixel_array[:, ::-1]).tobytes()
+    ds.ImageOrientationPatient = [-1, 0, 0, 0, 1, 0]
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(tmp_path / "feet_first.dcm")
+    scored = predictor.score_files([path, tmp_path / "feet_first.dcm"])
+    supine, feet_first = scored.slices
+    assert supine["turned"] is None
+    assert feet_first["turned"].startswith("stored mirrored left-right (Image Orientation")
+    assert feet_first["warnings"] == supine["warnings"] == []
+    assert feet_first["probability"] == pytest.approx(supine["probability"], abs=1e-6)
+    out = tmp_path / "out"
+    predict.write_outputs(out, predictor, scored)
+    rows = _read_csv(out / predict.PREDICTIONS_FILE)
+    assert [r["turned"] for r in rows] == ["", feet_first["turned"]]
+
+
 def test_multi_frame_files_and_batches_that_do_not_fill(predictor, phantom, tmp_path):
     # Files of 3, 1, 13 and 5 frames (22 slices, batches of 8): a file's frames cross batches.
     one = pydicom.dcmread(sorted(phantom.rglob("*.dcm"))[0])

@@ -485,6 +485,17 @@ def test_doubtful_images_are_answered_with_warnings(server, client, records, dic
         "one axis"
     ]
     assert got["probability"] == pytest.approx(want["probability"], abs=1e-6)  # same pixels
+    # Stored head first prone (upside down and mirrored): turned back, and scored as it shows
+    ds = pydicom.dcmread(path)
+    ds.PixelData = np.ascontiguousarray(ds.pixel_array[::-1, ::-1]).tobytes()
+    ds.ImageOrientationPatient = [-1, 0, 0, 0, -1, 0]
+    prone_file = tmp_path / "prone.dcm"
+    ds.save_as(prone_file)
+    [prone] = client.classify_dicom([prone_file])
+    assert want["turned"] is None
+    assert prone["turned"].startswith("stored upside down, mirrored left-right (Image")
+    assert prone["warnings"] == [] and prone["sop_uid"] == want["sop_uid"]
+    assert prone["probability"] == pytest.approx(want["probability"], abs=1e-6)
     # Hounsfield units by their Rescale Type, under another Modality: the decoder's own rule
     [hu] = client.classify_dicom([_with(path, Modality="OT", RescaleType="HU")], names=["ot.dcm"])
     assert hu["warnings"] == [] and hu["probability"] == pytest.approx(want["probability"])

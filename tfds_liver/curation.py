@@ -134,6 +134,8 @@ class _Decoded:
     modality: str = ""  # the file's Modality ("" when it has none)
     hounsfield: bool = True  # its values are HU (Modality CT, or Rescale Type HU)
     plane: str | None = None  # why a slice is no axial image as stored (dicom.plane), if one isn't
+    # How its first turned slice was turned to the standard axial orientation (dicom.turned).
+    turned: str | None = None
     no_spacing: bool = False  # a slice has no Pixel Spacing (nor Imager Pixel Spacing)
     # The first (row, column) spacing in mm that is not square: the resample treats pixels as
     # square, so such an image is stretched along one axis.
@@ -214,7 +216,7 @@ def decode_file(manual_dir: str, rel_path: str, image_size: int) -> _Decoded:
     records = []
     clipped = sum(r.clipped for r in decoded)
     no_spacing, non_square = False, None
-    for index, (s, image, _, _) in enumerate(decoded):
+    for index, (s, image, *_) in enumerate(decoded):
         if s.pixel_spacing is None:
             no_spacing = True
         elif non_square is None and not dicom.is_square(s.pixel_spacing):
@@ -243,6 +245,7 @@ def decode_file(manual_dir: str, rel_path: str, image_size: int) -> _Decoded:
         modality=slices[0].modality,
         hounsfield=slices[0].hounsfield,
         plane=next((w for w in map(dicom.plane, slices) if w is not None), None),
+        turned=next((r.turned for r in decoded if r.turned is not None), None),
         no_spacing=no_spacing,
         non_square=non_square,
     )
@@ -662,6 +665,8 @@ def curate_decoded(
             entry["non_square_pixels_mm"] = list(d.non_square)
         if d.plane is not None:
             entry["not_axial"] = d.plane
+        if d.turned is not None:
+            entry["turned"] = d.turned
         if not rows:
             entry.update(status="unlabelled")
             continue
@@ -1077,6 +1082,7 @@ def _report(
         "files_without_pixel_spacing": sum(1 for e in written if e.get("no_pixel_spacing")),
         "files_with_non_square_pixels": sum(1 for e in written if "non_square_pixels_mm" in e),
         "files_not_axial": sum(1 for e in written if "not_axial" in e),
+        "files_turned": sum(1 for e in written if "turned" in e),
         "dicom_patient_ids_labelled_as_several_patients": several,
         "patients_sharing_a_study": shared,
         "patients_with_several_dicom_patient_ids": merged,
@@ -1105,6 +1111,11 @@ def summarize(report: dict[str, Any]) -> str:
     lines.extend(w.rstrip(".") for w in label_warnings(report))
     lines.extend(w.rstrip(".") for w in patient_warnings(report))
     lines.extend(w.rstrip(".") for w in file_warnings(report))
+    if report.get("files_turned"):
+        lines.append(
+            f"{report['files_turned']} written input files were stored rotated or flipped "
+            "(prone, feet first) and are turned to the standard axial orientation"
+        )
     for name, s in report["splits"].items():
         lines.append(
             f"{name}: {s['patients']} patients, {s['slices']} slices "
@@ -1203,7 +1214,8 @@ def file_warnings(report: dict[str, Any]) -> list[str]:
     if report.get("files_not_axial"):
         warnings.append(
             f"{report['files_not_axial']} written input files are no axial slice as stored "
-            "(localizers, masks, other planes, or rotated or flipped): their entries say which."
+            "(localizers, masks, other planes, or rotated in their plane): their entries say "
+            "which."
         )
     if report.get("files_without_pixel_spacing"):
         warnings.append(

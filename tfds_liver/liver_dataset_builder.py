@@ -86,7 +86,7 @@ class LiverConfig(tfds.core.BuilderConfig):
 class Builder(tfds.core.GeneratorBasedBuilder):
     """DatasetBuilder for the `liver` dataset."""
 
-    VERSION = tfds.core.Version("1.3.3")
+    VERSION = tfds.core.Version("1.4.0")
     RELEASE_NOTES = {
         "1.0.0": "First release: synthetic and manual configs, curation report.",
         "1.1.0": "Images stored as raw int16 bytes (not PNG); synthetic: 384 patients, "
@@ -112,6 +112,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         "no decodable image are listed under label_rows_without_image; the report names "
         "localizers, masks, non-axial and rotated slices (not_axial), one sheet patient over "
         "several DICOM PatientIDs and sheet ids spelled alike.",
+        "1.4.0": "Axial slices stored rotated by a multiple of 90 degrees or flipped (prone, "
+        "feet first, rows and columns swapped) are turned to the standard axial orientation "
+        "(Image Orientation (Patient) 1/0/0/0/1/0) before the resample, as the server and "
+        "liverjax.predict turn them; their entries say how (turned, counted in files_turned) "
+        "instead of not_axial; a FIFO, socket or device in the manual dir is skipped as "
+        "not_a_file (the build waited on a FIFO).",
         "1.3.2": "MONOCHROME1 CT stays in Hounsfield units (was inverted); a Modality LUT Sequence "
         "applies beside an empty Rescale Slope; raw pixels of the declared size under a "
         "compressed syntax decode; native Pixel Data a whole frame longer than declared, a data "
