@@ -10,13 +10,16 @@ bootstrap interval and the two-sided bootstrap p-value of no difference. Each re
 same patients for both runs, so what the two share (the hard and the easy patients) cancels out
 of the difference: the interval of a difference is narrower than the two runs' own intervals
 suggest. Threshold metrics (sensitivity, specificity) are at each run's own operating point, as
-its report gives them. The p-values are not adjusted for the number of comparisons: name the one
-that answers your question before you look.
+its report gives them, and also get an exact McNemar test over patients
+(`metrics.paired_mcnemar`), which keeps its level with few discordant patients where the
+bootstrap p-value does not. The p-values are not adjusted for the number of comparisons: name
+the one that answers your question before you look.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -131,6 +134,15 @@ def compare(
             thresholds=thresholds,
             n_bins=ra["eval_settings"]["calibration_bins"],
         )
+        tests = {
+            name: dataclasses.asdict(
+                metrics.paired_mcnemar(
+                    groups, labels, probs_a, probs_b, name, thresholds=thresholds
+                )
+            )
+            for name in names
+            if name in metrics.MCNEMAR_METRICS
+        }
         levels[level] = {
             "unit": "image" if level == "slice" else "patient",
             "n": int(labels.size),
@@ -145,6 +157,7 @@ def compare(
                     "p_value": ci.p_values.get(name, math.nan),
                     "resamples_used": ci.n_used.get(name, 0),
                 }
+                | ({"mcnemar": tests[name]} if name in tests else {})
                 for name in names
             },
             "bootstrap_skipped_single_class": ci.n_skipped if enough else None,
@@ -167,6 +180,10 @@ def compare(
             "min_patients_per_class": min_patients,
             "p_value": "two-sided, 2 * min(P(d <= 0), P(d >= 0)), not adjusted for multiplicity",
         },
+        "mcnemar": "sensitivity and specificity: two-sided exact McNemar test over patients "
+        "(the sign-flip distribution of each patient's only-A minus only-B right rows; the exact "
+        "binomial test where a patient is one row), each run at its own threshold, not adjusted "
+        "for multiplicity",
         "levels": levels,
     }
 
@@ -227,9 +244,11 @@ def format_table(comparison: dict[str, Any]) -> str:
         f"{comparison['patients']} patients; A at step {comparison['a']['checkpoint_step']}, B "
         f"at step {comparison['b']['checkpoint_step']}; B - A with paired patient-bootstrap "
         f"{confidence:.0%} intervals ({comparison['bootstrap']['n_resamples']} resamples)",
-        f"{'level':<13} {'metric':<20} {'A':>7} {'B':>7} {'B - A':>8}  {'interval':<17} {'p':>6}",
+        f"{'level':<13} {'metric':<20} {'A':>7} {'B':>7} {'B - A':>8}  {'interval':<17} {'p':>6}"
+        f"  {'McNemar p':>16}",
     ]
     lines[1:1] = runs
+    approximate = False
     for level, entry in comparison["levels"].items():
         for name, m in entry["metrics"].items():
             low, high = m["ci"]
@@ -237,9 +256,14 @@ def format_table(comparison: dict[str, Any]) -> str:
             p = "n/a" if math.isnan(m["p_value"]) else f"{m['p_value']:.3f}"
             if m["p_value"] == 0.0:  # no resample crossed zero
                 p = f"<{1 / m['resamples_used']:.3f}"
+            test, exact = m.get("mcnemar"), ""
+            if test is not None:
+                exact = f"{test['p_value']:.3f} ({test['only_a']}:{test['only_b']})"
+                if test["method"] != "exact":
+                    exact, approximate = exact + " ~", True
             lines.append(
                 f"{level:<13} {LABELS.get(name, name):<20} {m['a']:>7.3f} {m['b']:>7.3f} "
-                f"{m['difference']:>+8.3f}  {interval:<17} {p:>6}"
+                f"{m['difference']:>+8.3f}  {interval:<17} {p:>6}  {exact:>16}".rstrip()
             )
         lines.append(
             f"{'':<13} (thresholds A {entry['thresholds']['a']:.4g}, B "
@@ -250,6 +274,10 @@ def format_table(comparison: dict[str, Any]) -> str:
                 f"{'':<13} (no interval at {level}: fewer than "
                 f"{comparison['bootstrap']['min_patients_per_class']} patients in a class)"
             )
+    lines.append(
+        "McNemar p: exact, over patients; (n:m) = rows only A : only B gets right"
+        + ("; ~: its normal approximation (Durkalski)" if approximate else "")
+    )
     lines += [f"warning: {w}" for w in comparison["warnings"]]
     return "\n".join(lines)
 

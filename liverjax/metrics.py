@@ -674,6 +674,86 @@ def paired_bootstrap_ci(
     )
 
 
+# The proportions a paired McNemar test compares: metric -> the label of the rows it counts.
+MCNEMAR_METRICS = {"recall": 1, "specificity": 0}
+# The exact null distribution is built by convolution over the discordant patients: at most
+# this many (patients x support) cells of work, else the normal approximation (Durkalski).
+_EXACT_SIGN_FLIP_CELLS = 200_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class McNemar:
+    """A paired test that two classifiers are right equally often on the rows of one class."""
+
+    metric: str  # "recall" (the lesion rows) or "specificity" (the normal rows)
+    only_a: int  # rows A gets right and B wrong
+    only_b: int  # rows B gets right and A wrong
+    patients_discordant: int  # patients whose rows A and B get right unequally often
+    p_value: float  # two-sided; 1.0 when no patient is discordant
+    method: str  # "exact" (the sign-flip distribution) or "normal" (Durkalski et al. 2003)
+
+
+def paired_mcnemar(
+    group_ids: ArrayLike,
+    labels: ArrayLike,
+    probs_a: ArrayLike,
+    probs_b: ArrayLike,
+    metric: str,
+    *,
+    thresholds: tuple[float, float] = (DEFAULT_THRESHOLD, DEFAULT_THRESHOLD),
+) -> McNemar:
+    """McNemar's test of sensitivity (`metric="recall"`) or specificity of two models on the
+    same rows, each at its own threshold, with rows clustered in groups (patients).
+
+    For patient k, d_k = (its rows of the class only A gets right) - (only B gets right). Under
+    the null hypothesis that A's and B's results are exchangeable within each patient, each d_k
+    is as likely to have either sign, so the two-sided p-value is P(|sum of ±d_k| >= |sum d_k|)
+    over the 2^K sign patterns of the K discordant patients: exact, and valid however a
+    patient's slices are correlated. With one row per patient (the patient levels) it is the
+    exact McNemar (binomial) test on the discordant patients. Where that distribution is too
+    large to build (`_EXACT_SIGN_FLIP_CELLS`) its normal approximation is used, the clustered
+    McNemar statistic of Durkalski et al. (2003), (sum d_k)^2 / sum d_k^2 on chi-square(1).
+    """
+    if metric not in MCNEMAR_METRICS:
+        raise ValueError(f"paired_mcnemar: metric {metric!r}: choose from {tuple(MCNEMAR_METRICS)}")
+    threshold_a, threshold_b = map(_check_threshold, thresholds)
+    y, p_a = check_inputs(labels, probs_a)
+    _, p_b = check_inputs(labels, probs_b)
+    groups = np.asarray(group_ids)
+    if groups.shape != y.shape:
+        raise ValueError(
+            f"group_ids has shape {groups.shape}, labels {y.shape}: one group id per row"
+        )
+    rows = y == MCNEMAR_METRICS[metric]
+    positive = MCNEMAR_METRICS[metric] == 1
+    right_a = (p_a[rows] >= threshold_a) == positive
+    right_b = (p_b[rows] >= threshold_b) == positive
+    only_a, only_b = right_a & ~right_b, right_b & ~right_a
+    _, inverse = np.unique(groups[rows], return_inverse=True)
+    d = np.bincount(inverse, weights=only_a) - np.bincount(inverse, weights=only_b)
+    d = np.abs(d[d != 0]).astype(np.int64)  # the sign-flip distribution is symmetric
+    observed = abs(int(only_a.sum()) - int(only_b.sum()))
+    only = {"only_a": int(only_a.sum()), "only_b": int(only_b.sum())}
+    if d.size == 0:
+        return McNemar(metric, **only, patients_discordant=0, p_value=1.0, method="exact")
+    support = int(d.sum())
+    if d.size * (2 * support + 1) <= _EXACT_SIGN_FLIP_CELLS:
+        # The distribution of sum(±d_k) on -support..support, one patient at a time.
+        dist = np.zeros(2 * support + 1)
+        dist[support] = 1.0
+        for k in d:
+            dist = 0.5 * (np.roll(dist, k) + np.roll(dist, -k))  # never wraps: |sum| <= support
+        values = np.abs(np.arange(-support, support + 1))
+        p_value = float(min(1.0, dist[values >= observed].sum()))
+        method = "exact"
+    else:
+        from scipy import stats
+
+        p_value = float(stats.chi2.sf(observed**2 / float(np.sum(d**2)), df=1))
+        method = "normal"
+    return McNemar(metric, **only, patients_discordant=int(d.size), p_value=p_value, method=method)
+
+
 # --------------------------------------------------------------------------- proportions
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import scipy.stats
 import tensorflow_datasets as tfds
 import training_runs
 from flax import nnx
@@ -571,6 +572,22 @@ def test_compare_two_checkpoints_of_the_run(run, tmp_path, capsys):
     got = comparison["levels"]["slice"]["metrics"]["roc_auc"]
     assert got["ci"] == pytest.approx(list(slice_ci["roc_auc"]))
     assert got["p_value"] == pytest.approx(slice_ci.p_values["roc_auc"])
+    # Sensitivity and specificity get McNemar's test: clustered in patients at slice level,
+    # the exact binomial test on discordant patients at a patient level.
+    got = comparison["levels"]["slice"]["metrics"]["recall"]["mcnemar"]
+    want = metrics.paired_mcnemar(patients, labels, p_a, p_b, "recall", thresholds=thresholds)
+    assert got == dataclasses.asdict(want) and got["method"] == "exact"
+    thresholds = tuple(r["levels"]["patient_max"]["threshold"] for r in (result, b_result))
+    _, patient_labels, max_a = metrics.aggregate_by_group(patients, labels, p_a, "max")
+    _, _, max_b = metrics.aggregate_by_group(patients, labels, p_b, "max")
+    normal = patient_labels == 0
+    right_a, right_b = max_a[normal] < thresholds[0], max_b[normal] < thresholds[1]
+    only_a, only_b = int(np.sum(right_a & ~right_b)), int(np.sum(right_b & ~right_a))
+    got = comparison["levels"]["patient_max"]["metrics"]["specificity"]["mcnemar"]
+    assert (got["only_a"], got["only_b"]) == (only_a, only_b)
+    exact = 1.0 if only_a + only_b == 0 else scipy.stats.binomtest(only_a, only_a + only_b).pvalue
+    assert got["p_value"] == pytest.approx(exact, abs=1e-12)
+    assert "mcnemar" not in comparison["levels"]["slice"]["metrics"]["roc_auc"]
     # Operating points chosen by other rules: said, as their sensitivities differ by design.
     [warning] = comparison["warnings"]
     assert warning.startswith("the operating points were chosen by another rule (A: Youden's J")
@@ -580,6 +597,7 @@ def test_compare_two_checkpoints_of_the_run(run, tmp_path, capsys):
     assert f"warning: {warning}" in table
     assert compare.main([str(workdir), str(workdir)])["warnings"] == []
     assert "slice         roc_auc   " in table and "patient_max   sensitivity" in table
+    assert "McNemar p: exact, over patients; (n:m) = rows only A : only B gets right" in table
 
     # A run evaluated on other images, or labelled otherwise, is refused, naming the row.
     rows = (b / "report" / "predictions.csv").read_text().splitlines()

@@ -425,6 +425,99 @@ def test_paired_bootstrap_of_a_model_with_itself_is_zero() -> None:
         metrics.paired_bootstrap_ci(groups, y, p, p, ["auc"], n_resamples=9, seed=0)
 
 
+def test_mcnemar_of_one_row_per_patient_is_the_exact_binomial_test() -> None:
+    from scipy import stats
+
+    rng = np.random.default_rng(3)
+    for trial in range(100):
+        n = int(rng.integers(4, 80))
+        y = rng.integers(0, 2, n)
+        p_a, p_b = rng.random(n), rng.random(n)
+        thresholds = (float(rng.uniform(0.2, 0.8)), float(rng.uniform(0.2, 0.8)))
+        for name, label in metrics.MCNEMAR_METRICS.items():
+            got = metrics.paired_mcnemar(np.arange(n), y, p_a, p_b, name, thresholds=thresholds)
+            rows = y == label
+            right_a = (p_a[rows] >= thresholds[0]) == bool(label)
+            right_b = (p_b[rows] >= thresholds[1]) == bool(label)
+            b, c = int(np.sum(right_a & ~right_b)), int(np.sum(right_b & ~right_a))
+            want = stats.binomtest(b, b + c).pvalue if b + c else 1.0
+            assert (got.only_a, got.only_b, got.patients_discordant) == (b, c, b + c), trial
+            assert got.p_value == pytest.approx(want, abs=1e-12) and got.method == "exact"
+
+
+def _discordance(groups, right_a, right_b) -> np.ndarray:
+    """Each patient's rows only A gets right minus only B, the patients with none left out."""
+    d = np.array(
+        [
+            np.sum((right_a & ~right_b)[groups == g]) - np.sum((right_b & ~right_a)[groups == g])
+            for g in np.unique(groups)
+        ]
+    )
+    return d[d != 0]
+
+
+def test_mcnemar_of_clustered_rows_is_the_sign_flip_test_over_patients() -> None:
+    import itertools
+
+    rng = np.random.default_rng(4)
+    for _ in range(40):
+        groups = rng.integers(0, 9, 60).astype(str)
+        y = np.ones(60, np.int64)
+        p_a, p_b = rng.random(60), np.clip(rng.random(60) + 0.1, 0, 1)
+        got = metrics.paired_mcnemar(groups, y, p_a, p_b, "recall")
+        d = _discordance(groups, p_a >= 0.5, p_b >= 0.5)
+        every = [abs(np.dot(signs, d)) for signs in itertools.product((-1, 1), repeat=d.size)]
+        assert got.p_value == pytest.approx(np.mean(np.asarray(every) >= abs(d.sum())), abs=1e-12)
+        assert got.patients_discordant == d.size
+
+
+def test_mcnemar_keeps_its_level_where_slices_of_a_patient_agree() -> None:
+    # Two equally good models whose errors come in whole patients (the slices of a patient are
+    # alike): the plain McNemar test on slices rejects far too often, this one does not.
+    from scipy import stats
+
+    rng = np.random.default_rng(5)
+    rejected, naive = 0, 0
+    trials = 400
+    for _ in range(trials):
+        patients, slices = 25, 8
+        groups = np.repeat(np.arange(patients), slices)
+        # Each patient is hard or easy for each model, at random and alike for both models.
+        right = rng.random((2, patients)) < 0.7
+        noise = rng.random((2, patients * slices)) < 0.05  # a few slices differ from their patient
+        p_a, p_b = (
+            np.where(np.repeat(r, slices) ^ n, 0.9, 0.1) for r, n in zip(right, noise, strict=True)
+        )
+        y = np.ones(patients * slices, np.int64)
+        test = metrics.paired_mcnemar(groups, y, p_a, p_b, "recall")
+        rejected += test.p_value < 0.05
+        b, c = test.only_a, test.only_b
+        naive += b + c > 0 and stats.binomtest(b, b + c).pvalue < 0.05
+    assert rejected / trials <= 0.07  # exact: at most 5 %, up to the trials' noise
+    assert naive / trials > 0.3  # the unclustered test, on the same data
+
+
+def test_mcnemar_without_discordance_and_its_normal_approximation(monkeypatch) -> None:
+    from scipy import stats
+
+    groups, y, p = _clustered(2, patients=30, slices=5)
+    same = metrics.paired_mcnemar(groups, y, p, p, "specificity")
+    assert (same.only_a, same.only_b, same.p_value, same.patients_discordant) == (0, 0, 1.0, 0)
+    p_b = np.clip(p + np.random.default_rng(2).normal(0, 0.2, p.size), 0, 1)
+    exact = metrics.paired_mcnemar(groups, y, p, p_b, "specificity")
+    monkeypatch.setattr(metrics, "_EXACT_SIGN_FLIP_CELLS", 0)
+    normal = metrics.paired_mcnemar(groups, y, p, p_b, "specificity")
+    assert normal.method == "normal" and exact.method == "exact"
+    d = _discordance(groups[y == 0], p[y == 0] < 0.5, p_b[y == 0] < 0.5)
+    durkalski = d.sum() ** 2 / np.sum(d**2)  # Durkalski et al. (2003)
+    assert normal.p_value == pytest.approx(stats.chi2.sf(durkalski, 1), abs=1e-12)
+    assert abs(normal.p_value - exact.p_value) < 0.1
+    with pytest.raises(ValueError, match="choose from"):
+        metrics.paired_mcnemar(groups, y, p, p, "roc_auc")
+    with pytest.raises(ValueError, match="one group id per row"):
+        metrics.paired_mcnemar(groups[:-1], y, p, p, "recall")
+
+
 def test_bootstrap_is_deterministic_and_seeded() -> None:
     groups, y, p = _clustered(1, patients=30, slices=5)
     a = metrics.bootstrap_ci(groups, y, p, n_resamples=200, seed=7)
