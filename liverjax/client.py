@@ -172,8 +172,9 @@ class Client:
         names: Sequence[str] | None = None,
     ) -> list[dict[str, Any]]:
         """One result per image: probability, class at the exported threshold, DICOM ids, the
-        server's `warnings`, `file_index` (which of `files`), `path` (that file as given; the
-        server sees only its name), and the `model_version` and `threshold` that answered."""
+        server's `warnings`, `turned` (how a slice stored rotated or flipped was turned, else
+        None), `file_index` (which of `files`), `path` (that file as given; the server sees only
+        its name), and the `model_version` and `threshold` that answered."""
         if not files:
             raise ValueError("classify_dicom: no files given")
         payloads = []
@@ -204,7 +205,10 @@ def _text(name: str) -> str:
     """A file name as UTF-8 text for the server: bytes of a name that are not UTF-8 (written on
     another system, kept by Python as surrogate escapes) become `\\xNN`, as the dataset's
     report names them."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
+    try:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def multipart(files: Sequence[tuple[str, bytes]], field: str = "file") -> tuple[bytes, str]:
@@ -212,7 +216,10 @@ def multipart(files: Sequence[tuple[str, bytes]], field: str = "file") -> tuple[
     boundary = uuid.uuid4().hex
     parts = []
     for name, data in files:
-        quoted = name.replace('"', "%22")
+        # A quoted string: a backslash escapes a backslash or a quote (the server unescapes
+        # them); CR and LF are percent-encoded, as browsers send them (no header is forged).
+        quoted = name.replace("\\", "\\\\").replace('"', '\\"')
+        quoted = quoted.replace("\r", "%0D").replace("\n", "%0A")
         parts.append(
             f"--{boundary}\r\n"
             f'Content-Disposition: form-data; name="{field}"; filename="{quoted}"\r\n'

@@ -428,65 +428,87 @@ AXIAL_TOLERANCE = 0.1  # |cosine| off the standard axial directions still counte
 def plane(s: DicomSlice) -> str | None:
     """Why a slice is not an axial image as the network was trained on, or None: a localizer
     (scout) or a mask by its Image Type, another plane by its orientation (coronal, sagittal,
-    oblique), or an axial one stored rotated or flipped (prone, feet first: what `turned`
+    oblique), or an axial one stored rotated by a multiple of 90° or flipped (what `turned`
     turns, so a slice `decode_resampled` gives is not named for it) or rotated in its plane by
-    other than a multiple of 90°. Without an orientation only the Image Type is looked at."""
+    another angle. A gantry tilt is axial. Without an orientation only the Image Type is looked
+    at."""
     if "LOCALIZER" in s.image_type:
         return "a localizer (scout) image by its Image Type"
     if "MASK" in s.image_type:
         return "a mask (segmentation) by its Image Type, not a CT slice"
     if s.orientation is None:
         return None
-    row, col = np.asarray(s.orientation[:3]), np.asarray(s.orientation[3:])
-    normal = np.cross(row, col)
-    if abs(abs(normal[2]) - 1) > AXIAL_TOLERANCE:
+    shown = "/".join(f"{v:g}" for v in s.orientation)
+    if not _axial(s.orientation):
+        return f"not an axial slice: Image Orientation (Patient) {shown}"
+    if axial_turn(s.orientation) is not None:
         return (
-            "not an axial slice: Image Orientation (Patient) "
-            f"{'/'.join(f'{v:g}' for v in s.orientation)}"
+            f"an axial slice stored rotated or flipped (Image Orientation (Patient) {shown}, not "
+            "1/0/0/0/1/0): its anatomy is turned against the other slices"
         )
-    if (
-        np.abs(row - (1, 0, 0)).max() > AXIAL_TOLERANCE
-        or np.abs(col - (0, 1, 0)).max() > AXIAL_TOLERANCE
-    ):
-        how = (
-            "rotated or flipped"
-            if axial_turn(s.orientation) is not None
-            else "rotated in its plane by other than a multiple of 90°"
-        )
+    if _along(s.orientation[:3]) != (0, 1.0) or _along(s.orientation[3:]) != (1, 1.0):
         return (
-            f"an axial slice stored {how} (Image Orientation (Patient) "
-            f"{'/'.join(f'{v:g}' for v in s.orientation)}, not 1/0/0/0/1/0): its anatomy is "
-            "turned against the other slices"
+            "an axial slice stored rotated in its plane by other than a multiple of 90° (Image "
+            f"Orientation (Patient) {shown}): its anatomy is turned against the other slices"
         )
+    return None
+
+
+def _axial(orientation: Sequence[float]) -> bool:
+    """Whether the plane's normal is within AXIAL_TOLERANCE of the patient's z axis (a gantry
+    tilt of up to about 25° is axial)."""
+    normal = np.cross(np.asarray(orientation[:3]), np.asarray(orientation[3:]))
+    return abs(abs(float(normal[2])) - 1) <= AXIAL_TOLERANCE
+
+
+def _along(direction: Sequence[float]) -> tuple[int, float] | None:
+    """(the patient axis, x = 0 or y = 1, and its sign) that a row or column direction runs
+    along in the axial plane, within AXIAL_TOLERANCE, or None. Only its x and y components
+    count: a gantry tilt adds a z component to the column direction, not another direction."""
+    xy = np.asarray(direction[:2], np.float64)
+    length = float(np.hypot(*xy))
+    if length == 0.0:
+        return None
+    for axis, sign in ((0, 1.0), (0, -1.0), (1, 1.0), (1, -1.0)):
+        if np.abs(xy / length - sign * np.eye(2)[axis]).max() <= AXIAL_TOLERANCE:
+            return axis, sign
     return None
 
 
 class Turn(NamedTuple):
     """How a stored axial slice is turned to the standard orientation, applied in this order."""
 
-    transpose: bool  # rows and columns swapped: the stored rows run front to back
-    flip_rows: bool  # upside down: the stored rows run from the back (prone)
-    flip_columns: bool  # mirrored: the stored columns run from the patient's left (feet first)
+    transpose: bool  # rows and columns swapped: the stored rows run along the patient's x
+    flip_rows: bool  # then upside down: the rows ran from the patient's back
+    flip_columns: bool  # then mirrored: the columns ran from the patient's left
+
+    def stored_as(self) -> str:
+        """How the slice was stored, against the standard orientation, in words."""
+        return {
+            (False, False, True): "mirrored left-right",
+            (False, True, False): "mirrored top to bottom",
+            (False, True, True): "rotated 180°",
+            (True, False, False): "transposed (mirrored across its diagonal)",
+            (True, True, False): "rotated 90° clockwise",
+            (True, False, True): "rotated 90° counterclockwise",
+            (True, True, True): "mirrored across its anti-diagonal",
+        }[tuple(self)]
 
 
 def axial_turn(orientation: Sequence[float] | None) -> Turn | None:
     """The transpose and flips that bring an axial slice stored rotated by a multiple of 90° or
-    flipped (prone, feet first: its rows and columns along the patient's x and y axes, each
-    within AXIAL_TOLERANCE) to the standard axial orientation, Image Orientation (Patient)
-    1/0/0/0/1/0: columns run toward the patient's left and rows toward the back, as a head-first
-    supine scan is stored and every CT viewer shows an axial slice. None when the slice is so
-    already, has no orientation, or is oblique or another plane (which `plane` names)."""
-    if orientation is None:
+    flipped to the standard axial orientation, Image Orientation (Patient) 1/0/0/0/1/0: columns
+    run toward the patient's left and rows toward the back, as a head-first supine scan is
+    stored and every CT viewer shows an axial slice. A prone scan is usually stored rotated
+    180°, and a feet-first one mirrored where the scanner stores it as seen from the gantry;
+    only the Image Orientation decides (it describes the stored pixels), not Patient Position.
+    Axial: the plane's normal within AXIAL_TOLERANCE of z, a gantry tilt included; its rows and
+    columns along the patient's x and y axes in that plane, each within AXIAL_TOLERANCE. None
+    when the slice is standard already, has no orientation, or is rotated by another angle,
+    oblique or another plane (which `plane` names)."""
+    if orientation is None or not _axial(orientation):
         return None
-    row, col = np.asarray(orientation[:3], np.float64), np.asarray(orientation[3:], np.float64)
-
-    def along(v: np.ndarray) -> tuple[int, float] | None:  # (patient axis x=0/y=1, sign)
-        for axis, sign in ((0, 1.0), (0, -1.0), (1, 1.0), (1, -1.0)):
-            if np.abs(v - sign * np.eye(3)[axis]).max() <= AXIAL_TOLERANCE:
-                return axis, sign
-        return None
-
-    r, c = along(row), along(col)
+    r, c = _along(orientation[:3]), _along(orientation[3:])
     if r is None or c is None or r[0] == c[0]:
         return None
     transpose = r[0] == 1  # the stored columns run along y
@@ -498,10 +520,11 @@ def axial_turn(orientation: Sequence[float] | None) -> Turn | None:
 
 
 def turned(s: DicomSlice) -> tuple[DicomSlice, str | None]:
-    """The slice in the standard axial orientation (`axial_turn`) with a sentence saying what
-    was done, or the slice itself and None. The turned slice's pixel spacing, orientation and
+    """The slice in the standard axial orientation (`axial_turn`) with a sentence saying how it
+    was stored, or the slice itself and None. The turned slice's pixel spacing, orientation and
     image position are those of its turned pixels (the position of its new first pixel; None
-    without a pixel spacing); `stored`, if kept, stays as stored."""
+    without a pixel spacing, unless that pixel is the stored first one). `slice_position` (the
+    stored position's z, the series' order) and `stored`, if kept, stay as stored."""
     turn = axial_turn(s.orientation)
     if turn is None:
         return s, None
@@ -520,24 +543,15 @@ def turned(s: DicomSlice) -> tuple[DicomSlice, str | None]:
         image, row, first[1] = image[:, ::-1], -row, image.shape[1] - 1
     if turn.transpose:
         first.reverse()
-    position = None
+    position = s.image_position if first == [0, 0] else None
     if s.image_position is not None and s.pixel_spacing is not None:
         stored_row, stored_col = np.asarray(s.orientation[:3]), np.asarray(s.orientation[3:])
         offset = (
             first[1] * s.pixel_spacing[1] * stored_row + first[0] * s.pixel_spacing[0] * stored_col
         )
         position = tuple(float(v) for v in np.asarray(s.image_position) + offset)
-    done = [
-        what
-        for what, on in (
-            ("rows and columns swapped", turn.transpose),
-            ("upside down", turn.flip_rows),
-            ("mirrored left-right", turn.flip_columns),
-        )
-        if on
-    ]
     sentence = (
-        f"stored {', '.join(done)} (Image Orientation (Patient) "
+        f"stored {turn.stored_as()} (Image Orientation (Patient) "
         f"{'/'.join(f'{v:g}' for v in s.orientation)}): turned to the standard axial orientation"
     )
     out = dataclasses.replace(
@@ -1728,10 +1742,11 @@ def _spacing(values: list[str] | None) -> tuple[float, float] | None:
 
 
 def _floats(values: list[str] | None, count: int) -> tuple[float, ...] | None:
-    """Exactly `count` numbers, or None if absent or malformed."""
+    """Exactly `count` finite numbers, or None if absent or malformed."""
     if values is None or len(values) != count:
         return None
     try:
-        return tuple(float(v) for v in values)
+        numbers = tuple(float(v) for v in values)
     except ValueError:
         return None
+    return numbers if all(math.isfinite(v) for v in numbers) else None  # NaN is no position

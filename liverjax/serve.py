@@ -12,7 +12,9 @@ and adds
     POST /v1/models/liver[/versions/N]:classify_dicom
          body application/dicom (one file) or multipart/form-data (several files) →
          per image: probability, logit, label and class at the exported threshold, DICOM ids,
-         file_index (upload order) and warnings; not CT: 422 unless --allow_non_ct
+         file_index (upload order), warnings and turned (how a slice stored rotated or
+         flipped was turned to the standard axial orientation); not CT: 422 unless
+         --allow_non_ct
     GET  /healthz (process up), /readyz (a version is loaded and warm), /statsz (counters)
 
 What it runs: each version directory holds, beside the SavedModel, the same StableHLO module

@@ -28,7 +28,9 @@ def fifo():
 
     timers = []
 
-    def make(path):
+    def make(path, replace=False):
+        if replace:
+            os.unlink(path)
         os.mkfifo(path)
 
         def unblock():

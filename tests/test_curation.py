@@ -430,6 +430,10 @@ def test_a_fifo_in_the_manual_dir_is_reported_not_read(tmp_path, fifo, workers):
     assert entries["pipe.dcm"]["status"] == "skipped"
     assert entries["pipe.dcm"]["reason"] == "not_a_file"
     assert "FIFO" in entries["pipe.dcm"]["detail"]
+    # A FIFO where a label sheet is read: an error naming it, not a build waiting forever.
+    fifo(d / "labels.csv", replace=True)
+    with pytest.raises(labels.LabelError, match="is not a regular file"):
+        curation.curate(d, image_size=8, split=curation.SplitSpec(0, 0, 0), workers=workers)
 
 
 def test_a_prone_slice_is_written_turned_and_reported(tmp_path):
@@ -449,7 +453,7 @@ def test_a_prone_slice_is_written_turned_and_reported(tmp_path):
     result = curation.curate(d, image_size=SIZE, split=curation.SplitSpec(0, 0, 0), workers=1)
     entries = {e["path"]: e for e in result.report["files"]}
     assert "turned" not in entries["supine.dcm"]
-    assert entries["prone.dcm"]["turned"].startswith("stored upside down, mirrored left-right")
+    assert entries["prone.dcm"]["turned"].startswith("stored rotated 180° (Image Orientation")
     assert "not_axial" not in entries["prone.dcm"]
     assert result.report["files_turned"] == 1 and result.report["files_not_axial"] == 0
     assert "1 written input files were stored rotated or flipped" in curation.summarize(

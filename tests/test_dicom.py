@@ -1291,20 +1291,53 @@ def test_rotated_and_flipped_axial_slices_are_turned_to_the_standard_orientation
     assert got.doubts == want.doubts  # the non-square pixels, and nothing of the orientation
     if (row, col) == ("+x", "+y"):
         assert got.turned is None and dicom.plane(raw) is None
-    else:
-        assert got.turned.startswith("stored ") and "turned to the standard axial" in got.turned
-        assert "stored rotated or flipped" in dicom.plane(raw)
-        assert dicom.plane(got.slice) is None
+        return
+    assert got.turned.endswith("): turned to the standard axial orientation")
+    assert "stored rotated or flipped" in dicom.plane(raw)
+    assert dicom.plane(got.slice) is None
+    # The sentence says how the stored pixels lie against the standard ones.
+    how = {
+        "mirrored left-right": lambda a: a[:, ::-1],
+        "mirrored top to bottom": lambda a: a[::-1],
+        "rotated 180°": lambda a: np.rot90(a, 2),
+        "transposed (mirrored across its diagonal)": lambda a: a.T,
+        "rotated 90° clockwise": lambda a: np.rot90(a, -1),
+        "rotated 90° counterclockwise": lambda a: np.rot90(a, 1),
+        "mirrored across its anti-diagonal": lambda a: np.rot90(a, 2).T,
+    }
+    [said] = [words for words in how if got.turned.startswith(f"stored {words} (Image")]
+    np.testing.assert_array_equal(how[said](standard), stored)
+
+
+def test_a_tilted_prone_slice_is_turned_and_a_nan_orientation_is_none():
+    tilt = np.deg2rad(15)
+    prone = [-1, 0, 0, 0, -np.cos(tilt), np.sin(tilt)]
+    pixels = np.arange(12, dtype=np.int16).reshape(3, 4) + 1000
+    [r] = dicom.decode_resampled(
+        to_bytes(make_ds(pixels, ImageOrientationPatient=prone)), "tilted.dcm", 4
+    )
+    assert r.turned.startswith("stored rotated 180° (Image Orientation (Patient) -1/0/0/0/")
+    np.testing.assert_array_equal(r.slice.image, np.rot90(pixels, 2).astype(np.float32) - 1024)
+    np.testing.assert_allclose(r.slice.orientation, [1, 0, 0, 0, np.cos(tilt), -np.sin(tilt)])
+    assert not any("Orientation" in d for d in r.doubts), r.doubts
+    assert r.slice.slice_position == 42.5  # the stored position's z: the series' order
+    # A NaN in Image Orientation (Patient) or Position is no orientation or position at all.
+    nan = make_ds(pixels, ImageOrientationPatient=[-1, 0, 0, 0, "NaN", 0])
+    [s] = dicom.read_dicom(to_bytes(nan))
+    assert s.orientation is None and dicom.plane(s) is None
+    [s] = dicom.read_dicom(to_bytes(make_ds(pixels, ImagePositionPatient=[0, "nan", 1])))
+    assert s.image_position is None
 
 
 def test_oblique_and_in_plane_rotated_slices_are_not_turned():
     """Only multiples of 90° and flips are turned: a slice rotated 30° in its plane, or a
     coronal one, is decoded as stored and named in its doubts; a gantry tilt is no turn."""
     c, s = np.cos(np.pi / 6), np.sin(np.pi / 6)
+    tilt = np.deg2rad(20)
     cases = {
         "rotated in its plane by other than a multiple of 90°": [c, s, 0, -s, c, 0],
         "not an axial slice": [1, 0, 0, 0, 0, -1],
-        None: [1, 0, 0, 0, 0.995, -0.0998],  # a 5.7° gantry tilt
+        None: [1, 0, 0, 0, np.cos(tilt), -np.sin(tilt)],  # a 20° gantry tilt
     }
     pixels = np.arange(16, dtype=np.int16).reshape(4, 4) + 1000
     for says, iop in cases.items():

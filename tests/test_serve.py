@@ -153,10 +153,11 @@ def test_decode_equals_the_records(records, dicom_files):
     """The server's DICOM path gives the very int16 image the builder stored."""
     size = records["image"].shape[1]
     for uid, image in zip(records["sop_uid"], records["image"], strict=True):
-        [(s, decoded, doubts, clipped)] = serve.decode_dicom(
+        [(s, decoded, doubts, clipped, turned)] = serve.decode_dicom(
             dicom_files[uid].read_bytes(), dicom_files[uid].name, size
         )
         assert s.sop_uid == uid and doubts == [] and clipped == 0  # square-pixelled CT
+        assert turned is None  # stored head first supine
         assert decoded.dtype == np.int16
         np.testing.assert_array_equal(decoded, image[..., 0])
 
@@ -195,6 +196,16 @@ def test_file_names_that_are_not_utf8_are_sent_escaped(client, dicom_files, tmp_
         got = client.classify_dicom(files)[0]
         assert got["file"] == "caf\\xe9.dcm" and got["path"] == str(latin1)
         assert got["probability"] == want
+    # Backslashes, quotes and line breaks in a multipart file name: sent escaped, named as given
+    # (line breaks percent-encoded, as browsers send them: no header can be forged).
+    names = ["a\\b\\\\c.dcm", 'say "hi".dcm', "line\r\nX-Evil: 1.dcm", "\ud800x.dcm"]
+    got = client.classify_dicom([source] * len(names), names=names)
+    assert [r["file"] for r in got] == [
+        "a\\b\\\\c.dcm",
+        'say "hi".dcm',
+        "line%0D%0AX-Evil: 1.dcm",
+        "\\ud800x.dcm",
+    ]
     liverjax_client.main(["--url", client.url, "classify", str(latin1)])
     assert json.loads(capsys.readouterr().out)[0]["file"] == "caf\\xe9.dcm"
 
@@ -493,7 +504,7 @@ def test_doubtful_images_are_answered_with_warnings(server, client, records, dic
     ds.save_as(prone_file)
     [prone] = client.classify_dicom([prone_file])
     assert want["turned"] is None
-    assert prone["turned"].startswith("stored upside down, mirrored left-right (Image")
+    assert prone["turned"].startswith("stored rotated 180° (Image Orientation (Patient)")
     assert prone["warnings"] == [] and prone["sop_uid"] == want["sop_uid"]
     assert prone["probability"] == pytest.approx(want["probability"], abs=1e-6)
     # Hounsfield units by their Rescale Type, under another Modality: the decoder's own rule

@@ -1114,7 +1114,8 @@ def summarize(report: dict[str, Any]) -> str:
     if report.get("files_turned"):
         lines.append(
             f"{report['files_turned']} written input files were stored rotated or flipped "
-            "(prone, feet first) and are turned to the standard axial orientation"
+            "(prone, feet first as seen from the gantry) and are turned to the standard axial "
+            "orientation"
         )
     for name, s in report["splits"].items():
         lines.append(

@@ -43,6 +43,7 @@ import os
 import pathlib
 import posixpath
 import re
+import stat
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -307,6 +308,14 @@ def _header_errors(cells: list[str], line: int) -> tuple[dict[str, int], list, b
 def read_labels(csv_path: str | os.PathLike) -> list[LabelRow]:
     """Read and validate labels.csv; raises LabelError listing every problem."""
     path = pathlib.Path(csv_path)
+    try:
+        regular = stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        regular = True  # a missing or unreadable file: read_bytes names the error
+    if not regular:  # reading a FIFO would wait for a writer forever
+        raise LabelError(
+            path, [(0, "", "is not a regular file (a FIFO, socket, device or folder)")]
+        )
     try:
         raw = path.read_bytes()
     except OSError as e:

@@ -6,7 +6,8 @@ Configs:
   synthetic_small  a tiny phantom set for tests.
   manual           your own DICOM: `--manual_dir DIR` holds DICOM files at any depth and labels.csv.
 
-Both kinds go through the same path: DICOM files → `liverjax.dicom.read_dicom` → curation
+Both kinds go through the same path: DICOM files → `liverjax.dicom.decode_resampled` (decoded,
+turned to the standard axial orientation, resampled) → curation
 (de-duplication, label matching, patient-level split) → int16 HU records, plus
 `curation_report.json` next to the dataset that accounts for every input file.
 """
@@ -106,23 +107,25 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         "summarises each split's pixel spacing; labelled_by is always a list (was a joined string "
         "on written files) and is on conflicts too; folders linked into the tree keep their own "
         "path; an unlistable folder is an error; Implicit VR Pixel Padding Value 0 or 1 is found.",
+        "1.3.2": "MONOCHROME1 CT stays in Hounsfield units (was inverted); a Modality LUT Sequence "
+        "applies beside an empty Rescale Slope; raw pixels of the declared size under a "
+        "compressed syntax decode; native Pixel Data a whole frame longer than declared, a data "
+        "set in the other byte order than its file meta and a private transfer syntax are "
+        "refused by name.",
         "1.3.3": "Sheet patients whose images share a Study or Series Instance UID are kept in "
         "one split and reported (patients_sharing_a_study); one SOP Instance UID with other "
         "pixels is a conflict (was a duplicate of the first); label rows naming only files with "
         "no decodable image are listed under label_rows_without_image; the report names "
         "localizers, masks, non-axial and rotated slices (not_axial), one sheet patient over "
         "several DICOM PatientIDs and sheet ids spelled alike.",
-        "1.4.0": "Axial slices stored rotated by a multiple of 90 degrees or flipped (prone, "
-        "feet first, rows and columns swapped) are turned to the standard axial orientation "
-        "(Image Orientation (Patient) 1/0/0/0/1/0) before the resample, as the server and "
-        "liverjax.predict turn them; their entries say how (turned, counted in files_turned) "
-        "instead of not_axial; a FIFO, socket or device in the manual dir is skipped as "
-        "not_a_file (the build waited on a FIFO).",
-        "1.3.2": "MONOCHROME1 CT stays in Hounsfield units (was inverted); a Modality LUT Sequence "
-        "applies beside an empty Rescale Slope; raw pixels of the declared size under a "
-        "compressed syntax decode; native Pixel Data a whole frame longer than declared, a data "
-        "set in the other byte order than its file meta and a private transfer syntax are "
-        "refused by name.",
+        "1.4.0": "Axial slices stored rotated by a multiple of 90 degrees or flipped (prone; "
+        "feet first as seen from the gantry; transposed) are turned to the standard axial "
+        "orientation (Image Orientation (Patient) 1/0/0/0/1/0) before the resample, as the "
+        "server and liverjax.predict turn them; their entries say how (turned, counted in "
+        "files_turned) instead of not_axial; a gantry tilt no longer counts as a rotation; a "
+        "NaN in Image Orientation or Position is none; a FIFO, socket or device in the manual "
+        "dir is skipped as not_a_file, and one as a label sheet is an error (the build waited "
+        "on it).",
     }
     MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_INSTRUCTIONS
     BUILDER_CONFIGS = [
