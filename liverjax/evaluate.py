@@ -255,6 +255,14 @@ def rule_description(settings: ml_collections.ConfigDict) -> str:
     )
 
 
+def slices_per_patient(predictions: Predictions) -> dict[str, float]:
+    """min, median and max of the slices a patient has among `predictions`: the patient-level
+    thresholds chosen on them hold for patients of about as many slices (the max of more slices
+    is higher by chance)."""
+    _, counts = np.unique(predictions.ids["patient_id"], return_counts=True)
+    return {"min": int(counts.min()), "median": float(np.median(counts)), "max": int(counts.max())}
+
+
 def operating_points(
     validation: Predictions, settings: ml_collections.ConfigDict
 ) -> dict[str, dict[str, Any]]:
@@ -479,6 +487,7 @@ def analyse(
             ),
             "chosen_on": validation.split,
             "same_split_as_evaluated": validation.split == test.split,
+            "slices_per_patient": slices_per_patient(validation),
             "levels": points,
         },
         "levels": assess(test, points, settings),
@@ -844,6 +853,7 @@ def _write_outputs(
             "patient_level": {
                 level: points[level]["threshold"] for level in LEVELS if level != "slice"
             },
+            "slices_per_patient": op["slices_per_patient"],  # of the patients they were chosen on
         },
     )
     write_json(out / "metrics.json", result)

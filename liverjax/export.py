@@ -211,6 +211,7 @@ def operating_point(
     keys = (
         *("rule", "target_sensitivity", "split", "checkpoint_step", "dataset", "validation"),
         "patient_level",  # thresholds on a patient's max / mean probability, for clients
+        "slices_per_patient",  # of the patients they were chosen on (min, median, max)
     )
     chosen = {k: written[k] for k in keys if k in written}
     chosen_for = written.get("checkpoint_step")

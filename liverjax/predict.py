@@ -71,6 +71,7 @@ DUPLICATE = "duplicate"  # every image of it (SOP Instance UID, frame) was alrea
 NOT_REACHED = "not_reached"  # the run was interrupted before this file
 NOT_CT = "not_ct"  # a reason: the file is not CT and allow_non_ct is off
 LABEL_SHEET = "label_sheet"  # a reason: a folder's labels.csv, not an image
+NOT_A_FILE = "not_a_file"  # a reason (the decoder's): a FIFO, socket, device or folder
 PATIENT_LEVELS = {level: how for level, how in evaluate.LEVELS.items() if how is not None}
 SLICE_COLUMNS = (
     *("file", "frame", "image_id", "patient_id", "study_uid", "series_uid", "sop_uid"),
@@ -462,6 +463,7 @@ def write_outputs(
         "patients_predicted_lesion_max": sum(r["predicted_max"] for r in patients),
         "patients_predicted_lesion_mean": sum(r["predicted_mean"] for r in patients),
         "studies": len(studies),
+        "warnings": patient_warnings(patients, predictor.chosen.get("slices_per_patient")),
     }
     for name, (columns, rows) in tables.items():
         partial = out / f".{name}.partial"
@@ -505,6 +507,29 @@ def check_out_dir(
 
 def _count(n: int, what: str) -> str:
     return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
+def patient_warnings(
+    patients: Sequence[dict[str, Any]], validated: dict[str, float] | None
+) -> list[str]:
+    """What makes the patient-level predictions less trustworthy than the run's validation
+    figures say, a sentence each: patients of more slices than any validation patient the
+    thresholds were chosen on (`validated`: their min, median and max slice counts; None for an
+    operating point written before they were kept)."""
+    if not validated or not patients:
+        return []
+    over = [p for p in patients if p["slices"] > validated["max"]]
+    if not over:
+        return []
+    return [
+        f"{len(over)} of {len(patients)} patients {'has' if len(over) == 1 else 'have'} more "
+        f"slices (up to {max(p['slices'] for p in over)}) than any validation patient the "
+        f"patient-level thresholds were chosen on (at most {validated['max']}, median "
+        f"{validated['median']:g}): "
+        "the max of more slices is higher by chance, so predicted_max calls more of them lesion "
+        "than the validation figures say. Score slices like those the run was evaluated on, or "
+        "choose the thresholds on validation patients scanned alike"
+    ]
 
 
 def summary_line(summary: dict[str, Any], files_csv: str) -> str:
@@ -575,6 +600,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
         scored = predictor._score(listed, allow_non_ct=args.allow_non_ct, keep_partial=True)
         summary = write_outputs(args.out, predictor, scored, args.paths)
+    for warning in summary["warnings"]:
+        logger.warning("%s", warning)
     print(summary_line(summary, os.path.join(args.out, FILES_FILE)))
     if scored.interrupted:
         print(

@@ -172,6 +172,10 @@ def test_validation_predictions_match_training_validation(run, restored):
     assert (op["rule"], op["split"]) == ("youden", "validation")
     assert op["checkpoint_step"] == result["checkpoint"]["step"]
     assert export.read_threshold(workdir)[0] == op["threshold"]
+    # How many slices its patients have: the patient-level thresholds hold for patients alike.
+    _, counts = np.unique(val.ids["patient_id"], return_counts=True)
+    want = {"min": counts.min(), "median": np.median(counts), "max": counts.max()}
+    assert op["slices_per_patient"] == want == result["operating_point"]["slices_per_patient"]
 
 
 def test_metrics_json_equals_metrics_and_sklearn_on_the_csv(run):

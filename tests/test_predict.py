@@ -168,6 +168,7 @@ def test_the_command_accounts_for_every_file(workdir, phantom, tmp_path, capsys,
     assert len(repeated) == 1 and repeated[0]["file"] == str(dicom_files[3])
     assert repeated[0]["detail"] == f"the same file as {dicom_files[3]}"
     assert summary["files_by_status"] == {"repeated": 1, "scored": len(dicom_files), "skipped": 4}
+    assert summary["warnings"] == []  # an operating point without slice counts: none to compare
     assert summary["skipped_by_reason"] == {
         "label_sheet": 1,
         "not_a_file": 1,
@@ -240,6 +241,40 @@ def test_bad_paths_and_runs_are_said_in_one_line(workdir, tmp_path):
         )
     assert "prediction failed: " in str(failed.value.code)
     assert str(failed.value.code).endswith(f"({train.TRACEBACK_ENV}=1 shows where)")
+
+
+def test_patients_of_more_slices_than_validation_patients_are_warned_of(
+    exported, workdir, phantom, tmp_path, caplog
+):
+    # Thresholds chosen on validation patients of 2 to 4 slices; the phantom's have more.
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    validated = {"min": 2, "median": 3.0, "max": 4}
+    (run / evaluate.OPERATING_POINT_FILE).write_text(
+        json.dumps(
+            {"threshold": THRESHOLD, "checkpoint_step": exported["step"]}
+            | CHOSEN
+            | {"slices_per_patient": validated}
+        )
+    )
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="liverjax.predict"):
+        summary = predict.main(
+            ["--workdir", str(run), "--out", str(out), "--checkpoint", "latest", str(phantom)]
+        )
+    patients = _read_csv(out / predict.PATIENTS_FILE)
+    over = [p for p in patients if int(p["slices"]) > validated["max"]]
+    assert over and summary["operating_point"]["slices_per_patient"] == validated
+    [warning] = summary["warnings"]
+    assert warning.startswith(
+        f"{len(over)} of {len(patients)} patients have more slices (up to "
+        f"{max(int(p['slices']) for p in over)}) than any validation patient the patient-level "
+        "thresholds were chosen on (at most 4, median 3): the max of more slices"
+    )
+    assert warning in caplog.text
+    # Patients like the validation ones: nothing to say; nor without the counts (older runs).
+    assert predict.patient_warnings([{"slices": 4}], validated) == []
+    assert predict.patient_warnings(patients, None) == []
 
 
 def test_a_threshold_of_another_checkpoint_is_refused(exported, workdir, tmp_path):
