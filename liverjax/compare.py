@@ -11,9 +11,12 @@ same patients for both runs, so what the two share (the hard and the easy patien
 of the difference: the interval of a difference is narrower than the two runs' own intervals
 suggest. Threshold metrics (sensitivity, specificity) are at each run's own operating point, as
 its report gives them, and also get an exact McNemar test over patients
-(`metrics.paired_mcnemar`), which keeps its level with few discordant patients where the
-bootstrap p-value does not. The p-values are not adjusted for the number of comparisons: name
-the one that answers your question before you look.
+(`metrics.paired_mcnemar`: exact under the null that A and B are equally likely to be the one
+that is right, patient by patient; at a patient level, equal sensitivity), which keeps its level
+with few discordant patients where the bootstrap p-value does not. At each run's own threshold
+these test the operating points, not the models: a lower threshold buys sensitivity with
+specificity. The p-values are not adjusted for the number of comparisons: name the one that
+answers your question before you look.
 """
 
 from __future__ import annotations
@@ -245,7 +248,7 @@ def format_table(comparison: dict[str, Any]) -> str:
         f"at step {comparison['b']['checkpoint_step']}; B - A with paired patient-bootstrap "
         f"{confidence:.0%} intervals ({comparison['bootstrap']['n_resamples']} resamples)",
         f"{'level':<13} {'metric':<20} {'A':>7} {'B':>7} {'B - A':>8}  {'interval':<17} {'p':>6}"
-        f"  {'McNemar p':>16}",
+        f"  {'McNemar p':>9}  only A/B right",
     ]
     lines[1:1] = runs
     approximate = False
@@ -258,12 +261,14 @@ def format_table(comparison: dict[str, Any]) -> str:
                 p = f"<{1 / m['resamples_used']:.3f}"
             test, exact = m.get("mcnemar"), ""
             if test is not None:
-                exact = f"{test['p_value']:.3f} ({test['only_a']}:{test['only_b']})"
-                if test["method"] != "exact":
-                    exact, approximate = exact + " ~", True
+                q = test["p_value"]
+                shown = "n/a" if math.isnan(q) else "<0.001" if q < 0.001 else f"{q:.3f}"
+                shown += "~" if test["method"] != "exact" else ""
+                approximate = approximate or test["method"] != "exact"
+                exact = f"{shown:>9}  {test['only_a']}/{test['only_b']}"
             lines.append(
                 f"{level:<13} {LABELS.get(name, name):<20} {m['a']:>7.3f} {m['b']:>7.3f} "
-                f"{m['difference']:>+8.3f}  {interval:<17} {p:>6}  {exact:>16}".rstrip()
+                f"{m['difference']:>+8.3f}  {interval:<17} {p:>6}  {exact}".rstrip()
             )
         lines.append(
             f"{'':<13} (thresholds A {entry['thresholds']['a']:.4g}, B "
@@ -275,7 +280,9 @@ def format_table(comparison: dict[str, Any]) -> str:
                 f"{comparison['bootstrap']['min_patients_per_class']} patients in a class)"
             )
     lines.append(
-        "McNemar p: exact, over patients; (n:m) = rows only A : only B gets right"
+        "McNemar p: exact sign-flip test over patients (A and B equally likely to be the one "
+        "that is right, patient by patient), each run at its own threshold: it tests the "
+        "operating points, so read sensitivity and specificity together"
         + ("; ~: its normal approximation (Durkalski)" if approximate else "")
     )
     lines += [f"warning: {w}" for w in comparison["warnings"]]

@@ -689,7 +689,7 @@ class McNemar:
     only_a: int  # rows A gets right and B wrong
     only_b: int  # rows B gets right and A wrong
     patients_discordant: int  # patients whose rows A and B get right unequally often
-    p_value: float  # two-sided; 1.0 when no patient is discordant
+    p_value: float  # two-sided; 1.0 when at most one patient is discordant; NaN without rows
     method: str  # "exact" (the sign-flip distribution) or "normal" (Durkalski et al. 2003)
 
 
@@ -703,16 +703,23 @@ def paired_mcnemar(
     thresholds: tuple[float, float] = (DEFAULT_THRESHOLD, DEFAULT_THRESHOLD),
 ) -> McNemar:
     """McNemar's test of sensitivity (`metric="recall"`) or specificity of two models on the
-    same rows, each at its own threshold, with rows clustered in groups (patients).
+    same rows, each at its own threshold, with rows clustered in groups (patients; ids of one
+    type: strings or integers).
 
-    For patient k, d_k = (its rows of the class only A gets right) - (only B gets right). Under
-    the null hypothesis that A's and B's results are exchangeable within each patient, each d_k
-    is as likely to have either sign, so the two-sided p-value is P(|sum of ±d_k| >= |sum d_k|)
-    over the 2^K sign patterns of the K discordant patients: exact, and valid however a
-    patient's slices are correlated. With one row per patient (the patient levels) it is the
-    exact McNemar (binomial) test on the discordant patients. Where that distribution is too
-    large to build (`_EXACT_SIGN_FLIP_CELLS`) its normal approximation is used, the clustered
-    McNemar statistic of Durkalski et al. (2003), (sum d_k)^2 / sum d_k^2 on chi-square(1).
+    For patient k, d_k = (its rows of the class only A gets right) - (only B gets right). The
+    null hypothesis: patients are independent, and within each, A's and B's results are
+    exchangeable (either is as likely to be the one that is right), so each d_k is as likely to
+    have either sign. The two-sided p-value is P(|sum of ±d_k| >= |sum d_k|) over the 2^K sign
+    patterns of the K discordant patients: exact under that null however a patient's slices are
+    correlated (it cannot go below 2^(1-K): fewer than 6 discordant patients never give
+    p < 0.05). With one row per patient (the patient levels) the null is equal sensitivity (or
+    specificity), and this is the exact McNemar (binomial) test on the discordant patients. With
+    several rows per patient, two models of equal sensitivity whose errors cluster differently
+    (one misses whole patients, the other single slices) break the null: with few patients that
+    shows as a difference. Where the distribution would take over `_EXACT_SIGN_FLIP_CELLS`
+    (patients x support) cells, its normal approximation is used, the clustered McNemar
+    statistic of Durkalski et al. (2003), (sum d_k)^2 / sum d_k^2 on chi-square(1), which sums
+    over hundreds of patients there.
     """
     if metric not in MCNEMAR_METRICS:
         raise ValueError(f"paired_mcnemar: metric {metric!r}: choose from {tuple(MCNEMAR_METRICS)}")
@@ -734,8 +741,10 @@ def paired_mcnemar(
     d = np.abs(d[d != 0]).astype(np.int64)  # the sign-flip distribution is symmetric
     observed = abs(int(only_a.sum()) - int(only_b.sum()))
     only = {"only_a": int(only_a.sum()), "only_b": int(only_b.sum())}
-    if d.size == 0:
-        return McNemar(metric, **only, patients_discordant=0, p_value=1.0, method="exact")
+    if not rows.any():  # no lesion (or normal) row: nothing to compare
+        return McNemar(metric, **only, patients_discordant=0, p_value=math.nan, method="exact")
+    if d.size <= 1:  # S* = ±S: both as far from zero
+        return McNemar(metric, **only, patients_discordant=int(d.size), p_value=1.0, method="exact")
     support = int(d.sum())
     if d.size * (2 * support + 1) <= _EXACT_SIGN_FLIP_CELLS:
         # The distribution of sum(±d_k) on -support..support, one patient at a time.

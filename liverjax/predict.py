@@ -513,23 +513,31 @@ def patient_warnings(
     patients: Sequence[dict[str, Any]], validated: dict[str, float] | None
 ) -> list[str]:
     """What makes the patient-level predictions less trustworthy than the run's validation
-    figures say, a sentence each: patients of more slices than any validation patient the
-    thresholds were chosen on (`validated`: their min, median and max slice counts; None for an
-    operating point written before they were kept)."""
-    if not validated or not patients:
+    figures say, a sentence each: patients of more, or fewer, slices than every validation
+    patient the thresholds were chosen on (`validated`: their min, median and max slice counts;
+    None for an operating point written before they were kept, or the default threshold)."""
+    if not validated or not patients or "min" not in validated or "max" not in validated:
         return []
-    over = [p for p in patients if p["slices"] > validated["max"]]
-    if not over:
-        return []
-    return [
-        f"{len(over)} of {len(patients)} patients {'has' if len(over) == 1 else 'have'} more "
-        f"slices (up to {max(p['slices'] for p in over)}) than any validation patient the "
-        f"patient-level thresholds were chosen on (at most {validated['max']}, median "
-        f"{validated['median']:g}): "
-        "the max of more slices is higher by chance, so predicted_max calls more of them lesion "
-        "than the validation figures say. Score slices like those the run was evaluated on, or "
-        "choose the thresholds on validation patients scanned alike"
-    ]
+    low, high = validated["min"], validated["max"]
+    median = validated.get("median")
+    among = f"at least {low:g}, at most {high:g}" + (f", median {median:g}" if median else "")
+    out = []
+    for over, what, effect in (
+        (True, "more", "higher by chance, so predicted_max calls more of them lesion"),
+        (False, "fewer", "lower by chance, so predicted_max misses more of their lesions"),
+    ):
+        odd = [p["slices"] for p in patients if (p["slices"] > high if over else p["slices"] < low)]
+        if odd:
+            extreme = max(odd) if over else min(odd)
+            out.append(
+                f"{len(odd)} of {len(patients)} patients {'has' if len(odd) == 1 else 'have'} "
+                f"{what} slices ({'up' if over else 'down'} to {extreme}) than any validation "
+                f"patient the patient-level thresholds were chosen on ({among}): the max of "
+                f"{what} slices is {effect} than the validation figures say. Score slices like "
+                "those the run was evaluated on, or choose the thresholds on validation patients "
+                "scanned alike"
+            )
+    return out
 
 
 def summary_line(summary: dict[str, Any], files_csv: str) -> str:

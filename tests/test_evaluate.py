@@ -601,7 +601,16 @@ def test_compare_two_checkpoints_of_the_run(run, tmp_path, capsys):
     assert f"warning: {warning}" in table
     assert compare.main([str(workdir), str(workdir)])["warnings"] == []
     assert "slice         roc_auc   " in table and "patient_max   sensitivity" in table
-    assert "McNemar p: exact, over patients; (n:m) = rows only A : only B gets right" in table
+    assert "McNemar p: exact sign-flip test over patients (A and B equally likely" in table
+    # The McNemar cell: p (below 0.001 as such; ~ for the normal approximation), then counts.
+    test = comparison["levels"]["slice"]["metrics"]["recall"]["mcnemar"]
+    test |= {"p_value": 2e-5, "only_a": 12370, "only_b": 12614, "method": "normal"}
+    lines = compare.format_table(comparison).splitlines()
+    [row] = [line for line in lines if line.startswith("slice         sensitivity")]
+    assert row.endswith("  <0.001~  12370/12614")
+    assert lines[-1 - len(comparison["warnings"])].endswith(
+        "~: its normal approximation (Durkalski)"
+    )
 
     # A run evaluated on other images, or labelled otherwise, is refused, naming the row.
     rows = (b / "report" / "predictions.csv").read_text().splitlines()

@@ -1,6 +1,7 @@
 """liverjax.metrics: equal to scikit-learn, documented rules for ties, thresholds and degenerate
 inputs, patient-level bootstrap, and the clu metric used by the training loop."""
 
+import math
 import warnings
 
 import jax
@@ -440,9 +441,10 @@ def test_mcnemar_of_one_row_per_patient_is_the_exact_binomial_test() -> None:
             right_a = (p_a[rows] >= thresholds[0]) == bool(label)
             right_b = (p_b[rows] >= thresholds[1]) == bool(label)
             b, c = int(np.sum(right_a & ~right_b)), int(np.sum(right_b & ~right_a))
-            want = stats.binomtest(b, b + c).pvalue if b + c else 1.0
+            want = stats.binomtest(b, b + c).pvalue if b + c else 1.0 if rows.any() else math.nan
             assert (got.only_a, got.only_b, got.patients_discordant) == (b, c, b + c), trial
-            assert got.p_value == pytest.approx(want, abs=1e-12) and got.method == "exact"
+            assert got.p_value == pytest.approx(want, abs=1e-12, nan_ok=True)
+            assert got.method == "exact"
 
 
 def _discordance(groups, right_a, right_b) -> np.ndarray:
@@ -512,6 +514,10 @@ def test_mcnemar_without_discordance_and_its_normal_approximation(monkeypatch) -
     durkalski = d.sum() ** 2 / np.sum(d**2)  # Durkalski et al. (2003)
     assert normal.p_value == pytest.approx(stats.chi2.sf(durkalski, 1), abs=1e-12)
     assert abs(normal.p_value - exact.p_value) < 0.1
+    no_lesion = metrics.paired_mcnemar(groups, 0 * y, p, p_b, "recall")
+    assert math.isnan(no_lesion.p_value) and no_lesion.only_a == no_lesion.only_b == 0
+    one = metrics.paired_mcnemar(["a", "a", "b"], [1, 1, 1], [0.9, 0.9, 0.9], [0, 0, 0.9], "recall")
+    assert (one.only_a, one.only_b, one.patients_discordant, one.p_value) == (2, 0, 1, 1.0)
     with pytest.raises(ValueError, match="choose from"):
         metrics.paired_mcnemar(groups, y, p, p, "roc_auc")
     with pytest.raises(ValueError, match="one group id per row"):

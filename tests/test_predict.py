@@ -269,12 +269,17 @@ def test_patients_of_more_slices_than_validation_patients_are_warned_of(
     assert warning.startswith(
         f"{len(over)} of {len(patients)} patients have more slices (up to "
         f"{max(int(p['slices']) for p in over)}) than any validation patient the patient-level "
-        "thresholds were chosen on (at most 4, median 3): the max of more slices"
+        "thresholds were chosen on (at least 2, at most 4, median 3): the max of more slices"
     )
     assert warning in caplog.text
     # Patients like the validation ones: nothing to say; nor without the counts (older runs).
-    assert predict.patient_warnings([{"slices": 4}], validated) == []
+    assert predict.patient_warnings([{"slices": 4}, {"slices": 2}], validated) == []
     assert predict.patient_warnings(patients, None) == []
+    assert predict.patient_warnings(patients, {"median": 3}) == []  # hand-edited: no min/max
+    # Fewer slices than any validation patient: the max is lower, lesions are missed.
+    [fewer] = predict.patient_warnings([{"slices": 1}, {"slices": 3}], validated)
+    assert fewer.startswith("1 of 2 patients has fewer slices (down to 1) than any validation")
+    assert "misses more of their lesions" in fewer
 
 
 def test_a_threshold_of_another_checkpoint_is_refused(exported, workdir, tmp_path):
