@@ -661,6 +661,7 @@ def _dataset_section(result: Mapping[str, Any], curation: Mapping[str, Any] | No
     warnings[:0] = curation_lib.label_warnings(curation)
     warnings.extend(curation_lib.file_warnings(curation))
     warn = "".join(f'<p class="warn">{_e(w)}</p>' for w in warnings)
+    warn += "".join(f"<p>{_e(n)}</p>" for n in curation_lib.file_notes(curation))
     split_rows = [
         [
             name,

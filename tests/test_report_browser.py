@@ -85,6 +85,7 @@ CURATION = {
     "skipped_by_reason": {"not_dicom": 1},
     "files_with_clipped_pixels": 1,
     "files_not_ct": {"": 1, "MR": 2},
+    "files_turned": 4,
     "dicom_patient_ids_labelled_as_several_patients": [
         {"dicom_patient_id": "X1", "patient_ids": ["A", "B"], "splits": ["test", "train"]},
         {"dicom_patient_id": "X2", "patient_ids": ["C", "D"], "splits": ["train"]},
@@ -231,6 +232,12 @@ def test_dataset_section_warns_of_values_that_are_not_hounsfield_units(page):
     assert "1 written input files had pixel values outside int16" in dataset
     assert "2 written input files have non-square pixels" in dataset
     assert "1 written input files have no pixel spacing" in dataset
+    # What was done, not doubtful: not a warning
+    assert (
+        "<p>4 written input files were stored rotated or flipped (prone, feet first as seen from "
+        "the gantry) and are turned to the standard axial orientation: their entries say how.</p>"
+        in dataset
+    )
     tables = _Tables("splits")
     tables.feed(dataset)
     spacing = {row[0]: row[-1] for row in tables.rows}

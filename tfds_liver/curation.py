@@ -1111,12 +1111,7 @@ def summarize(report: dict[str, Any]) -> str:
     lines.extend(w.rstrip(".") for w in label_warnings(report))
     lines.extend(w.rstrip(".") for w in patient_warnings(report))
     lines.extend(w.rstrip(".") for w in file_warnings(report))
-    if report.get("files_turned"):
-        lines.append(
-            f"{report['files_turned']} written input files were stored rotated or flipped "
-            "(prone, feet first as seen from the gantry) and are turned to the standard axial "
-            "orientation"
-        )
+    lines.extend(n.rstrip(".") for n in file_notes(report))
     for name, s in report["splits"].items():
         lines.append(
             f"{name}: {s['patients']} patients, {s['slices']} slices "
@@ -1224,6 +1219,18 @@ def file_warnings(report: dict[str, Any]) -> list[str]:
             "spacing: their physical scale is unknown."
         )
     return warnings
+
+
+def file_notes(report: dict[str, Any]) -> list[str]:
+    """What was done to written files that is not doubtful, a sentence each (the build summary
+    and the evaluation report): slices turned to the standard axial orientation."""
+    if not report.get("files_turned"):
+        return []
+    return [
+        f"{report['files_turned']} written input files were stored rotated or flipped (prone, "
+        "feet first as seen from the gantry) and are turned to the standard axial orientation: "
+        "their entries say how."
+    ]
 
 
 def split_warnings(report: dict[str, Any]) -> list[str]:
