@@ -1536,7 +1536,11 @@ def _frame_metadata(
     position = _floats(
         _frame_strings(ds, frame, "PlanePositionSequence", "ImagePositionPatient"), 3
     )
-    offsets = _floats(_strings(ds, "GridFrameOffsetVector"), n_frames) if n_frames > 1 else None
+    offsets = (
+        _floats(_strings(ds, "GridFrameOffsetVector"), n_frames, finite=False)
+        if n_frames > 1
+        else None
+    )
     if position is not None and offsets is not None:
         # GridFrameOffsetVector: relative to the first frame's z if it starts at 0, else absolute
         z = position[2] + offsets[frame] if offsets[0] == 0 else offsets[frame]
@@ -1741,12 +1745,15 @@ def _spacing(values: list[str] | None) -> tuple[float, float] | None:
     return spacing
 
 
-def _floats(values: list[str] | None, count: int) -> tuple[float, ...] | None:
-    """Exactly `count` finite numbers, or None if absent or malformed."""
+def _floats(
+    values: list[str] | None, count: int, *, finite: bool = True
+) -> tuple[float, ...] | None:
+    """Exactly `count` finite numbers, or None if absent or malformed. `finite=False`: NaN and
+    infinities are kept (one bad value of a per-frame list spoils only its own frame)."""
     if values is None or len(values) != count:
         return None
     try:
         numbers = tuple(float(v) for v in values)
     except ValueError:
         return None
-    return numbers if all(math.isfinite(v) for v in numbers) else None  # NaN is no position
+    return numbers if not finite or all(map(math.isfinite, numbers)) else None

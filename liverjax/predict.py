@@ -14,8 +14,10 @@ On the command line:
 writes P/predictions.csv (a row per slice), P/patients.csv (a row per patient: its DICOM
 PatientID), P/studies.csv (a row per study of each), P/files.csv (every input file: scored,
 skipped with the decoder's reason, repeated, duplicate, or not reached when interrupted) and
-P/summary.json (the checkpoint, the thresholds and the counts). An --out holding an earlier
-prediction is refused unless --overwrite; Ctrl-C writes what was scored and exits 130.
+P/summary.json (the checkpoint, the thresholds, the counts and `warnings`: patients of more or
+fewer slices than the validation patients the patient-level thresholds were chosen on). An
+--out holding an earlier prediction is refused unless --overwrite; Ctrl-C writes what was scored
+and exits 130.
 
 Nothing here is a second implementation: the checkpoint is restored by `evaluate.restore`, the
 images go through training's jitted `predict` (the preprocessing is inside it), DICOM files are
@@ -33,6 +35,7 @@ import csv
 import dataclasses
 import datetime
 import logging
+import math
 import os
 import pathlib
 import sys
@@ -516,10 +519,15 @@ def patient_warnings(
     figures say, a sentence each: patients of more, or fewer, slices than every validation
     patient the thresholds were chosen on (`validated`: their min, median and max slice counts;
     None for an operating point written before they were kept, or the default threshold)."""
-    if not validated or not patients or "min" not in validated or "max" not in validated:
+
+    def number(key: str) -> float | None:  # a hand-edited file may hold anything
+        v = (validated or {}).get(key)
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        return v if ok else None
+
+    low, high, median = number("min"), number("max"), number("median")
+    if low is None or high is None or not patients:
         return []
-    low, high = validated["min"], validated["max"]
-    median = validated.get("median")
     among = f"at least {low:g}, at most {high:g}" + (f", median {median:g}" if median else "")
     out = []
     for over, what, effect in (

@@ -456,7 +456,7 @@ def test_a_prone_slice_is_written_turned_and_reported(tmp_path):
     assert entries["prone.dcm"]["turned"].startswith("stored rotated 180° (Image Orientation")
     assert "not_axial" not in entries["prone.dcm"]
     assert result.report["files_turned"] == 1 and result.report["files_not_axial"] == 0
-    assert "1 written input files were stored rotated or flipped" in curation.summarize(
+    assert "1 written input files were stored rotated, flipped or transposed" in curation.summarize(
         result.report
     )
     prone = next(e for e in result.splits["train"] if e.patient_id == "P2")

@@ -1327,6 +1327,11 @@ def test_a_tilted_prone_slice_is_turned_and_a_nan_orientation_is_none():
     assert s.orientation is None and dicom.plane(s) is None
     [s] = dicom.read_dicom(to_bytes(make_ds(pixels, ImagePositionPatient=[0, "nan", 1])))
     assert s.image_position is None
+    # One bad offset of a dose grid's frames spoils its own frame's position only.
+    frames = np.stack([pixels] * 3)
+    grid = make_ds(frames, NumberOfFrames=3, GridFrameOffsetVector=["0", "NaN", "5"])
+    positions = [s.slice_position for s in dicom.read_dicom(to_bytes(grid))]
+    np.testing.assert_array_equal(positions, [42.5, np.nan, 47.5])
 
 
 def test_oblique_and_in_plane_rotated_slices_are_not_turned():

@@ -1,5 +1,6 @@
 """labels.csv validation and writing, and labels from mask series (on real DICOM written here)."""
 
+import os
 import pathlib
 import shutil
 import subprocess
@@ -174,6 +175,20 @@ def test_file_level_errors(tmp_path, content, line, column, words):
     errors = errors_of(write_csv(tmp_path, content))
     assert [(r, c) for r, c, _ in errors] == [(line, column)], errors
     assert words in errors[0][2]
+
+
+def test_a_sheet_from_a_pipe_is_read_unless_only_regular_files_are(tmp_path):
+    # `labels check /dev/stdin` reads a pipe; the dataset build refuses one (it would wait).
+    read, write = os.pipe()
+    os.write(write, b"patient_id,label,path\nP1,lesion,a.dcm\n")
+    os.close(write)
+    try:
+        [row] = labels.read_labels(f"/dev/fd/{read}")
+        assert (row.patient_id, row.path) == ("P1", "a.dcm")
+        with pytest.raises(labels.LabelError, match="is not a regular file"):
+            labels.read_labels(f"/dev/fd/{read}", regular_only=True)
+    finally:
+        os.close(read)
 
 
 def test_empty_trailing_columns_of_a_spreadsheet_are_accepted(tmp_path):

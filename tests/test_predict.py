@@ -275,7 +275,8 @@ def test_patients_of_more_slices_than_validation_patients_are_warned_of(
     # Patients like the validation ones: nothing to say; nor without the counts (older runs).
     assert predict.patient_warnings([{"slices": 4}, {"slices": 2}], validated) == []
     assert predict.patient_warnings(patients, None) == []
-    assert predict.patient_warnings(patients, {"median": 3}) == []  # hand-edited: no min/max
+    for edited in ({"median": 3}, {"min": "2", "max": "4"}, {"min": None, "max": True}):
+        assert predict.patient_warnings(patients, edited) == []  # hand-edited: no numbers
     # Fewer slices than any validation patient: the max is lower, lesions are missed.
     [fewer] = predict.patient_warnings([{"slices": 1}, {"slices": 3}], validated)
     assert fewer.startswith("1 of 2 patients has fewer slices (down to 1) than any validation")

@@ -234,9 +234,9 @@ def test_dataset_section_warns_of_values_that_are_not_hounsfield_units(page):
     assert "1 written input files have no pixel spacing" in dataset
     # What was done, not doubtful: not a warning
     assert (
-        "<p>4 written input files were stored rotated or flipped (prone, feet first as seen from "
-        "the gantry) and are turned to the standard axial orientation: their entries say how.</p>"
-        in dataset
+        "<p>4 written input files were stored rotated, flipped or transposed (prone; feet first "
+        "as seen from the gantry) and are turned to the standard axial orientation: their "
+        "entries say how.</p>" in dataset
     )
     tables = _Tables("splits")
     tables.feed(dataset)

@@ -385,7 +385,7 @@ def _match_labels(
     index = PathIndex(files)
     for sheet in sheets:
         base = pathlib.PurePosixPath(sheet).parent
-        for row in labels_lib.read_labels(manual_dir / sheet):
+        for row in labels_lib.read_labels(manual_dir / sheet, regular_only=True):
             n_rows += 1
             label = _Label(row.label, row.patient_id, row.source, f"{sheet}:{row.row}")
             if row.path is not None:
@@ -1227,9 +1227,9 @@ def file_notes(report: dict[str, Any]) -> list[str]:
     if not report.get("files_turned"):
         return []
     return [
-        f"{report['files_turned']} written input files were stored rotated or flipped (prone, "
-        "feet first as seen from the gantry) and are turned to the standard axial orientation: "
-        "their entries say how."
+        f"{report['files_turned']} written input files were stored rotated, flipped or "
+        "transposed (prone; feet first as seen from the gantry) and are turned to the standard "
+        "axial orientation: their entries say how."
     ]
 
 

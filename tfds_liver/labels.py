@@ -305,14 +305,16 @@ def _header_errors(cells: list[str], line: int) -> tuple[dict[str, int], list, b
     return columns, errors, checkable
 
 
-def read_labels(csv_path: str | os.PathLike) -> list[LabelRow]:
-    """Read and validate labels.csv; raises LabelError listing every problem."""
+def read_labels(csv_path: str | os.PathLike, *, regular_only: bool = False) -> list[LabelRow]:
+    """Read and validate labels.csv; raises LabelError listing every problem. `regular_only`:
+    refuse a FIFO, socket or device (the dataset build, which finds sheets by name in a folder
+    and would wait forever on a FIFO; `labels check /dev/stdin` reads a pipe on purpose)."""
     path = pathlib.Path(csv_path)
     try:
         regular = stat.S_ISREG(path.stat().st_mode)
     except OSError:
         regular = True  # a missing or unreadable file: read_bytes names the error
-    if not regular:  # reading a FIFO would wait for a writer forever
+    if regular_only and not regular:
         raise LabelError(
             path, [(0, "", "is not a regular file (a FIFO, socket, device or folder)")]
         )
