@@ -530,7 +530,8 @@ def turned(s: DicomSlice) -> tuple[DicomSlice, str | None]:
         return s, None
     assert s.orientation is not None
     image = s.image.T if turn.transpose else s.image
-    row, col = np.asarray(s.orientation[:3]), np.asarray(s.orientation[3:])
+    stored_row, stored_col = np.asarray(s.orientation[:3]), np.asarray(s.orientation[3:])
+    row, col = stored_row, stored_col
     spacing = s.pixel_spacing
     if turn.transpose:
         row, col = col, row
@@ -545,7 +546,6 @@ def turned(s: DicomSlice) -> tuple[DicomSlice, str | None]:
         first.reverse()
     position = s.image_position if first == [0, 0] else None
     if s.image_position is not None and s.pixel_spacing is not None:
-        stored_row, stored_col = np.asarray(s.orientation[:3]), np.asarray(s.orientation[3:])
         offset = (
             first[1] * s.pixel_spacing[1] * stored_row + first[0] * s.pixel_spacing[0] * stored_col
         )
@@ -730,8 +730,16 @@ def _display_name(source: object) -> str:
     return str(getattr(source, "name", "<stream>"))
 
 
-def _file_kind(mode: int) -> str:
-    """What a file that is not a regular file is, from its `st_mode`."""
+def not_a_file(path: str | os.PathLike) -> str | None:
+    """What `path` is when it is no regular file ("a FIFO (named pipe)", "a directory", ...), or
+    None for a regular file, or one that cannot be looked at (opening it says why). Links are
+    followed. Checked before opening: reading a FIFO would wait for a writer forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
     kinds = (
         (stat.S_ISDIR, "a directory"),
         (stat.S_ISFIFO, "a FIFO (named pipe)"),
@@ -748,12 +756,9 @@ def _open(source: str | os.PathLike | bytes | BinaryIO, path: str) -> Iterator[B
     if isinstance(source, bytes | bytearray | memoryview):
         yield io.BytesIO(source)
     elif isinstance(source, str | os.PathLike):
-        try:
-            mode = os.stat(source).st_mode  # follows links: what a link points at is read
-        except OSError:
-            mode = None  # a broken link or a missing file: open() below names the error
-        if mode is not None and not stat.S_ISREG(mode):
-            raise DicomError(path, "not_a_file", f"is {_file_kind(mode)}, not a regular file")
+        kind = not_a_file(source)
+        if kind is not None:
+            raise DicomError(path, "not_a_file", f"is {kind}, not a regular file")
         try:
             fp = open(source, "rb")  # closed by the `with` below
         except OSError as e:

@@ -739,8 +739,8 @@ def paired_mcnemar(
     _, inverse = np.unique(groups[rows], return_inverse=True)
     d = np.bincount(inverse, weights=only_a) - np.bincount(inverse, weights=only_b)
     d = np.abs(d[d != 0]).astype(np.int64)  # the sign-flip distribution is symmetric
-    observed = abs(int(only_a.sum()) - int(only_b.sum()))
     only = {"only_a": int(only_a.sum()), "only_b": int(only_b.sum())}
+    observed = abs(only["only_a"] - only["only_b"])
     if not rows.any():  # no lesion (or normal) row: nothing to compare
         return McNemar(metric, **only, patients_discordant=0, p_value=math.nan, method="exact")
     if d.size <= 1:  # S* = ±S: both as far from zero

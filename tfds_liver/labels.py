@@ -43,7 +43,6 @@ import os
 import pathlib
 import posixpath
 import re
-import stat
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -310,14 +309,13 @@ def read_labels(csv_path: str | os.PathLike, *, regular_only: bool = False) -> l
     refuse a FIFO, socket or device (the dataset build, which finds sheets by name in a folder
     and would wait forever on a FIFO; `labels check /dev/stdin` reads a pipe on purpose)."""
     path = pathlib.Path(csv_path)
-    try:
-        regular = stat.S_ISREG(path.stat().st_mode)
-    except OSError:
-        regular = True  # a missing or unreadable file: read_bytes names the error
-    if regular_only and not regular:
-        raise LabelError(
-            path, [(0, "", "is not a regular file (a FIFO, socket, device or folder)")]
-        )
+    if regular_only:
+        from liverjax import dicom
+
+        if dicom.not_a_file(path) is not None:
+            raise LabelError(
+                path, [(0, "", "is not a regular file (a FIFO, socket, device or folder)")]
+            )
     try:
         raw = path.read_bytes()
     except OSError as e:
