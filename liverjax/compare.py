@@ -4,19 +4,19 @@
 
 Each workdir holds an evaluation of the same split of the same records (`python -m
 liverjax.evaluate --workdir W --split S`): its report/metrics.json and report/predictions.csv,
-which are all this reads (no checkpoint, no records). For each level (slice, patient max,
-patient mean) and metric it gives A's and B's value, the difference B - A, its percentile
-bootstrap interval and the two-sided bootstrap p-value of no difference. Each resample draws the
-same patients for both runs, so what the two share (the hard and the easy patients) cancels out
+which are all this reads (no checkpoint, no records). For each level (slice, patient max, patient
+mean) and metric it gives A's and B's value, the difference B - A, its percentile bootstrap
+interval and the two-sided bootstrap p-value of no difference; the ROC AUCs also get DeLong's
+paired test (`metrics.paired_delong`, clustered in patients at slice level). Each resample draws
+the same patients for both runs, so what the two share (the hard and the easy patients) cancels out
 of the difference: the interval of a difference is narrower than the two runs' own intervals
-suggest. Threshold metrics (sensitivity, specificity) are at each run's own operating point, as
-its report gives them, and also get an exact McNemar test over patients
-(`metrics.paired_mcnemar`: exact under the null that A and B are equally likely to be the one
-that is right, patient by patient; at a patient level, equal sensitivity), which keeps its level
-with few discordant patients where the bootstrap p-value does not. At each run's own threshold
-these test the operating points, not the models: a lower threshold buys sensitivity with
-specificity. The p-values are not adjusted for the number of comparisons: name the one that
-answers your question before you look.
+suggest. Threshold metrics (sensitivity, specificity) are at each run's own operating point, as its
+report gives them, and also get an exact McNemar test over patients (`metrics.paired_mcnemar`:
+exact under the null that A and B are equally likely to be the one that is right, patient by
+patient; at a patient level, equal sensitivity), which keeps its level with few discordant patients
+where the bootstrap p-value does not. At each run's own threshold these test the operating points,
+not the models: a lower threshold buys sensitivity with specificity. The p-values are not adjusted
+for the number of comparisons: name the one that answers your question before you look.
 """
 
 from __future__ import annotations
@@ -146,6 +146,9 @@ def compare(
             for name in names
             if name in metrics.MCNEMAR_METRICS
         }
+        tests["roc_auc"] = dataclasses.asdict(
+            metrics.paired_delong(groups, labels, probs_a, probs_b, alpha=1.0 - confidence)
+        )
         levels[level] = {
             "unit": "image" if level == "slice" else "patient",
             "n": int(labels.size),
@@ -160,7 +163,8 @@ def compare(
                     "p_value": ci.p_values.get(name, math.nan),
                     "resamples_used": ci.n_used.get(name, 0),
                 }
-                | ({"mcnemar": tests[name]} if name in tests else {})
+                | ({"mcnemar": tests[name]} if name in metrics.MCNEMAR_METRICS else {})
+                | ({"delong": tests[name]} if name == "roc_auc" else {})
                 for name in names
             },
             "bootstrap_skipped_single_class": ci.n_skipped if enough else None,
@@ -187,6 +191,8 @@ def compare(
         "(the sign-flip distribution of each patient's only-A minus only-B right rows; the exact "
         "binomial test where a patient is one row), each run at its own threshold, not adjusted "
         "for multiplicity",
+        "delong": "ROC AUC: two-sided DeLong test of the paired AUCs (at slice level Obuchowski's "
+        "clustered covariance, patients as the independent units), not adjusted for multiplicity",
         "levels": levels,
     }
 
@@ -248,7 +254,7 @@ def format_table(comparison: dict[str, Any]) -> str:
         f"at step {comparison['b']['checkpoint_step']}; B - A with paired patient-bootstrap "
         f"{confidence:.0%} intervals ({comparison['bootstrap']['n_resamples']} resamples)",
         f"{'level':<13} {'metric':<20} {'A':>7} {'B':>7} {'B - A':>8}  {'interval':<17} {'p':>6}"
-        f"  {'McNemar p':>9}  only A/B right",
+        f"  {'test p':>9}  only A/B right",
     ]
     lines[1:1] = runs
     approximate = False
@@ -260,6 +266,12 @@ def format_table(comparison: dict[str, Any]) -> str:
             if m["p_value"] == 0.0:  # no resample crossed zero
                 p = f"<{1 / m['resamples_used']:.3f}"
             test, exact = m.get("mcnemar"), ""
+            delong = m.get("delong")
+            if delong is not None:
+                q = delong["p_value"]
+                q = math.nan if q is None else q
+                exact = "n/a" if math.isnan(q) else "<0.001" if q < 0.001 else f"{q:.3f}"
+                exact = f"{exact:>9}"
             if test is not None:
                 q = test["p_value"]
                 shown = "n/a" if math.isnan(q) else "<0.001" if q < 0.001 else f"{q:.3f}"
@@ -279,6 +291,10 @@ def format_table(comparison: dict[str, Any]) -> str:
                 f"{'':<13} (no interval at {level}: fewer than "
                 f"{comparison['bootstrap']['min_patients_per_class']} patients in a class)"
             )
+    lines.append(
+        "test p: for ROC AUC DeLong's test of the paired AUCs (clustered in patients at slice "
+        "level, Obuchowski); for sensitivity and specificity the McNemar test."
+    )
     lines.append(
         "McNemar p: exact sign-flip test over patients (A and B equally likely to be the one "
         "that is right, patient by patient), each run at its own threshold: it tests the "

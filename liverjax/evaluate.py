@@ -379,6 +379,11 @@ def assess(
             "patients": int(np.unique(patients_of_images).size),
             "metrics": values,
             **intervals(settings, groups, labels, probs, threshold, names),
+            # The interval most papers give beside the bootstrap's: DeLong's, clustered in
+            # patients at slice level (Obuchowski).
+            "roc_auc_delong": dataclasses.asdict(
+                metrics.delong_interval(labels, probs, groups, alpha=1.0 - settings.confidence)
+            ),
             # float32's sigmoid is exactly 1.0 above a logit of about 16.6: such slices tie
             "probability_one": {
                 name: int(np.count_nonzero((probs == 1.0) & (labels == value)))
@@ -506,6 +511,11 @@ def analyse(
             "clusters": "patient",
             "design_effect": "rao_scott",
             "metrics": list(metrics.PROPORTION_NAMES),
+            "confidence": settings.confidence,
+        },
+        "roc_auc_delong": {
+            "method": "DeLong et al. (1988) variance; at slice level Obuchowski's (1997) "
+            "clustered version, patients as the independent units; auc -/+ z * se, cut to [0, 1]",
             "confidence": settings.confidence,
         },
         "eval_settings": settings.to_dict(),

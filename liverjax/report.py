@@ -108,6 +108,18 @@ def _with_ci(level: Mapping[str, Any], name: str, confidence: int | None = None)
     return f"{_fmt(value)} ({label}{_fmt(low)}\u2013{_fmt(high)})"
 
 
+def _delong_cell(level: Mapping[str, Any]) -> str:
+    """'0.850-0.960', the DeLong interval of a level's ROC AUC; a dash for a report from before
+    it was computed."""
+    delong = level.get("roc_auc_delong")
+    if delong is None:
+        return "\u2014"
+    low, high = delong["ci"]
+    if low is None or high is None or math.isnan(low) or math.isnan(high):
+        return "n/a"
+    return f"{_fmt(low)}\u2013{_fmt(high)}"
+
+
 COUNTS_TITLE = "TP / FP / TN / FN"
 
 
@@ -433,6 +445,8 @@ def _metrics_section(result: Mapping[str, Any]) -> str:
                 *(_with_ci(v, key) for v in levels.values()),
             ]
         )
+        if key == "roc_auc":
+            rows.append(["ROC AUC, DeLong interval", *(_delong_cell(v) for v in levels.values())])
     rows.append([COUNTS_TITLE, *(_counts(v["metrics"]) for v in levels.values())])
     b = result["bootstrap"]
     skipped = ", ".join(
@@ -455,7 +469,11 @@ def _metrics_section(result: Mapping[str, Any]) -> str:
         f"fewer than {b['min_patients_per_class']} patients. Resamples holding a single class "
         f"were left out (per level: {skipped or 'none drawn'}); a metric undefined on a "
         f"resample (e.g. F1 with neither a lesion nor a positive prediction) leaves that "
-        f"resample out of its own interval only. 'n/a': not defined on this split (e.g. AUC "
+        f"resample out of its own interval only. ROC AUC's DeLong interval: the AUC -/+ the "
+        f"normal quantile times DeLong's standard error, cut to [0, 1] (at slice level "
+        f"Obuchowski's clustered version, patients as the units; a point at an AUC of 1), the "
+        f"interval most papers report; 'n/a' with fewer than 2 patients in a class. "
+        f"'n/a': not defined on this split (e.g. AUC "
         f"with one class). Patient (max) / (mean): a patient's lesion score is the maximum / "
         f"mean of their slice probabilities, and a patient has a lesion if any slice has; such "
         f"a score ranks patients but is no probability, so Brier and ECE ('\u2014') are for "

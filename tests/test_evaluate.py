@@ -88,6 +88,17 @@ def _predictions_csv(workdir: pathlib.Path):
     return rows, labels, probs, patients
 
 
+def _same_fields(stored: dict, want) -> None:
+    """A dataclass's fields as metrics.json (or the comparison) holds them, NaN as null."""
+    for key, value in dataclasses.asdict(want).items():
+        if isinstance(value, str):
+            assert stored[key] == value, key
+        else:
+            got = [_num(v) for v in stored[key]] if isinstance(value, tuple) else _num(stored[key])
+            expected = list(value) if isinstance(value, tuple) else value
+            assert got == pytest.approx(expected, abs=1e-12, nan_ok=True), key
+
+
 def _num(value: float | None) -> float:
     """A number of metrics.json: null stands for NaN (undefined)."""
     return math.nan if value is None else value
@@ -220,6 +231,10 @@ def test_metrics_json_equals_metrics_and_sklearn_on_the_csv(run):
         )
         assert s["ci_method"][name] == ("wilson" if name in wilson else "bootstrap")
     assert stored["bootstrap"]["n_resamples"] == EVAL["bootstrap_resamples"]
+    # The AUC's DeLong interval: clustered in patients at slice level (Obuchowski).
+    assert s["roc_auc_delong"]["method"] == "obuchowski"
+    assert s["roc_auc_delong"]["auc"] == pytest.approx(s["metrics"]["roc_auc"], abs=1e-12)
+    _same_fields(s["roc_auc_delong"], metrics.delong_interval(labels, probs, patients))
     # Patient level: max and mean of each patient's slices.
     for level, how in (("patient_max", "max"), ("patient_mean", "mean")):
         _, y, p = metrics.aggregate_by_group(patients, labels, probs, how)
@@ -236,6 +251,8 @@ def test_metrics_json_equals_metrics_and_sklearn_on_the_csv(run):
             assert found.trials == 0 or found.design_effect == 1.0
             bounds = [_num(v) for v in got["ci"][name]]
             assert bounds == pytest.approx([found.low, found.high], nan_ok=True), name
+        _same_fields(got["roc_auc_delong"], metrics.delong_interval(y, p))  # DeLong's own
+        assert got["roc_auc_delong"]["method"] == "delong"
     # One source in the phantom data: its subgroup is the whole split.
     assert list(stored["by_source"]) == ["phantom"]
     assert stored["by_source"]["phantom"]["metrics"] == s["metrics"]
@@ -555,7 +572,7 @@ def test_compare_two_checkpoints_of_the_run(run, tmp_path, capsys):
                    "--eval", "threshold_rule=sensitivity"])  # fmt: skip
     out = tmp_path / "compare.json"
     comparison = compare.main([str(workdir), str(b), "--out", str(out)])
-    assert _strict_json(out) == json.loads(json.dumps(comparison))
+    assert _strict_json(out) == evaluate._json_safe(comparison)  # NaN as null
     assert comparison["a"]["checkpoint_step"] == result["checkpoint"]["step"]
     assert comparison["b"]["checkpoint_step"] == other
     b_result = json.loads((b / "report" / "metrics.json").read_text())
@@ -592,6 +609,21 @@ def test_compare_two_checkpoints_of_the_run(run, tmp_path, capsys):
     exact = 1.0 if only_a + only_b == 0 else scipy.stats.binomtest(only_a, only_a + only_b).pvalue
     assert got["p_value"] == pytest.approx(exact, abs=1e-12)
     assert "mcnemar" not in comparison["levels"]["slice"]["metrics"]["roc_auc"]
+    # The AUCs get DeLong's paired test: clustered in patients at slice level.
+    for level, got in comparison["levels"].items():
+        got = got["metrics"]["roc_auc"]["delong"]
+        if level == "slice":
+            want = metrics.paired_delong(patients, labels, p_a, p_b)
+        else:
+            _, y, a = metrics.aggregate_by_group(patients, labels, p_a, level[8:])
+            _, _, b_ = metrics.aggregate_by_group(patients, labels, p_b, level[8:])
+            want = metrics.paired_delong(None, y, a, b_)
+        _same_fields(got, want)
+        assert got["method"] == ("obuchowski" if level == "slice" else "delong")
+        assert got["difference"] == pytest.approx(
+            comparison["levels"][level]["metrics"]["roc_auc"]["difference"], abs=1e-12
+        )
+        assert "delong" not in comparison["levels"][level]["metrics"]["recall"]
     # Operating points chosen by other rules: said, as their sensitivities differ by design.
     [warning] = comparison["warnings"]
     assert warning.startswith("the operating points were chosen by another rule (A: Youden's J")
@@ -601,6 +633,10 @@ def test_compare_two_checkpoints_of_the_run(run, tmp_path, capsys):
     assert f"warning: {warning}" in table
     assert compare.main([str(workdir), str(workdir)])["warnings"] == []
     assert "slice         roc_auc   " in table and "patient_max   sensitivity" in table
+    [row] = [line for line in table.splitlines() if line.startswith("slice         roc_auc")]
+    q = comparison["levels"]["slice"]["metrics"]["roc_auc"]["delong"]["p_value"]
+    assert row.endswith("n/a" if math.isnan(q) else "<0.001" if q < 0.001 else f"{q:.3f}"), row
+    assert "test p: for ROC AUC DeLong's test of the paired AUCs" in table
     assert "McNemar p: exact sign-flip test over patients (A and B equally likely" in table
     # The McNemar cell: p (below 0.001 as such; ~ for the normal approximation), then counts.
     test = comparison["levels"]["slice"]["metrics"]["recall"]["mcnemar"]
@@ -608,6 +644,11 @@ def test_compare_two_checkpoints_of_the_run(run, tmp_path, capsys):
     lines = compare.format_table(comparison).splitlines()
     [row] = [line for line in lines if line.startswith("slice         sensitivity")]
     assert row.endswith("  <0.001~  12370/12614")
+    for q, shown in ((0.0412, "  0.041"), (3e-7, "  <0.001")):
+        comparison["levels"]["patient_max"]["metrics"]["roc_auc"]["delong"]["p_value"] = q
+        lines = compare.format_table(comparison).splitlines()
+        [row] = [line for line in lines if line.startswith("patient_max   roc_auc")]
+        assert row.endswith(shown) and not row.endswith("/" + shown), row
     assert lines[-1 - len(comparison["warnings"])].endswith(
         "~: its normal approximation (Durkalski)"
     )
@@ -631,3 +672,30 @@ def test_compare_two_checkpoints_of_the_run(run, tmp_path, capsys):
     with pytest.raises(SystemExit) as failed:
         compare.main([str(workdir), str(tmp_path)])
     assert f"{tmp_path / 'report' / 'metrics.json'} does not exist" in str(failed.value.code)
+
+
+def test_the_metrics_table_gives_the_auc_delong_interval():
+    validation, test = _patients(40, 40, 0, "validation"), _patients(40, 40, 1, "test")
+    result = evaluate.analyse(validation, test, evaluate.eval_settings(ml_collections.ConfigDict()))
+    result["split"] = "test"
+    slices = metrics.delong_interval(test.labels, test.probs, test.ids["patient_id"])
+    _, y, p = metrics.aggregate_by_group(test.ids["patient_id"], test.labels, test.probs, "max")
+    patients = metrics.delong_interval(y, p)
+    assert slices.method == "obuchowski" and 0 < slices.ci[0] < slices.auc < slices.ci[1]
+    assert result["levels"]["slice"]["roc_auc_delong"] == dataclasses.asdict(slices)
+    assert result["levels"]["patient_max"]["roc_auc_delong"] == dataclasses.asdict(patients)
+    [row] = [
+        r
+        for r in html.unescape(report._metrics_section(result)).split("<tr>")
+        if r.startswith("<td>ROC AUC, DeLong interval</td>")
+    ]
+    cells = [c.split("</td>")[0] for c in row.split("<td>")[2:]]
+    assert cells[:2] == [
+        f"{slices.ci[0]:.3f}\u2013{slices.ci[1]:.3f}",
+        f"{patients.ci[0]:.3f}\u2013{patients.ci[1]:.3f}",
+    ]
+    # A report from before the interval was computed shows a dash.
+    for level in result["levels"].values():
+        del level["roc_auc_delong"]
+    row = report._metrics_section(result).split("DeLong interval</td>")[1].split("</tr>")[0]
+    assert row == "<td>\u2014</td>" * 3

@@ -751,3 +751,128 @@ def test_wilson_intervals_cover_where_the_bootstrap_does_not() -> None:
         covered["bootstrap"] += b[0] <= 0.9 <= b[1]
     assert covered["wilson"] / trials > 0.9, covered
     assert covered["bootstrap"] / trials < 0.75, covered
+
+
+# --------------------------------------------------------------------------- DeLong
+
+
+def _psi(labels, probs):
+    """The Mann-Whitney kernel of every (lesion, normal) pair: 1, 1/2 on a tie, 0."""
+    x, y = probs[labels == 1], probs[labels == 0]
+    return (x[:, None] > y[None, :]) + 0.5 * (x[:, None] == y[None, :])
+
+
+def _tied_scores(rng, n):
+    labels = rng.integers(0, 2, n)
+    return labels, np.round(0.6 * rng.random(n) + 0.25 * labels, 2)  # rounded: many ties
+
+
+def test_delong_interval_is_delongs_variance_of_the_placement_matrix():
+    rng = np.random.default_rng(3)
+    labels, probs = _tied_scores(rng, 150)
+    psi = _psi(labels, probs)
+    v10, v01 = psi.mean(axis=1), psi.mean(axis=0)  # DeLong et al. (1988), equations 3-5
+    se = math.sqrt(v10.var(ddof=1) / v10.size + v01.var(ddof=1) / v01.size)
+    found = metrics.delong_interval(labels, probs, alpha=0.1)
+    assert found.auc == pytest.approx(skm.roc_auc_score(labels, probs), abs=1e-12)
+    assert found.se == pytest.approx(se, rel=1e-12)
+    assert found.ci == pytest.approx((found.auc - 1.6448536 * se, found.auc + 1.6448536 * se))
+    assert found.method == "delong"
+    # Ids of one row each are DeLong's too; a strictly increasing map of the scores changes
+    # nothing.
+    assert metrics.delong_interval(labels, probs, np.arange(150)[::-1], alpha=0.1) == found
+    squashed = metrics.delong_interval(labels, probs**3, alpha=0.1)
+    assert (squashed.auc, squashed.se) == pytest.approx((found.auc, found.se), rel=1e-12)
+
+
+def test_clustered_delong_is_obuchowskis_formula():
+    rng = np.random.default_rng(4)
+    groups = np.repeat(np.arange(30), rng.integers(1, 6, 30))
+    labels, probs = _tied_scores(rng, groups.size)
+    found = metrics.delong_interval(labels, probs, groups)
+    # Obuchowski (1997), written out cluster by cluster from the placement matrix.
+    psi = _psi(labels, probs)
+    m, n = psi.shape
+    auc = psi.mean()
+    pos_groups, neg_groups = groups[labels == 1], groups[labels == 0]
+    i10, i01, i = len(set(pos_groups)), len(set(neg_groups)), len(set(groups))
+    s10 = s01 = s11 = 0.0
+    for g in set(groups):
+        a = psi[pos_groups == g].mean(axis=1).sum() - np.sum(pos_groups == g) * auc
+        b = psi[:, neg_groups == g].mean(axis=0).sum() - np.sum(neg_groups == g) * auc
+        s10, s01, s11 = s10 + a * a, s01 + b * b, s11 + a * b
+    s10 *= i10 / ((i10 - 1) * m)
+    s01 *= i01 / ((i01 - 1) * n)
+    s11 *= i / (i - 1)
+    se = math.sqrt(s10 / m + s01 / n + 2 * s11 / (m * n))
+    assert (found.auc, found.se) == pytest.approx((auc, se), rel=1e-12)
+    assert found.method == "obuchowski"
+    assert (found.groups_with_lesion, found.groups_with_normal) == (i10, i01)
+
+
+def test_clustered_delong_counts_a_patients_copies_once():
+    # Each patient's one slice copied 4 times: the clustered se is that of the patients; the
+    # rows taken as independent would claim twice the precision.
+    rng = np.random.default_rng(5)
+    labels, probs = _tied_scores(rng, 80)
+    one = metrics.delong_interval(labels, probs)
+    rows = (np.repeat(labels, 4), np.repeat(probs, 4))
+    copies = metrics.delong_interval(*rows, np.repeat(np.arange(80), 4))
+    assert (copies.auc, copies.se) == pytest.approx((one.auc, one.se), rel=1e-12)
+    assert metrics.delong_interval(*rows).se == pytest.approx(one.se / 2, rel=0.05)
+
+
+def test_delong_where_it_is_undefined_or_degenerate():
+    one_class = metrics.delong_interval([1, 1, 1], [0.2, 0.5, 0.9])
+    assert math.isnan(one_class.auc) and math.isnan(one_class.se)
+    # A class held by one patient: its variance cannot be estimated.
+    single = metrics.delong_interval([1, 1, 0, 0, 0], [0.9, 0.8, 0.1, 0.85, 0.3], [0, 0, 1, 2, 3])
+    assert single.auc == pytest.approx(5 / 6)
+    assert math.isnan(single.se) and all(map(math.isnan, single.ci))
+    # No overlap: se 0 and a point at 1 (the interval is cut to [0, 1]).
+    perfect = metrics.delong_interval([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9])
+    assert (perfect.auc, perfect.se, perfect.ci) == (1.0, 0.0, (1.0, 1.0))
+    near = metrics.delong_interval([0, 0, 0, 1, 1, 1], [0.1, 0.2, 0.85, 0.8, 0.9, 0.95])
+    assert near.ci[1] == 1.0 and near.ci[0] < near.auc < 1.0
+    with pytest.raises(ValueError, match="alpha must be in"):
+        metrics.delong_interval([0, 1], [0.1, 0.9], alpha=1.5)
+    with pytest.raises(ValueError, match="one id per example"):
+        metrics.paired_delong([1, 2], [0, 1, 1], [0.1, 0.5, 0.9], [0.2, 0.5, 0.9])
+
+
+def test_paired_delong_is_delongs_test_of_correlated_aucs():
+    rng = np.random.default_rng(6)
+    labels, a = _tied_scores(rng, 120)
+    b = np.clip(a + rng.normal(0, 0.08, a.size), 0, 1)
+    # DeLong et al. (1988): the variance of the difference from the paired placements.
+    pa, pb = _psi(labels, a), _psi(labels, b)
+    d10, d01 = pb.mean(axis=1) - pa.mean(axis=1), pb.mean(axis=0) - pa.mean(axis=0)
+    se = math.sqrt(d10.var(ddof=1) / d10.size + d01.var(ddof=1) / d01.size)
+    test = metrics.paired_delong(None, labels, a, b)
+    difference = skm.roc_auc_score(labels, b) - skm.roc_auc_score(labels, a)
+    assert (test.difference, test.se) == pytest.approx((difference, se), rel=1e-12)
+    assert test.z == pytest.approx(difference / se, rel=1e-12)
+    assert test.p_value == pytest.approx(math.erfc(abs(test.z) / math.sqrt(2)), rel=1e-12)
+    assert test.ci == pytest.approx((difference - 1.959964 * se, difference + 1.959964 * se))
+    assert 0.5 < test.correlation < 1.0  # b is a's scores plus noise
+    swapped = metrics.paired_delong(None, labels, b, a)
+    assert (swapped.z, swapped.p_value) == pytest.approx((-test.z, test.p_value), rel=1e-12)
+    # The se of a difference is below what the two AUCs' own se suggest, when they correlate.
+    own = [metrics.delong_interval(labels, p).se for p in (a, b)]
+    assert test.se < math.hypot(*own)
+    same = metrics.paired_delong(None, labels, a, a)
+    assert (same.difference, same.se, same.z, same.p_value) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_paired_delong_clusters_in_patients():
+    # Two models whose difference is the same in every copy of a patient: 4 copies each are the
+    # patients' test again, not four times the evidence.
+    rng = np.random.default_rng(7)
+    labels, a = _tied_scores(rng, 60)
+    b = np.clip(a + rng.normal(0.03, 0.08, a.size), 0, 1)
+    once = metrics.paired_delong(None, labels, a, b)
+    copies = [np.repeat(v, 4) for v in (labels, a, b)]
+    clustered = metrics.paired_delong(np.repeat(np.arange(60), 4), *copies)
+    assert (clustered.se, clustered.p_value) == pytest.approx((once.se, once.p_value), rel=1e-9)
+    assert clustered.method == "obuchowski"
+    assert metrics.paired_delong(None, *copies).p_value < once.p_value
