@@ -146,8 +146,9 @@ def compare(
             for name in names
             if name in metrics.MCNEMAR_METRICS
         }
+        delong = metrics.paired_delong(groups, labels, probs_a, probs_b, alpha=1.0 - confidence)
         tests["roc_auc"] = dataclasses.asdict(
-            metrics.paired_delong(groups, labels, probs_a, probs_b, alpha=1.0 - confidence)
+            delong if enough else evaluate.too_few_for_delong(delong)
         )
         levels[level] = {
             "unit": "image" if level == "slice" else "patient",

@@ -353,6 +353,17 @@ def intervals(
     }
 
 
+def too_few_for_delong(
+    found: metrics.AucInterval | metrics.DeLongTest,
+) -> metrics.AucInterval | metrics.DeLongTest:
+    """`found` without its interval or test, where a class has fewer than
+    `bootstrap_min_patients` patients: its normal approximation would look precise there."""
+    nan = {"se": math.nan, "ci": (math.nan, math.nan), "method": "too_few_patients"}
+    if isinstance(found, metrics.DeLongTest):
+        nan |= {"z": math.nan, "p_value": math.nan, "correlation": math.nan}
+    return dataclasses.replace(found, **nan)
+
+
 def assess(
     predictions: Predictions,
     points: Mapping[str, Mapping[str, Any]],
@@ -379,11 +390,14 @@ def assess(
             "patients": int(np.unique(patients_of_images).size),
             "metrics": values,
             **intervals(settings, groups, labels, probs, threshold, names),
-            # The interval most papers give beside the bootstrap's: DeLong's, clustered in
-            # patients at slice level (Obuchowski).
-            "roc_auc_delong": dataclasses.asdict(
-                metrics.delong_interval(labels, probs, groups, alpha=1.0 - settings.confidence)
-            ),
+        }
+        # The interval most papers give beside the bootstrap's: DeLong's, clustered in patients
+        # at slice level (Obuchowski); as the bootstrap's, none with too few patients per class.
+        delong = metrics.delong_interval(labels, probs, groups, alpha=1.0 - settings.confidence)
+        if out[level]["ci_method"]["roc_auc"] == "too_few_patients":
+            delong = too_few_for_delong(delong)
+        out[level] |= {
+            "roc_auc_delong": dataclasses.asdict(delong),
             # float32's sigmoid is exactly 1.0 above a logit of about 16.6: such slices tie
             "probability_one": {
                 name: int(np.count_nonzero((probs == 1.0) & (labels == value)))

@@ -472,7 +472,7 @@ def _metrics_section(result: Mapping[str, Any]) -> str:
         f"resample out of its own interval only. ROC AUC's DeLong interval: the AUC -/+ the "
         f"normal quantile times DeLong's standard error, cut to [0, 1] (at slice level "
         f"Obuchowski's clustered version, patients as the units; a point at an AUC of 1), the "
-        f"interval most papers report; 'n/a' with fewer than 2 patients in a class. "
+        f"interval most papers report; 'n/a' where the bootstrap's is. "
         f"'n/a': not defined on this split (e.g. AUC "
         f"with one class). Patient (max) / (mean): a patient's lesion score is the maximum / "
         f"mean of their slice probabilities, and a patient has a lesion if any slice has; such "

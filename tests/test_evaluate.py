@@ -232,9 +232,10 @@ def test_metrics_json_equals_metrics_and_sklearn_on_the_csv(run):
         assert s["ci_method"][name] == ("wilson" if name in wilson else "bootstrap")
     assert stored["bootstrap"]["n_resamples"] == EVAL["bootstrap_resamples"]
     # The AUC's DeLong interval: clustered in patients at slice level (Obuchowski).
-    assert s["roc_auc_delong"]["method"] == "obuchowski"
+    # (The run's test split has one lesion patient: the AUC, no se.)
     assert s["roc_auc_delong"]["auc"] == pytest.approx(s["metrics"]["roc_auc"], abs=1e-12)
     _same_fields(s["roc_auc_delong"], metrics.delong_interval(labels, probs, patients))
+    assert s["roc_auc_delong"]["method"] == "obuchowski"
     # Patient level: max and mean of each patient's slices.
     for level, how in (("patient_max", "max"), ("patient_mean", "mean")):
         _, y, p = metrics.aggregate_by_group(patients, labels, probs, how)
@@ -624,6 +625,12 @@ def test_compare_two_checkpoints_of_the_run(run, tmp_path, capsys):
             comparison["levels"][level]["metrics"]["roc_auc"]["difference"], abs=1e-12
         )
         assert "delong" not in comparison["levels"][level]["metrics"]["recall"]
+    # Too few patients per class for the bootstrap: no DeLong test either.
+    loaded_a = compare.load(workdir)
+    loaded_a[0]["bootstrap"]["min_patients_per_class"] = 2
+    few = compare.compare(loaded_a, compare.load(b))["levels"]["slice"]["metrics"]["roc_auc"]
+    assert few["delong"]["method"] == "too_few_patients" and math.isnan(few["delong"]["p_value"])
+    assert few["delong"]["difference"] == pytest.approx(few["difference"], abs=1e-12)
     # Operating points chosen by other rules: said, as their sensitivities differ by design.
     [warning] = comparison["warnings"]
     assert warning.startswith("the operating points were chosen by another rule (A: Youden's J")
@@ -694,6 +701,12 @@ def test_the_metrics_table_gives_the_auc_delong_interval():
         f"{slices.ci[0]:.3f}\u2013{slices.ci[1]:.3f}",
         f"{patients.ci[0]:.3f}\u2013{patients.ci[1]:.3f}",
     ]
+    # Fewer than 5 patients in a class: no interval, as the bootstrap gives none.
+    few = evaluate.analyse(validation, _patients(4, 40, 1, "test"), evaluate.eval_settings(
+        ml_collections.ConfigDict()))  # fmt: skip
+    delong = few["levels"]["slice"]["roc_auc_delong"]
+    assert delong["method"] == "too_few_patients" and math.isnan(delong["ci"][0])
+    assert delong["auc"] == pytest.approx(few["levels"]["slice"]["metrics"]["roc_auc"])
     # A report from before the interval was computed shows a dash.
     for level in result["levels"].values():
         del level["roc_auc_delong"]
