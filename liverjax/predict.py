@@ -34,6 +34,7 @@ import collections
 import csv
 import dataclasses
 import datetime
+import hashlib
 import logging
 import math
 import os
@@ -70,7 +71,7 @@ STUDIES_FILE = "studies.csv"
 OUTPUT_FILES = (PREDICTIONS_FILE, PATIENTS_FILE, STUDIES_FILE, FILES_FILE, SUMMARY_FILE)
 # files.csv statuses besides "scored" and "skipped" (with the decoder's reason, or these reasons)
 REPEATED = "repeated"  # the same file given twice, or reached by two paths: read once
-DUPLICATE = "duplicate"  # every image of it (SOP Instance UID, frame) was already scored
+DUPLICATE = "duplicate"  # every image of it was already scored (`_identity`)
 NOT_REACHED = "not_reached"  # the run was interrupted before this file
 NOT_CT = "not_ct"  # a reason: the file is not CT and allow_non_ct is off
 LABEL_SHEET = "label_sheet"  # a reason: a folder's labels.csv, not an image
@@ -274,7 +275,8 @@ class Predictor:
         images: list[np.ndarray] = []  # of slices[scored:], not yet scored
         scored = 0
         seen_files: dict[str, str] = {}
-        seen_images: dict[str, str] = {}  # image_id -> the file it was scored from
+        seen_images: dict[tuple, str] = {}  # `_identity` -> the file it was scored from
+        seen_uids: dict[str, str] = {}  # image_id -> the first file scored with it
         file_start = 0  # the first slice of the file being read
 
         def flush(all_of_them: bool) -> None:
@@ -312,12 +314,26 @@ class Predictor:
                     "--allow_non_ct, scores it anyway)"
                 )
                 return _file_row(name, "skipped", 0, NOT_CT, detail)
-            new = [r for r in decoded if r.slice.image_id not in seen_images]
+            identities = [_identity(r) for r in decoded]
+            new = [
+                (r, key)
+                for r, key in zip(decoded, identities, strict=True)
+                if key is None or key not in seen_images
+            ]
             if not new:
-                first = seen_images[decoded[0].slice.image_id]
+                first = seen_images[identities[0]]
                 return _file_row(name, DUPLICATE, 0, "", f"the same images as {first}")
-            for r in new:
-                seen_images[r.slice.image_id] = name
+            for r, key in new:
+                if key is not None:
+                    seen_images[key] = name
+                warnings = list(r.doubts)
+                if r.slice.sop_uid:
+                    first = seen_uids.setdefault(r.slice.image_id, name)
+                    if first != name:
+                        warnings.append(
+                            f"SOP Instance UID {r.slice.image_id} is also in {first}, with other "
+                            "pixels: both are scored (a UID reused by an anonymiser or an export?)"
+                        )
                 position = r.slice.slice_position
                 slices.append(
                     {
@@ -325,7 +341,7 @@ class Predictor:
                         **r.slice.ids(),
                         "instance_number": r.slice.instance_number,
                         "slice_position": position,
-                        "warnings": r.doubts,
+                        "warnings": warnings,
                         "turned": r.turned,
                     }
                 )
@@ -356,6 +372,17 @@ class Predictor:
             ]
         flush(all_of_them=True)
         return Scored(slices, files, dict(self.patient_thresholds), interrupted)
+
+
+def _identity(r: dicom.Resampled) -> tuple | None:
+    """What makes two slices the same image, as the dataset build has it: the same SOP Instance
+    UID (and frame) with the same pixels, or, without a UID, the same pixels of one patient
+    (never a uniform slice's: many blank images are alike). None: nothing to compare."""
+    if r.slice.sop_uid:
+        return ("sop", r.slice.image_id, hashlib.blake2b(r.image.tobytes()).digest())
+    if r.image.min() == r.image.max():
+        return None
+    return ("pixels", r.slice.patient_id, hashlib.blake2b(r.image.tobytes()).digest())
 
 
 def record_size(meta: dict[str, Any], dataset: ml_collections.ConfigDict) -> int:

@@ -458,6 +458,48 @@ def test_copies_of_images_are_scored_once_and_exams_kept_apart(predictor, phanto
     assert all(s["series"] == 1 for s in studies)
 
 
+def test_images_without_or_sharing_a_uid_are_told_apart_by_their_pixels(
+    predictor, phantom, tmp_path
+):
+    # An anonymised export without SOP Instance UIDs, and a UID reused for other pixels: each
+    # slice is scored (as the server and the dataset build keep them), a copy of one once.
+    first, second = sorted({p.parent for p in phantom.rglob("*.dcm")})[:2]
+    a, b = sorted(first.glob("*.dcm"))[:2]
+    (tmp_path / "no_uid").mkdir()
+    for path in (a, b):
+        ds = pydicom.dcmread(path)
+        del ds.SOPInstanceUID
+        ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(tmp_path / "no_uid" / path.name)
+    shutil.copy(tmp_path / "no_uid" / a.name, tmp_path / "no_uid" / "copy.dcm")
+    reused = pydicom.dcmread(sorted(second.glob("*.dcm"))[0])
+    reused.SOPInstanceUID = pydicom.dcmread(a).SOPInstanceUID
+    reused.save_as(tmp_path / "reused.dcm")
+    shutil.copy(a, tmp_path / "a.dcm")
+    scored = predictor.score_files(
+        [tmp_path / "a.dcm", tmp_path / "reused.dcm", tmp_path / "no_uid"]
+    )
+    status = {pathlib.Path(f["file"]).name: f["status"] for f in scored.files}
+    assert status == {
+        "a.dcm": "scored",
+        "reused.dcm": "scored",
+        a.name: "scored",
+        b.name: "scored",
+        "copy.dcm": predict.DUPLICATE,
+    }
+    rows = {pathlib.Path(r["file"]).name: r for r in scored.slices}
+    assert rows["a.dcm"]["warnings"] == rows[a.name]["warnings"] == []
+    [warning] = rows["reused.dcm"]["warnings"]
+    assert warning.startswith(f"SOP Instance UID {rows['a.dcm']['image_id']} is also in ")
+    assert "with other pixels: both are scored" in warning
+    # Each scores as the same file scored alone.
+    for name in ("reused.dcm", a.name, b.name):
+        path = next(tmp_path.rglob(name))
+        [alone] = predictor.score_files(path).slices
+        assert rows[name]["probability"] == pytest.approx(alone["probability"], abs=1e-6)
+    assert rows[a.name]["probability"] != rows[b.name]["probability"]
+
+
 def test_an_interrupted_run_keeps_what_was_scored(predictor, phantom, tmp_path):
     listed = predict.input_files([phantom])
 
