@@ -233,10 +233,14 @@ def predict_split(
 def choose_threshold(
     labels: np.ndarray, probs: np.ndarray, settings: ml_collections.ConfigDict
 ) -> float:
-    """The threshold by `settings.threshold_rule`; raises if (labels, probs) lack a class."""
+    """The threshold by `settings.threshold_rule`, placed halfway down to the next lower of
+    `probs` (`metrics.threshold_between`: the same decisions on them, none on the edge); raises
+    if (labels, probs) lack a class."""
     if settings.threshold_rule == "youden":
-        return metrics.youden_threshold(labels, probs)
-    return metrics.threshold_for_sensitivity(labels, probs, settings.target_sensitivity)
+        chosen = metrics.youden_threshold(labels, probs)
+    else:
+        chosen = metrics.threshold_for_sensitivity(labels, probs, settings.target_sensitivity)
+    return metrics.threshold_between(probs, chosen)
 
 
 def _rule_can_apply(labels: np.ndarray, rule: str) -> bool:

@@ -439,6 +439,20 @@ def threshold_for_sensitivity(labels: ArrayLike, probs: ArrayLike, target: float
     return float(thresholds[int(np.argmax(tpr >= float(target)))])
 
 
+def threshold_between(probs: ArrayLike, threshold: float) -> float:
+    """The threshold that classifies `probs` as `threshold` does (prob >= t is positive),
+    halfway down to the highest probability below it (to 0 below the lowest), as pROC places
+    its thresholds between scores. `youden_threshold` and `threshold_for_sensitivity` return a
+    probability of the data itself: that image, scored again in another batch size or by an
+    exported model one float32 rounding lower, would flip to the other class. `threshold` where
+    no float lies between."""
+    p = np.asarray(probs, dtype=np.float64)
+    below = p[p < threshold]
+    low = float(below.max()) if below.size else 0.0
+    middle = (low + float(threshold)) / 2.0
+    return middle if low < middle < threshold else float(threshold)
+
+
 # --------------------------------------------------------------------------- patient level
 
 

@@ -178,7 +178,11 @@ def test_validation_predictions_match_training_validation(run, restored):
         ), name
     # The operating point was chosen on these predictions by Youden's J (the default rule).
     op = json.loads((workdir / evaluate.OPERATING_POINT_FILE).read_text())
-    assert op["threshold"] == metrics.youden_threshold(val.labels, val.probs)
+    youden = metrics.youden_threshold(val.labels, val.probs)
+    assert op["threshold"] == metrics.threshold_between(val.probs, youden)
+    # Halfway to the next lower probability: the same decisions, no validation image on the edge.
+    assert op["threshold"] not in val.probs
+    np.testing.assert_array_equal(val.probs >= op["threshold"], val.probs >= youden)
     assert op["threshold"] == result["levels"]["slice"]["threshold"]
     assert (op["rule"], op["split"]) == ("youden", "validation")
     assert op["checkpoint_step"] == result["checkpoint"]["step"]
@@ -418,19 +422,24 @@ def test_operating_points_target_sensitivity_and_patient_fallback():
     settings = evaluate.eval_settings(config)
     points = evaluate.operating_points(_preds(labels, probs, patients), settings)
     t = points["slice"]["threshold"]
-    assert t == metrics.threshold_for_sensitivity(labels, probs, 0.8)
+    chosen = metrics.threshold_for_sensitivity(labels, probs, 0.8)
+    assert (
+        t == metrics.threshold_between(probs, chosen) and chosen > t > probs[probs < chosen].max()
+    )
     assert points["slice"]["validation"]["recall"] >= 0.8
     # The next higher distinct probability would miss the target.
-    higher = probs[probs > t]
+    higher = probs[probs > chosen]
     if higher.size:
         assert metrics.recall(labels, probs, higher.min()) < 0.8
     for level in ("patient_max", "patient_mean"):
         # With the sensitivity rule, only lesion patients are needed: chosen at patient level.
         _, y, p = _preds(labels, probs, patients).level(level)
-        assert points[level]["threshold"] == metrics.threshold_for_sensitivity(y, p, 0.8)
+        chosen = metrics.threshold_for_sensitivity(y, p, 0.8)
+        assert points[level]["threshold"] == metrics.threshold_between(p, chosen)
     youden = evaluate.eval_settings(ml_collections.ConfigDict())
     points = evaluate.operating_points(_preds(labels, probs, patients), youden)
-    assert points["slice"]["threshold"] == metrics.youden_threshold(labels, probs)
+    chosen = metrics.youden_threshold(labels, probs)
+    assert points["slice"]["threshold"] == metrics.threshold_between(probs, chosen)
     for level in ("patient_max", "patient_mean"):
         assert points[level]["threshold"] == points["slice"]["threshold"]
         assert "all lesion" in points[level]["source"]

@@ -204,6 +204,24 @@ def test_youden_threshold_matches_exact_fractions_on_random_ties() -> None:
         assert metrics.youden_threshold(y, p) == candidates[j.index(max(j))]
 
 
+def test_threshold_between_keeps_the_decisions_off_the_edge() -> None:
+    p = np.array([0.2, 0.5, 0.5, 0.8, 0.9], np.float32)
+    assert metrics.threshold_between(p, 0.8) == pytest.approx((0.5 + 0.8) / 2)  # float32 values
+    assert metrics.threshold_between(p, 0.2) == pytest.approx(0.1)  # the lowest: halfway to 0
+    assert metrics.threshold_between(p, 0.0) == 0.0
+    one_ulp = np.nextafter(np.float32(0.8), np.float32(0))
+    assert metrics.threshold_between([one_ulp, 0.8], 0.8) == pytest.approx(0.8, abs=1e-7)
+    close = np.array([np.nextafter(0.8, 0), 0.8])  # no float64 between them
+    assert metrics.threshold_between(close, 0.8) == 0.8
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        q = rng.random(40).astype(np.float32)
+        t = float(rng.choice(q))
+        between = metrics.threshold_between(q, t)
+        assert between not in q and between < t
+        np.testing.assert_array_equal(q >= between, q >= t)
+
+
 def test_threshold_for_sensitivity_hand_cases() -> None:
     y, p = [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]
     assert metrics.threshold_for_sensitivity(y, p, 0.5) == 0.8
