@@ -92,7 +92,10 @@ def window(hu: jax.Array, center: float, width: float) -> jax.Array:
 
 
 def preprocess(hu: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
-    """HU (B, H, W, 1), any dtype -> windowed float32 (B, S, S, 1) in [0, 1], S = image_size."""
+    """HU (B, H, W, 1), any dtype -> windowed float32 (B, S, S, 1) in [0, 1], S = image_size.
+
+    Float HU are first rounded to the nearest integer (half to even) and clipped to int16, as
+    `dicom.to_int16` makes the records."""
     if hu.ndim != 4 or hu.shape[-1] != 1:
         raise ValueError(f"preprocess expects HU images of shape (B, H, W, 1), got {hu.shape}")
     if hu.shape[1] != hu.shape[2]:
@@ -100,6 +103,12 @@ def preprocess(hu: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
             f"preprocess expects square images, got {hu.shape[1]}x{hu.shape[2]}; "
             f"pad them to square first (liverjax.dicom.resample does)"
         )
+    if jnp.issubdtype(hu.dtype, jnp.floating):
+        # As the records hold them (`dicom.to_int16`): a float image fed to the exported or the
+        # served model scores as `liverjax.predict` and the dataset build score it. A no-op on
+        # the int16 records themselves.
+        info = jnp.iinfo(jnp.int16)
+        hu = jnp.clip(jnp.round(hu), info.min, info.max)
     x = window(hu, config.preprocess.window_center, config.preprocess.window_width)
     size = config.image_size
     if hu.shape[1] != size:

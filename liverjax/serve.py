@@ -568,6 +568,15 @@ def _as_images(value: Any, where: str, size: int, *, batched: bool) -> np.ndarra
             f"{where}: value at index {list(index)} is {array[index]}; images must be finite "
             f"float32 Hounsfield units"
         )
+    info = np.iinfo(np.int16)
+    outside = (array < info.min - 0.5) | (array >= info.max + 0.5)
+    if outside.any():  # as liverjax.predict refuses them: the records hold int16 HU
+        index = tuple(int(i) for i in np.argwhere(outside)[0])
+        raise RequestError(
+            f"{where}: value at index {list(index)} is {array[index]}, outside int16 "
+            f"({info.min}..{info.max}): the model reads Hounsfield units as the records hold "
+            "them, rounded to int16"
+        )
     return array
 
 

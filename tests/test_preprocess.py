@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from liverjax import parallel, preprocess
+from liverjax import dicom, parallel, preprocess
 
 # A range for each op that really changes an image (no identity value inside it).
 CHANGING = {
@@ -73,6 +73,19 @@ def test_preprocess_keeps_size_when_it_matches_and_resizes_otherwise():
     ramp = np.broadcast_to((np.arange(32) * 10 - 160).astype(np.int16), (1, 32, 32))[..., None]
     small = np.asarray(preprocess.preprocess(ramp, config(16)))[0, 8, :, 0]
     np.testing.assert_allclose(np.diff(small)[1:-1], 20 / 400, atol=1e-6)
+
+
+def test_float_hu_are_read_as_the_records_hold_them():
+    # Rounded half to even and clipped to int16, as dicom.to_int16 writes the records: a float
+    # image fed to the exported or served model scores as liverjax.predict scores it.
+    rng = np.random.default_rng(1)
+    hu = rng.uniform(-1200, 1200, (2, 16, 16, 1)).astype(np.float32)
+    hu[0, 0, :4, 0] = [40.5, 41.5, -40000.0, 40000.0]
+    for size in (16, 8):
+        got = preprocess.preprocess(hu, config(size))
+        np.testing.assert_array_equal(got, preprocess.preprocess(dicom.to_int16(hu), config(size)))
+    first = np.asarray(preprocess.preprocess(hu, config(16)))[0, 0, :4, 0]
+    np.testing.assert_allclose(first, [0.5, 0.505, 0.0, 1.0], atol=1e-7)  # 40.5 -> 40, 41.5 -> 42
 
 
 @pytest.mark.parametrize(

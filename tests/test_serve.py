@@ -346,6 +346,15 @@ def _bad_requests(size: int, dicom_path: pathlib.Path):
             "value at index [0, 0, 0, 0] is nan",
         ),
         (
+            "outside int16",
+            "POST",
+            predict,
+            json.dumps({"instances": good}).replace("0.0", "40000.0", 1).encode(),
+            {},
+            400,
+            "value at index [0, 0, 0, 0] is 40000.0, outside int16 (-32768..32767)",
+        ),
+        (
             "bad signature",
             "POST",
             predict,
