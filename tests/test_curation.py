@@ -133,6 +133,9 @@ def test_every_file_is_accounted_for(messy_dir, caplog):
     }
     assert by_path["siteB/empty.dcm"]["labelled_by"] == ["labels.csv:20"]
     assert by_path["siteB/notes.txt"]["reason"] == "not_dicom"
+    # The log gives the reason and what the report says of it.
+    detail = by_path["siteB/notes.txt"]["detail"]
+    assert detail and f"siteB/notes.txt: skipped not_dicom: {detail}" in caplog.text
     assert by_path["siteB/unlabelled.dcm"]["status"] == "unlabelled"
     assert by_path["siteB/by_uid.dcm"]["status"] == "written"
     assert all(by_path[f"siteB/p9/series/{s}.dcm"]["status"] == "written" for s in range(3))
@@ -939,6 +942,24 @@ def test_one_person_under_two_spellings_and_two_people_under_one_id_are_reported
     with caplog.at_level("WARNING"):
         curation.log_summary(result.report)
     assert "patient site-0005 holds images of DICOM PatientIDs D5, SOMEONE-ELSE" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [("LIV-001", "LIV001"), ("AB-7", "ab7"), ("P0021", "P21"), ("010", "10"), ("12-005", "12_5"),
+     ("site-0003", "SITE 3\u200b"), ("Ｐ２１", "p21")],
+)  # fmt: skip
+def test_patient_id_spellings_alike(a, b):
+    assert curation._id_form(a) == curation._id_form(b)
+
+
+@pytest.mark.parametrize("a, b", [("P21", "P211"), ("LIV1", "LIV10"), ("A0", "A"), ("100", "10")])
+def test_patient_ids_not_alike(a, b):
+    assert curation._id_form(a) != curation._id_form(b)
+
+
+def test_ids_that_look_alike_are_logged_as_python_writes_them():
+    assert curation._first_ids(["P0023", "P0023\u200b", " P1"]) == "P0023, 'P0023\\u200b', ' P1'"
 
 
 def test_a_scout_in_a_labelled_series_folder_is_named(tmp_path, caplog):

@@ -30,6 +30,7 @@ import math
 import multiprocessing
 import os
 import pathlib
+import re
 import sys
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -830,7 +831,8 @@ def _id_form(patient_id: str) -> str:
     punctuation, invisible characters, and the leading zeros of its numbers."""
     text = unicodedata.normalize("NFKC", patient_id).casefold()
     kept = "".join(c if c.isalnum() else " " for c in text if unicodedata.category(c)[0] != "C")
-    return "-".join(w.lstrip("0") or "0" if w.isdigit() else w for w in kept.split())
+    # The zeros leading each number (P0021 as P21), then no separators (LIV-001 as LIV001).
+    return "".join(re.sub(r"(?<!\d)0+(?=\d)", "", w) for w in kept.split())
 
 
 def _patients_sharing_studies(
@@ -1276,11 +1278,12 @@ def log_summary(report: dict[str, Any], logger: logging.Logger | None = None) ->
     logger = logger or logging.getLogger(__name__)
     logger.info("curation: %s", summarize(report))
     for e in _problem_entries(report["files"]):
+        reason, detail = e.get("reason", ""), e.get("detail", "")
         logger.warning(
             "curation: %s: %s %s",
             e["path"],
             e["status"],
-            e.get("reason", "") or e.get("detail", ""),
+            f"{reason}: {detail}" if reason and detail else reason or detail,
         )
     unmatched = report["label_rows_without_image"]
     for row in unmatched[:MAX_LOGGED_ROWS]:
@@ -1321,7 +1324,7 @@ def log_summary(report: dict[str, Any], logger: logging.Logger | None = None) ->
             "curation: patient %s holds images of DICOM PatientIDs %s: if they are different "
             "people, give them different patient_ids",
             x["patient_id"],
-            ", ".join(x["dicom_patient_ids"][:5]),
+            _first_ids(x["dicom_patient_ids"]),
         )
     for x in report.get("patient_ids_alike", ()):
         logger.warning(
@@ -1395,8 +1398,11 @@ def log_summary(report: dict[str, Any], logger: logging.Logger | None = None) ->
 
 
 def _first_ids(ids: Sequence[str], n: int = 5) -> str:
-    """The first `n` ids, joined, with ", ..." when there are more (for a log line)."""
-    return ", ".join(ids[:n]) + (", ..." if len(ids) > n else "")
+    """The first `n` ids, joined, with ", ..." when there are more (for a log line); an id with
+    invisible characters or spaces at its ends as Python writes it ('P0023\\u200b'), as it
+    would look like another."""
+    shown = [i if i.isprintable() and i == i.strip() and i else repr(i) for i in ids[:n]]
+    return ", ".join(shown) + (", ..." if len(ids) > n else "")
 
 
 def _problem_entries(entries: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
