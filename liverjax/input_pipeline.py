@@ -153,6 +153,11 @@ def ensure_built(dataset: ml_collections.ConfigDict) -> None:
                     )
                 download_config = tfds.download.DownloadConfig(manual_dir=dataset.manual_dir)
             builder.download_and_prepare(download_config=download_config)
+    elif dataset.get("manual_dir"):
+        from tfds_liver import curation
+
+        # Built before from that manual dir as it was then? Refused, not reused silently.
+        curation.check_records_current(builder.data_dir, dataset.manual_dir)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"dataset {dataset.name} ready")
 

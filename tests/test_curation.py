@@ -1,5 +1,6 @@
 """Curation: every file accounted for, duplicates and conflicts found, splits by patient."""
 
+import hashlib
 import json
 import os
 import pathlib
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import ml_collections
 import numpy as np
 import pydicom
 import pytest
@@ -340,6 +342,84 @@ def test_vendor_quirks_of_files_and_folders_build(tmp_path):
         ["anon/0.dcm", "anon/1.dcm", "cd/caf\\xe9.dcm", "linked/series/0.dcm",
          "mf/a_single.dcm", "mf/b_multi.dcm"]
     )  # fmt: skip
+
+
+def test_records_of_a_manual_dir_that_changed_since_are_refused_not_reused(tmp_path):
+    import tensorflow_datasets as tfds
+
+    from liverjax import input_pipeline
+    from tfds_liver import liver_dataset_builder
+
+    d = tmp_path / "manual"
+    rows = []
+    for i in range(10):
+        write_ct(d / f"p{i}/0.dcm", image(400 + i), patient=f"P{i}")
+        rows.append({"patient_id": f"P{i}", "label": "normal", "path": f"p{i}"})
+    write_sheet(d / "labels.csv", rows)
+    built = _build(d, tmp_path / "data")
+    report = json.loads((built / "curation_report.json").read_text())
+    sheet_hash = hashlib.sha256((d / "labels.csv").read_bytes()).hexdigest()
+    assert report["label_sheet_sha256"] == {"labels.csv": sheet_hash}
+    _build(d, tmp_path / "data")  # unchanged: reused
+    dataset = ml_collections.ConfigDict(
+        {"name": "liver/manual", "data_dir": str(tmp_path / "data"), "build_if_missing": True,
+         "manual_dir": str(d)}
+    )  # fmt: skip
+    input_pipeline.ensure_built(dataset)
+    # The sheet corrected (two patients have a lesion), a series added: refused, with the fix.
+    rows[3]["label"] = rows[7]["label"] = "lesion"
+    write_sheet(d / "labels.csv", rows)
+    write_ct(d / "p9/1.dcm", image(500), patient="P9")
+    for build in (
+        lambda: _build(d, tmp_path / "data"),
+        lambda: input_pipeline.ensure_built(dataset),
+    ):
+        with pytest.raises(ValueError) as e:
+            build()
+        assert f"the records in {built} were built from {d} as it was then" in str(e.value)
+        assert "labels.csv changed; 1 input files are new (such as p9/1.dcm)" in str(e.value)
+        assert "tfds build ... --overwrite" in str(e.value)
+    # --overwrite rebuilds them from the folder as it is.
+    builder = liver_dataset_builder.Builder(config="manual", data_dir=str(tmp_path / "data"))
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+            manual_dir=str(d), download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
+        )
+    )
+    report = json.loads((built / "curation_report.json").read_text())
+    assert report["files_total"] == 11 and report["label_rows"] == 10
+    input_pipeline.ensure_built(dataset)
+    (d / "p0" / "0.dcm").unlink()
+    assert curation.stale_records(report, d) == "1 input files are gone (such as p0/0.dcm)"
+    del report["label_sheet_sha256"]  # records built before the sheets were hashed
+    assert curation.stale_records(report, d) is None
+
+
+def test_rows_near_a_path_that_exists_say_which(tmp_path):
+    d = tmp_path / "export"
+    for i in range(6):
+        write_ct(d / f"s/{i}.dcm", image(600 + i), patient=f"P{i}")
+    rows = [{"patient_id": f"P{i}", "label": i % 2, "path": f"s/{i}.dcm"} for i in range(2, 6)]
+    rows.append({"patient_id": "P0", "label": 0, "path": "export/s/0.dcm"})  # the dir's name
+    rows.append({"patient_id": "P1", "label": 1, "path": "s/1"})  # no extension
+    write_sheet(d / "labels.csv", rows)
+    result = curation.curate(d, image_size=8, split=curation.SplitSpec(0.2, 0.2, 0), workers=1)
+    why = {r["path"]: r["why"] for r in result.report["label_rows_without_image"]}
+    assert why == {
+        "export/s/0.dcm": "path does not exist under the manual dir; s/0.dcm exists: paths are "
+        "relative to the manual dir, without its own name export/ in front",
+        "s/1": "path does not exist under the manual dir; s/1.dcm exists: give the file's whole "
+        "name",
+    }
+
+
+def test_a_bad_label_sheet_fails_before_any_file_is_decoded(tmp_path, monkeypatch):
+    d = tmp_path / "manual"
+    write_ct(d / "a.dcm", image(1), patient="P1")
+    (d / "labels.csv").write_text("patient_id,label,path\nP1,yes,a.dcm\n")
+    monkeypatch.setattr(curation, "decode_all", lambda *a, **k: pytest.fail("decoded first"))
+    with pytest.raises(labels.LabelError, match="yes"):
+        curation.curate(d, image_size=8, split=curation.SplitSpec(0.2, 0.2, 0), workers=1)
 
 
 def _conflicts(tmp_path, files: dict[str, tuple[int, str, str, str]]):

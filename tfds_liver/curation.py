@@ -37,6 +37,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from liverjax import dicom
 from tfds_liver import labels as labels_lib
@@ -407,6 +408,8 @@ def _match_labels(
                         )
                     elif target.lower() in lower:
                         why += f"; {display_path(lower[target.lower()])} differs only in case"
+                    else:
+                        why += _near_path_hint(index, target, manual_dir.name)
             else:
                 matched = by_sop.get(row.sop_instance_uid, [])
                 why = "no decodable file has this SOPInstanceUID"
@@ -429,6 +432,21 @@ def _match_labels(
             for f in matched:
                 by_file[f].append(label)
     return by_file, unmatched, n_rows
+
+
+def _near_path_hint(index: PathIndex, target: str, manual_name: str) -> str:
+    """'; X exists ...' for a path that names nothing but is near one that does: written with
+    the manual dir's own name in front, or without its file's extension."""
+    head, _, rest = target.partition("/")
+    if head == manual_name and rest and index.files(rest):
+        return (
+            f"; {display_path(rest)} exists: paths are relative to the manual dir, without its "
+            f"own name {display_path(manual_name)}/ in front"
+        )
+    for extension in (".dcm", ".DCM", ".dicom", ".ima", ".IMA"):
+        if index.files(target + extension):
+            return f"; {display_path(target + extension)} exists: give the file's whole name"
+    return ""
 
 
 class PathIndex:
@@ -586,6 +604,8 @@ def scan(manual_dir: pathlib.Path) -> tuple[list[str], list[str]]:
             f"no {LABEL_SHEET} in {manual_dir} (nor in its top-level folders){hint}: see the "
             "dataset's manual download instructions for its columns"
         )
+    for sheet in sheets:  # a sheet's errors before hours of decoding, not after
+        labels_lib.read_labels(manual_dir / sheet, regular_only=True)
     return files, sheets
 
 
@@ -823,7 +843,60 @@ def curate_decoded(
         image_size,
         shared,
     )
+    report["label_sheet_sha256"] = sheet_hashes(manual_dir, sheets)
     return Curation(splits=splits, report=report)
+
+
+def check_records_current(data_dir: str | os.PathLike, manual_dir: str | os.PathLike) -> None:
+    """Raises ValueError when records already built in `data_dir` (its curation_report.json)
+    came from another state of `manual_dir` (`stale_records`): reused, they would give the old
+    labels and files without a word. Silent where either is missing (nothing to compare)."""
+    report_path = epath.Path(data_dir) / "curation_report.json"
+    if not os.path.isdir(manual_dir) or not report_path.exists():
+        return
+    changes = stale_records(json.loads(report_path.read_text()), manual_dir)
+    if changes:
+        raise ValueError(
+            f"the records in {data_dir} were built from {manual_dir} as it was then, and it has "
+            f"changed since: {changes}. Reused, they would give the old labels and files; "
+            "rebuild them (tfds build ... --overwrite, or delete that folder first)"
+        )
+
+
+def sheet_hashes(manual_dir: pathlib.Path, sheets: Sequence[str]) -> dict[str, str]:
+    """{sheet: SHA-256 of its bytes}: what `stale_records` compares a later manual dir with."""
+    return {
+        sheet: hashlib.sha256((pathlib.Path(manual_dir) / sheet).read_bytes()).hexdigest()
+        for sheet in sheets
+    }
+
+
+def stale_records(report: dict[str, Any], manual_dir: str | os.PathLike) -> str | None:
+    """How the manual dir differs from the one the records were built from (`report`, their
+    curation_report.json): other label sheets or sheet contents, files gone or added. None when
+    it does not, or when the report is older than the sheets' hashes (nothing to compare). A
+    DICOM file rewritten in place under its name is not seen."""
+    built = report.get("label_sheet_sha256")
+    if built is None:
+        return None
+    manual_dir = pathlib.Path(manual_dir)
+    files, sheets = find_files(manual_dir)
+    now = sheet_hashes(manual_dir, sheets)
+    changes = []
+    for sheet in sorted(set(built) | set(now)):
+        if sheet not in now:
+            changes.append(f"{display_path(sheet)} is gone")
+        elif sheet not in built:
+            changes.append(f"{display_path(sheet)} is new")
+        elif now[sheet] != built[sheet]:
+            changes.append(f"{display_path(sheet)} changed")
+    before = {e["path"] for e in report.get("files", ())}
+    after = {display_path(f) for f in files}
+    for what, paths in (("gone", before - after), ("new", after - before)):
+        if paths:
+            first = sorted(paths)[0]
+            changes.append(f"{len(paths)} input files are {what} (such as {first})")
+    return "; ".join(changes) or None
 
 
 def _id_form(patient_id: str) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import pathlib
 import tempfile
 
@@ -186,6 +187,26 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 }
             ),
             supervised_keys=("image", "label"),
+        )
+
+    def download_and_prepare(self, *, download_dir=None, download_config=None, **kwargs):
+        # Records built before from a manual dir that has changed since (a corrected label
+        # sheet, new files) are refused, not reused: tfds would reuse them without a word.
+        config = download_config or tfds.download.DownloadConfig()
+        mode = config.download_mode
+        if (
+            self.builder_config.phantom_patients == 0
+            and not mode.overwrite_dataset
+            and mode != tfds.download.GenerateMode.UPDATE_DATASET_INFO
+            and self.is_prepared()
+        ):
+            from tfds_liver import curation
+
+            downloads = download_dir or os.path.join(self.data_dir_root, "downloads")
+            manual = config.manual_dir or os.path.join(downloads, "manual")
+            curation.check_records_current(self.data_dir, manual)
+        return super().download_and_prepare(
+            download_dir=download_dir, download_config=download_config, **kwargs
         )
 
     def _download_and_prepare(self, dl_manager, download_config, **kwargs):
