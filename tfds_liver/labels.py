@@ -253,9 +253,9 @@ def _header_errors(cells: list[str], line: int) -> tuple[dict[str, int], list, b
     names = [cell.strip().lower() for cell in cells]
     known = set(COLUMNS)
     if not any(n in known or n.startswith(USER_COLUMN_PREFIX) for n in names):
-        if len(cells) == 1 and (";" in cells[0] or "\t" in cells[0]):
-            sep = "';'" if ";" in cells[0] else "tabs"
-            msg = f"the header is separated by {sep}; labels.csv must be comma-separated"
+        if _semicolon_header(",".join(cells)) or (len(cells) == 1 and "\t" in cells[0]):
+            sep = "';'" if ";" in ",".join(cells) else "tabs"
+            msg = f"the header is separated by {sep}; labels.csv must be comma-separated{_EXCEL}"
         else:
             msg = (
                 f"no header: line {line} must name the columns, e.g. "
@@ -352,6 +352,18 @@ def read_labels(csv_path: str | os.PathLike, *, regular_only: bool = False) -> l
     return rows
 
 
+_EXCEL = (
+    " (Excel writes ';' where the decimal separator is a comma: save as CSV with ',' as the "
+    "list separator, or replace the ';')"
+)
+
+
+def _semicolon_header(line: str) -> bool:
+    """Whether a header line is columns of labels.csv separated by ';', quoted or not."""
+    cells = [c.strip().strip('"').strip().lower() for c in line.split(";")]
+    return len(cells) > 1 and any(c in COLUMNS for c in cells)
+
+
 def _parse_text_rows(text: str) -> tuple[list[LabelRow], list]:
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     header: list[str] | None = None
@@ -366,7 +378,12 @@ def _parse_text_rows(text: str) -> tuple[list[LabelRow], list]:
         except StopIteration:
             break
         except csv.Error as e:
-            errors.append((line, "", f"is not valid CSV ({e}); check the quotes on this line"))
+            first = text.lstrip("\r\n").splitlines()[0] if text.strip() else ""
+            if header is None and _semicolon_header(first):
+                msg = f"the header is separated by ';'; labels.csv must be comma-separated{_EXCEL}"
+            else:
+                msg = f"is not valid CSV ({e}); check the quotes on this line"
+            errors.append((line, "", msg))
             break
         start, line = line, reader.line_num + 1
         if not any(cell.strip() for cell in record):
