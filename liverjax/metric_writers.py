@@ -63,12 +63,14 @@ class TensorBoardWriter:
     `resumed_at`: the step a resumed run restarts from. Events of an earlier process past that
     step (written after its last checkpoint, before it was killed) are replayed now, so the new
     file starts with a SessionLog START at the next step, which tells TensorBoard to drop them
-    (as `tf.summary` writers do after a restart).
+    (as `tf.summary` writers do after a restart). A run started again from step 0 (killed
+    before its first checkpoint) does the same where an earlier process left event files.
     """
 
     def __init__(self, logdir: str | os.PathLike, *, resumed_at: int = 0):
         logdir = epath.Path(logdir)  # a gs:// workdir too (os.makedirs would make a local gs:)
         logdir.mkdir(parents=True, exist_ok=True)
+        earlier = any(logdir.glob("events.out.tfevents.*"))
         # The file name TensorBoard looks for: events.out.tfevents.<time>.<host>.<pid>.<id>
         name = (
             f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
@@ -76,7 +78,7 @@ class TensorBoardWriter:
         )
         self._writer = RecordWriter((logdir / name).open("wb"))
         self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
-        if resumed_at > 0:
+        if resumed_at > 0 or earlier:
             start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
             self._write(
                 event_pb2.Event(wall_time=time.time(), step=resumed_at + 1, session_log=start)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import training_runs as runs
 
-from liverjax import checkpointing, train
+from liverjax import checkpointing, metric_writers, train
 
 STEPS = 12  # two epochs of synthetic_small at batch 8; checkpoints every 5 steps and each epoch
 
@@ -172,6 +172,20 @@ def test_sigkill_between_checkpoints_replays_from_last_and_is_bit_identical(
     want = _tensorboard_scalars(reference_dir)
     for tag in ("train/loss", "train/accuracy", "validation/roc_auc"):
         assert scalars[tag] == want[tag], tag
+
+
+def test_a_run_started_again_from_step_0_shows_each_step_once(tmp_path):
+    # Killed before its first checkpoint, the relaunch starts from 0 in a logdir that already
+    # holds the first process's events: TensorBoard must drop them, not show steps twice.
+    first = metric_writers.TensorBoardWriter(tmp_path)
+    for step in (2, 4, 6):
+        first.write_scalars(step, {"train/loss": 1.0})
+    first.close()
+    again = metric_writers.TensorBoardWriter(tmp_path)
+    for step in (2, 4, 6, 8):
+        again.write_scalars(step, {"train/loss": 0.5})
+    again.close()
+    assert _tensorboard_scalars(tmp_path)["train/loss"] == [(s, 0.5) for s in (2, 4, 6, 8)]
 
 
 def _iterator(length: int = 40) -> grain.DatasetIterator:
