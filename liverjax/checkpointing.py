@@ -18,6 +18,7 @@ run killed mid-save restarts from the previous one.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -45,6 +46,29 @@ _MISMATCH_SIGNS = ("stored shape", "Requested shape", "not compatible with the s
 class CheckpointReadError(ValueError):
     """A checkpoint that exists cannot be restored: a damaged or truncated file, or arrays of
     another shape than the network of this config."""
+
+
+def _damaged_metrics(directory: str) -> str | None:
+    """What to do about the first kept checkpoint whose metrics file is not JSON (truncated by
+    a full disk or a copy cut short), which stops Orbax from opening the folder at all."""
+    if "://" in directory or not os.path.isdir(directory):
+        return None
+    steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+    for step in steps:
+        path = os.path.join(directory, str(step), "metrics", "metrics")
+        try:
+            with open(path, "rb") as f:
+                json.loads(f.read())
+        except FileNotFoundError:
+            continue
+        except ValueError as e:
+            return (
+                f"checkpoint {step} in {directory} is damaged: {path} is not JSON ({e}), and no "
+                f"checkpoint of the folder can be opened while it is there; move "
+                f"{os.path.join(directory, str(step))} out of the way (its state may be whole: "
+                "the metrics file only ranks it for keep_best)"
+            )
+    return None
 
 
 class _OrbaxBelowWarning(logging.Filter):
@@ -133,17 +157,20 @@ class Checkpointer:
         directory = os.fspath(directory)
         if "://" not in directory:  # Orbax wants local paths absolute (`--workdir runs/demo`)
             directory = os.path.abspath(directory)
-        self._manager = ocp.CheckpointManager(
-            directory,
-            handler_registry=registry,
-            options=ocp.CheckpointManagerOptions(
-                preservation_policy=pp.AnyPreservationPolicy(policies),
-                best_fn=self._metric_value,
-                best_mode="max",
-                enable_async_checkpointing=async_save,
-                create=True,
-            ),
-        )
+        try:
+            self._manager = ocp.CheckpointManager(
+                directory,
+                handler_registry=registry,
+                options=ocp.CheckpointManagerOptions(
+                    preservation_policy=pp.AnyPreservationPolicy(policies),
+                    best_fn=self._metric_value,
+                    best_mode="max",
+                    enable_async_checkpointing=async_save,
+                    create=True,
+                ),
+            )
+        except ValueError as e:  # Orbax reads every kept step's metrics file as it starts
+            raise CheckpointReadError(_damaged_metrics(directory) or str(e)) from e
 
     def _metric_value(self, metrics: Mapping[str, Any]) -> tuple[float, int]:
         """Ranking key of a checkpoint: its validation metric (negated where lower is better),

@@ -188,6 +188,25 @@ def test_a_run_started_again_from_step_0_shows_each_step_once(tmp_path):
     assert _tensorboard_scalars(tmp_path)["train/loss"] == [(s, 0.5) for s in (2, 4, 6, 8)]
 
 
+def test_a_truncated_metrics_file_is_named_with_what_to_do(tmp_path):
+    state = {"w": np.zeros(2, np.float32)}
+    ckpt = checkpointing.Checkpointer(tmp_path, keep=3, keep_best=1, best_metric="roc_auc")
+    it = _iterator()
+    for step in (2, 4):
+        ckpt.save(step, state, it, {"step": step}, metrics={"roc_auc": 0.5 + step / 10})
+    ckpt.close()
+    metrics_file = tmp_path / "2" / "metrics" / "metrics"
+    metrics_file.write_bytes(metrics_file.read_bytes()[:5])  # a copy cut short
+    with pytest.raises(checkpointing.CheckpointReadError) as e:
+        checkpointing.Checkpointer(tmp_path, keep=3, keep_best=1, best_metric="roc_auc")
+    assert str(e.value).startswith(f"checkpoint 2 in {tmp_path} is damaged: {metrics_file}")
+    assert f"move {tmp_path / '2'} out of the way" in str(e.value)
+    (tmp_path / "2").rename(tmp_path.parent / "moved")
+    ckpt = checkpointing.Checkpointer(tmp_path, keep=3, keep_best=1, best_metric="roc_auc")
+    assert ckpt.all_steps() == [4]
+    ckpt.close()
+
+
 def _iterator(length: int = 40) -> grain.DatasetIterator:
     ds = grain.MapDataset.range(length).seed(1).shuffle().repeat().batch(4)
     return iter(ds.to_iter_dataset())
