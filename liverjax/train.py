@@ -740,13 +740,17 @@ class _PreemptionNotice:
 
     def __enter__(self) -> "_PreemptionNotice":
         self.requested = False
+        self.closing = False  # the run is writing its last checkpoint
         self._previous = None
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        logger.warning("SIGTERM: finishing this step, saving a checkpoint, then stopping")
+        if self.closing:
+            logger.warning("SIGTERM again: the checkpoint is being written; stopping after it")
+        else:
+            logger.warning("SIGTERM: finishing this step, saving a checkpoint, then stopping")
         self.requested = True
 
     def __exit__(self, *exc: Any) -> None:
@@ -971,89 +975,98 @@ def train_and_evaluate(
     step = start
     try:
         with _PreemptionNotice() as preemption:
-            while stop_reason is None:
-                step += 1
-                with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                    # The first batch starts grain's workers: a signal waits until they ignore it.
-                    with (
-                        input_pipeline.signals_deferred()
-                        if step == start + 1
-                        else contextlib.nullcontext()
-                    ):
-                        host_batch = next(train_iter)
-                    batch = parallel.global_batch(host_batch, mesh)
-                    state, out, finite = steps.train_step(state, batch)
-                pending.append((step, out.loss.total, finite))
-                train_metrics = out if train_metrics is None else train_metrics.merge(out)
-                for hook in hooks:
-                    hook(step)
-                last = step >= total_steps
-                if step % config.log_every_steps == 0 or last:
-                    _check_finite(pending, ckpt)
-                    scalars = {f"train/{k}": float(v) for k, v in train_metrics.compute().items()}
-                    scalars["train/learning_rate"] = float(schedule(step - 1))
-                    writer.write_scalars(step, scalars | progress(step))
-                    writer.flush()  # on disk now: a kill -9 loses nothing logged
-                    train_metrics = None
-                evaluated = False
-                if step % eval_every == 0 or last:
-                    _check_finite(pending, ckpt)
-                    validation = evaluate(steps, state, eval_source, config, mesh)
-                    writer.write_scalars(
-                        step, {f"validation/{k}": v for k, v in validation.items()}
-                    )
-                    writer.flush()
-                    if math.isnan(validation[config.best_metric]) and not warned_nan:
-                        warned_nan = True
-                        logger.warning(
-                            "validation %s is NaN at step %d (a validation split of one class "
-                            "has no ROC AUC): no checkpoint can be ranked best and early "
-                            "stopping cannot see improvement; rebuild the dataset with a larger "
-                            "validation fraction (its curation report says which class it has)",
-                            config.best_metric,
-                            step,
+            try:
+                while stop_reason is None:
+                    step += 1
+                    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                        # The first batch starts grain's workers: a signal waits until
+                        # they ignore it.
+                        with (
+                            input_pipeline.signals_deferred()
+                            if step == start + 1
+                            else contextlib.nullcontext()
+                        ):
+                            host_batch = next(train_iter)
+                        batch = parallel.global_batch(host_batch, mesh)
+                        state, out, finite = steps.train_step(state, batch)
+                    pending.append((step, out.loss.total, finite))
+                    train_metrics = out if train_metrics is None else train_metrics.merge(out)
+                    for hook in hooks:
+                        hook(step)
+                    last = step >= total_steps
+                    if step % config.log_every_steps == 0 or last:
+                        _check_finite(pending, ckpt)
+                        scalars = {
+                            f"train/{k}": float(v) for k, v in train_metrics.compute().items()
+                        }
+                        scalars["train/learning_rate"] = float(schedule(step - 1))
+                        writer.write_scalars(step, scalars | progress(step))
+                        writer.flush()  # on disk now: a kill -9 loses nothing logged
+                        train_metrics = None
+                    evaluated = False
+                    if step % eval_every == 0 or last:
+                        _check_finite(pending, ckpt)
+                        validation = evaluate(steps, state, eval_source, config, mesh)
+                        writer.write_scalars(
+                            step, {f"validation/{k}": v for k, v in validation.items()}
                         )
-                    early.update(validation[config.best_metric], step)
-                    evaluated = True
-                    if early.should_stop:
-                        stop_reason = "early_stopping"
-                        logger.info(
-                            "early stopping at step %d: no %s improvement in %d evaluations "
-                            "(best %.4f at step %d)",
-                            step,
-                            config.best_metric,
-                            early.bad_evals,
-                            early.best,
-                            early.best_step,
-                        )
-                preempted = preemption.requested or (
-                    jax.process_count() > 1 and ckpt.reached_preemption(step)
-                )
-                if preempted and stop_reason is None:
-                    stop_reason = "preempted"
-                if last and stop_reason is None:
-                    stop_reason = "done"
-                if evaluated or stop_reason or step % config.checkpoint.every_steps == 0:
-                    _check_finite(pending, ckpt)
-                    meta = {
-                        "step": step,
-                        "epoch": step / steps_per_epoch,
-                        "early_stopping": early.to_dict(),
-                        "validation": validation,
-                        "stop_reason": stop_reason,
-                        "train_window": _window_to_json(train_metrics),
-                        # the records' side, which the network takes (liverjax.predict)
-                        "record_size": record_size,
-                    }
-                    ckpt.save(
-                        step,
-                        state,
-                        train_iter,
-                        meta,
-                        metrics=validation if evaluated else None,
+                        writer.flush()
+                        if math.isnan(validation[config.best_metric]) and not warned_nan:
+                            warned_nan = True
+                            logger.warning(
+                                "validation %s is NaN at step %d (a validation split of one "
+                                "class has no ROC AUC): no checkpoint can be ranked best and "
+                                "early stopping cannot see improvement; rebuild the dataset with "
+                                "a larger validation fraction (its curation report says which "
+                                "class it has)",
+                                config.best_metric,
+                                step,
+                            )
+                        early.update(validation[config.best_metric], step)
+                        evaluated = True
+                        if early.should_stop:
+                            stop_reason = "early_stopping"
+                            logger.info(
+                                "early stopping at step %d: no %s improvement in %d evaluations "
+                                "(best %.4f at step %d)",
+                                step,
+                                config.best_metric,
+                                early.bad_evals,
+                                early.best,
+                                early.best_step,
+                            )
+                    preempted = preemption.requested or (
+                        jax.process_count() > 1 and ckpt.reached_preemption(step)
                     )
+                    if preempted and stop_reason is None:
+                        stop_reason = "preempted"
+                    if last and stop_reason is None:
+                        stop_reason = "done"
+                    if evaluated or stop_reason or step % config.checkpoint.every_steps == 0:
+                        _check_finite(pending, ckpt)
+                        meta = {
+                            "step": step,
+                            "epoch": step / steps_per_epoch,
+                            "early_stopping": early.to_dict(),
+                            "validation": validation,
+                            "stop_reason": stop_reason,
+                            "train_window": _window_to_json(train_metrics),
+                            # the records' side, which the network takes (liverjax.predict)
+                            "record_size": record_size,
+                        }
+                        ckpt.save(
+                            step,
+                            state,
+                            train_iter,
+                            meta,
+                            metrics=validation if evaluated else None,
+                        )
+            finally:
+                # With the SIGTERM handler still in place: a second SIGTERM (srun and some
+                # launchers send two) must not kill the process while this save is written.
+                preemption.closing = True
+                ckpt.close()  # waits for pending saves: the last good checkpoint is kept
     finally:
-        ckpt.close()  # waits for pending saves: the last good checkpoint is kept
         writer.close()
         input_pipeline.close(train_iter)  # its workers now, not at garbage collection
     if steps.traces["train_step"] > 1:

@@ -89,6 +89,44 @@ def test_sigterm_saves_exits_and_resume_is_bit_identical(data_dir, tmp_path, uni
         assert got[tag] == want[tag], tag
 
 
+def test_a_second_sigterm_while_the_checkpoint_is_written_does_not_lose_it(
+    data_dir, tmp_path, tmp_path_factory
+):
+    # srun and some launchers send SIGTERM twice: the second comes as the run waits for its
+    # preemption save. A child process, as the default SIGTERM would end the test runner.
+    code = textwrap.dedent(
+        f"""
+        import os, signal
+        from configs import test
+        from liverjax import checkpointing, train
+        config = test.get_config()
+        config.dataset.data_dir = {str(data_dir)!r}
+        close = checkpointing.Checkpointer.close
+        def close_after_a_second_sigterm(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            close(self)
+        checkpointing.Checkpointer.close = close_after_a_second_sigterm
+        def hook(step):
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+        summary = train.train_and_evaluate(config, {str(tmp_path)!r}, hooks=[hook])
+        print("stopped", summary.step, summary.stop_reason)
+        """
+    )
+    env = runs.child_env(runs.compilation_cache(tmp_path_factory), devices=8)
+    log = tmp_path / "child.log"
+    child = runs.start_python(code, env, log)
+    assert child.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert "stopped 3 preempted" in log.read_text()
+    assert "SIGTERM again: the checkpoint is being written" in log.read_text()
+    ckpt = checkpointing.Checkpointer(
+        tmp_path / train.CHECKPOINT_DIR, keep=3, keep_best=1, best_metric="roc_auc"
+    )
+    assert ckpt.all_steps() == [3]
+    ckpt.close()
+    assert not list((tmp_path / train.CHECKPOINT_DIR).glob("*tmp*"))
+
+
 def test_main_on_sigterm_saves_skips_the_final_evaluation_and_exits_143(
     data_dir, tmp_path, tmp_path_factory
 ):
