@@ -863,13 +863,22 @@ def _write_outputs(
 ) -> epath.Path:
     """Write operating_point.json and the report folder; with `chosen_on` (the split the
     thresholds were chosen on, when it is not `test`'s) its predictions and patients too, so the
-    thresholds can be derived again from the report folder."""
+    thresholds can be derived again from the report folder.
+
+    Everything is written into `report.writing/` (and `operating_point.json.writing`) first,
+    then renamed into place, so a run killed while writing leaves the earlier evaluation whole,
+    never a folder of two checkpoints' files."""
     workdir = epath.Path(workdir)  # a gs:// workdir too (pathlib would make it a local gs:/)
-    out = workdir / REPORT_DIR
-    out.mkdir(parents=True, exist_ok=True)
+    final, old = workdir / REPORT_DIR, workdir / f"{REPORT_DIR}.old"
+    out = workdir / f"{REPORT_DIR}.writing"
+    for leftover in (out, old):  # of an evaluation killed before
+        if leftover.exists():
+            leftover.rmtree()
+    out.mkdir(parents=True)
     op = result["operating_point"]
+    op_file = workdir / f"{OPERATING_POINT_FILE}.writing"
     write_json(
-        workdir / OPERATING_POINT_FILE,
+        op_file,
         {
             "threshold": points["slice"]["threshold"],
             "rule": op["rule"],
@@ -891,9 +900,6 @@ def _write_outputs(
         threshold = points["slice"]["threshold"]
         write_predictions_csv(out / THRESHOLD_FILES[0], chosen_on, threshold)
         write_patients_csv(out / THRESHOLD_FILES[1], chosen_on, points)
-    else:  # an earlier evaluation's, of another split
-        for name in THRESHOLD_FILES:
-            (out / name).unlink(missing_ok=True)
     report.write_report(
         out,
         result,
@@ -902,8 +908,14 @@ def _write_outputs(
         curation,
         n_bins=settings.calibration_bins,
     )
-    logger.info("wrote %s", out)
-    return out
+    if final.exists():
+        final.rename(old)
+    out.rename(final)
+    op_file.replace(workdir / OPERATING_POINT_FILE)
+    if old.exists():
+        old.rmtree()
+    logger.info("wrote %s", final)
+    return final
 
 
 def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:

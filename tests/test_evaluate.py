@@ -721,3 +721,28 @@ def test_the_metrics_table_gives_the_auc_delong_interval():
         del level["roc_auc_delong"]
     row = report._metrics_section(result).split("DeLong interval</td>")[1].split("</tr>")[0]
     assert row == "<td>\u2014</td>" * 3
+
+
+def test_an_evaluation_killed_while_writing_leaves_the_earlier_report_whole(
+    run, tmp_path, monkeypatch
+):
+    workdir, _, result = run
+    w = tmp_path / "w"
+    shutil.copytree(workdir, w)
+    before = {p.relative_to(w): p.read_bytes() for p in (w / "report").rglob("*") if p.is_file()}
+    op = (w / evaluate.OPERATING_POINT_FILE).read_bytes()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # after metrics.json and the CSVs, before the page
+
+    monkeypatch.setattr(report, "write_report", killed)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main(["--workdir", str(w), "--split", "validation"])
+    after = {p.relative_to(w): p.read_bytes() for p in (w / "report").rglob("*") if p.is_file()}
+    assert after == before and (w / evaluate.OPERATING_POINT_FILE).read_bytes() == op
+    monkeypatch.undo()
+    # The next evaluation clears what the killed one left, and replaces the report whole.
+    evaluate.main(["--workdir", str(w), "--split", "validation"])
+    assert not (w / "report.writing").exists() and not (w / "report.old").exists()
+    assert json.loads((w / "report" / "metrics.json").read_text())["split"] == "validation"
+    assert (w / "report" / report.HTML_FILE).exists()
