@@ -795,9 +795,59 @@ def train_and_evaluate(
 
     `hooks` are called with the step number after every train step (e.g. a profiler). The final
     evaluation of `config.final_eval_split` is `liverjax.main`'s: from Python, call
-    `liverjax.evaluate.evaluate(config, workdir, split=...)` after this.
+    `liverjax.evaluate.evaluate(config, workdir, split=...)` after this. A workdir another
+    training run is using is refused (`WorkdirInUseError`).
     """
     parallel.initialize_distributed(config.distributed)
+    with _workdir_lock(workdir):
+        return _train_and_evaluate(config, workdir, hooks=hooks)
+
+
+class WorkdirInUseError(ValueError):
+    """Another training run holds the workdir."""
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str | os.PathLike) -> Iterator[None]:
+    """Holds an exclusive lock on the workdir folder (flock, released by the system however the
+    process ends, kill -9 too) while process 0 trains in it, so a second run started in it (a
+    double sbatch, a relaunch while the old job is still in its grace period) is refused rather
+    than writing checkpoints and logs over the first's. A workdir that does not exist yet, one on
+    a remote file system (gs://), and any on a system or file system without flock (Windows,
+    some NFS mounts) is not locked."""
+    path = os.fspath(workdir)
+    try:
+        import fcntl
+    except ImportError:  # not on Windows
+        fcntl = None
+    if fcntl is None or "://" in path or jax.process_index() != 0 or not os.path.isdir(path):
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WorkdirInUseError(
+                f"--workdir {path} is in use by another training run (it holds the folder's "
+                "lock): two runs in one workdir overwrite each other's checkpoints and logs; "
+                "wait for it to end or stop it, or train in another --workdir"
+            ) from None
+        except OSError as e:  # a file system without flock
+            logger.warning(
+                "--workdir %s cannot be locked (%s): a second run is not refused", path, e
+            )
+        yield
+    finally:
+        os.close(fd)
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    hooks: Sequence[Callable[[int], Any]] = (),
+) -> RunSummary:
     # Processes that differ would train apart silently (other seeds, rates) or hang in collectives.
     parallel.check_same_device_counts()
     parallel.check_processes_agree(

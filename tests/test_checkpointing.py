@@ -127,6 +127,26 @@ def test_a_second_sigterm_while_the_checkpoint_is_written_does_not_lose_it(
     assert not list((tmp_path / train.CHECKPOINT_DIR).glob("*tmp*"))
 
 
+def test_a_workdir_another_run_trains_in_is_refused(data_dir, tmp_path):
+    import fcntl
+
+    config = runs.make_config(data_dir)
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "config.json").write_text("{}")  # as the other run left it
+    before = sorted(p.name for p in (tmp_path / "w").iterdir())
+    other = os.open(tmp_path / "w", os.O_RDONLY)  # the other run's lock (another process's)
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(train.WorkdirInUseError, match="is in use by another training run"):
+            train.train_and_evaluate(config, str(tmp_path / "w"))
+    finally:
+        os.close(other)
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == before
+    for _ in range(2):  # released when a run ends: the next one takes it
+        with train._workdir_lock(tmp_path / "w"):
+            pass
+
+
 def test_main_on_sigterm_saves_skips_the_final_evaluation_and_exits_143(
     data_dir, tmp_path, tmp_path_factory
 ):
