@@ -899,6 +899,17 @@ def test_check_finds_paths_as_the_build_does(tmp_path):
     text = "patient_id,label,path\nP1,normal,M\u00fcller\nP2,normal,m\u00fcller/a.dcm\n"
     done = run_cli("check", write_csv(tmp_path, text))
     assert done.returncode == 0, done.stderr
-    assert "warning: 1 paths do not exist" in done.stdout and "line 3" in done.stdout
+    assert "warning: 1 of 2 paths do not exist" in done.stdout and "line 3" in done.stdout
+    # A site sheet names paths relative to its own folder, as the build reads it.
+    (tmp_path / "siteB" / "p1").mkdir(parents=True)
+    (tmp_path / "siteB" / "p1" / "a.dcm").write_bytes(b"x")
+    site = tmp_path / "siteB" / "labels.csv"
+    site.write_text("patient_id,label,path\nP1,normal,p1/a.dcm\nP2,normal,siteB/p1/a.dcm\n")
+    done = run_cli("check", site, "--manual-dir", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (
+        f"warning: 1 of 2 paths do not exist under {tmp_path} (relative to siteB/, the sheet's "
+        "folder), e.g. line 3: siteB/p1/a.dcm"
+    ) in done.stdout
     done = run_cli("check", tmp_path / "missing.csv")
     assert done.returncode == 2 and done.stderr.startswith("error: ")

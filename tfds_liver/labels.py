@@ -928,12 +928,22 @@ def _check(args: argparse.Namespace) -> int:
     from tfds_liver import curation  # the build's own file list and path matching
 
     index = curation.PathIndex(curation.find_files(manual_dir)[0])
-    missing = [row for row in by_path if not index.files(row.path.rstrip("/"))]
+    # A site sheet (in a top-level folder of the manual dir) names paths relative to its own
+    # folder, as the build reads it.
+    base = pathlib.PurePosixPath()
+    sheet_dir = pathlib.Path(args.csv).resolve().parent
+    if args.manual_dir and sheet_dir != manual_dir.resolve():
+        try:
+            base = pathlib.PurePosixPath(sheet_dir.relative_to(manual_dir.resolve()).as_posix())
+        except ValueError:
+            pass  # a sheet kept elsewhere: its paths are the manual dir's
+    missing = [row for row in by_path if not index.files((base / row.path).as_posix().rstrip("/"))]
     if missing:
-        print(
-            f"warning: {len(missing)} paths do not exist under {manual_dir}, e.g. line "
-            f"{missing[0].row}: {missing[0].path}"
+        where = f"under {manual_dir}" + (
+            f" (relative to {base}/, the sheet's folder)" if str(base) != "." else ""
         )
+        shown = "; ".join(f"line {r.row}: {r.path}" for r in missing[:3])
+        print(f"warning: {len(missing)} of {len(by_path)} paths do not exist {where}, e.g. {shown}")
     clashes = disagreeing_rows(rows)
     if clashes:
         print(
