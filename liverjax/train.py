@@ -747,8 +747,10 @@ class _PreemptionNotice:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.closing:
+        if self.closing and self.requested:
             logger.warning("SIGTERM again: the checkpoint is being written; stopping after it")
+        elif self.closing:
+            logger.warning("SIGTERM: the last checkpoint is being written; stopping after it")
         else:
             logger.warning("SIGTERM: finishing this step, saving a checkpoint, then stopping")
         self.requested = True
@@ -799,8 +801,8 @@ def train_and_evaluate(
     training run is using is refused (`WorkdirInUseError`).
     """
     parallel.initialize_distributed(config.distributed)
-    with _workdir_lock(workdir):
-        return _train_and_evaluate(config, workdir, hooks=hooks)
+    with _workdir_lock(workdir) as lock:
+        return _train_and_evaluate(config, workdir, hooks=hooks, lock=lock)
 
 
 class WorkdirInUseError(ValueError):
@@ -808,26 +810,31 @@ class WorkdirInUseError(ValueError):
 
 
 @contextlib.contextmanager
-def _workdir_lock(workdir: str | os.PathLike) -> Iterator[None]:
+def _workdir_lock(workdir: str | os.PathLike) -> Iterator[Callable[[], None]]:
     """Holds an exclusive lock on the workdir folder (flock, released by the system however the
     process ends, kill -9 too) while process 0 trains in it, so a second run started in it (a
     double sbatch, a relaunch while the old job is still in its grace period) is refused rather
-    than writing checkpoints and logs over the first's. A workdir that does not exist yet, one on
-    a remote file system (gs://), and any on a system or file system without flock (Windows,
-    some NFS mounts) is not locked."""
+    than writing checkpoints and logs over the first's. Taken at once on a workdir that exists;
+    a new one is locked by the `take()` this yields, called once the run has made the folder.
+    Not on a remote file system (gs://), nor on a system or file system without flock (Windows,
+    many NFS mounts: a warning says so)."""
     path = os.fspath(workdir)
     try:
         import fcntl
     except ImportError:  # not on Windows
         fcntl = None
-    if fcntl is None or "://" in path or jax.process_index() != 0 or not os.path.isdir(path):
-        yield
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    fds: list[int] = []
+
+    def take() -> None:
+        if fds or fcntl is None or "://" in path or jax.process_index() != 0:
+            return
+        if not os.path.isdir(path):
+            return
+        fd = os.open(path, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise WorkdirInUseError(
                 f"--workdir {path} is in use by another training run (it holds the folder's "
                 "lock): two runs in one workdir overwrite each other's checkpoints and logs; "
@@ -837,9 +844,14 @@ def _workdir_lock(workdir: str | os.PathLike) -> Iterator[None]:
             logger.warning(
                 "--workdir %s cannot be locked (%s): a second run is not refused", path, e
             )
-        yield
+        fds.append(fd)
+
+    take()
+    try:
+        yield take
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
 
 
 def _train_and_evaluate(
@@ -847,6 +859,7 @@ def _train_and_evaluate(
     workdir: str,
     *,
     hooks: Sequence[Callable[[int], Any]] = (),
+    lock: Callable[[], None] = lambda: None,
 ) -> RunSummary:
     # Processes that differ would train apart silently (other seeds, rates) or hang in collectives.
     parallel.check_same_device_counts()
@@ -950,6 +963,7 @@ def _train_and_evaluate(
         best_metric=config.best_metric,
         async_save=config.checkpoint.async_save,
     )
+    lock()  # a new workdir exists now (the checkpoint folder): it is locked from here on
     start_step = round(config.early_stopping.start_epoch * steps_per_epoch)
     early = EarlyStopping(
         config.early_stopping.patience,
@@ -1119,6 +1133,10 @@ def _train_and_evaluate(
     finally:
         writer.close()
         input_pipeline.close(train_iter)  # its workers now, not at garbage collection
+    if preemption.requested and stop_reason != "preempted":
+        # SIGTERM while a finished run wrote its last checkpoint: saved; the caller stops now
+        # (liverjax.main skips the final evaluation and exits 143), as after any SIGTERM.
+        stop_reason = "preempted"
     if steps.traces["train_step"] > 1:
         logger.warning(
             "the train step was traced %d times (expected once): input shapes or dtypes "

@@ -89,11 +89,14 @@ def test_sigterm_saves_exits_and_resume_is_bit_identical(data_dir, tmp_path, uni
         assert got[tag] == want[tag], tag
 
 
+@pytest.mark.parametrize("first_at", [3, None])
 def test_a_second_sigterm_while_the_checkpoint_is_written_does_not_lose_it(
-    data_dir, tmp_path, tmp_path_factory
+    data_dir, tmp_path, tmp_path_factory, first_at
 ):
     # srun and some launchers send SIGTERM twice: the second comes as the run waits for its
     # preemption save. A child process, as the default SIGTERM would end the test runner.
+    # first_at=None: the only SIGTERM comes as a finished run writes its last checkpoint; it
+    # is saved, and the run stops as preempted (no final evaluation).
     code = textwrap.dedent(
         f"""
         import os, signal
@@ -107,7 +110,7 @@ def test_a_second_sigterm_while_the_checkpoint_is_written_does_not_lose_it(
             close(self)
         checkpointing.Checkpointer.close = close_after_a_second_sigterm
         def hook(step):
-            if step == 3:
+            if step == {first_at!r}:
                 os.kill(os.getpid(), signal.SIGTERM)
         summary = train.train_and_evaluate(config, {str(tmp_path)!r}, hooks=[hook])
         print("stopped", summary.step, summary.stop_reason)
@@ -117,12 +120,14 @@ def test_a_second_sigterm_while_the_checkpoint_is_written_does_not_lose_it(
     log = tmp_path / "child.log"
     child = runs.start_python(code, env, log)
     assert child.wait(timeout=300) == 0, log.read_text()[-3000:]
-    assert "stopped 3 preempted" in log.read_text()
-    assert "SIGTERM again: the checkpoint is being written" in log.read_text()
+    last = first_at or STEPS
+    assert f"stopped {last} preempted" in log.read_text()
+    said = "SIGTERM again: the checkpoint" if first_at else "SIGTERM: the last checkpoint"
+    assert said in log.read_text()
     ckpt = checkpointing.Checkpointer(
         tmp_path / train.CHECKPOINT_DIR, keep=3, keep_best=1, best_metric="roc_auc"
     )
-    assert ckpt.all_steps() == [3]
+    assert ckpt.latest_step() == last
     ckpt.close()
     assert not list((tmp_path / train.CHECKPOINT_DIR).glob("*tmp*"))
 
@@ -145,6 +150,16 @@ def test_a_workdir_another_run_trains_in_is_refused(data_dir, tmp_path):
     for _ in range(2):  # released when a run ends: the next one takes it
         with train._workdir_lock(tmp_path / "w"):
             pass
+    # A new workdir: locked once the run has made it.
+    with train._workdir_lock(tmp_path / "new") as take:
+        (tmp_path / "new").mkdir()
+        take()
+        other = os.open(tmp_path / "new", os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
 
 
 def test_main_on_sigterm_saves_skips_the_final_evaluation_and_exits_143(
