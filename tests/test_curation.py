@@ -360,7 +360,9 @@ def test_records_of_a_manual_dir_that_changed_since_are_refused_not_reused(tmp_p
     report = json.loads((built / "curation_report.json").read_text())
     sheet_hash = hashlib.sha256((d / "labels.csv").read_bytes()).hexdigest()
     assert report["label_sheet_sha256"] == {"labels.csv": sheet_hash}
-    _build(d, tmp_path / "data")  # unchanged: reused
+    (d / ".DS_Store").write_bytes(b"\0\0\0\1Bud1" + bytes(200))  # a Finder's, like a dataset
+    (d / "notes.txt").write_text("to do")
+    _build(d, tmp_path / "data")  # unchanged but for files the build would skip: reused
     dataset = ml_collections.ConfigDict(
         {"name": "liver/manual", "data_dir": str(tmp_path / "data"), "build_if_missing": True,
          "manual_dir": str(d)}
@@ -387,7 +389,7 @@ def test_records_of_a_manual_dir_that_changed_since_are_refused_not_reused(tmp_p
         )
     )
     report = json.loads((built / "curation_report.json").read_text())
-    assert report["files_total"] == 11 and report["label_rows"] == 10
+    assert report["files_total"] == 13 and report["counts"]["written"] == 11  # and 2 skipped
     input_pipeline.ensure_built(dataset)
     (d / "p0" / "0.dcm").unlink()
     assert curation.stale_records(report, d) == "1 input files are gone (such as p0/0.dcm)"
@@ -1033,7 +1035,11 @@ def test_patient_id_spellings_alike(a, b):
     assert curation._id_form(a) == curation._id_form(b)
 
 
-@pytest.mark.parametrize("a, b", [("P21", "P211"), ("LIV1", "LIV10"), ("A0", "A"), ("100", "10")])
+@pytest.mark.parametrize(
+    "a, b",
+    [("P21", "P211"), ("LIV1", "LIV10"), ("A0", "A"), ("100", "10"), ("S1-011", "S11-001"),
+     ("1_11", "11_1"), ("1.2.0", "120")],
+)  # fmt: skip
 def test_patient_ids_not_alike(a, b):
     assert curation._id_form(a) != curation._id_form(b)
 

@@ -890,22 +890,42 @@ def stale_records(report: dict[str, Any], manual_dir: str | os.PathLike) -> str 
             changes.append(f"{display_path(sheet)} is new")
         elif now[sheet] != built[sheet]:
             changes.append(f"{display_path(sheet)} changed")
-    before = {e["path"] for e in report.get("files", ())}
-    after = {display_path(f) for f in files}
-    for what, paths in (("gone", before - after), ("new", after - before)):
+    # Files the build skipped (a .DS_Store, notes) may come and go; new ones count when they
+    # may be DICOM.
+    entries = report.get("files", ())
+    before = {e["path"] for e in entries}
+    after = {display_path(f): f for f in files}
+    gone = {e["path"] for e in entries if e.get("status") != "skipped"} - after.keys()
+    new = {p for p, f in after.items() if p not in before and _may_be_dicom(manual_dir / f)}
+    for what, paths in (("gone", gone), ("new", new)):
         if paths:
             first = sorted(paths)[0]
             changes.append(f"{len(paths)} input files are {what} (such as {first})")
     return "; ".join(changes) or None
 
 
+def _may_be_dicom(path: pathlib.Path) -> bool:
+    """Whether a file may hold a DICOM image: not hidden, and 'DICM' at byte 128 or a start
+    like a dataset's without a preamble."""
+    if path.name.startswith(".") or path.name.lower() in ("thumbs.db", "desktop.ini"):
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM" or dicom._starts_like_dataset(head)
+
+
 def _id_form(patient_id: str) -> str:
     """A patient id without what varies between spellings of one id: case, separators and other
     punctuation, invisible characters, and the leading zeros of its numbers."""
     text = unicodedata.normalize("NFKC", patient_id).casefold()
-    kept = "".join(c if c.isalnum() else " " for c in text if unicodedata.category(c)[0] != "C")
-    # The zeros leading each number (P0021 as P21), then no separators (LIV-001 as LIV001).
-    return "".join(re.sub(r"(?<!\d)0+(?=\d)", "", w) for w in kept.split())
+    kept = "".join(c for c in text if unicodedata.category(c)[0] != "C")
+    # Runs of letters and of digits, whatever separates them (LIV-001, LIV_1 and LIV001 are
+    # liv/1), numbers without leading zeros (P0021 as P21); S1-011 and S11-001 stay apart.
+    runs = re.findall(r"[^\W\d_]+|\d+", kept)
+    return "-".join(r.lstrip("0") or "0" if r.isdigit() else r for r in runs)
 
 
 def _patients_sharing_studies(
