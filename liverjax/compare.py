@@ -297,7 +297,7 @@ def format_table(comparison: dict[str, Any]) -> str:
         "level, Obuchowski); for sensitivity and specificity the McNemar test."
     )
     lines.append(
-        "McNemar p: exact sign-flip test over patients (A and B equally likely to be the one "
+        "McNemar: exact sign-flip test over patients (A and B equally likely to be the one "
         "that is right, patient by patient), each run at its own threshold: it tests the "
         "operating points, so read sensitivity and specificity together"
         + ("; ~: its normal approximation (Durkalski)" if approximate else "")

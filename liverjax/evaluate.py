@@ -251,11 +251,12 @@ def _rule_can_apply(labels: np.ndarray, rule: str) -> bool:
 
 def rule_description(settings: ml_collections.ConfigDict) -> str:
     """The threshold rule in words."""
+    between = ", placed halfway down to the next lower probability"
     if settings.threshold_rule == "youden":
-        return "Youden's J: the threshold that maximises sensitivity + specificity − 1"
+        return f"Youden's J: the threshold that maximises sensitivity + specificity − 1{between}"
     return (
         f"target sensitivity: the highest threshold whose sensitivity is at least "
-        f"{settings.target_sensitivity:g} (the most specific one reaching it)"
+        f"{settings.target_sensitivity:g} (the most specific one reaching it){between}"
     )
 
 
@@ -871,9 +872,15 @@ def _write_outputs(
     workdir = epath.Path(workdir)  # a gs:// workdir too (pathlib would make it a local gs:/)
     final, old = workdir / REPORT_DIR, workdir / f"{REPORT_DIR}.old"
     out = workdir / f"{REPORT_DIR}.writing"
-    for leftover in (out, old):  # of an evaluation killed before
-        if leftover.exists():
-            leftover.rmtree()
+    # What an evaluation killed before left: a report half written (dropped), or, killed
+    # between its renames, the earlier report moved aside (put back).
+    if out.exists():
+        out.rmtree()
+    if old.exists():
+        if final.exists():
+            old.rmtree()
+        else:
+            old.rename(final)
     out.mkdir(parents=True)
     op = result["operating_point"]
     op_file = workdir / f"{OPERATING_POINT_FILE}.writing"

@@ -153,7 +153,7 @@ def ensure_built(dataset: ml_collections.ConfigDict) -> None:
                     )
                 download_config = tfds.download.DownloadConfig(manual_dir=dataset.manual_dir)
             builder.download_and_prepare(download_config=download_config)
-    elif dataset.get("manual_dir"):
+    elif dataset.get("manual_dir") and jax.process_index() == 0:
         from tfds_liver import curation
 
         # Built before from that manual dir as it was then? Refused, not reused silently.

@@ -444,12 +444,13 @@ def threshold_between(probs: ArrayLike, threshold: float) -> float:
     halfway down to the highest probability below it (to 0 below the lowest), as pROC places
     its thresholds between scores. `youden_threshold` and `threshold_for_sensitivity` return a
     probability of the data itself: that image, scored again in another batch size or by an
-    exported model one float32 rounding lower, would flip to the other class. `threshold` where
-    no float lies between."""
+    exported model one float32 rounding lower, would flip to the other class. The middle is a
+    float32 value, so float32 probabilities compare with it as float64 ones do; `threshold`
+    where no float32 lies between."""
     p = np.asarray(probs, dtype=np.float64)
     below = p[p < threshold]
     low = float(below.max()) if below.size else 0.0
-    middle = (low + float(threshold)) / 2.0
+    middle = float(np.float32((low + float(threshold)) / 2.0))
     return middle if low < middle < threshold else float(threshold)
 
 

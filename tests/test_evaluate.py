@@ -653,7 +653,7 @@ def test_compare_two_checkpoints_of_the_run(run, tmp_path, capsys):
     q = comparison["levels"]["slice"]["metrics"]["roc_auc"]["delong"]["p_value"]
     assert row.endswith("n/a" if math.isnan(q) else "<0.001" if q < 0.001 else f"{q:.3f}"), row
     assert "test p: for ROC AUC DeLong's test of the paired AUCs" in table
-    assert "McNemar p: exact sign-flip test over patients (A and B equally likely" in table
+    assert "McNemar: exact sign-flip test over patients (A and B equally likely" in table
     # The McNemar cell: p (below 0.001 as such; ~ for the normal approximation), then counts.
     test = comparison["levels"]["slice"]["metrics"]["recall"]["mcnemar"]
     test |= {"p_value": 2e-5, "only_a": 12370, "only_b": 12614, "method": "normal"}
@@ -740,6 +740,12 @@ def test_an_evaluation_killed_while_writing_leaves_the_earlier_report_whole(
         evaluate.main(["--workdir", str(w), "--split", "validation"])
     after = {p.relative_to(w): p.read_bytes() for p in (w / "report").rglob("*") if p.is_file()}
     assert after == before and (w / evaluate.OPERATING_POINT_FILE).read_bytes() == op
+    # Killed between its renames: the earlier report, moved aside, is put back, not dropped.
+    (w / "report").rename(w / "report.old")
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main(["--workdir", str(w), "--split", "validation"])
+    after = {p.relative_to(w): p.read_bytes() for p in (w / "report").rglob("*") if p.is_file()}
+    assert after == before and not (w / "report.old").exists()
     monkeypatch.undo()
     # The next evaluation clears what the killed one left, and replaces the report whole.
     evaluate.main(["--workdir", str(w), "--split", "validation"])

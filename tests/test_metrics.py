@@ -211,8 +211,12 @@ def test_threshold_between_keeps_the_decisions_off_the_edge() -> None:
     assert metrics.threshold_between(p, 0.0) == 0.0
     one_ulp = np.nextafter(np.float32(0.8), np.float32(0))
     assert metrics.threshold_between([one_ulp, 0.8], 0.8) == pytest.approx(0.8, abs=1e-7)
-    close = np.array([np.nextafter(0.8, 0), 0.8])  # no float64 between them
+    close = np.array([np.nextafter(0.8, 0), 0.8])  # no float32 between them
     assert metrics.threshold_between(close, 0.8) == 0.8
+    # Adjacent float32 values: no float32 between, so the threshold stays (a float64 middle
+    # would round to the lower one in a float32 comparison and flip it).
+    adjacent = np.array([one_ulp, 0.8], np.float32)
+    assert metrics.threshold_between(adjacent, float(np.float32(0.8))) == float(np.float32(0.8))
     rng = np.random.default_rng(0)
     for _ in range(50):
         q = rng.random(40).astype(np.float32)
@@ -220,6 +224,7 @@ def test_threshold_between_keeps_the_decisions_off_the_edge() -> None:
         between = metrics.threshold_between(q, t)
         assert between not in q and between < t
         np.testing.assert_array_equal(q >= between, q >= t)
+        np.testing.assert_array_equal(q >= np.float32(between), q >= t)  # compared in float32
 
 
 def test_threshold_for_sensitivity_hand_cases() -> None:
